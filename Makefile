@@ -1,0 +1,38 @@
+# HistoHelper developer commands. Every target sets up .venv first (idempotent).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+SLIDE ?= $(SHARED)/slides/real/CMU-1-Small-Region.svs
+OUT ?= demo-output
+WEIGHTS ?=
+MIL_WEIGHTS ?=
+
+.PHONY: venv demo test bench protos lint clean
+
+# The stamp depends on what decides the environment; a second run does nothing.
+$(VENV)/.stamp: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+demo: venv
+	$(PY) scripts/demo.py --slide "$(SLIDE)" --out "$(OUT)" $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(if $(MIL_WEIGHTS),--mil-weights "$(MIL_WEIGHTS)")
+
+test: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) benchmarks/run.py
+
+protos: venv
+	$(PY) scripts/gen_protos.py
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(OUT) artifacts

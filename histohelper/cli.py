@@ -1,0 +1,53 @@
+"""The ``histohelper`` console script: one entry point, subcommands from each part.
+
+Subcommand modules are imported lazily and keep heavy imports (torch, OpenSlide)
+inside their run functions, so ``histohelper analyze`` works where only the thin
+client is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from histohelper import __version__
+
+# module -> it defines add_subcommands(subparsers) registering one or more commands.
+_COMMAND_MODULES = (
+    "histohelper.model_export.cli",  # export
+    "histohelper.server.cli",  # serve, tile
+    "histohelper.client.cli",  # analyze, info, evaluate
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every subcommand whose module imports."""
+    parser = argparse.ArgumentParser(
+        prog="histohelper",
+        description="Whole-slide-image deep learning served over gRPC.",
+    )
+    parser.add_argument("--version", action="version", version=f"histohelper {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a part whose extra is not installed
+            if exc.name and exc.name.startswith("histohelper"):
+                raise
+            continue
+        module.add_subcommands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the console script. Returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Shared fixtures: where the shared test slides are, and one exported model artifact.
+
+Real slides are read from ``../shared/slides/`` (never copied into the repository).
+Synthetic slides are generated per session by ``synthetic_slides`` (tifffile).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("HISTOHELPER_SHARED", REPO_ROOT.parent / "shared")).resolve()
+SLIDES_DIR = SHARED_DIR / "slides"
+REAL_SLIDE = SLIDES_DIR / "real" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="session")
+def slides_dir() -> Path:
+    """``../shared/slides``; the suite fails loudly when it is missing (CI lays it)."""
+    assert SLIDES_DIR.is_dir(), f"shared slides missing: {SLIDES_DIR}"
+    return SLIDES_DIR
+
+
+@pytest.fixture(scope="session")
+def real_slide(slides_dir: Path) -> Path:
+    """The real Aperio SVS (CMU-1-Small-Region, 2220 x 2967 px, 0.499 um/px)."""
+    return slides_dir / "real" / "CMU-1-Small-Region.svs"
