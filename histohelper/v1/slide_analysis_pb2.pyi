@@ -362,16 +362,18 @@ class ClassifyPatchesRequest(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[PatchImage, _Mapping]]] = ..., return_embeddings: _Optional[bool] = ...) -> None: ...
 
 class PatchPrediction(_message.Message):
-    __slots__ = ("id", "logits", "probabilities", "embedding")
+    __slots__ = ("id", "logits", "probabilities", "embedding", "error")
     ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     id: str
     logits: _containers.RepeatedScalarFieldContainer[float]
     probabilities: _containers.RepeatedScalarFieldContainer[float]
     embedding: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, id: _Optional[str] = ..., logits: _Optional[_Iterable[float]] = ..., probabilities: _Optional[_Iterable[float]] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
+    error: str
+    def __init__(self, id: _Optional[str] = ..., logits: _Optional[_Iterable[float]] = ..., probabilities: _Optional[_Iterable[float]] = ..., embedding: _Optional[_Iterable[float]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ClassifyPatchesResponse(_message.Message):
     __slots__ = ("predictions",)
