@@ -1,0 +1,70 @@
+"""Slide references resolve only inside the slide root, without revealing the outside."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from histohelper.server.sandbox import resolve_slide_path
+
+from histohelper.errors import SlideNotFoundError, SlidePathDeniedError, SlidePathError
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "cohort").mkdir(parents=True)
+    (root / "cohort" / "a.svs").write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.svs").write_bytes(b"y")
+    os.symlink(outside / "secret.svs", root / "escape.svs")
+    os.symlink(outside, root / "escape_dir")
+    os.symlink(root / "cohort" / "a.svs", root / "inside_link.svs")
+    return root
+
+
+def test_relative_path_resolves(root: Path) -> None:
+    assert resolve_slide_path(root, "cohort/a.svs") == (root / "cohort" / "a.svs").resolve()
+
+
+def test_symlink_inside_root_is_allowed(root: Path) -> None:
+    assert resolve_slide_path(root, "inside_link.svs").name == "a.svs"
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "",
+        "/etc/passwd",
+        "../outside/secret.svs",
+        "cohort/../../outside/secret.svs",
+        "a\x00b",
+        "C:/x.svs",
+        "\\\\server\\share\\x.svs",
+        "cohort/..\\..\\x",
+    ],
+    ids=["empty", "absolute", "dotdot", "nested-dotdot", "nul", "drive", "unc", "backslash-dotdot"],
+)
+def test_malformed_references_are_invalid(root: Path, reference: str) -> None:
+    with pytest.raises(SlidePathError) as info:
+        resolve_slide_path(root, reference)
+    assert str(root) not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "reference", ["escape.svs", "escape_dir/secret.svs", "escape_dir/none.svs"]
+)
+def test_symlinks_out_of_root_are_denied_whether_or_not_target_exists(
+    root: Path, reference: str
+) -> None:
+    with pytest.raises(SlidePathDeniedError) as info:
+        resolve_slide_path(root, reference)
+    assert "secret" not in str(info.value) and str(root) not in str(info.value)
+
+
+@pytest.mark.parametrize("reference", ["missing.svs", "cohort"], ids=["missing", "directory"])
+def test_missing_or_directory_is_not_found(root: Path, reference: str) -> None:
+    with pytest.raises(SlideNotFoundError):
+        resolve_slide_path(root, reference)
