@@ -1,0 +1,290 @@
+"""The model manifest: the JSON document embedded in every HistoHelper model artifact.
+
+``histohelper.model_export`` writes it; ``histohelper.server.runtime`` loads an artifact
+by it alone (patch size, target resolution, normalisation, classes, precisions). It is
+stored as the TorchScript extra file :data:`MANIFEST_NAME` (``torch.jit.save(...,
+_extra_files=...)``), which lands in the artifact's zip archive at
+``<archive>/extra/manifest.json``; :func:`read_manifest` reads it from there with
+:mod:`zipfile`, so inspecting a model needs neither torch nor its weights.
+
+This module imports only the standard library, numpy-free pydantic and the core errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from histohelper.errors import ModelArtifactError
+
+#: Name of the manifest inside the artifact (a TorchScript extra file).
+MANIFEST_NAME = "manifest.json"
+#: Name of the MIL-head weights inside the artifact (numpy ``.npz``, float32), so a
+#: runtime without torch (ONNX Runtime) can aggregate.
+MIL_WEIGHTS_NAME = "mil_head.npz"
+#: The manifest format this code writes and reads. A reader rejects other versions.
+FORMAT_VERSION = 1
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+class Normalisation(_Frozen):
+    """Per-channel normalisation applied after scaling uint8 to [0, 1].
+
+    ``x = (pixel / 255 - mean[c]) / std[c]`` for RGB channel ``c``.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class InputSpec(_Frozen):
+    """What the artifact's patch entry point takes.
+
+    Attributes:
+        layout: ``"NHWC"``: ``[B, H, W, 3]``.
+        dtype: ``"uint8"``: raw RGB values 0..255.
+        channel_order: ``"RGB"``.
+        normalisation_inside: True: the artifact converts to float, scales by 1/255 and
+            normalises with ``normalisation`` itself; callers pass raw pixels.
+        float_entry: name of the method taking ``[B, 3, H, W]`` float32 already
+            normalised input (for callers that normalise themselves).
+    """
+
+    layout: Literal["NHWC"] = "NHWC"
+    dtype: Literal["uint8"] = "uint8"
+    channel_order: Literal["RGB"] = "RGB"
+    normalisation_inside: bool = True
+    float_entry: str = "predict_patches_nchw"
+
+
+class WeightFile(_Frozen):
+    """One weight file that went into the artifact.
+
+    Attributes:
+        role: ``"patch"`` (the ResNet18 checkpoint) or ``"mil"`` (the MIL head).
+        file_name: base name of the file (never its directory).
+        sha256: hex SHA-256 of the file's bytes.
+        size_bytes: file size in bytes.
+    """
+
+    role: Literal["patch", "mil"]
+    file_name: str
+    sha256: str
+    size_bytes: int
+
+
+class ParityFigures(_Frozen):
+    """How closely one exported path reproduces a reference.
+
+    Attributes:
+        reference: what was compared against, e.g. ``"eager fp32"``.
+        n_samples: number of patches (or bags) compared.
+        max_abs_prob_diff: max |p - p_ref| over all samples and classes.
+        max_abs_logit_diff: max |logit - logit_ref|.
+        argmax_agreement: fraction (0..1) of samples with the same arg-max class.
+        tolerance: the gate on ``max_abs_prob_diff``.
+        min_argmax_agreement: the gate on ``argmax_agreement`` (None: not gated).
+        passed: whether the gate held.
+        checked_on: device the check ran on (``"cpu"``, ``"cuda:0"``).
+        data: ``"synthetic"`` (seeded uniform noise) or ``"slide:<file name>"``.
+    """
+
+    reference: str
+    n_samples: int
+    max_abs_prob_diff: float
+    max_abs_logit_diff: float
+    argmax_agreement: float
+    tolerance: float
+    min_argmax_agreement: float | None = None
+    passed: bool
+    checked_on: str = "cpu"
+    data: str = "synthetic"
+
+
+class PrecisionVariant(_Frozen):
+    """A precision the runtime may run the patch path in.
+
+    The artifact holds one set of fp32 weights; a variant is realised at load time by
+    casting the patch network's parameters (the MIL head stays fp32).
+
+    Attributes:
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        devices: device types it is meant for (``"cpu"``, ``"cuda"``, ``"mps"``).
+        parity: figures against fp32 (None for fp32 itself).
+    """
+
+    precision: Precision
+    devices: tuple[str, ...]
+    parity: ParityFigures | None = None
+
+
+class OnnxInfo(_Frozen):
+    """The optional ONNX export of the patch path, written next to the artifact.
+
+    Attributes:
+        file_name: base name of the ``.onnx`` file (same directory as the artifact).
+        opset: ONNX opset version.
+        inputs: input name -> description.
+        outputs: output names, in order.
+        checker_passed: ``onnx.checker.check_model`` passed.
+        parity: onnxruntime vs eager fp32.
+    """
+
+    file_name: str
+    opset: int
+    inputs: dict[str, str]
+    outputs: tuple[str, ...]
+    checker_passed: bool
+    parity: ParityFigures
+
+
+class Manifest(_Frozen):
+    """Everything a runtime needs to serve an artifact, and its provenance.
+
+    Attributes:
+        format_version: manifest format (:data:`FORMAT_VERSION`).
+        model_name: e.g. ``"histohelper-resnet18-gated-mil"``.
+        model_version: free-form version string chosen at export.
+        architecture: short description of the network.
+        patch_classes: names of the C patch classes, index order of the logits.
+        slide_classes: names of the K slide classes, index order of the slide logits.
+        patch_size_px: H = W of a patch, in pixels at ``target_mpp``.
+        target_mpp: resolution patches must be read at, micrometres per pixel.
+        embedding_dim: D, size of a patch embedding (512 for ResNet18).
+        attention_dim: hidden size L of the gated attention.
+        cam_size: h = w of the class activation maps (patch_size_px / 32).
+        normalisation: mean/std applied inside the artifact.
+        input: layout and dtype of the patch entry point.
+        methods: exported TorchScript method name -> signature description.
+        precisions: available precision variants (fp32 always first).
+        weights: weight files used (empty when fully untrained).
+        untrained: True when any part was randomly initialised (not for diagnosis).
+        untrained_parts: which parts (``"patch"``, ``"mil"``) were random.
+        seed: seed of the random initialisation.
+        torch_version: torch version at export.
+        torchvision_version: torchvision version at export.
+        exported_at: ISO-8601 UTC time of export.
+        calibration: where the reduced-precision check patches came from.
+        parity: TorchScript vs eager fp32 figures for the patch path and aggregation.
+        onnx: the ONNX export, if any.
+    """
+
+    format_version: int = FORMAT_VERSION
+    model_name: str
+    model_version: str
+    architecture: str = "resnet18 + gated attention MIL (Ilse et al. 2018)"
+    patch_classes: tuple[str, ...] = Field(min_length=1)
+    slide_classes: tuple[str, ...] = Field(min_length=1)
+    patch_size_px: int = Field(gt=0)
+    target_mpp: float = Field(gt=0)
+    embedding_dim: int = Field(gt=0)
+    attention_dim: int = Field(gt=0)
+    cam_size: int = Field(gt=0)
+    normalisation: Normalisation
+    input: InputSpec = InputSpec()
+    methods: dict[str, str] = Field(default_factory=dict)
+    precisions: tuple[PrecisionVariant, ...]
+    weights: tuple[WeightFile, ...] = ()
+    untrained: bool
+    untrained_parts: tuple[str, ...] = ()
+    seed: int | None = None
+    torch_version: str
+    torchvision_version: str
+    exported_at: str
+    calibration: str = "synthetic"
+    parity: dict[str, ParityFigures] = Field(default_factory=dict)
+    onnx: OnnxInfo | None = None
+
+    def precision_names(self) -> tuple[str, ...]:
+        """Names of the precisions whose gate passed (fp32 always)."""
+        return tuple(v.precision for v in self.precisions if v.parity is None or v.parity.passed)
+
+    def to_json(self) -> str:
+        """Serialise as indented JSON (what goes into the artifact)."""
+        return self.model_dump_json(indent=2)
+
+
+def parse_manifest(text: str | bytes) -> Manifest:
+    """Parse and validate manifest JSON.
+
+    Args:
+        text: the JSON document.
+
+    Returns:
+        The validated manifest.
+
+    Raises:
+        ModelArtifactError: not JSON, wrong format version, or fields invalid.
+    """
+    try:
+        raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelArtifactError(f"model manifest is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ModelArtifactError("model manifest is not a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelArtifactError(
+            f"model manifest format_version {version!r} is not supported "
+            f"(this runtime reads {FORMAT_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelArtifactError(f"model manifest is invalid: {exc}") from None
+
+
+def read_artifact_member(path: str | os.PathLike[str], name: str) -> bytes:
+    """Read one extra file from a TorchScript artifact without loading it.
+
+    TorchScript archives are zip files whose extra files live at
+    ``<archive name>/extra/<name>``.
+
+    Args:
+        path: the artifact (``.pt``).
+        name: extra-file name, e.g. :data:`MANIFEST_NAME`.
+
+    Returns:
+        The member's bytes.
+
+    Raises:
+        ModelArtifactError: the file is missing, not a TorchScript archive, or lacks
+            the member.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelArtifactError("model artifact not found")
+    try:
+        with zipfile.ZipFile(p) as zf:
+            suffix = f"/extra/{name}"
+            members = [n for n in zf.namelist() if n.endswith(suffix) and n.count("/") == 2]
+            if not members:
+                raise ModelArtifactError(f"model artifact has no embedded {name}")
+            return zf.read(members[0])
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelArtifactError(f"model artifact is not a TorchScript archive: {exc}") from None
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read the manifest embedded in an artifact, without loading weights or torch.
+
+    Args:
+        path: the TorchScript artifact written by ``histohelper export``.
+
+    Returns:
+        The validated :class:`Manifest`.
+
+    Raises:
+        ModelArtifactError: missing or unreadable artifact, or invalid manifest.
+    """
+    return parse_manifest(read_artifact_member(path, MANIFEST_NAME))

@@ -1,0 +1,165 @@
+"""The runtime interface: what the server calls, whatever engine runs the model.
+
+:class:`ModelRuntime` is a small :class:`typing.Protocol` so TorchScript
+(:mod:`.torchscript`), ONNX Runtime (:mod:`.onnx`) or a future ``torch.export``
+package can serve the same manifest. Outputs are frozen dataclasses of float32
+numpy arrays; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from histohelper.errors import EmptyBagError, InvalidImageError, InvalidOptionsError
+
+from .manifest import Manifest
+
+
+@dataclass(frozen=True)
+class PatchOutput:
+    """Patch-path outputs for a batch of B patches.
+
+    Attributes:
+        logits: float32 ``[B, C]`` patch-class logits (C = len(manifest.patch_classes)).
+        probabilities: float32 ``[B, C]``, softmax of ``logits`` over classes.
+        embeddings: float32 ``[B, D]`` global-average-pooled layer4 features (D = 512).
+        cams: float32 ``[B, C, h, w]`` class activation maps (Zhou et al., CVPR 2016):
+            layer4 features weighted by the fc weights, no bias, no ReLU; at
+            ``h = w = manifest.cam_size``. ``mean_hw(cams) + fc.bias == logits``, and
+            ``relu(cams) / (h * w)`` equals Grad-CAM (Selvaraju et al., ICCV 2017) at
+            layer4 for this GAP + linear head. None unless asked for.
+    """
+
+    logits: npt.NDArray[np.float32]
+    probabilities: npt.NDArray[np.float32]
+    embeddings: npt.NDArray[np.float32]
+    cams: npt.NDArray[np.float32] | None = None
+
+
+@dataclass(frozen=True)
+class SlideOutput:
+    """Slide-level outputs of gated attention MIL over a bag of N embeddings.
+
+    Attributes:
+        logits: float32 ``[K]`` slide-class logits (K = len(manifest.slide_classes)).
+        probabilities: float32 ``[K]``, softmax of ``logits``.
+        attention: float32 ``[N]``, non-negative, sums to 1, in bag order.
+    """
+
+    logits: npt.NDArray[np.float32]
+    probabilities: npt.NDArray[np.float32]
+    attention: npt.NDArray[np.float32]
+
+
+@runtime_checkable
+class ModelRuntime(Protocol):
+    """A loaded model, ready to serve.
+
+    Attributes:
+        manifest: the artifact's manifest.
+        device: ``"cpu"``, ``"cuda:0"``, ``"mps"``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (of the patch path; the MIL
+            aggregation always runs in fp32).
+    """
+
+    manifest: Manifest
+    device: str
+    precision: str
+
+    def predict_patches(
+        self, images: npt.NDArray[np.uint8], *, want_cams: bool = False
+    ) -> PatchOutput:
+        """Classify and embed a batch of patches.
+
+        Args:
+            images: uint8 ``[B, H, W, 3]`` RGB, ``H = W = manifest.patch_size_px``,
+                read at ``manifest.target_mpp``; B >= 1.
+            want_cams: also return class activation maps.
+
+        Returns:
+            :class:`PatchOutput`.
+
+        Raises:
+            InvalidImageError: wrong shape or dtype.
+        """
+        ...
+
+    def aggregate(self, embeddings: npt.NDArray[np.float32]) -> SlideOutput:
+        """Gated attention MIL over one bag.
+
+        Args:
+            embeddings: float32 ``[N, D]``; any N >= 1 (50,000+ is fine).
+
+        Returns:
+            :class:`SlideOutput`.
+
+        Raises:
+            EmptyBagError: N == 0.
+            InvalidOptionsError: wrong shape, or non-finite values.
+        """
+        ...
+
+
+def check_images(images: object, patch_size_px: int) -> npt.NDArray[np.uint8]:
+    """Validate a patch batch for :meth:`ModelRuntime.predict_patches`.
+
+    Args:
+        images: candidate batch.
+        patch_size_px: the manifest's patch size.
+
+    Returns:
+        The same array, C-contiguous.
+
+    Raises:
+        InvalidImageError: not a uint8 ``[B, S, S, 3]`` array with B >= 1.
+    """
+    if not isinstance(images, np.ndarray):
+        raise InvalidImageError(f"patches must be a numpy array, got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        raise InvalidImageError(f"patches must be uint8 RGB, got dtype {images.dtype}")
+    s = patch_size_px
+    if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.shape[0] < 1:
+        raise InvalidImageError(
+            f"patches must have shape [B, {s}, {s}, 3] with B >= 1, got {list(images.shape)}"
+        )
+    return np.ascontiguousarray(images)
+
+
+def check_bag(embeddings: object, embedding_dim: int) -> npt.NDArray[np.float32]:
+    """Validate a bag for :meth:`ModelRuntime.aggregate`.
+
+    Args:
+        embeddings: candidate ``[N, D]`` array.
+        embedding_dim: the manifest's D.
+
+    Returns:
+        The bag as C-contiguous float32.
+
+    Raises:
+        EmptyBagError: N == 0.
+        InvalidOptionsError: not a 2-D ``[N, D]`` float array, or non-finite values.
+    """
+    arr = np.asarray(embeddings)
+    if arr.ndim != 2 or arr.shape[1] != embedding_dim:
+        raise InvalidOptionsError(
+            f"embeddings must have shape [N, {embedding_dim}], got {list(arr.shape)}"
+        )
+    if arr.shape[0] == 0:
+        raise EmptyBagError("cannot aggregate an empty bag (no patch embeddings)")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InvalidOptionsError(f"embeddings must be floating point, got {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise InvalidOptionsError("embeddings contain NaN or infinite values")
+    return arr
+
+
+def softmax(x: npt.NDArray[np.float32], axis: int = -1) -> npt.NDArray[np.float32]:
+    """Numerically stable softmax in float32 (max subtracted)."""
+    z = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(z, dtype=np.float32)
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
