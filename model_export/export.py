@@ -1,0 +1,584 @@
+"""Freeze the HistoHelper model into one TorchScript artifact (and ONNX), with a manifest.
+
+The artifact is ``torch.jit.script`` of :class:`~.modules.HistoHelperModel` (scripting,
+not tracing: no batch, bag or image size is baked in), saved with two extra files:
+``manifest.json`` (:class:`~histohelper.server.runtime.manifest.Manifest`) and
+``mil_head.npz`` (the MIL head's float32 weights, so an ONNX Runtime server can
+aggregate without torch). Everything is written to temporary files in the output
+directory and renamed into place only after every gate passed: a failed export leaves
+no artifact behind.
+
+Gates (each raises :class:`~histohelper.errors.ParityError`):
+
+* TorchScript vs eager fp32 on a fixed seeded batch: max |Δ probability| <= 1e-5,
+  both for the artifact as saved and as the runtime serves it (frozen, channels-last);
+  same for the MIL aggregation on a fixed bag.
+* ONNX (optional): ``onnx.checker`` passes and onnxruntime matches eager within 1e-4.
+
+Reduced-precision variants (bf16, fp16) are checked against eager fp32 on calibration
+patches (a slide, or seeded synthetic ones): argmax agreement >= 99 % and max
+|Δ probability| <= 0.02. A variant that misses its gate is recorded as failed (the
+runtime never picks it) and a warning is issued; ``strict_variants=True`` makes it an
+error instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torchvision
+from histohelper.server.runtime.manifest import (
+    MANIFEST_NAME,
+    MIL_WEIGHTS_NAME,
+    InputSpec,
+    Manifest,
+    Normalisation,
+    OnnxInfo,
+    ParityFigures,
+    PrecisionVariant,
+    WeightFile,
+    read_manifest,
+)
+
+from histohelper.errors import InvalidOptionsError, ParityError
+
+from .calibration import CalibrationSet, slide_patches, synthetic_patches
+from .modules import IMAGENET_MEAN, IMAGENET_STD, METHODS, HistoHelperModel
+from .weights import describe_weight_file, load_strict, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+#: Gate for TorchScript vs eager, fp32: max |Δ probability|.
+FP32_PROB_TOL = 1e-5
+#: Gate for onnxruntime vs eager, fp32: max |Δ probability| (and logits are reported).
+ONNX_PROB_TOL = 1e-4
+#: Gates for reduced precision vs fp32 on calibration patches.
+VARIANT_PROB_TOL = 0.02
+VARIANT_MIN_AGREEMENT = 0.99
+#: Devices each precision is meant for (the runtime also checks the hardware).
+VARIANT_DEVICES = {"fp32": ("cpu", "cuda", "mps"), "bf16": ("cpu", "cuda"), "fp16": ("cuda", "mps")}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRESERVED = ["predict_patches_uint8", "predict_patches_nchw", "aggregate"]
+
+DEFAULT_MODEL_NAME = "histohelper-resnet18-gated-mil"
+
+
+class UntrainedModelWarning(UserWarning):
+    """The exported model (or part of it) has random weights: not for diagnosis."""
+
+
+def _probs(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return torch.softmax(logits.double(), dim=dim)
+
+
+def compare(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    *,
+    reference: str,
+    tolerance: float,
+    min_agreement: float | None,
+    data: str,
+    checked_on: str = "cpu",
+) -> ParityFigures:
+    """Parity figures of ``logits`` against ``ref_logits`` (``[B, C]`` or ``[K]``).
+
+    Probabilities are the softmax over the last dimension computed in float64, so the
+    figures measure the model and not the comparison.
+    """
+    lg = logits.detach().double().cpu().reshape(-1, logits.shape[-1])
+    rf = ref_logits.detach().double().cpu().reshape(-1, ref_logits.shape[-1])
+    prob_diff = float((_probs(lg) - _probs(rf)).abs().max())
+    logit_diff = float((lg - rf).abs().max())
+    agreement = float((lg.argmax(1) == rf.argmax(1)).double().mean())
+    passed = prob_diff <= tolerance and (min_agreement is None or agreement >= min_agreement)
+    return ParityFigures(
+        reference=reference,
+        n_samples=int(lg.shape[0]),
+        max_abs_prob_diff=prob_diff,
+        max_abs_logit_diff=logit_diff,
+        argmax_agreement=agreement,
+        tolerance=tolerance,
+        min_argmax_agreement=min_agreement,
+        passed=passed,
+        checked_on=checked_on,
+        data=data,
+    )
+
+
+def prepare_for_serving(
+    path: str | os.PathLike[str], precision: str, device: str = "cpu", channels_last: bool = True
+) -> torch.jit.ScriptModule:
+    """Load an artifact the way ``histohelper.server.runtime`` serves it.
+
+    Mirrors ``server.runtime.torchscript.load_torchscript`` (which model_export may not
+    import): cast the patch network to ``precision``, channels-last, ``torch.jit.freeze``.
+    """
+    module = torch.jit.load(str(path), map_location=device)
+    module.eval()
+    if precision != "fp32":
+        module.patch.to(_DTYPES[precision])
+    if channels_last:
+        module.patch.to(memory_format=torch.channels_last)
+    return torch.jit.freeze(module, preserved_attrs=_PRESERVED)
+
+
+def run_patches(
+    fn: object, images: npt.NDArray[np.uint8], batch: int = 64, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``fn.predict_patches_uint8`` over ``images`` in chunks, with CAMs.
+
+    Returns:
+        ``(logits [B, C], embeddings [B, D], cams [B, C, h, w])``, float32 on the CPU.
+    """
+    outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device)
+            lg, emb, cams = fn.predict_patches_uint8(x, True)  # type: ignore[attr-defined]
+            outs.append((lg.float().cpu(), emb.float().cpu(), cams.float().cpu()))
+    return tuple(torch.cat([o[k] for o in outs]) for k in range(3))  # type: ignore[return-value]
+
+
+def fixed_bag(n: int, dim: int, seed: int) -> torch.Tensor:
+    """A seeded bag of ``n`` non-negative embeddings ``[n, dim]`` (like post-ReLU GAP)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=g).abs_()
+
+
+def _check_variant_device(precision: str) -> str:
+    """Device to check a variant on: CUDA when present, else the CPU (numerically
+    the same formats; the CPU result stands in for CUDA/MPS and is labelled ``cpu``)."""
+    if torch.cuda.is_available() and precision in ("fp16", "bf16"):
+        return "cuda:0"
+    return "cpu"
+
+
+def _mil_npz(model: HistoHelperModel) -> bytes:
+    buf = io.BytesIO()
+    arrays = {k: v.detach().float().cpu().numpy() for k, v in model.mil.state_dict().items()}
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+class _OnnxPatchPath(torch.nn.Module):
+    """uint8 NHWC -> (logits, embeddings, cams), for the ONNX export."""
+
+    def __init__(self, model: HistoHelperModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, emb, cams = self.model.predict_patches_uint8(images, True)
+        assert cams is not None
+        return logits, emb, cams
+
+
+def export_onnx(
+    model: HistoHelperModel,
+    out_path: Path,
+    *,
+    patch_size_px: int,
+    opset: int,
+    check_images: npt.NDArray[np.uint8],
+    data: str,
+) -> OnnxInfo:
+    """Export the patch path to ONNX and gate it against eager fp32.
+
+    Input ``images``: uint8 ``[batch, S, S, 3]`` RGB (dynamic batch); outputs
+    ``logits [batch, C]``, ``embeddings [batch, 512]``, ``cams [batch, C, S/32, S/32]``.
+    Uses ``torch.onnx.export(dynamo=True)``; the check is ``onnx.checker.check_model``
+    (full check) and onnxruntime CPU vs eager within :data:`ONNX_PROB_TOL`.
+
+    Raises:
+        ParityError: the checker fails or onnxruntime differs too much.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    wrapper = _OnnxPatchPath(model).eval()
+    example = torch.from_numpy(check_images[:2].copy())
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(out_path),
+            input_names=["images"],
+            output_names=["logits", "embeddings", "cams"],
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes={"images": {0: batch}},
+            external_data=False,
+            verbose=False,
+        )
+    try:
+        onnx.checker.check_model(str(out_path), full_check=True)
+    except Exception as exc:
+        raise ParityError(f"ONNX export failed onnx.checker: {exc}") from None
+    proto = onnx.load(str(out_path), load_external_data=False)
+    real_opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    sess_opts = ort.SessionOptions()
+    sess = ort.InferenceSession(str(out_path), sess_opts, providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        ref = model.predict_patches_uint8(torch.from_numpy(check_images.copy()), True)
+    ort_logits, ort_emb, ort_cams = sess.run(None, {"images": check_images})
+    figures = compare(
+        torch.from_numpy(ort_logits),
+        ref[0],
+        reference="eager fp32",
+        tolerance=ONNX_PROB_TOL,
+        min_agreement=None,
+        data=data,
+    )
+    emb_diff = float(np.abs(ort_emb - ref[1].numpy()).max())
+    cam_diff = float(np.abs(ort_cams - ref[2].numpy()).max())  # type: ignore[union-attr]
+    log.info("onnx parity: %s; embeddings %.3g, cams %.3g", figures, emb_diff, cam_diff)
+    if not figures.passed:
+        raise ParityError(
+            f"onnxruntime differs from eager: max |Δp| {figures.max_abs_prob_diff:.3g} > "
+            f"{ONNX_PROB_TOL:g}"
+        )
+    return OnnxInfo(
+        file_name=out_path.name,
+        opset=real_opset,
+        inputs={"images": f"uint8 [batch,{patch_size_px},{patch_size_px},3] RGB"},
+        outputs=("logits", "embeddings", "cams"),
+        checker_passed=True,
+        parity=figures,
+    )
+
+
+def _validate_classes(names: Sequence[str], what: str) -> tuple[str, ...]:
+    out = tuple(str(n).strip() for n in names)
+    if not out or any(not n for n in out):
+        raise InvalidOptionsError(f"{what} must be a non-empty list of non-empty names")
+    if len(set(out)) != len(out):
+        raise InvalidOptionsError(f"{what} has duplicate names: {list(out)}")
+    return out
+
+
+def export_model(
+    out_path: str | os.PathLike[str],
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    mil_weights: str | os.PathLike[str] | None = None,
+    patch_classes: Sequence[str] = ("benign", "malignant"),
+    slide_classes: Sequence[str] | None = None,
+    model_name: str = DEFAULT_MODEL_NAME,
+    model_version: str = "0.1.0",
+    patch_size_px: int = 224,
+    target_mpp: float = 0.5,
+    attention_dim: int = 128,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    seed: int = 0,
+    variants: Sequence[str] = ("bf16", "fp16"),
+    calibration_slide: str | os.PathLike[str] | None = None,
+    calibration_patches: int = 256,
+    onnx: bool = False,
+    onnx_opset: int = 18,
+    parity_batch: int = 8,
+    check_served: bool = True,
+    strict_variants: bool = False,
+) -> Manifest:
+    """Export the model to ``out_path`` (TorchScript) and optionally ``.onnx`` beside it.
+
+    Args:
+        out_path: artifact path (``.pt``); the ONNX file is ``out_path`` with suffix
+            ``.onnx``. Parent directories are created.
+        weights: torchvision-style resnet18 checkpoint whose ``fc`` has
+            ``len(patch_classes)`` outputs (wrappers and ``module.`` prefixes accepted).
+            None: seeded random init, ``untrained: true`` and an
+            :class:`UntrainedModelWarning`.
+        mil_weights: state_dict of the MIL head (keys ``attention_V.0.*``,
+            ``attention_U.0.*``, ``attention_weights.*``, ``classifier.*``). None: random.
+        patch_classes: C patch class names, in logit order.
+        slide_classes: K slide class names; None: same as ``patch_classes``.
+        model_name: manifest ``model_name``.
+        model_version: manifest ``model_version``.
+        patch_size_px: S, a multiple of 32 (CAMs are S/32).
+        target_mpp: micrometres per pixel at which patches must be read.
+        attention_dim: L of the gated attention.
+        mean: normalisation mean (of pixel / 255), RGB.
+        std: normalisation std, RGB.
+        seed: seed of the random init and of the fixed check batches.
+        variants: reduced precisions to check and offer: subset of ``("bf16",
+            "fp16")``; ``()`` for fp32 only.
+        calibration_slide: slide for the variant checks (OpenSlide-readable); None:
+            seeded synthetic patches. Recorded in the manifest as ``calibration``.
+        calibration_patches: at most this many calibration patches.
+        onnx: also export the patch path to ONNX and gate it.
+        onnx_opset: ONNX opset (>= 17).
+        parity_batch: patches in the fixed fp32 parity batch.
+        check_served: also gate the frozen channels-last module the runtime serves.
+        strict_variants: a variant missing its gate fails the export.
+
+    Returns:
+        The manifest embedded in the artifact.
+
+    Raises:
+        WeightsError: a checkpoint is unreadable or does not fit (nothing written).
+        ParityError: a gate failed (nothing written).
+        InvalidOptionsError: inconsistent options or an unreadable calibration slide.
+    """
+    out = Path(out_path)
+    p_classes = _validate_classes(patch_classes, "patch classes")
+    s_classes = _validate_classes(slide_classes or p_classes, "slide classes")
+    if patch_size_px < 32 or patch_size_px % 32:
+        raise InvalidOptionsError(f"patch size must be a multiple of 32 px, got {patch_size_px}")
+    if target_mpp <= 0:
+        raise InvalidOptionsError(f"target mpp must be > 0, got {target_mpp}")
+    bad = [v for v in variants if v not in ("bf16", "fp16")]
+    if bad:
+        raise InvalidOptionsError(f"unknown precision variants {bad} (choose from bf16, fp16)")
+    if onnx and onnx_opset < 17:
+        raise InvalidOptionsError(f"ONNX opset must be >= 17, got {onnx_opset}")
+
+    # -- model and weights (errors here happen before anything is written) ----------
+    torch.manual_seed(seed)
+    model = HistoHelperModel(len(p_classes), len(s_classes), attention_dim, mean, std)
+    weight_files: list[WeightFile] = []
+    untrained_parts: list[str] = []
+    if weights is not None:
+        load_strict(
+            model.patch,
+            read_checkpoint(weights),
+            what=f"patch network (torchvision resnet18 with a {len(p_classes)}-class fc)",
+            hint=(
+                f"the patch head has {len(p_classes)} classes ({', '.join(p_classes)}); "
+                "pass --patch-classes with one name per fc output of the checkpoint"
+            ),
+        )
+        weight_files.append(describe_weight_file(weights, "patch"))
+    else:
+        untrained_parts.append("patch")
+    if mil_weights is not None:
+        load_strict(
+            model.mil,
+            read_checkpoint(mil_weights),
+            what=(
+                f"gated attention MIL head (D=512, L={attention_dim}, "
+                f"K={len(s_classes)} slide classes)"
+            ),
+            hint="check --slide-classes and --attention-dim against the MIL checkpoint",
+        )
+        weight_files.append(describe_weight_file(mil_weights, "mil"))
+    else:
+        untrained_parts.append("mil")
+    if untrained_parts:
+        warnings.warn(
+            f"exporting an UNTRAINED model: random weights (seed {seed}) for "
+            f"{' and '.join(untrained_parts)}; its outputs mean nothing and it must not be "
+            "used for diagnosis",
+            UntrainedModelWarning,
+            stacklevel=2,
+        )
+    model.eval()
+
+    # -- calibration data ---------------------------------------------------------------
+    if calibration_slide is not None and variants:
+        calib = slide_patches(
+            calibration_slide,
+            size_px=patch_size_px,
+            target_mpp=target_mpp,
+            max_patches=calibration_patches,
+        )
+    else:
+        calib = synthetic_patches(
+            min(calibration_patches, 64) if variants else 0, patch_size_px, seed
+        )
+    fixed = synthetic_patches(parity_batch, patch_size_px, seed + 1)
+    bag = fixed_bag(64, 512, seed)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_files: list[Path] = []
+
+    def tmp(suffix: str) -> Path:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
+        os.close(fd)
+        p = Path(name)
+        tmp_files.append(p)
+        return p
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            scripted = torch.jit.script(model)
+            base = {
+                "model_name": model_name,
+                "model_version": model_version,
+                "patch_classes": p_classes,
+                "slide_classes": s_classes,
+                "patch_size_px": patch_size_px,
+                "target_mpp": target_mpp,
+                "embedding_dim": 512,
+                "attention_dim": attention_dim,
+                "cam_size": patch_size_px // 32,
+                "normalisation": Normalisation(mean=mean, std=std),
+                "input": InputSpec(),
+                "methods": METHODS,
+                "weights": tuple(weight_files),
+                "untrained": bool(untrained_parts),
+                "untrained_parts": tuple(untrained_parts),
+                "seed": seed if untrained_parts else None,
+                "torch_version": torch.__version__,
+                "torchvision_version": torchvision.__version__,
+                "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "calibration": calib.source if variants else "none",
+            }
+            mil_npz = _mil_npz(model)
+            provisional = Manifest(
+                precisions=(PrecisionVariant(precision="fp32", devices=VARIANT_DEVICES["fp32"]),),
+                **base,
+            )
+            stage1 = tmp(".pt")
+            torch.jit.save(
+                scripted,
+                str(stage1),
+                _extra_files={MANIFEST_NAME: provisional.to_json(), MIL_WEIGHTS_NAME: mil_npz},
+            )
+            parity, precisions = _gates(
+                model, stage1, fixed, bag, calib, variants, check_served, strict_variants
+            )
+            onnx_info = None
+            onnx_tmp = None
+            if onnx:
+                onnx_tmp = tmp(".onnx")
+                onnx_info = export_onnx(
+                    model,
+                    onnx_tmp,
+                    patch_size_px=patch_size_px,
+                    opset=onnx_opset,
+                    check_images=fixed.images,
+                    data=fixed.source,
+                )
+                onnx_info = onnx_info.model_copy(
+                    update={"file_name": out.with_suffix(".onnx").name}
+                )
+            manifest = Manifest(precisions=precisions, parity=parity, onnx=onnx_info, **base)
+            final = tmp(".pt")
+            loaded = torch.jit.load(str(stage1))
+            torch.jit.save(
+                loaded,
+                str(final),
+                _extra_files={MANIFEST_NAME: manifest.to_json(), MIL_WEIGHTS_NAME: mil_npz},
+            )
+        if read_manifest(final) != manifest:  # pragma: no cover - defensive
+            raise ParityError("manifest did not round-trip through the artifact")
+        if onnx_tmp is not None:
+            os.replace(onnx_tmp, out.with_suffix(".onnx"))
+        os.replace(final, out)
+    finally:
+        for p in tmp_files:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    log.info("exported %s (%s)", out.name, ", ".join(manifest.precision_names()))
+    return manifest
+
+
+def _gates(
+    model: HistoHelperModel,
+    artifact: Path,
+    fixed: CalibrationSet,
+    bag: torch.Tensor,
+    calib: CalibrationSet,
+    variants: Sequence[str],
+    check_served: bool,
+    strict_variants: bool,
+) -> tuple[dict[str, ParityFigures], tuple[PrecisionVariant, ...]]:
+    """Run the fp32 and variant gates; return (parity figures, precision variants)."""
+    parity: dict[str, ParityFigures] = {}
+    ref_logits, ref_emb, ref_cams = run_patches(model, fixed.images)
+    with torch.inference_mode():
+        ref_slide, ref_att = model.aggregate(bag)
+    candidates = {"torchscript": torch.jit.load(str(artifact))}
+    if check_served:
+        candidates["served_fp32"] = prepare_for_serving(artifact, "fp32")
+    for name, mod in candidates.items():
+        lg, emb, cams = run_patches(mod, fixed.images)
+        fig = compare(
+            lg,
+            ref_logits,
+            reference="eager fp32",
+            tolerance=FP32_PROB_TOL,
+            min_agreement=1.0,
+            data=fixed.source,
+        )
+        parity[f"{name}_patches"] = fig
+        with torch.inference_mode():
+            s_lg, att = mod.aggregate(bag)
+        afig = compare(
+            s_lg,
+            ref_slide,
+            reference="eager fp32",
+            tolerance=FP32_PROB_TOL,
+            min_agreement=1.0,
+            data=f"bag(n={len(bag)})",
+        )
+        att_diff = float((att - ref_att).abs().max())
+        parity[f"{name}_aggregate"] = afig
+        emb_diff = float((emb - ref_emb).abs().max())
+        cam_diff = float((cams - ref_cams).abs().max())
+        log.info(
+            "%s parity: patches |Δp| %.3g, |Δlogit| %.3g, |Δemb| %.3g, |Δcam| %.3g; "
+            "aggregate |Δp| %.3g, |Δatt| %.3g",
+            name,
+            fig.max_abs_prob_diff,
+            fig.max_abs_logit_diff,
+            emb_diff,
+            cam_diff,
+            afig.max_abs_prob_diff,
+            att_diff,
+        )
+        if not (fig.passed and afig.passed and att_diff <= FP32_PROB_TOL):
+            raise ParityError(
+                f"{name} differs from eager fp32: patch max |Δp| {fig.max_abs_prob_diff:.3g}, "
+                f"slide max |Δp| {afig.max_abs_prob_diff:.3g}, attention {att_diff:.3g} "
+                f"(tolerance {FP32_PROB_TOL:g})"
+            )
+    precisions = [PrecisionVariant(precision="fp32", devices=VARIANT_DEVICES["fp32"])]
+    if variants:
+        ref_calib, _, _ = run_patches(model, calib.images)
+        for v in variants:
+            dev = _check_variant_device(v)
+            mod = prepare_for_serving(artifact, v, device=dev)
+            lg, _, _ = run_patches(mod, calib.images, device=dev)
+            fig = compare(
+                lg,
+                ref_calib,
+                reference="eager fp32",
+                tolerance=VARIANT_PROB_TOL,
+                min_agreement=VARIANT_MIN_AGREEMENT,
+                data=calib.source,
+                checked_on=dev,
+            )
+            log.info("%s vs fp32: %s", v, fig)
+            if not fig.passed:
+                msg = (
+                    f"{v} variant missed its gate on {fig.n_samples} patches ({calib.source}): "
+                    f"argmax agreement {fig.argmax_agreement:.4f} (>= {VARIANT_MIN_AGREEMENT}), "
+                    f"max |Δp| {fig.max_abs_prob_diff:.4f} (<= {VARIANT_PROB_TOL})"
+                )
+                if strict_variants:
+                    raise ParityError(msg)
+                warnings.warn(
+                    msg + "; it is recorded as failed and will not be served",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            precisions.append(PrecisionVariant(precision=v, devices=VARIANT_DEVICES[v], parity=fig))  # type: ignore[arg-type]
+    return parity, tuple(precisions)
