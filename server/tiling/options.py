@@ -1,0 +1,276 @@
+"""Tiling configuration: :class:`Resolution`, :class:`TilingOptions` and their CLI flags.
+
+The defaults live here once; the ``histohelper tile`` command, the server and tests
+all build options through :class:`TilingOptions` (or :func:`tiling_options_from_args`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from histohelper.errors import InvalidOptionsError
+
+ResolutionUnit = Literal["mpp", "magnification", "level"]
+EdgeMode = Literal["pad", "drop"]
+MaskMethod = Literal["saturation", "gray"]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A target resolution: value plus unit (TIAToolbox's vocabulary).
+
+    Attributes:
+        value: micrometres per pixel (``"mpp"``), objective magnification such as 20
+            (``"magnification"``, 10 / mpp by the usual convention), or a pyramid
+            level index (``"level"``, read at that level's native resolution).
+        unit: one of ``"mpp"``, ``"magnification"``, ``"level"``.
+
+    Raises:
+        InvalidOptionsError: unknown unit, non-finite or non-positive value, or a
+            non-integer / negative level.
+    """
+
+    value: float
+    unit: ResolutionUnit = "mpp"
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("mpp", "magnification", "level"):
+            raise InvalidOptionsError(f"unknown resolution unit {self.unit!r}")
+        if not isinstance(self.value, int | float) or not math.isfinite(self.value):
+            raise InvalidOptionsError("resolution value must be a finite number")
+        if self.unit == "level":
+            if self.value < 0 or int(self.value) != self.value:
+                raise InvalidOptionsError("a level resolution must be a non-negative integer")
+        elif self.value <= 0:
+            raise InvalidOptionsError(f"{self.unit} must be > 0")
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    """How to build the tissue mask and the patch grid of one slide.
+
+    Attributes:
+        patch_size_px: output patch side at the target resolution (px).
+        target: resolution of the output patches.
+        stride_px: distance between patch origins at the target resolution (px);
+            ``None`` means ``patch_size_px`` (no overlap).
+        min_tissue_fraction: keep a patch when at least this fraction of its
+            footprint is tissue (0..1).
+        edge_mode: ``"pad"`` keeps patches overhanging the slide edge (read
+            white-padded, flagged ``is_edge``); ``"drop"`` omits them.
+        mpp_override: level-0 um/px to use instead of the slide's metadata.
+        mask_target_side_px: longest side of the low-resolution image the mask is
+            computed on (px); the mask is read from the pyramid near this size.
+        mask_method: ``"saturation"`` (Otsu on HSV saturation, CLAM's recipe; the
+            default) or ``"gray"`` (Otsu on inverted grayscale, for comparison).
+        mask_median_ksize: median blur kernel on the thresholded channel (odd, 0 or
+            1 = off).
+        mask_close_ksize: morphological closing kernel (px of the mask, 0 = off).
+        mask_min_saturation: floor for the saturation threshold (0..255): glass with
+            noise always yields *some* Otsu threshold; this stops it being tiny.
+        remove_dark: treat very dark pixels (HSV value below ``dark_value_max``) as
+            background (black backgrounds, black ink, folds of debris).
+        dark_value_max: HSV value (0..255) below which a pixel is "very dark".
+        remove_ink: treat green/blue marker ink as background and report it.
+        min_fragment_area_um2: drop tissue components smaller than this (um^2).
+        min_hole_area_um2: fill holes in tissue smaller than this (um^2).
+        mask_max_read_px: most level pixels read to build the mask; slides whose
+            coarsest level is larger are *sampled* in thin bands (bounded time and
+            memory) instead of read whole.
+        level_tolerance: relative slack when matching level downsamples to the target.
+        max_patches: refuse grids with more kept patches than this.
+    """
+
+    patch_size_px: int = 224
+    target: Resolution = field(default_factory=lambda: Resolution(0.5, "mpp"))
+    stride_px: int | None = None
+    min_tissue_fraction: float = 0.5
+    edge_mode: EdgeMode = "pad"
+    mpp_override: float | None = None
+    mask_target_side_px: int = 1024
+    mask_method: MaskMethod = "saturation"
+    mask_median_ksize: int = 7
+    mask_close_ksize: int = 5
+    mask_min_saturation: int = 20
+    remove_dark: bool = True
+    dark_value_max: int = 50
+    remove_ink: bool = True
+    min_fragment_area_um2: float = 5_000.0
+    min_hole_area_um2: float = 2_000.0
+    mask_max_read_px: int = 256 * 1024 * 1024
+    level_tolerance: float = 0.005
+    max_patches: int = 2_000_000
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> InvalidOptionsError:
+            return InvalidOptionsError(msg)
+
+        if not isinstance(self.target, Resolution):
+            raise bad("target must be a Resolution")
+        if not (isinstance(self.patch_size_px, int) and 1 <= self.patch_size_px <= 8192):
+            raise bad("patch_size_px must be an integer in [1, 8192]")
+        if self.stride_px is not None and not (
+            isinstance(self.stride_px, int) and 1 <= self.stride_px <= 8192
+        ):
+            raise bad("stride_px must be None or an integer in [1, 8192]")
+        if not (0.0 <= self.min_tissue_fraction <= 1.0):
+            raise bad("min_tissue_fraction must be in [0, 1]")
+        if self.edge_mode not in ("pad", "drop"):
+            raise bad("edge_mode must be 'pad' or 'drop'")
+        if self.mpp_override is not None and not (
+            math.isfinite(self.mpp_override) and self.mpp_override > 0
+        ):
+            raise bad("mpp_override must be a positive number")
+        if not (16 <= self.mask_target_side_px <= 16384):
+            raise bad("mask_target_side_px must be in [16, 16384]")
+        if self.mask_method not in ("saturation", "gray"):
+            raise bad("mask_method must be 'saturation' or 'gray'")
+        if self.mask_median_ksize < 0 or (
+            self.mask_median_ksize > 1 and self.mask_median_ksize % 2 == 0
+        ):
+            raise bad("mask_median_ksize must be 0, 1 or an odd number")
+        if not (0 <= self.mask_close_ksize <= 101):
+            raise bad("mask_close_ksize must be in [0, 101]")
+        if not (0 <= self.mask_min_saturation <= 255):
+            raise bad("mask_min_saturation must be in [0, 255]")
+        if not (0 <= self.dark_value_max <= 255):
+            raise bad("dark_value_max must be in [0, 255]")
+        if self.min_fragment_area_um2 < 0 or self.min_hole_area_um2 < 0:
+            raise bad("area thresholds must be >= 0")
+        if self.mask_max_read_px < 1_000_000:
+            raise bad("mask_max_read_px must be >= 1,000,000")
+        if not (0.0 <= self.level_tolerance <= 0.1):
+            raise bad("level_tolerance must be in [0, 0.1]")
+        if self.max_patches < 1:
+            raise bad("max_patches must be >= 1")
+
+    @property
+    def effective_stride_px(self) -> int:
+        """Stride at the target resolution (px): ``stride_px`` or ``patch_size_px``."""
+        return self.patch_size_px if self.stride_px is None else self.stride_px
+
+
+_DEFAULTS = TilingOptions()
+
+
+def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the tiling flags (defaults from :class:`TilingOptions`) to a parser.
+
+    Args:
+        parser: an argparse parser (or argument group) to extend in place.
+    """
+    g = parser.add_argument_group("tiling")
+    d = _DEFAULTS
+    g.add_argument(
+        "--patch-size",
+        type=int,
+        default=d.patch_size_px,
+        dest="patch_size_px",
+        help="output patch side at the target resolution, px (default %(default)s)",
+    )
+    res = g.add_mutually_exclusive_group()
+    res.add_argument(
+        "--target-mpp",
+        type=float,
+        default=None,
+        help=f"target resolution in um/px (default {d.target.value})",
+    )
+    res.add_argument(
+        "--target-magnification",
+        type=float,
+        default=None,
+        help="target objective magnification, e.g. 20 (10 / mpp)",
+    )
+    res.add_argument(
+        "--target-level",
+        type=int,
+        default=None,
+        help="read at this pyramid level's native resolution",
+    )
+    g.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        dest="stride_px",
+        help="stride at the target resolution, px (default: patch size, no overlap)",
+    )
+    g.add_argument(
+        "--min-tissue",
+        type=float,
+        default=d.min_tissue_fraction,
+        dest="min_tissue_fraction",
+        help="keep patches with at least this tissue fraction (default %(default)s)",
+    )
+    g.add_argument(
+        "--edge-mode",
+        choices=("pad", "drop"),
+        default=d.edge_mode,
+        help="edge patches: white-pad and flag, or drop (default %(default)s)",
+    )
+    g.add_argument(
+        "--mpp-override",
+        type=float,
+        default=None,
+        help="level-0 um/px to use instead of the slide's metadata",
+    )
+    g.add_argument(
+        "--mask-method",
+        choices=("saturation", "gray"),
+        default=d.mask_method,
+        help="Otsu channel for the tissue mask (default %(default)s)",
+    )
+    g.add_argument(
+        "--mask-side",
+        type=int,
+        default=d.mask_target_side_px,
+        dest="mask_target_side_px",
+        help="longest side of the mask image, px (default %(default)s)",
+    )
+    g.add_argument(
+        "--min-fragment-um2",
+        type=float,
+        default=d.min_fragment_area_um2,
+        dest="min_fragment_area_um2",
+        help="drop tissue fragments smaller than this, um^2 (default %(default)s)",
+    )
+    g.add_argument(
+        "--min-hole-um2",
+        type=float,
+        default=d.min_hole_area_um2,
+        dest="min_hole_area_um2",
+        help="fill holes smaller than this, um^2 (default %(default)s)",
+    )
+    g.add_argument(
+        "--keep-dark",
+        action="store_false",
+        dest="remove_dark",
+        help="do not treat very dark areas as background",
+    )
+    g.add_argument(
+        "--keep-ink",
+        action="store_false",
+        dest="remove_ink",
+        help="do not treat green/blue marker ink as background",
+    )
+
+
+def tiling_options_from_args(args: argparse.Namespace) -> TilingOptions:
+    """Build :class:`TilingOptions` from flags added by :func:`add_tiling_arguments`.
+
+    Raises:
+        InvalidOptionsError: a value is out of range.
+    """
+    if getattr(args, "target_magnification", None) is not None:
+        target = Resolution(float(args.target_magnification), "magnification")
+    elif getattr(args, "target_level", None) is not None:
+        target = Resolution(int(args.target_level), "level")
+    elif getattr(args, "target_mpp", None) is not None:
+        target = Resolution(float(args.target_mpp), "mpp")
+    else:
+        target = _DEFAULTS.target
+    names = {f.name for f in fields(TilingOptions)} - {"target"}
+    kwargs = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    return TilingOptions(target=target, **kwargs)

@@ -1,0 +1,380 @@
+"""Plan a slide's tiling: resolve resolution, build the mask, lay out the patch grid.
+
+Every coordinate in the result is in level-0 px (float where the footprint is
+fractional: a 0.5 um/px target on a 0.2456 um/px slide gives 455.94 px footprints).
+Patch origins are computed from grid indices (``col * stride_x_l0``), never by
+accumulating rounded steps, so overlays and heatmaps do not drift towards the far
+corner.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from histohelper.errors import InvalidOptionsError, SlideTooLargeError
+from histohelper.geometry import (
+    axis_cell_count,
+    box_fractions,
+    choose_level,
+    integral_image,
+    level_read_size,
+)
+
+from .mask import TissueMask, compute_tissue_mask, read_low_res
+from .options import TilingOptions
+from .slide import Slide, SlideMetadata
+
+logger = logging.getLogger(__name__)
+
+MppSource = Literal["metadata", "override", "objective_power", "assumed"]
+THUMBNAIL_MAX_SIDE_PX = 1024
+#: Grids with more cells than this (kept or not) are refused before any work.
+MAX_GRID_CELLS = 50_000_000
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """The kept patches of a slide as compact parallel arrays (length N, row-major).
+
+    Attributes:
+        row: ``[N]`` int32 grid row.
+        col: ``[N]`` int32 grid column.
+        x_l0: ``[N]`` float64 left edge, level-0 px (``col * stride_x_l0``).
+        y_l0: ``[N]`` float64 top edge, level-0 px.
+        width_l0: ``[N]`` float64 exact footprint width, level-0 px (may be fractional).
+        height_l0: ``[N]`` float64 footprint height, level-0 px.
+        tissue_fraction: ``[N]`` float32 tissue share of the footprint (0..1).
+        is_edge: ``[N]`` bool, footprint overhangs the slide (read white-padded).
+        ink_fraction: ``[N]`` float32 share of the footprint covered by marker ink.
+        n_rows: full grid rows, including cells not kept.
+        n_cols: full grid columns.
+        level: pyramid level patches are read from.
+        level_downsample_x: exact per-axis downsample of ``level``.
+        level_downsample_y: as above, y.
+        read_width_px: region width read at ``level`` (before resizing).
+        read_height_px: region height read at ``level``.
+        patch_size_px: output patch side (px at the target resolution).
+        stride_x_l0: distance between column origins, level-0 px.
+        stride_y_l0: distance between row origins, level-0 px.
+        effective_mpp: um/px of the output patches.
+    """
+
+    row: npt.NDArray[np.int32]
+    col: npt.NDArray[np.int32]
+    x_l0: npt.NDArray[np.float64]
+    y_l0: npt.NDArray[np.float64]
+    width_l0: npt.NDArray[np.float64]
+    height_l0: npt.NDArray[np.float64]
+    tissue_fraction: npt.NDArray[np.float32]
+    is_edge: npt.NDArray[np.bool_]
+    ink_fraction: npt.NDArray[np.float32]
+    n_rows: int
+    n_cols: int
+    level: int
+    level_downsample_x: float
+    level_downsample_y: float
+    read_width_px: int
+    read_height_px: int
+    patch_size_px: int
+    stride_x_l0: float
+    stride_y_l0: float
+    effective_mpp: float
+
+    def __len__(self) -> int:
+        return int(self.row.shape[0])
+
+
+@dataclass(frozen=True)
+class TilingPlan:
+    """Everything needed to read a slide's patches, plus QC for the caller.
+
+    Attributes:
+        metadata: the slide's :class:`SlideMetadata`.
+        mask: the :class:`TissueMask`.
+        grid: the :class:`PatchGrid` of kept patches.
+        thumbnail: ``[h, w, 3]`` uint8 RGB, longest side <= 1024, composited on white.
+        thumbnail_scale_x: level-0 px per thumbnail px along x.
+        thumbnail_scale_y: level-0 px per thumbnail px along y.
+        effective_mpp: um/px of the output patches.
+        mpp_source: where level-0 mpp came from.
+        mpp_x: level-0 um/px used along x.
+        mpp_y: level-0 um/px used along y.
+        warnings: human-readable notes (missing metadata, ink, no tissue, ...).
+        no_tissue: True when no patch was kept (an outcome, not an error).
+        tiling_seconds: wall time of :func:`plan_tiling` (s).
+    """
+
+    metadata: SlideMetadata
+    mask: TissueMask
+    grid: PatchGrid
+    thumbnail: npt.NDArray[np.uint8]
+    thumbnail_scale_x: float
+    thumbnail_scale_y: float
+    effective_mpp: float
+    mpp_source: MppSource
+    mpp_x: float
+    mpp_y: float
+    warnings: tuple[str, ...]
+    no_tissue: bool
+    tiling_seconds: float
+
+
+def resolve_mpp(
+    md: SlideMetadata, options: TilingOptions
+) -> tuple[float, float, MppSource, list[str]]:
+    """Level-0 um/px per axis, with its source and any warnings.
+
+    Order: ``options.mpp_override``; metadata mpp; objective power (mpp = 10 /
+    power, the usual 10x ~ 1 um/px convention); else level 0 is taken at face value
+    (assumed to be at the target resolution, or at 10 / magnification).
+
+    Returns:
+        ``(mpp_x, mpp_y, source, warnings)``.
+    """
+    if options.mpp_override is not None:
+        return options.mpp_override, options.mpp_override, "override", []
+    if md.mpp_x is not None and md.mpp_y is not None:
+        return md.mpp_x, md.mpp_y, "metadata", []
+    if md.objective_power is not None:
+        mpp = 10.0 / md.objective_power
+        return (
+            mpp,
+            mpp,
+            "objective_power",
+            [
+                f"slide has no mpp metadata; derived {mpp:.4g} um/px from objective power "
+                f"{md.objective_power:g}x (mpp = 10 / power)"
+            ],
+        )
+    t = options.target
+    mpp = t.value if t.unit == "mpp" else (10.0 / t.value if t.unit == "magnification" else 1.0)
+    note = (
+        "slide has no mpp or objective-power metadata; level 0 taken at face value "
+        f"(assumed {mpp:.4g} um/px): patch physical size and areas are uncertain"
+    )
+    return mpp, mpp, "assumed", [note]
+
+
+def target_downsample(
+    md: SlideMetadata, options: TilingOptions, mpp_x: float, mpp_y: float, source: MppSource
+) -> tuple[float, float, int | None]:
+    """Level-0 px per output px along x and y, and a forced level (unit ``"level"``).
+
+    Raises:
+        InvalidOptionsError: a level target beyond the pyramid.
+    """
+    t = options.target
+    if t.unit == "level":
+        level = int(t.value)
+        if level >= md.level_count:
+            raise InvalidOptionsError(
+                f"target level {level} does not exist (the slide has {md.level_count})"
+            )
+        ds_x, ds_y = md.level_downsamples[level]
+        return ds_x, ds_y, level
+    if t.unit == "magnification":
+        if md.objective_power is not None and options.mpp_override is None:
+            d = md.objective_power / t.value
+            return d, d, None
+        target_mpp = 10.0 / t.value
+    else:
+        target_mpp = t.value
+    return target_mpp / mpp_x, target_mpp / mpp_y, None
+
+
+def build_grid(
+    md: SlideMetadata,
+    mask: TissueMask,
+    options: TilingOptions,
+    ds_x: float,
+    ds_y: float,
+    level: int,
+    effective_mpp: float,
+) -> PatchGrid:
+    """Lay out the patch grid and keep cells with enough tissue.
+
+    Args:
+        md: slide metadata (level-0 size, level downsamples).
+        mask: tissue mask with per-axis scales.
+        options: patch size, stride, min tissue fraction, edge mode.
+        ds_x: level-0 px per output px along x (target downsample).
+        ds_y: as above, y.
+        level: pyramid level to read from.
+        effective_mpp: um/px of output patches (recorded on the grid).
+
+    Returns:
+        :class:`PatchGrid`.
+
+    Raises:
+        SlideTooLargeError: the grid exceeds :data:`MAX_GRID_CELLS` cells or
+            ``options.max_patches`` kept patches.
+    """
+    size = options.patch_size_px
+    stride = options.effective_stride_px
+    fw, fh = size * ds_x, size * ds_y
+    sx, sy = stride * ds_x, stride * ds_y
+    n_cols = axis_cell_count(md.width_l0, fw, sx, options.edge_mode)
+    n_rows = axis_cell_count(md.height_l0, fh, sy, options.edge_mode)
+    if n_rows * n_cols > MAX_GRID_CELLS:
+        raise SlideTooLargeError(
+            f"the patch grid would have {n_rows * n_cols} cells (limit {MAX_GRID_CELLS})"
+        )
+    lds_x, lds_y = md.level_downsamples[level]
+    table = integral_image(mask.mask)
+    ink_table = integral_image(mask.ink) if mask.ink is not None and mask.ink.any() else None
+    keep_r: list[npt.NDArray[np.int64]] = []
+    keep_c: list[npt.NDArray[np.int64]] = []
+    keep_f: list[npt.NDArray[np.float64]] = []
+    cols = np.arange(n_cols, dtype=np.int64)
+    x_all = cols * sx
+    rows_per_chunk = max(1, 1_000_000 // max(1, n_cols))
+    kept = 0
+    for r0 in range(0, n_rows, rows_per_chunk):
+        rows = np.arange(r0, min(n_rows, r0 + rows_per_chunk), dtype=np.int64)
+        rr = np.repeat(rows, n_cols)
+        cc = np.tile(cols, rows.shape[0])
+        frac = box_fractions(table, mask.scale_x, mask.scale_y, x_all[cc], rr * sy, fw, fh)
+        sel = frac >= options.min_tissue_fraction
+        if options.min_tissue_fraction > 0:
+            sel &= frac > 0
+        kept += int(sel.sum())
+        if kept > options.max_patches:
+            raise SlideTooLargeError(
+                f"more than {options.max_patches} patches would be kept",
+                limit=str(options.max_patches),
+            )
+        keep_r.append(rr[sel])
+        keep_c.append(cc[sel])
+        keep_f.append(frac[sel])
+    row = np.concatenate(keep_r) if keep_r else np.zeros(0, np.int64)
+    col = np.concatenate(keep_c) if keep_c else np.zeros(0, np.int64)
+    frac = np.concatenate(keep_f) if keep_f else np.zeros(0, np.float64)
+    x_l0 = col * sx
+    y_l0 = row * sy
+    n = row.shape[0]
+    slack = 1e-6
+    is_edge = (x_l0 + fw > md.width_l0 + slack) | (y_l0 + fh > md.height_l0 + slack)
+    if ink_table is not None and n:
+        ink = box_fractions(ink_table, mask.scale_x, mask.scale_y, x_l0, y_l0, fw, fh)
+    else:
+        ink = np.zeros(n)
+    return PatchGrid(
+        row=row.astype(np.int32),
+        col=col.astype(np.int32),
+        x_l0=x_l0.astype(np.float64),
+        y_l0=y_l0.astype(np.float64),
+        width_l0=np.full(n, fw, dtype=np.float64),
+        height_l0=np.full(n, fh, dtype=np.float64),
+        tissue_fraction=frac.astype(np.float32),
+        is_edge=is_edge,
+        ink_fraction=ink.astype(np.float32),
+        n_rows=n_rows,
+        n_cols=n_cols,
+        level=level,
+        level_downsample_x=lds_x,
+        level_downsample_y=lds_y,
+        read_width_px=level_read_size(fw, lds_x),
+        read_height_px=level_read_size(fh, lds_y),
+        patch_size_px=size,
+        stride_x_l0=sx,
+        stride_y_l0=sy,
+        effective_mpp=effective_mpp,
+    )
+
+
+def _thumbnail(
+    rgb: npt.NDArray[np.uint8], scale_x: float, scale_y: float, md: SlideMetadata
+) -> tuple[npt.NDArray[np.uint8], float, float]:
+    """Crop the low-res image to the slide and shrink it to <= 1024 px."""
+    cw = max(1, min(rgb.shape[1], math.ceil(md.width_l0 / scale_x - 1e-9)))
+    ch = max(1, min(rgb.shape[0], math.ceil(md.height_l0 / scale_y - 1e-9)))
+    img = rgb[:ch, :cw]
+    f = THUMBNAIL_MAX_SIDE_PX / max(cw, ch)
+    if f < 1:
+        tw, th = max(1, round(cw * f)), max(1, round(ch * f))
+        img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)
+    else:
+        img = np.ascontiguousarray(img)
+    return img, scale_x * cw / img.shape[1], scale_y * ch / img.shape[0]
+
+
+def plan_tiling(slide: Slide, options: TilingOptions) -> TilingPlan:
+    """Tissue mask and patch grid of an open slide.
+
+    Steps: resolve level-0 mpp (:func:`resolve_mpp`), read a low-resolution image
+    with bounded memory and segment tissue (:mod:`.mask`), choose the read level
+    (coarsest not coarser than the target, small tolerance, per axis), lay out the
+    grid in level-0 px and keep cells whose tissue fraction reaches
+    ``options.min_tissue_fraction``.
+
+    Args:
+        slide: an open :class:`Slide`.
+        options: :class:`TilingOptions`.
+
+    Returns:
+        :class:`TilingPlan`; ``no_tissue`` is True (and the grid empty) when no
+        patch qualifies. Never raises for missing metadata.
+
+    Raises:
+        CorruptSlideError: the low-resolution image could not be decoded.
+        SlideTooLargeError: the grid exceeds a limit.
+        InvalidOptionsError: a level target beyond the pyramid.
+    """
+    t0 = time.perf_counter()
+    md = slide.metadata
+    warnings = list(md.warnings)
+    mpp_x, mpp_y, source, notes = resolve_mpp(md, options)
+    warnings += notes
+    ds_x, ds_y, forced_level = target_downsample(md, options, mpp_x, mpp_y, source)
+    if forced_level is None:
+        level = choose_level(md.level_downsamples, ds_x, ds_y, options.level_tolerance)
+    else:
+        level = forced_level
+    effective_mpp = options.target.value if options.target.unit == "mpp" else mpp_x * ds_x
+    low = read_low_res(slide, options)
+    if low.failed_reads:
+        warnings.append(
+            f"{low.failed_reads} of {low.total_reads} low-resolution reads failed; "
+            "those areas are treated as background"
+        )
+    if low.sampled:
+        warnings.append("the coarsest level is very large: the tissue mask was sampled in bands")
+    mask = compute_tissue_mask(low, options, mpp_x, mpp_y, md.width_l0, md.height_l0)
+    grid = build_grid(md, mask, options, ds_x, ds_y, level, effective_mpp)
+    if mask.ink_fraction > 0.001:
+        n_ink = int((grid.ink_fraction > 0.25).sum())
+        warnings.append(
+            f"marker ink detected over {100 * mask.ink_fraction:.2f}% of the slide "
+            f"(excluded from tissue; {n_ink} kept patches are >25% ink)"
+        )
+    no_tissue = len(grid) == 0
+    if no_tissue:
+        warnings.append(
+            "no tissue found: no patch reaches the minimum tissue fraction "
+            f"(mask tissue fraction {mask.tissue_fraction:.4f})"
+        )
+    thumb, tsx, tsy = _thumbnail(low.rgb, low.scale_x, low.scale_y, md)
+    thumb.setflags(write=False)
+    return TilingPlan(
+        metadata=md,
+        mask=mask,
+        grid=grid,
+        thumbnail=thumb,
+        thumbnail_scale_x=tsx,
+        thumbnail_scale_y=tsy,
+        effective_mpp=float(effective_mpp),
+        mpp_source=source,
+        mpp_x=float(mpp_x),
+        mpp_y=float(mpp_y),
+        warnings=tuple(warnings),
+        no_tissue=no_tissue,
+        tiling_seconds=time.perf_counter() - t0,
+    )

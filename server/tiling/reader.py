@@ -1,0 +1,272 @@
+"""Read a grid's patches as uint8 RGB batches from a pool of reader threads.
+
+OpenSlide releases the GIL while decoding, so threads give real parallelism. Each
+worker owns its own :class:`Slide` handle (never shared); a failed read closes and
+reopens that handle (OpenSlide errors latch) and records the patch as failed.
+Memory is bounded: at most ``queue_depth`` finished batches wait in the queue, plus
+one batch being filled per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from histohelper.errors import CorruptSlideError, HistoHelperError, InvalidOptionsError
+
+from .plan import PatchGrid
+from .slide import Slide, SlideCache, composite_on_white, open_slide
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PatchBatch:
+    """One batch of patches.
+
+    Attributes:
+        indices: ``[B]`` int64 indices into the grid arrays of the patches in ``images``.
+        images: ``[B, S, S, 3]`` uint8 RGB (S = ``grid.patch_size_px``), white-padded
+            past the slide edge.
+        failed: ``[F]`` int64 grid indices whose read failed in this batch.
+    """
+
+    indices: npt.NDArray[np.int64]
+    images: npt.NDArray[np.uint8]
+    failed: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def read_patch(slide: Slide, grid: PatchGrid, index: int) -> npt.NDArray[np.uint8]:
+    """Read one grid patch at the output resolution.
+
+    Reads ``grid.read_width_px x grid.read_height_px`` px at ``grid.level`` starting
+    at the patch's level-0 origin, composites on white, and resizes to
+    ``patch_size_px`` (INTER_AREA when shrinking, bilinear when enlarging) when the
+    level does not match the target exactly.
+
+    Args:
+        slide: an open slide (the grid's slide).
+        grid: the patch grid.
+        index: index into the grid arrays.
+
+    Returns:
+        ``[S, S, 3]`` uint8 RGB.
+
+    Raises:
+        CorruptSlideError: the region could not be decoded (handle already reopened).
+    """
+    level = grid.level
+    ds_os = slide.metadata.openslide_downsamples[level]
+    # Exact per-axis level position, expressed in OpenSlide's level-0 convention.
+    x_lv = float(grid.x_l0[index]) / grid.level_downsample_x
+    y_lv = float(grid.y_l0[index]) / grid.level_downsample_y
+    loc_x = round(x_lv * ds_os)
+    loc_y = round(y_lv * ds_os)
+    rw, rh = grid.read_width_px, grid.read_height_px
+    rgb = composite_on_white(slide.read_region_rgba(loc_x, loc_y, level, rw, rh))
+    s = grid.patch_size_px
+    if (rw, rh) != (s, s):
+        interp = cv2.INTER_AREA if rw >= s and rh >= s else cv2.INTER_LINEAR
+        rgb = cv2.resize(rgb, (s, s), interpolation=interp)
+    return rgb
+
+
+_DONE = object()
+
+
+class PatchReader:
+    """Threaded, bounded-memory reader of a grid's patches.
+
+    Args:
+        path: slide file (each worker opens its own handle).
+        grid: the :class:`PatchGrid` to read.
+        batch_size: patches per batch (>= 1).
+        num_workers: reader threads (>= 1), each with its own OpenSlide handle.
+        queue_depth: finished batches buffered ahead of the consumer (>= 1).
+        max_failed_fraction: share of requested patches allowed to fail before the
+            slide is declared corrupt (0..1).
+        cache: shared :class:`SlideCache` (tile cache and pooled handles).
+
+    Raises:
+        InvalidOptionsError: a parameter out of range.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        grid: PatchGrid,
+        *,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        queue_depth: int = 4,
+        max_failed_fraction: float = 0.05,
+        cache: SlideCache | None = None,
+    ) -> None:
+        if batch_size < 1 or num_workers < 1 or queue_depth < 1:
+            raise InvalidOptionsError("batch_size, num_workers and queue_depth must be >= 1")
+        if not 0.0 <= max_failed_fraction <= 1.0:
+            raise InvalidOptionsError("max_failed_fraction must be in [0, 1]")
+        self._path = os.fspath(path)
+        self.grid = grid
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.queue_depth = queue_depth
+        self.max_failed_fraction = max_failed_fraction
+        self.cache = cache
+        #: Grid indices that failed in the last iteration.
+        self.failed_indices: list[int] = []
+
+    def _open(self) -> Slide:
+        if self.cache is not None:
+            return self.cache.acquire(self._path)
+        return open_slide(self._path)
+
+    def _release(self, slide: Slide) -> None:
+        if self.cache is not None:
+            self.cache.release(slide)
+        else:
+            slide.close()
+
+    def iter_batches(
+        self, indices: Sequence[int] | None = None, stop: threading.Event | None = None
+    ) -> Iterator[PatchBatch]:
+        """Yield batches until every requested index was read or failed.
+
+        Every requested index appears exactly once, in some batch's ``indices`` or
+        ``failed``; batches may arrive out of order. Setting ``stop`` ends the
+        iteration within about one batch; closing the generator early also stops and
+        joins the worker threads.
+
+        Args:
+            indices: grid indices to read (default: all, in grid order).
+            stop: optional event checked between patches.
+
+        Yields:
+            :class:`PatchBatch`.
+
+        Raises:
+            CorruptSlideError: failed reads exceed ``max_failed_fraction`` of the
+                requested patches (raised as soon as that happens).
+            SlideNotFoundError, UnsupportedSlideError: a worker could not open the slide.
+        """
+        idx = (
+            np.arange(len(self.grid), dtype=np.int64)
+            if indices is None
+            else np.asarray(indices, dtype=np.int64).reshape(-1)
+        )
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self.grid)):
+            raise InvalidOptionsError("patch index out of range")
+        self.failed_indices = []
+        if idx.size == 0:
+            return
+        total = int(idx.size)
+        allowed = math.floor(self.max_failed_fraction * total + 1e-9)
+        tasks: queue.SimpleQueue[npt.NDArray[np.int64]] = queue.SimpleQueue()
+        for start in range(0, total, self.batch_size):
+            tasks.put(idx[start : start + self.batch_size])
+        out: queue.Queue[object] = queue.Queue(maxsize=self.queue_depth)
+        halt = threading.Event()
+        n_workers = min(self.num_workers, math.ceil(total / self.batch_size))
+
+        def halted() -> bool:
+            return halt.is_set() or (stop is not None and stop.is_set())
+
+        def put(item: object) -> bool:
+            while not halted():
+                try:
+                    out.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def worker() -> None:
+            slide: Slide | None = None
+            try:
+                slide = self._open()
+                size = self.grid.patch_size_px
+                while not halted():
+                    try:
+                        chunk = tasks.get_nowait()
+                    except queue.Empty:
+                        break
+                    images = np.empty((chunk.size, size, size, 3), dtype=np.uint8)
+                    ok: list[int] = []
+                    failed: list[int] = []
+                    for i in chunk.tolist():
+                        if halted():
+                            return
+                        try:
+                            images[len(ok)] = read_patch(slide, self.grid, i)
+                            ok.append(i)
+                        except CorruptSlideError:
+                            failed.append(i)
+                    batch = PatchBatch(
+                        indices=np.asarray(ok, dtype=np.int64),
+                        images=images[: len(ok)],
+                        failed=np.asarray(failed, dtype=np.int64),
+                    )
+                    if not put(batch):
+                        return
+            except HistoHelperError as exc:
+                put(exc)
+            except Exception as exc:  # never lose an error in a thread
+                logger.exception("patch reader worker failed")
+                put(CorruptSlideError(f"patch reading failed: {type(exc).__name__}"))
+            finally:
+                if slide is not None:
+                    self._release(slide)
+                put(_DONE)
+
+        threads = [
+            threading.Thread(target=worker, name=f"patch-reader-{k}", daemon=True)
+            for k in range(n_workers)
+        ]
+        for t in threads:
+            t.start()
+        done = 0
+        try:
+            while done < n_workers:
+                if stop is not None and stop.is_set():
+                    break
+                try:
+                    item = out.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if item is _DONE:
+                    done += 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, PatchBatch)
+                if item.failed.size:
+                    self.failed_indices.extend(item.failed.tolist())
+                    if len(self.failed_indices) > allowed:
+                        raise CorruptSlideError(
+                            f"{len(self.failed_indices)} of {total} patches could not be "
+                            f"decoded (more than {self.max_failed_fraction:.1%})",
+                            failed_patches=str(len(self.failed_indices)),
+                            requested_patches=str(total),
+                        )
+                yield item
+        finally:
+            halt.set()
+            while True:  # unblock workers waiting on a full queue
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    break
+            for t in threads:
+                t.join()

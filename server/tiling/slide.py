@@ -1,0 +1,479 @@
+"""The one adapter to OpenSlide: open, describe and read slides safely.
+
+Every format OpenSlide 4 reads (Aperio SVS, Hamamatsu NDPI, MIRAX, Leica SCN,
+generic tiled TIFF, DICOM WSI, ...) opens through :class:`openslide.OpenSlide`;
+plain images (stripped TIFF, PNG, JPEG) fall back to :class:`openslide.ImageSlide`.
+Each open is validated by reading one small region, so pixel types OpenSlide cannot
+decode are refused at once with :class:`UnsupportedSlideError`.
+
+OpenSlide errors *latch*: after one failed read every later read on that handle
+fails. :meth:`Slide.read_region_rgb` therefore closes and reopens its handle after
+a failure (the poisoned handle is never reused) and raises
+:class:`CorruptSlideError` for that one region.
+
+Messages never contain the slide's path or file name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+import openslide
+from PIL import Image
+
+from histohelper.errors import (
+    CorruptSlideError,
+    RegionOutOfBoundsError,
+    SlideNotFoundError,
+    SlideTooLargeError,
+    UnsupportedSlideError,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Largest region one read_region_rgb call may return (px); 64 Mpx = 256 MiB RGBA.
+MAX_REGION_PX = 64 * 1024 * 1024
+#: Largest plain (non-pyramidal) image opened through ImageSlide (px). PIL decodes
+#: such images whole on first read, so memory is ~4 bytes per px.
+MAX_PLAIN_IMAGE_PX = 200_000_000
+#: Plausible level-0 um/px; values outside are treated as missing (misstated metadata).
+_MPP_RANGE = (0.01, 100.0)
+#: OpenSlide/libtiff messages that mean "this pixel format cannot be read at all".
+_UNSUPPORTED_PATTERNS = re.compile(
+    r"unsupported|not supported|can ?not handle|sorry|invalid level|bits ?per ?sample|"
+    r"photometric|sample ?format|planar",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class SlideMetadata:
+    """What a slide says about itself (immutable).
+
+    Attributes:
+        vendor: OpenSlide's ``openslide.vendor`` (``"aperio"``, ``"generic-tiff"``,
+            ``"dicom"``, ...) or ``"image"`` for plain images read by ImageSlide.
+        level_dimensions: per level ``(width, height)`` in that level's px, level 0 first.
+        level_downsamples: per level ``(downsample_x, downsample_y)``: level-0 px per
+            level px computed per axis from the dimensions (exact floats, never
+            rounded; OpenSlide's single averaged value is in ``openslide_downsamples``).
+        openslide_downsamples: OpenSlide's own per-level downsample (one float).
+        mpp_x: level-0 um/px along x from metadata, or None when absent/implausible.
+        mpp_y: level-0 um/px along y, or None.
+        objective_power: scanner objective magnification, or None.
+        width_l0: level-0 width (px).
+        height_l0: level-0 height (px).
+        level_count: number of pyramid levels.
+        is_plain_image: read through ImageSlide (no pyramid, no slide metadata).
+        warnings: notes from opening (e.g. implausible metadata ignored).
+    """
+
+    vendor: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[tuple[float, float], ...]
+    openslide_downsamples: tuple[float, ...]
+    mpp_x: float | None
+    mpp_y: float | None
+    objective_power: float | None
+    width_l0: int
+    height_l0: int
+    level_count: int
+    is_plain_image: bool = False
+    warnings: tuple[str, ...] = ()
+
+
+def _float_prop(props: dict[str, str] | object, key: str) -> float | None:
+    try:
+        value = float(props[key])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _scrub(message: str, path: str) -> str:
+    """Remove the path and file name from a library message."""
+    for token in sorted(
+        {path, os.path.abspath(path), os.path.basename(path)}, key=len, reverse=True
+    ):
+        if token:
+            message = message.replace(token, "<slide>")
+    return message[:200]
+
+
+def _metadata_from(handle: openslide.AbstractSlide, is_plain: bool) -> SlideMetadata:
+    props = handle.properties
+    dims = tuple((int(w), int(h)) for w, h in handle.level_dimensions)
+    w0, h0 = dims[0]
+    ds = tuple((w0 / w if w else 1.0, h0 / h if h else 1.0) for w, h in dims)
+    warnings: list[str] = []
+    mpp_x = _float_prop(props, openslide.PROPERTY_NAME_MPP_X)
+    mpp_y = _float_prop(props, openslide.PROPERTY_NAME_MPP_Y)
+    for name, value in (("mpp-x", mpp_x), ("mpp-y", mpp_y)):
+        if value is not None and not (_MPP_RANGE[0] <= value <= _MPP_RANGE[1]):
+            warnings.append(f"implausible {name} {value!r} in slide metadata ignored")
+    if mpp_x is not None and not (_MPP_RANGE[0] <= mpp_x <= _MPP_RANGE[1]):
+        mpp_x = None
+    if mpp_y is not None and not (_MPP_RANGE[0] <= mpp_y <= _MPP_RANGE[1]):
+        mpp_y = None
+    if mpp_x is None or mpp_y is None:  # one axis only: assume square pixels
+        mpp_x = mpp_y = mpp_x if mpp_x is not None else mpp_y
+    power = _float_prop(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+    if power is not None and not (0.5 <= power <= 200):
+        warnings.append(f"implausible objective power {power!r} ignored")
+        power = None
+    vendor = "image" if is_plain else str(props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"))
+    return SlideMetadata(
+        vendor=vendor,
+        level_dimensions=dims,
+        level_downsamples=ds,
+        openslide_downsamples=tuple(float(d) for d in handle.level_downsamples),
+        mpp_x=mpp_x,
+        mpp_y=mpp_y,
+        objective_power=power,
+        width_l0=w0,
+        height_l0=h0,
+        level_count=len(dims),
+        is_plain_image=is_plain,
+        warnings=tuple(warnings),
+    )
+
+
+def composite_on_white(rgba: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """Composite non-premultiplied RGBA on white.
+
+    Transparent pixels (outside the scanned area, past the slide edge) become white,
+    never black.
+
+    Args:
+        rgba: ``[h, w, 4]`` uint8, straight (non-premultiplied) alpha, as
+            openslide-python returns.
+
+    Returns:
+        ``[h, w, 3]`` uint8 RGB (a new C-contiguous array).
+    """
+    alpha = rgba[..., 3]
+    if alpha.min(initial=255) == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha.astype(np.uint16)[..., None]
+    rgb = rgba[..., :3].astype(np.uint16)
+    out = (rgb * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+class Slide:
+    """One open slide handle: metadata plus safe RGB region reads.
+
+    Not shared between threads by contract (give each reader thread its own via
+    :func:`open_slide` or :meth:`SlideCache.acquire`). Use as a context manager.
+
+    Attributes:
+        metadata: :class:`SlideMetadata`.
+        failed_reads: number of region reads that failed on this object (each one
+            closed and reopened the OpenSlide handle).
+    """
+
+    def __init__(self, path: str, cache: SlideCache | None = None) -> None:
+        self._path = path
+        self._cache = cache
+        self._lock = threading.Lock()
+        self.failed_reads = 0
+        self._handle: openslide.AbstractSlide | None = None
+        self._handle = self._open_handle()
+        self.metadata = _metadata_from(self._handle, self._is_plain)
+
+    @property
+    def path(self) -> str:
+        """The file path (server-side; never put it into messages or results)."""
+        return self._path
+
+    def _open_handle(self) -> openslide.AbstractSlide:
+        path = self._path
+        try:
+            handle: openslide.AbstractSlide = openslide.OpenSlide(path)
+            self._is_plain = False
+        except openslide.OpenSlideUnsupportedFormatError:
+            handle = self._open_plain(path)
+            self._is_plain = True
+        except openslide.OpenSlideError as exc:
+            raise UnsupportedSlideError(
+                f"unsupported or unreadable slide: {_scrub(str(exc), path)}"
+            ) from None
+        except OSError as exc:
+            raise UnsupportedSlideError(
+                f"unsupported or unreadable slide: {type(exc).__name__}"
+            ) from None
+        if self._cache is not None and not self._is_plain:
+            handle.set_cache(self._cache.openslide_cache)
+        return handle
+
+    @staticmethod
+    def _open_plain(path: str) -> openslide.AbstractSlide:
+        try:
+            with Image.open(path) as probe:
+                w, h = probe.size
+                mode = probe.mode
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise SlideTooLargeError("the image is too large to open without a pyramid") from None
+        except Exception:  # PIL raises many types for non-images
+            raise UnsupportedSlideError(
+                "unsupported or unreadable slide: not a format OpenSlide or PIL can read"
+            ) from None
+        if w * h > MAX_PLAIN_IMAGE_PX:
+            raise SlideTooLargeError(
+                f"plain image of {w} x {h} px has no pyramid and exceeds "
+                f"{MAX_PLAIN_IMAGE_PX} px; convert it to a tiled pyramidal TIFF"
+            )
+        if mode not in ("RGB", "RGBA", "L", "LA", "P", "1", "CMYK", "YCbCr"):
+            raise UnsupportedSlideError(
+                f"unsupported pixel type {mode!r}: only 8-bit grey/RGB(A) images are read"
+            )
+        try:
+            return openslide.ImageSlide(path)
+        except Exception:
+            raise UnsupportedSlideError("unsupported or unreadable slide") from None
+
+    def _validate(self) -> None:
+        """Read one small region from the coarsest level; refuse undecodable pixel types.
+
+        A decode error that is not a pixel-type problem (a corrupt tile) does not
+        refuse the slide: it is logged, the handle reopened, and later reads decide.
+        """
+        md = self.metadata
+        level = md.level_count - 1
+        lw, lh = md.level_dimensions[level]
+        ds = md.openslide_downsamples[level]
+        size = (min(16, lw), min(16, lh))
+        x_l0 = int((lw - size[0]) // 2 * ds)
+        y_l0 = int((lh - size[1]) // 2 * ds)
+        try:
+            assert self._handle is not None
+            img = self._handle.read_region((x_l0, y_l0), level, size)
+            np.asarray(img.convert("RGBA"))
+        except openslide.OpenSlideError as exc:
+            msg = _scrub(str(exc), self._path)
+            self._reopen()
+            if _UNSUPPORTED_PATTERNS.search(msg):
+                self.close()
+                raise UnsupportedSlideError(f"unsupported slide pixel data: {msg}") from None
+            logger.warning("validation read failed (corrupt data?): %s", msg)
+            self.failed_reads += 1
+        except (ValueError, OSError, TypeError) as exc:  # PIL on exotic plain images
+            self.close()
+            raise UnsupportedSlideError(
+                f"unsupported slide pixel data: {type(exc).__name__}"
+            ) from None
+
+    def _reopen(self) -> None:
+        """Close the (possibly poisoned) handle and open a fresh one."""
+        if self._handle is not None:
+            with contextlib.suppress(Exception):  # closing must not fail the caller
+                self._handle.close()
+            self._handle = None
+        self._handle = self._open_handle()
+
+    def read_region_rgba(
+        self, x_l0: int, y_l0: int, level: int, width_px: int, height_px: int
+    ) -> npt.NDArray[np.uint8]:
+        """Read a region as straight-alpha RGBA (alpha 0 = outside the scanned area).
+
+        Args:
+            x_l0: left edge in level-0 px (may lie outside the slide).
+            y_l0: top edge in level-0 px.
+            level: pyramid level to read.
+            width_px: region width in ``level`` px.
+            height_px: region height in ``level`` px.
+
+        Returns:
+            ``[height_px, width_px, 4]`` uint8.
+
+        Raises:
+            RegionOutOfBoundsError: bad level, empty size, or wholly outside the slide.
+            SlideTooLargeError: more than :data:`MAX_REGION_PX` px requested.
+            CorruptSlideError: OpenSlide failed to decode; the handle was reopened,
+                so the next read starts clean.
+        """
+        md = self.metadata
+        if not (0 <= level < md.level_count):
+            raise RegionOutOfBoundsError(f"level {level} not in [0, {md.level_count})")
+        if width_px <= 0 or height_px <= 0:
+            raise RegionOutOfBoundsError("region size must be positive")
+        if width_px * height_px > MAX_REGION_PX:
+            raise SlideTooLargeError(f"region of {width_px} x {height_px} px is too large")
+        ds_x, ds_y = md.level_downsamples[level]
+        if (
+            x_l0 >= md.width_l0
+            or y_l0 >= md.height_l0
+            or x_l0 + width_px * ds_x <= 0
+            or y_l0 + height_px * ds_y <= 0
+        ):
+            raise RegionOutOfBoundsError("region lies wholly outside the slide")
+        with self._lock:
+            if self._handle is None:
+                raise CorruptSlideError("the slide handle is closed")
+            try:
+                img = self._handle.read_region(
+                    (int(x_l0), int(y_l0)), level, (int(width_px), int(height_px))
+                )
+                if img.mode != "RGBA":
+                    img = img.convert("RGBA")
+                return np.asarray(img)
+            except openslide.OpenSlideError as exc:
+                self.failed_reads += 1
+                msg = _scrub(str(exc), self._path)
+                self._reopen()
+                raise CorruptSlideError(
+                    f"a region of the slide could not be decoded: {msg}"
+                ) from None
+            except (ValueError, OSError) as exc:  # PIL decode problems on plain images
+                self.failed_reads += 1
+                raise CorruptSlideError(
+                    f"a region of the slide could not be decoded: {type(exc).__name__}"
+                ) from None
+
+    def read_region_rgb(
+        self, x_l0: int, y_l0: int, level: int, width_px: int, height_px: int
+    ) -> npt.NDArray[np.uint8]:
+        """Read a region composited on white (transparent and out-of-slide -> white).
+
+        Args and raises as :meth:`read_region_rgba`.
+
+        Returns:
+            ``[height_px, width_px, 3]`` uint8 RGB.
+        """
+        return composite_on_white(self.read_region_rgba(x_l0, y_l0, level, width_px, height_px))
+
+    def close(self) -> None:
+        """Close the handle (idempotent)."""
+        with self._lock:
+            if self._handle is not None:
+                try:
+                    self._handle.close()
+                finally:
+                    self._handle = None
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._handle is None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:  # never the path
+        md = self.metadata
+        return f"<Slide {md.vendor} {md.width_l0}x{md.height_l0} levels={md.level_count}>"
+
+
+def open_slide(path: str | os.PathLike[str], *, cache: SlideCache | None = None) -> Slide:
+    """Open and validate a slide.
+
+    Args:
+        path: slide file (for DICOM, any file of the series).
+        cache: shared tile cache and handle pool; when given, the handle uses its
+            bounded :class:`openslide.OpenSlideCache` (the handle itself is not pooled:
+            use :meth:`SlideCache.acquire` for that).
+
+    Returns:
+        An open :class:`Slide` (close it, or use ``with``).
+
+    Raises:
+        SlideNotFoundError: no such file.
+        UnsupportedSlideError: not a slide or image OpenSlide/PIL can read, or a pixel
+            type that cannot be decoded (checked by reading one small region).
+        SlideTooLargeError: a plain image too large to open without a pyramid.
+    """
+    p = os.fspath(path)
+    if not Path(p).is_file():
+        raise SlideNotFoundError("the slide was not found")
+    slide = Slide(p, cache)
+    slide._validate()
+    return slide
+
+
+class SlideCache:
+    """Bounded shared tile cache plus a small LRU pool of idle slide handles.
+
+    One instance per server process keeps memory on a plateau across many slides:
+    decoded tiles live in one :class:`openslide.OpenSlideCache` of fixed capacity,
+    and at most ``max_idle_handles`` idle handles stay open (least recently used
+    closed first). A handle is lent to one user at a time.
+
+    Args:
+        capacity_bytes: tile cache capacity in bytes (default 256 MiB).
+        max_idle_handles: idle handles kept open (default 8).
+
+    Thread-safe.
+    """
+
+    def __init__(self, capacity_bytes: int = 256 * 1024 * 1024, max_idle_handles: int = 8) -> None:
+        self.capacity_bytes = int(capacity_bytes)
+        self.max_idle_handles = int(max_idle_handles)
+        self.openslide_cache = openslide.OpenSlideCache(self.capacity_bytes)
+        self._idle: OrderedDict[int, tuple[str, Slide]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._counter = 0
+
+    @staticmethod
+    def _key(path: str | os.PathLike[str]) -> str:
+        return os.path.realpath(os.fspath(path))
+
+    def acquire(self, path: str | os.PathLike[str]) -> Slide:
+        """Borrow an idle handle for ``path`` or open (and validate) a new one.
+
+        Raises:
+            As :func:`open_slide`.
+        """
+        key = self._key(path)
+        with self._lock:
+            for token, (k, slide) in reversed(self._idle.items()):
+                if k == key:
+                    del self._idle[token]
+                    return slide
+        return open_slide(key, cache=self)
+
+    def release(self, slide: Slide) -> None:
+        """Return a borrowed handle; closed handles are dropped, the LRU is trimmed."""
+        if slide.closed:
+            return
+        evicted: list[Slide] = []
+        with self._lock:
+            self._counter += 1
+            self._idle[self._counter] = (self._key(slide.path), slide)
+            while len(self._idle) > self.max_idle_handles:
+                _, (_, old) = self._idle.popitem(last=False)
+                evicted.append(old)
+        for old in evicted:
+            old.close()
+
+    @property
+    def idle_count(self) -> int:
+        """Number of idle handles held open."""
+        with self._lock:
+            return len(self._idle)
+
+    def clear(self) -> None:
+        """Close every idle handle."""
+        with self._lock:
+            items = list(self._idle.values())
+            self._idle.clear()
+        for _, slide in items:
+            slide.close()
