@@ -1,0 +1,159 @@
+"""asyncio client (``grpc.aio``): :class:`AsyncSlideClient`, same method names as
+:class:`~histohelper.client.sync.SlideClient`."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import PurePath
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+from histohelper.client._channel import (
+    DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+    RetryPolicy,
+    call_metadata,
+    channel_credentials,
+    channel_options,
+)
+from histohelper.client.errors import error_from_rpc
+from histohelper.client.events import Event, ModelInfo, Progress, Started, event_from_proto
+from histohelper.client.options import AnalysisOptions, analyze_request
+from histohelper.client.result import ResultCollector, SlideResult
+from histohelper.client.sync import DEFAULT_UNARY_TIMEOUT_S
+
+from histohelper.v1 import slide_analysis_pb2 as pb
+from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
+
+AsyncProgressCallback = Callable[[Progress], Awaitable[Any] | Any]
+
+
+class AsyncSlideClient:
+    """asyncio client of ``histohelper.v1.SlideAnalysisService``.
+
+    Create it inside a running event loop; use ``async with`` or ``await close()``.
+    Arguments and errors as :class:`~histohelper.client.sync.SlideClient`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen dataclass
+        max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+        options: tuple[tuple[str, Any], ...] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        creds = channel_credentials(
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            credentials=credentials,
+            token=token,
+        )
+        opts = channel_options(retry, max_receive_message_bytes, options)
+        self._channel = (
+            grpc.aio.secure_channel(target, creds, opts)
+            if creds is not None
+            else grpc.aio.insecure_channel(target, opts)
+        )
+        self._stub = pb_grpc.SlideAnalysisServiceStub(self._channel)
+        self._metadata = call_metadata(token, creds is not None)
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncSlideClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def stream(
+        self,
+        slide_path: str | PurePath,
+        options: AnalysisOptions | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Event]:
+        """Analyse a slide and yield typed events (``async for``); see ``SlideClient.stream``.
+
+        Closing the iterator early, or cancelling the task, cancels the call.
+
+        Raises:
+            HistoHelperError: a subclass matching the server's error.
+        """
+        request = analyze_request(slide_path, options, request_id)
+        deadline = timeout if timeout is not None else self.timeout
+        call = self._stub.AnalyzeSlide(request, timeout=deadline, metadata=self._metadata)
+        try:
+            async for msg in call:
+                yield event_from_proto(msg)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        finally:
+            call.cancel()
+
+    async def analyze(
+        self,
+        slide_path: str | PurePath,
+        options: AnalysisOptions | None = None,
+        on_progress: AsyncProgressCallback | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> SlideResult:
+        """Analyse a slide and return the assembled result; see ``SlideClient.analyze``.
+
+        ``on_progress`` may be a plain function or a coroutine function.
+
+        Raises:
+            HistoHelperError: a subclass matching the server's error.
+        """
+        collector = ResultCollector()
+        async for event in self.stream(slide_path, options, request_id=request_id, timeout=timeout):
+            collector.add(event)
+            if on_progress is not None:
+                progress = None
+                if isinstance(event, Started):
+                    progress = Progress(0, event.grid.patch_count, 0.0)
+                elif isinstance(event, Progress):
+                    progress = event
+                if progress is not None:
+                    ret = on_progress(progress)
+                    if inspect.isawaitable(ret):
+                        await ret
+        return collector.result()
+
+    async def get_model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """Return the served model's summary, manifest and server defaults.
+
+        Raises:
+            HistoHelperError: a subclass matching the failure.
+        """
+        deadline = timeout if timeout is not None else (self.timeout or DEFAULT_UNARY_TIMEOUT_S)
+        try:
+            reply = await self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=deadline, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        return ModelInfo.from_proto(reply)

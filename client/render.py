@@ -1,0 +1,269 @@
+"""Rendering helper: PNG decode/encode, box painting, JET overlays with an inset legend.
+
+The only client module that imports OpenCV; the rest of the client imports it lazily,
+so ``import histohelper.client`` stays free of cv2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def decode_png_rgb(png: bytes) -> npt.NDArray[np.uint8]:
+    """Decode a PNG to RGB.
+
+    Returns:
+        uint8 ``(height, width, 3)`` RGB.
+
+    Raises:
+        ValueError: the bytes are not a decodable image.
+    """
+    bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("not a decodable PNG image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def decode_png_gray(png: bytes) -> npt.NDArray[np.uint8]:
+    """Decode a PNG to one channel, uint8 ``(height, width)``.
+
+    Raises:
+        ValueError: the bytes are not a decodable image.
+    """
+    gray = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if gray is None:
+        raise ValueError("not a decodable PNG image")
+    return gray
+
+
+def encode_png(rgb: npt.NDArray[np.uint8]) -> bytes:
+    """Encode uint8 ``(h, w, 3)`` RGB (or ``(h, w)`` gray) as PNG bytes."""
+    img = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:  # pragma: no cover - cv2 fails only on invalid arrays
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def write_png(path: str | PathLike[str], rgb: npt.NDArray[np.uint8]) -> Path:
+    """Write an RGB (or gray) uint8 image as PNG. Returns the path."""
+    out = Path(path)
+    out.write_bytes(encode_png(rgb))
+    return out
+
+
+def box_to_pixels(
+    start_l0: npt.NDArray[np.float64],
+    size_l0: npt.NDArray[np.float64],
+    scale: float,
+    limit_px: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Map level-0 intervals ``[start, start + size)`` to half-open thumbnail pixel ranges.
+
+    Each edge is rounded on its own (``floor(edge / scale + 0.5)``), never
+    ``round(start) + round(size)``, so patches that share a level-0 edge share a
+    thumbnail edge: fractional footprints do not drift into gaps or overlaps. A patch
+    smaller than one thumbnail pixel still covers the pixel holding its start.
+
+    Args:
+        start_l0, size_l0: float ``[n]`` in level-0 px.
+        scale: level-0 px per thumbnail px along this axis.
+        limit_px: the thumbnail's size along this axis.
+
+    Returns:
+        ``(lo, hi)`` int64 ``[n]``, clipped to ``[0, limit_px]``; ``hi > lo`` unless the
+        interval lies wholly outside the thumbnail.
+    """
+    lo = np.floor(start_l0 / scale + 0.5).astype(np.int64)
+    hi = np.floor((start_l0 + size_l0) / scale + 0.5).astype(np.int64)
+    hi = np.maximum(hi, lo + 1)
+    return np.clip(lo, 0, limit_px), np.clip(hi, 0, limit_px)
+
+
+def paint_boxes(
+    x_l0: npt.NDArray[np.float64],
+    y_l0: npt.NDArray[np.float64],
+    width_l0: npt.NDArray[np.float64],
+    height_l0: npt.NDArray[np.float64],
+    values: npt.NDArray[np.float64],
+    *,
+    scale_x: float,
+    scale_y: float,
+    width_px: int,
+    height_px: int,
+) -> npt.NDArray[np.float32]:
+    """Paint one value per level-0 box onto a thumbnail-sized grid.
+
+    Args:
+        x_l0, y_l0, width_l0, height_l0: float ``[n]``, boxes in level-0 px.
+        values: float ``[n]``; NaN values are skipped.
+        scale_x, scale_y: level-0 px per thumbnail px.
+        width_px, height_px: thumbnail size.
+
+    Returns:
+        float32 ``(height_px, width_px)``: mean value of the boxes covering each pixel
+        (boxes that overlap are averaged), NaN where no box does.
+    """
+    total = np.zeros((height_px, width_px), np.float64)
+    count = np.zeros((height_px, width_px), np.int32)
+    if len(values):
+        x0, x1 = box_to_pixels(np.asarray(x_l0), np.asarray(width_l0), scale_x, width_px)
+        y0, y1 = box_to_pixels(np.asarray(y_l0), np.asarray(height_l0), scale_y, height_px)
+        for i in np.flatnonzero(np.isfinite(values)):
+            total[y0[i] : y1[i], x0[i] : x1[i]] += values[i]
+            count[y0[i] : y1[i], x0[i] : x1[i]] += 1
+    out = np.full((height_px, width_px), np.nan, np.float32)
+    covered = count > 0
+    out[covered] = total[covered] / count[covered]
+    return out
+
+
+def jet_rgb(values01: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
+    """OpenCV COLORMAP_JET of values in [0, 1] (clipped; NaN maps to 0).
+
+    Returns:
+        uint8 ``(*values01.shape, 3)`` RGB.
+    """
+    v = np.nan_to_num(np.clip(values01, 0.0, 1.0), nan=0.0)
+    u8 = np.round(v * 255.0).astype(np.uint8)
+    bgr = cv2.applyColorMap(u8.reshape(u8.shape[0], -1), cv2.COLORMAP_JET)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).reshape(*values01.shape, 3)
+
+
+def render_overlay(
+    thumbnail_rgb: npt.NDArray[np.uint8],
+    heat: npt.NDArray[np.float32],
+    *,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    alpha: float = 0.5,
+    title: str | None = None,
+    ticks: Sequence[float] = (0.0, 0.5, 1.0),
+    warning: str | None = None,
+) -> npt.NDArray[np.uint8]:
+    """Blend a JET heatmap over a thumbnail; draw an inset legend when ``title`` is set.
+
+    Args:
+        thumbnail_rgb: uint8 ``(h, w, 3)`` RGB.
+        heat: float ``(h, w)`` in thumbnail px; NaN pixels keep the thumbnail's colour.
+        vmin, vmax: values mapped to the ends of the colour map.
+        alpha: heatmap opacity in [0, 1].
+        title: legend title; ``None`` draws no legend.
+        ticks: values labelled on the colour bar.
+        warning: a red line under the title (e.g. "UNTRAINED").
+
+    Returns:
+        uint8 ``(h, w, 3)`` RGB, the thumbnail's size.
+
+    Raises:
+        ValueError: ``heat`` and the thumbnail differ in size, or ``alpha`` is outside [0, 1].
+    """
+    h, w = thumbnail_rgb.shape[:2]
+    if heat.shape != (h, w):
+        raise ValueError(f"heat map {heat.shape} does not match thumbnail {(h, w)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    span = vmax - vmin if vmax > vmin else 1.0
+    covered = np.isfinite(heat)
+    out = thumbnail_rgb.copy()
+    if covered.any():
+        colours = jet_rgb((heat - vmin) / span)
+        blended = (1.0 - alpha) * thumbnail_rgb[covered] + alpha * colours[covered]
+        out[covered] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    if title is not None:
+        _draw_legend(out, covered, title=title, ticks=ticks, vmin=vmin, span=span, warning=warning)
+    return out
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 0.1:
+        return f"{v:.2f}".rstrip("0").rstrip(".") if abs(v) < 10 else f"{v:.0f}"
+    return f"{v:.1e}"
+
+
+def _draw_legend(
+    img: npt.NDArray[np.uint8],
+    covered: npt.NDArray[np.bool_],
+    *,
+    title: str,
+    ticks: Sequence[float],
+    vmin: float,
+    span: float,
+    warning: str | None,
+) -> None:
+    """Draw a legend box (title, vertical JET bar, tick labels) into the least covered
+    corner of ``img``, in place. Skipped on images too small to hold it."""
+    h, w = img.shape[:2]
+    box_h = round(min(0.35 * h, 0.5 * w, 260))
+    if box_h < 48:
+        return
+    pad = max(3, box_h // 20)
+    text_h = max(7, box_h // 13)
+    scale = text_h / 22.0  # Hershey simplex is ~22 px tall at scale 1
+    thick = max(1, round(scale * 1.6))
+    bar_w = max(6, box_h // 10)
+    lines = [(title, (0, 0, 0))] + ([(warning, (200, 0, 0))] if warning else [])
+    tick_labels = [_fmt(t) for t in ticks]
+    line_w = max(cv2.getTextSize(s, _FONT, scale, thick)[0][0] for s, _ in lines)
+    tick_w = max(cv2.getTextSize(s, _FONT, scale, thick)[0][0] for s in tick_labels)
+    box_w = min(w - 2, max(line_w, bar_w + pad + tick_w) + 2 * pad)
+    header = len(lines) * (text_h + pad) + pad
+    bar_h = box_h - header - pad - text_h // 2
+    if bar_h < 16:
+        return
+    # Least covered corner, so the legend hides as little heat map as possible.
+    margin = pad
+    corners = {
+        (margin, margin): covered[:box_h, :box_w].sum(),
+        (w - box_w - margin, margin): covered[:box_h, w - box_w :].sum(),
+        (margin, h - box_h - margin): covered[h - box_h :, :box_w].sum(),
+        (w - box_w - margin, h - box_h - margin): covered[h - box_h :, w - box_w :].sum(),
+    }
+    x0, y0 = min(corners, key=lambda k: corners[k])
+    x0, y0 = max(0, x0), max(0, y0)
+    x1, y1 = min(w, x0 + box_w), min(h, y0 + box_h)
+    # Translucent white panel with a thin grey frame.
+    panel = img[y0:y1, x0:x1].astype(np.float32)
+    img[y0:y1, x0:x1] = np.round(0.15 * panel + 0.85 * 255).astype(np.uint8)
+    cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), (90, 90, 90), 1)
+    ty = y0 + pad
+    for text, colour in lines:
+        ty += text_h
+        cv2.putText(img, text, (x0 + pad, ty), _FONT, scale, colour, thick, cv2.LINE_AA)
+        ty += pad
+    # Colour bar: top is vmax, bottom is vmin.
+    bx0, by0 = x0 + pad, ty + pad // 2 + text_h // 4
+    by1 = min(y1 - pad - text_h // 4, by0 + bar_h)
+    n = by1 - by0
+    if n < 8:
+        return
+    ramp = jet_rgb(np.linspace(1.0, 0.0, n, dtype=np.float32)[:, None].repeat(bar_w, axis=1))
+    img[by0:by1, bx0 : bx0 + bar_w] = ramp
+    cv2.rectangle(img, (bx0, by0), (bx0 + bar_w - 1, by1 - 1), (60, 60, 60), 1)
+    for value, label in zip(ticks, tick_labels, strict=True):
+        frac = (value - vmin) / span
+        if not math.isfinite(frac):
+            continue
+        yy = round(by1 - 1 - frac * (n - 1))
+        cv2.line(img, (bx0 + bar_w, yy), (bx0 + bar_w + pad // 2 + 1, yy), (0, 0, 0), 1)
+        cv2.putText(
+            img,
+            label,
+            (bx0 + bar_w + pad, yy + text_h // 2),
+            _FONT,
+            scale,
+            (0, 0, 0),
+            thick,
+            cv2.LINE_AA,
+        )

@@ -1,0 +1,476 @@
+"""The assembled result of one slide analysis, and the collector that builds it from events.
+
+Arrays are indexed by grid ``[row, col]`` (``row`` down, ``col`` right) and hold NaN
+where the grid has no patch. Patch boxes are the exact level-0 boxes the server sent;
+they are never recomputed from grid indices.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+from histohelper.client.events import (
+    Attention,
+    Completed,
+    Event,
+    GridGeometry,
+    ModelSummary,
+    Outcome,
+    PatchBatch,
+    Progress,
+    QualityControl,
+    SlideInfo,
+    SlidePrediction,
+    Started,
+    Thumbnail,
+    Timings,
+)
+
+from histohelper.errors import InternalError
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+    StrPath = str | PathLike[str]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PatchTable:
+    """One row per analysed patch, sorted by ``patch_index``; arrays parallel along axis 0.
+
+    Attributes:
+        patch_index: int32 ``[n]``, index in the bag (row-major grid order).
+        row, col: int32 ``[n]``, grid position.
+        x_l0, y_l0, width_l0, height_l0: float64 ``[n]``, exact level-0 box (from the server).
+        tissue_fraction: float32 ``[n]`` in [0, 1].
+        is_edge: bool ``[n]``, patch was padded past the slide's edge.
+        probabilities: float32 ``[n, num_classes]``, classes as ``SlideResult.class_names``.
+        attention: float32 ``[n]``, MIL attention weight (sums to 1); NaN when not requested.
+        embeddings: float32 ``[n, embedding_dim]``, or ``None`` when not requested.
+    """
+
+    patch_index: npt.NDArray[np.int32]
+    row: npt.NDArray[np.int32]
+    col: npt.NDArray[np.int32]
+    x_l0: npt.NDArray[np.float64]
+    y_l0: npt.NDArray[np.float64]
+    width_l0: npt.NDArray[np.float64]
+    height_l0: npt.NDArray[np.float64]
+    tissue_fraction: npt.NDArray[np.float32]
+    is_edge: npt.NDArray[np.bool_]
+    probabilities: npt.NDArray[np.float32]
+    attention: npt.NDArray[np.float32]
+    embeddings: npt.NDArray[np.float32] | None = None
+
+    def __len__(self) -> int:
+        return int(self.patch_index.shape[0])
+
+    @classmethod
+    def empty(cls, num_classes: int) -> PatchTable:
+        """A table with no rows and ``num_classes`` probability columns."""
+        return cls(
+            patch_index=np.zeros(0, np.int32),
+            row=np.zeros(0, np.int32),
+            col=np.zeros(0, np.int32),
+            x_l0=np.zeros(0, np.float64),
+            y_l0=np.zeros(0, np.float64),
+            width_l0=np.zeros(0, np.float64),
+            height_l0=np.zeros(0, np.float64),
+            tissue_fraction=np.zeros(0, np.float32),
+            is_edge=np.zeros(0, np.bool_),
+            probabilities=np.zeros((0, num_classes), np.float32),
+            attention=np.zeros(0, np.float32),
+        )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SlideResult:
+    """Everything one ``AnalyzeSlide`` call returned, assembled.
+
+    A slide without tissue is a result, not an error: ``outcome == "no_tissue"``, an
+    empty patch table, all-NaN heatmaps and ``prediction is None``.
+
+    Attributes:
+        request_id: the server's (or caller's) request id.
+        slide: slide metadata (level-0 sizes, mpp).
+        grid: effective patch grid (``n_rows x n_cols``).
+        model: the served model; ``model.untrained`` means predictions mean nothing.
+        thumbnail: the slide thumbnail with its level-0-per-thumbnail-px scales.
+        tissue_mask_png: the server's tissue mask as PNG (0 background, 255 tissue).
+        outcome: ``"completed"`` or ``"no_tissue"``.
+        prediction: slide-level prediction with class names, or ``None``.
+        qc: final QC figures (tissue fraction, patch counts, warnings).
+        timings: server-side timings in seconds.
+        patches: the patch table.
+        heatmaps: float32 ``[num_classes, n_rows, n_cols]``, patch probability per grid
+            cell, NaN where the grid has no (successfully analysed) patch.
+        attention_map: float32 ``[n_rows, n_cols]``, MIL attention per grid cell, NaN
+            where there is no patch or attention was not requested.
+        has_attention: whether the server sent attention weights.
+        wall_s: client wall time from the call to the last event, in seconds.
+    """
+
+    request_id: str
+    slide: SlideInfo
+    grid: GridGeometry
+    model: ModelSummary
+    thumbnail: Thumbnail
+    tissue_mask_png: bytes = field(repr=False)
+    outcome: Outcome
+    prediction: SlidePrediction | None
+    qc: QualityControl
+    timings: Timings
+    patches: PatchTable = field(repr=False)
+    heatmaps: npt.NDArray[np.float32] = field(repr=False)
+    attention_map: npt.NDArray[np.float32] = field(repr=False)
+    has_attention: bool
+    wall_s: float | None = None
+
+    # --- access ---------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Patch class names, in the order of the probability columns and heatmap planes."""
+        return self.model.patch_classes
+
+    @property
+    def patch_count(self) -> int:
+        """Number of patches with results."""
+        return len(self.patches)
+
+    def class_index(self, class_name: str | int) -> int:
+        """Index of a patch class given by name or index.
+
+        Raises:
+            KeyError: unknown class name or index out of range.
+        """
+        if isinstance(class_name, int):
+            if not 0 <= class_name < len(self.class_names):
+                raise KeyError(f"class index {class_name} out of range")
+            return class_name
+        try:
+            return self.class_names.index(class_name)
+        except ValueError:
+            raise KeyError(
+                f"unknown patch class {class_name!r}; classes: {list(self.class_names)}"
+            ) from None
+
+    def heatmap(self, class_name: str | int) -> npt.NDArray[np.float32]:
+        """Probability of one patch class per grid cell.
+
+        Returns:
+            float32 ``[n_rows, n_cols]``, NaN where the grid has no patch (a view).
+        """
+        return self.heatmaps[self.class_index(class_name)]
+
+    def default_class(self) -> str | None:
+        """The class an overlay shows by default: the predicted slide class when it is a
+        patch class, else the patch class with the highest mean probability."""
+        if not self.class_names:
+            return None
+        if self.prediction is not None and self.prediction.predicted_class in self.class_names:
+            return self.prediction.predicted_class
+        if len(self.patches) == 0:
+            return self.class_names[0]
+        return self.class_names[int(np.argmax(self.patches.probabilities.mean(axis=0)))]
+
+    def thumbnail_rgb(self) -> npt.NDArray[np.uint8]:
+        """The decoded thumbnail, uint8 ``(thumbnail.height_px, thumbnail.width_px, 3)`` RGB."""
+        return self.thumbnail.to_rgb()
+
+    def tissue_mask(self) -> npt.NDArray[np.uint8]:
+        """The decoded tissue mask, uint8 2-D (0 background, 255 tissue)."""
+        from histohelper.client.render import decode_png_gray
+
+        return decode_png_gray(self.tissue_mask_png)
+
+    def thumbnail_heatmap(self, values: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """Paint per-patch values onto the thumbnail grid from the exact level-0 boxes.
+
+        Args:
+            values: float ``[n]`` parallel to :attr:`patches` (NaN values are skipped).
+
+        Returns:
+            float32 ``(thumbnail.height_px, thumbnail.width_px)``: the mean of the values
+            of the patches covering each thumbnail pixel, NaN where none does.
+        """
+        from histohelper.client.render import paint_boxes
+
+        t = self.thumbnail
+        p = self.patches
+        return paint_boxes(
+            p.x_l0,
+            p.y_l0,
+            p.width_l0,
+            p.height_l0,
+            np.asarray(values, dtype=np.float64),
+            scale_x=t.scale_x,
+            scale_y=t.scale_y,
+            width_px=t.width_px,
+            height_px=t.height_px,
+        )
+
+    def overlay(
+        self,
+        class_name: str | int | None = None,
+        *,
+        attention: bool = False,
+        alpha: float = 0.5,
+        legend: bool = True,
+    ) -> npt.NDArray[np.uint8]:
+        """Blend a COLORMAP_JET heatmap over the thumbnail, with an inset colour bar/legend.
+
+        The image has exactly the thumbnail's size. Probabilities are shown on a fixed
+        0..1 scale; attention relative to its maximum (0..max). Pixels no patch covers
+        keep the thumbnail's colours.
+
+        Args:
+            class_name: patch class (name or index) to show; default :meth:`default_class`.
+            attention: show the attention map instead of a class probability.
+            alpha: heatmap opacity in [0, 1].
+            legend: draw the inset legend (title, colour bar, ticks; "UNTRAINED" when so).
+
+        Returns:
+            uint8 ``(thumbnail.height_px, thumbnail.width_px, 3)`` RGB.
+
+        Raises:
+            KeyError: unknown class.
+            ValueError: ``attention=True`` but the result carries no attention.
+        """
+        from histohelper.client.render import render_overlay
+
+        if attention:
+            if not self.has_attention:
+                raise ValueError("this result carries no attention (set return_attention)")
+            values = self.patches.attention.astype(np.float64)
+            vmax = float(np.nanmax(values)) if len(values) else 1.0
+            vmax = vmax if vmax > 0 else 1.0
+            title = "MIL attention"
+            ticks = (0.0, vmax / 2, vmax)
+        else:
+            name = self.default_class() if class_name is None else class_name
+            if name is None:
+                values = np.zeros(0)
+                title = "no classes"
+            else:
+                idx = self.class_index(name)
+                values = self.patches.probabilities[:, idx].astype(np.float64)
+                title = f"P({self.class_names[idx]})"
+            vmax = 1.0
+            ticks = (0.0, 0.5, 1.0)
+        heat = self.thumbnail_heatmap(values)
+        return render_overlay(
+            self.thumbnail_rgb(),
+            heat,
+            vmin=0.0,
+            vmax=vmax,
+            alpha=alpha,
+            title=title if legend else None,
+            ticks=ticks,
+            warning="UNTRAINED" if self.model.untrained else None,
+        )
+
+    # --- exports (see histohelper.client.exports) ------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready summary (prediction, patch count, tissue fraction, model, timings)."""
+        from histohelper.client.exports import summary_dict
+
+        return summary_dict(self)
+
+    def save_png(self, path: StrPath, **overlay_kwargs: Any) -> Path:
+        """Write :meth:`overlay` (thumbnail size) as PNG. Returns the path."""
+        from histohelper.client.exports import save_png
+
+        return save_png(self, path, **overlay_kwargs)
+
+    def save_npz(self, path: StrPath) -> Path:
+        """Write heatmaps, attention map and the patch table as compressed NPZ."""
+        from histohelper.client.exports import save_npz
+
+        return save_npz(self, path)
+
+    def save_csv(self, path: StrPath) -> Path:
+        """Write the patch table as CSV (one row per patch)."""
+        from histohelper.client.exports import save_csv
+
+        return save_csv(self, path)
+
+    def save_json(self, path: StrPath) -> Path:
+        """Write :meth:`summary` as JSON."""
+        from histohelper.client.exports import save_json
+
+        return save_json(self, path)
+
+    def save_geojson(self, path: StrPath) -> Path:
+        """Write one QuPath tile feature per patch (level-0 px) as GeoJSON."""
+        from histohelper.client.exports import save_geojson
+
+        return save_geojson(self, path)
+
+    def save_all(self, out_dir: StrPath) -> dict[str, Path]:
+        """Write the standard set of files into ``out_dir`` (created if missing).
+
+        Files: ``overlay.png`` (default class, thumbnail size, inset legend),
+        ``attention_overlay.png`` (when attention was returned), ``heatmap.npz``,
+        ``patches.csv``, ``tiles.geojson``, ``summary.json``.
+
+        Returns:
+            ``{file name: path}`` of what was written.
+        """
+        from histohelper.client.exports import save_all
+
+        return save_all(self, out_dir)
+
+
+class ResultCollector:
+    """Builds a :class:`SlideResult` from the events of one stream, in order.
+
+    Feed every event to :meth:`add`; after :class:`Completed`, call :meth:`result`.
+
+    Raises (from :meth:`add` / :meth:`result`):
+        InternalError: the stream breaks the protocol (no Started first, events after
+            Completed, patch indices or grid positions out of range or repeated,
+            attention for patches without results, or the stream ended early).
+    """
+
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter()
+        self._started: Started | None = None
+        self._batches: list[PatchBatch] = []
+        self._attention: list[Attention] = []
+        self._completed: Completed | None = None
+        self._wall_s: float | None = None
+        self._last_progress: Progress | None = None
+
+    @property
+    def started(self) -> Started | None:
+        """The Started event, once seen."""
+        return self._started
+
+    @property
+    def done(self) -> bool:
+        """Whether the Completed event has been seen."""
+        return self._completed is not None
+
+    def add(self, event: Event) -> None:
+        """Take one event."""
+        if self._completed is not None:
+            raise InternalError("the server sent an event after AnalysisCompleted")
+        if isinstance(event, Started):
+            if self._started is not None:
+                raise InternalError("the server sent AnalysisStarted twice")
+            self._started = event
+            return
+        if self._started is None:
+            raise InternalError("the server's first event was not AnalysisStarted")
+        if isinstance(event, PatchBatch):
+            self._batches.append(event)
+        elif isinstance(event, Attention):
+            self._attention.append(event)
+        elif isinstance(event, Progress):
+            self._last_progress = event
+        elif isinstance(event, Completed):
+            self._completed = event
+            self._wall_s = time.perf_counter() - self._t0
+
+    def result(self) -> SlideResult:
+        """Assemble the result.
+
+        Returns:
+            The :class:`SlideResult`.
+
+        Raises:
+            InternalError: the stream ended before AnalysisCompleted, or broke the protocol.
+        """
+        started, completed = self._started, self._completed
+        if started is None or completed is None:
+            raise InternalError("the stream ended before AnalysisCompleted")
+        grid = started.grid
+        num_classes = len(started.model.patch_classes)
+        table = self._table(started, num_classes)
+        heatmaps = np.full((num_classes, grid.n_rows, grid.n_cols), np.nan, np.float32)
+        attention_map = np.full((grid.n_rows, grid.n_cols), np.nan, np.float32)
+        if len(table):
+            heatmaps[:, table.row, table.col] = table.probabilities.T
+            attention_map[table.row, table.col] = table.attention
+        return SlideResult(
+            request_id=completed.request_id or started.request_id,
+            slide=started.slide,
+            grid=grid,
+            model=started.model,
+            thumbnail=started.thumbnail,
+            tissue_mask_png=started.tissue_mask_png,
+            outcome=completed.outcome,
+            prediction=completed.prediction,
+            qc=completed.qc,
+            timings=completed.timings,
+            patches=table,
+            heatmaps=heatmaps,
+            attention_map=attention_map,
+            has_attention=bool(self._attention),
+            wall_s=self._wall_s,
+        )
+
+    def _table(self, started: Started, num_classes: int) -> PatchTable:
+        grid = started.grid
+        batches = [b for b in self._batches if len(b)]
+        if not batches:
+            if self._attention and any(len(a.patch_index) for a in self._attention):
+                raise InternalError("the server sent attention for patches without results")
+            return PatchTable.empty(num_classes)
+
+        def cat(name: str) -> Any:
+            return np.concatenate([getattr(b, name) for b in batches])
+
+        patch_index = cat("patch_index")
+        order = np.argsort(patch_index, kind="stable")
+        patch_index = patch_index[order]
+        row, col = cat("row")[order], cat("col")[order]
+        probabilities = np.concatenate([b.probabilities for b in batches])[order]
+        if probabilities.shape[1] != num_classes:
+            raise InternalError(
+                f"patch results carry {probabilities.shape[1]} classes, model has {num_classes}"
+            )
+        if np.any(np.diff(patch_index) == 0):
+            raise InternalError("the server sent a patch index twice")
+        if patch_index[0] < 0 or (grid.patch_count and patch_index[-1] >= grid.patch_count):
+            raise InternalError("the server sent a patch index outside the bag")
+        if row.min() < 0 or col.min() < 0 or row.max() >= grid.n_rows or col.max() >= grid.n_cols:
+            raise InternalError("the server sent a patch outside the grid")
+        cells = row.astype(np.int64) * grid.n_cols + col
+        if np.unique(cells).size != cells.size:
+            raise InternalError("the server sent two patches for one grid cell")
+
+        attention = np.full(patch_index.shape, np.nan, np.float32)
+        if self._attention:
+            a_idx = np.concatenate([a.patch_index for a in self._attention])
+            a_val = np.concatenate([a.attention for a in self._attention])
+            pos = np.searchsorted(patch_index, a_idx)
+            pos_ok = np.clip(pos, 0, len(patch_index) - 1)
+            if np.any(patch_index[pos_ok] != a_idx):
+                raise InternalError("the server sent attention for patches without results")
+            attention[pos_ok] = a_val
+
+        embeddings = None
+        if all(b.embeddings is not None for b in batches):
+            embeddings = np.concatenate([b.embeddings for b in batches])[order]  # type: ignore[misc]
+        return PatchTable(
+            patch_index=patch_index,
+            row=row,
+            col=col,
+            x_l0=cat("x_l0")[order],
+            y_l0=cat("y_l0")[order],
+            width_l0=cat("width_l0")[order],
+            height_l0=cat("height_l0")[order],
+            tissue_fraction=cat("tissue_fraction")[order],
+            is_edge=cat("is_edge")[order],
+            probabilities=probabilities,
+            attention=attention,
+            embeddings=embeddings,
+        )

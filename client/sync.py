@@ -1,0 +1,191 @@
+"""Blocking client: :class:`SlideClient`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import PurePath
+from types import TracebackType
+from typing import Any
+
+import grpc
+from histohelper.client._channel import (
+    DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+    RetryPolicy,
+    call_metadata,
+    channel_credentials,
+    channel_options,
+)
+from histohelper.client.errors import error_from_rpc
+from histohelper.client.events import Event, ModelInfo, Progress, Started, event_from_proto
+from histohelper.client.options import AnalysisOptions, analyze_request
+from histohelper.client.result import ResultCollector, SlideResult
+
+from histohelper.v1 import slide_analysis_pb2 as pb
+from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
+
+#: Deadline of unary calls (e.g. GetModelInfo) when the client has no timeout, seconds.
+DEFAULT_UNARY_TIMEOUT_S = 30.0
+
+ProgressCallback = Callable[[Progress], Any]
+
+
+class SlideClient:
+    """Blocking client of ``histohelper.v1.SlideAnalysisService``.
+
+    Use as a context manager, or call :meth:`close`. Every method raises a
+    :class:`histohelper.errors.HistoHelperError` subclass for a failed call
+    (``SlideNotFoundError``, ``ServerUnavailableError``, ``DeadlineExceededError`` ...),
+    never a raw ``grpc.RpcError``.
+
+    Args:
+        target: ``host:port`` (any gRPC target string).
+        tls: use TLS; ``None`` means TLS exactly when certificates or credentials are given.
+        root_certificates, private_key, certificate_chain: PEM bytes for TLS (mutual TLS
+            with the last two).
+        credentials: ready-made channel credentials (overrides the PEM arguments).
+        token: bearer token sent as ``authorization: Bearer <token>``.
+        timeout: default deadline of each call in seconds; ``None`` means no deadline
+            for analyses and ``DEFAULT_UNARY_TIMEOUT_S`` for unary calls.
+        retry: retries on UNAVAILABLE with exponential backoff (``None`` disables).
+        max_receive_message_bytes: largest accepted response message (default 64 MiB).
+        options: extra ``(name, value)`` gRPC channel options.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen dataclass
+        max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+        options: tuple[tuple[str, Any], ...] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        creds = channel_credentials(
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            credentials=credentials,
+            token=token,
+        )
+        opts = channel_options(retry, max_receive_message_bytes, options)
+        self._channel = (
+            grpc.secure_channel(target, creds, opts)
+            if creds is not None
+            else grpc.insecure_channel(target, opts)
+        )
+        self._stub = pb_grpc.SlideAnalysisServiceStub(self._channel)
+        self._metadata = call_metadata(token, creds is not None)
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> SlideClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- calls ----------------------------------------------------------------------
+
+    def stream(
+        self,
+        slide_path: str | PurePath,
+        options: AnalysisOptions | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Event]:
+        """Analyse a slide and yield typed events as they arrive (for live rendering).
+
+        Order: one :class:`Started`, then :class:`PatchBatch` / :class:`Progress`
+        interleaved, then :class:`Attention` chunks (if requested), then one
+        :class:`Completed`. Closing the iterator early cancels the call.
+
+        Args:
+            slide_path: path relative to the server's slide root, "/"-separated.
+            options: analysis options (``None``: defaults).
+            request_id: optional id echoed by the server and in its logs.
+            timeout: deadline in seconds for the whole stream (``None``: client default).
+
+        Raises:
+            HistoHelperError: a subclass matching the server's error (e.g.
+                ``SlideNotFoundError``), or ``ServerUnavailableError`` after retries.
+        """
+        request = analyze_request(slide_path, options, request_id)
+        deadline = timeout if timeout is not None else self.timeout
+        call = self._stub.AnalyzeSlide(request, timeout=deadline, metadata=self._metadata)
+        try:
+            for msg in call:
+                yield event_from_proto(msg)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        finally:
+            call.cancel()  # no-op after the call has finished
+
+    def analyze(
+        self,
+        slide_path: str | PurePath,
+        options: AnalysisOptions | None = None,
+        on_progress: ProgressCallback | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> SlideResult:
+        """Analyse a slide and return the assembled result.
+
+        Args:
+            slide_path: path relative to the server's slide root, "/"-separated.
+            options: analysis options (``None``: defaults, with attention).
+            on_progress: called with a :class:`Progress` once the grid is known
+                (``patches_done=0``) and for each progress event.
+            request_id: optional id echoed by the server.
+            timeout: deadline in seconds (``None``: client default).
+
+        Returns:
+            The :class:`SlideResult` (``outcome == "no_tissue"`` for a slide without tissue).
+
+        Raises:
+            HistoHelperError: as :meth:`stream`; ``InternalError`` when the stream ends
+                early or breaks the protocol.
+        """
+        collector = ResultCollector()
+        for event in self.stream(slide_path, options, request_id=request_id, timeout=timeout):
+            collector.add(event)
+            if on_progress is not None:
+                if isinstance(event, Started):
+                    on_progress(Progress(0, event.grid.patch_count, 0.0))
+                elif isinstance(event, Progress):
+                    on_progress(event)
+        return collector.result()
+
+    def get_model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """Return the served model's summary, manifest and server defaults.
+
+        Raises:
+            HistoHelperError: a subclass matching the failure.
+        """
+        deadline = timeout if timeout is not None else (self.timeout or DEFAULT_UNARY_TIMEOUT_S)
+        try:
+            reply = self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=deadline, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        return ModelInfo.from_proto(reply)
