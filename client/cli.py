@@ -1,0 +1,308 @@
+"""Client subcommands of the ``histohelper`` console script: ``analyze`` and ``info``.
+
+``histohelper analyze SLIDE --server HOST:PORT --out DIR`` analyses a slide (path
+relative to the server's slide root) with a progress bar, writes the standard files
+and prints a one-line summary. ``histohelper info --server HOST:PORT`` prints the
+served model's manifest.
+
+Expected failures (server errors, unreachable server, unwritable output) print one
+line ``histohelper <command>: error: ...`` to stderr and exit non-zero, without a
+traceback. Exit codes: 0 success, 1 a server or I/O error, 2 bad usage, 130
+interrupted.
+
+The server address defaults to ``$HISTOHELPER_SERVER``; a bearer token is read from
+the environment variable named by ``--token-env`` (default ``HISTOHELPER_TOKEN``), never
+from the command line. Nothing is read at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from histohelper.errors import HistoHelperError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+SERVER_ENV = "HISTOHELPER_SERVER"
+TOKEN_ENV = "HISTOHELPER_TOKEN"
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Register ``analyze`` and ``info`` (each with ``func``) on the dispatcher's subparsers."""
+    analyze = subparsers.add_parser(
+        "analyze",
+        help="analyse a slide on a server; write overlay, heatmaps, GeoJSON, summary",
+        description="Analyse a slide on a HistoHelper server and write overlay.png, "
+        "attention_overlay.png, heatmap.npz, patches.csv, tiles.geojson and summary.json "
+        "into --out.",
+    )
+    analyze.add_argument(
+        "slide", metavar="SLIDE", help="slide path relative to the server's slide root"
+    )
+    _add_connection_arguments(analyze)
+    analyze.add_argument(
+        "--out", "-o", type=Path, required=True, metavar="DIR", help="output directory"
+    )
+    res = analyze.add_mutually_exclusive_group()
+    res.add_argument("--mpp", type=float, help="patch resolution in um/px (default: the model's)")
+    res.add_argument("--magnification", type=float, help="patch resolution as objective power")
+    res.add_argument("--level", type=int, help="read this pyramid level at face value")
+    analyze.add_argument("--patch-size", type=int, metavar="PX", help="patch side in px")
+    analyze.add_argument("--stride", type=int, metavar="PX", help="step between patches in px")
+    analyze.add_argument(
+        "--min-tissue", type=float, metavar="FRACTION", help="min tissue fraction of a patch"
+    )
+    analyze.add_argument("--edge-mode", choices=("pad", "drop"), help="patches past the edge")
+    analyze.add_argument("--batch-size", type=int, help="patches per model batch on the server")
+    analyze.add_argument("--mpp-override", type=float, help="level-0 um/px to use instead")
+    analyze.add_argument("--no-attention", action="store_true", help="do not request MIL attention")
+    analyze.add_argument(
+        "--class",
+        dest="overlay_class",
+        metavar="NAME",
+        help="patch class shown in overlay.png (default: the predicted class)",
+    )
+    analyze.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in [0, 1]")
+    analyze.add_argument("--request-id", help="id echoed by the server and in its logs")
+    analyze.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    analyze.set_defaults(func=run_analyze)
+
+    info = subparsers.add_parser(
+        "info",
+        help="print the served model's manifest",
+        description="Print the served model's summary and manifest.",
+    )
+    _add_connection_arguments(info)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=run_info)
+
+    # Reserved: "evaluate" (slide-level metrics over a labelled list of slides) will be
+    # registered here, reusing _add_connection_arguments and _guarded.
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help=f"server address (default: ${SERVER_ENV})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="deadline of the call (default: none)"
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        metavar="N",
+        help="attempts on UNAVAILABLE, with backoff, 1..5 (default 5)",
+    )
+    parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca)")
+    parser.add_argument("--ca", type=Path, metavar="PEM", help="root certificates (implies TLS)")
+    parser.add_argument("--cert", type=Path, metavar="PEM", help="client certificate chain")
+    parser.add_argument("--key", type=Path, metavar="PEM", help="client private key")
+    parser.add_argument(
+        "--token-env",
+        default=TOKEN_ENV,
+        metavar="VAR",
+        help=f"environment variable holding a bearer token (default {TOKEN_ENV})",
+    )
+
+
+class _UsageError(Exception):
+    """A bad combination of arguments found after parsing."""
+
+
+def _make_client(args: argparse.Namespace) -> Any:
+    from histohelper.client._channel import RetryPolicy
+    from histohelper.client.sync import SlideClient
+
+    target = args.server or os.environ.get(SERVER_ENV)
+    if not target:
+        raise _UsageError(f"no server: pass --server HOST:PORT or set {SERVER_ENV}")
+    if not 1 <= args.retries <= 5:
+        raise _UsageError("--retries must be in 1..5")
+    if (args.cert is None) != (args.key is None):
+        raise _UsageError("--cert and --key go together")
+    retry = RetryPolicy(max_attempts=args.retries) if args.retries > 1 else None
+    pem = {
+        "root_certificates": args.ca.read_bytes() if args.ca else None,
+        "certificate_chain": args.cert.read_bytes() if args.cert else None,
+        "private_key": args.key.read_bytes() if args.key else None,
+    }
+    use_tls = True if (args.tls or any(pem.values())) else None
+    return SlideClient(
+        target,
+        tls=use_tls,
+        token=os.environ.get(args.token_env) or None,
+        timeout=args.timeout,
+        retry=retry,
+        **pem,
+    )
+
+
+def _guarded(command: str, body: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """Run ``body``; turn expected failures into one stderr line and an exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        def fail(message: str, code: int) -> int:
+            print(f"histohelper {command}: error: {message}", file=sys.stderr)
+            return code
+
+        try:
+            return body(args)
+        except HistoHelperError as exc:
+            detail = f"{exc.message} [{exc.reason}]"
+            request_id = exc.metadata.get("request_id")
+            if request_id:
+                detail += f" (request id {request_id})"
+            return fail(detail, EXIT_ERROR)
+        except _UsageError as exc:
+            return fail(str(exc), EXIT_USAGE)
+        except OSError as exc:
+            return fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), EXIT_ERROR)
+        except KeyboardInterrupt:
+            return fail("interrupted", EXIT_INTERRUPTED)
+
+    return run
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from histohelper.client.options import AnalysisOptions
+
+    if not 0.0 <= args.alpha <= 1.0:
+        raise _UsageError("--alpha must be in [0, 1]")
+    options = AnalysisOptions(
+        target_mpp=args.mpp,
+        target_magnification=args.magnification,
+        target_level=args.level,
+        patch_size_px=args.patch_size,
+        stride_px=args.stride,
+        min_tissue_fraction=args.min_tissue,
+        edge_mode=args.edge_mode,
+        batch_size=args.batch_size,
+        return_attention=not args.no_attention,
+        mpp_override=args.mpp_override,
+    )
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)  # fail before the analysis, not after
+    from tqdm import tqdm
+
+    with _make_client(args) as client:
+        bar = tqdm(
+            total=None,
+            unit="patch",
+            desc="analyze",
+            disable=True if args.quiet else None,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        try:
+
+            def on_progress(p: Any) -> None:
+                if bar.total != p.patches_total:
+                    bar.total = p.patches_total
+                bar.update(p.patches_done - bar.n)
+
+            result = client.analyze(
+                args.slide, options, on_progress=on_progress, request_id=args.request_id
+            )
+        finally:
+            bar.close()
+    if args.overlay_class is not None and args.overlay_class not in result.class_names:
+        raise _UsageError(
+            f"--class {args.overlay_class!r} is not a patch class; "
+            f"classes: {', '.join(result.class_names)}"
+        )
+    result.save_all(out_dir)
+    if args.overlay_class is not None or args.alpha != 0.5:
+        result.save_png(out_dir / "overlay.png", class_name=args.overlay_class, alpha=args.alpha)
+    print(summary_line(args.slide, result, out_dir))
+    return EXIT_OK
+
+
+def summary_line(slide: str, result: Any, out_dir: Path) -> str:
+    """One line: prediction, patch count, tissue fraction, model, time, output dir."""
+    if result.prediction is None:
+        verdict = "no tissue found" if result.outcome == "no_tissue" else "no prediction"
+    else:
+        p = result.prediction
+        verdict = f"predicted {p.predicted_class} (p={p.probability:.3f})"
+    model = f"{result.model.name} {result.model.version}".strip()
+    if result.model.untrained:
+        model += " [UNTRAINED: predictions mean nothing]"
+    t = result.timings
+    return (
+        f"{slide}: {verdict} | {result.patch_count} patches | "
+        f"tissue {result.qc.tissue_fraction:.1%} | model {model} | "
+        f"{t.total_s:.1f} s ({t.patches_per_s:.1f} patches/s) -> {out_dir}"
+    )
+
+
+def _info(args: argparse.Namespace) -> int:
+    with _make_client(args) as client:
+        info = client.get_model_info()
+    m = info.model
+    try:
+        manifest: Any = info.manifest
+    except json.JSONDecodeError:
+        manifest = info.manifest_json
+    if args.json:
+        doc = {
+            "model": {
+                "name": m.name,
+                "version": m.version,
+                "patch_classes": list(m.patch_classes),
+                "slide_classes": list(m.slide_classes),
+                "untrained": m.untrained,
+                "precision": m.precision,
+                "device": m.device,
+                "patch_size_px": m.patch_size_px,
+                "target_mpp": m.target_mpp,
+                "embedding_dim": m.embedding_dim,
+            },
+            "default_batch_size": info.default_batch_size,
+            "max_concurrent_analyses": info.max_concurrent_analyses,
+            "manifest": manifest,
+        }
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    lines = [
+        f"model: {m.name} {m.version} ({m.precision} on {m.device})",
+        f"patch: {m.patch_size_px} px at {m.target_mpp:g} um/px; embedding dim {m.embedding_dim}",
+        f"patch classes: {', '.join(m.patch_classes)}",
+        f"slide classes: {', '.join(m.slide_classes)}",
+        f"server defaults: batch size {info.default_batch_size}, "
+        f"max concurrent analyses {info.max_concurrent_analyses}",
+    ]
+    if m.untrained:
+        lines.append("WARNING: untrained weights (seeded random init): predictions mean nothing")
+    lines.append("manifest:")
+    lines.append(json.dumps(manifest, indent=2) if not isinstance(manifest, str) else manifest)
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+run_analyze = _guarded("analyze", _analyze)
+run_info = _guarded("info", _info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the client commands alone (``python -m histohelper.client.cli``)."""
+    parser = argparse.ArgumentParser(prog="histohelper")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_subcommands(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
