@@ -261,6 +261,13 @@ def export_onnx(
     )
 
 
+def _default_file_mode() -> int:
+    """0o666 minus the process umask (mkstemp creates 0o600 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _validate_classes(names: Sequence[str], what: str) -> tuple[str, ...]:
     out = tuple(str(n).strip() for n in names)
     if not out or any(not n for n in out):
@@ -479,8 +486,11 @@ def export_model(
             )
         if read_manifest(final) != manifest:  # pragma: no cover - defensive
             raise ParityError("manifest did not round-trip through the artifact")
+        mode = _default_file_mode()
         if onnx_tmp is not None:
+            os.chmod(onnx_tmp, mode)
             os.replace(onnx_tmp, out.with_suffix(".onnx"))
+        os.chmod(final, mode)
         os.replace(final, out)
     finally:
         for p in tmp_files:

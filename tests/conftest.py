@@ -28,3 +28,25 @@ def slides_dir() -> Path:
 def real_slide(slides_dir: Path) -> Path:
     """The real Aperio SVS (CMU-1-Small-Region, 2220 x 2967 px, 0.499 um/px)."""
     return slides_dir / "real" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="session")
+def model_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One exported model artifact per session: the default seeded UNTRAINED model.
+
+    ResNet18 + gated attention MIL, classes ``benign``/``malignant`` (patch and slide),
+    224 px at 0.5 mpp, seed 0, fp32 plus a bf16 variant checked on 16 synthetic
+    patches (so ``load_runtime(precision="auto")`` serves bf16 on CPUs with
+    AVX512-BF16/AMX), no ONNX. Takes ~3 s on 2 cores. The full export (ONNX, slide
+    calibration, fp16) is tested in ``tests/export``.
+    """
+    import warnings
+
+    from histohelper.model_export.export import UntrainedModelWarning, export_model
+
+    out = tmp_path_factory.mktemp("model") / "histohelper-untrained.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedModelWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        export_model(out, seed=0, variants=("bf16",), calibration_patches=16, onnx=False)
+    return out

@@ -1,0 +1,229 @@
+"""``histohelper export``: freeze the model into a TorchScript artifact, or inspect one.
+
+Heavy imports (torch, torchvision, onnx) happen inside :func:`run`, so building the
+top-level parser stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+_DESCRIPTION = """\
+Export the HistoHelper model: a torchvision ResNet18 patch classifier (its own fc is
+the patch head; embeddings are the 512-d pooled layer4 features; class activation maps
+come from layer4 weighted by the fc weights) and a gated-attention MIL slide head
+(Ilse, Tomczak & Welling, ICML 2018), scripted into ONE TorchScript file with an
+embedded JSON manifest, optionally with an ONNX file of the patch path beside it.
+
+The artifact takes raw uint8 RGB patches [B, H, W, 3] and normalises inside.
+Nothing is written unless every parity gate passes (TorchScript vs eager fp32:
+max |dp| <= 1e-5; onnxruntime vs eager: <= 1e-4; bf16/fp16 vs fp32 on calibration
+patches: argmax agreement >= 99 % and max |dp| <= 0.02, else the variant is recorded
+as failed and not served).
+
+Without --weights/--mil-weights the model is randomly initialised from --seed, the
+manifest says "untrained": true, and a warning is printed: such a model is for
+testing the pipeline only.
+"""
+
+_EPILOG = """\
+examples:
+  histohelper export artifacts/model.pt
+  histohelper export artifacts/model.pt --weights histohelper_production.pth \\
+      --mil-weights mil_head.pth --calibration-slide slides/CMU-1-Small-Region.svs --onnx
+  histohelper export artifacts/tropism.pt --slide-classes pulmonary cerebral
+  histohelper export --inspect artifacts/model.pt
+"""
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [part.strip() for v in values for part in v.split(",") if part.strip()]
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``export`` on the top-level ``histohelper`` parser."""
+    p = subparsers.add_parser(
+        "export",
+        help="freeze the model into a TorchScript artifact (+ ONNX), or --inspect one",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "out",
+        nargs="?",
+        metavar="OUT",
+        help="artifact to write (.pt); the ONNX file goes beside it with suffix .onnx",
+    )
+    p.add_argument(
+        "--inspect",
+        metavar="MODEL",
+        help="print the manifest embedded in MODEL as JSON and exit (loads no weights)",
+    )
+    w = p.add_argument_group("weights")
+    w.add_argument(
+        "--weights",
+        metavar="PTH",
+        help="torchvision-style resnet18 checkpoint whose fc has one output per patch class "
+        "(bare state_dict, or wrapped in {'state_dict': ...} / {'model': ...}; 'module.' "
+        "prefixes are stripped). Default: seeded random init (untrained)",
+    )
+    w.add_argument(
+        "--mil-weights",
+        metavar="PTH",
+        help="state_dict of the gated attention MIL head (keys attention_V.0.*, "
+        "attention_U.0.*, attention_weights.*, classifier.*). Default: seeded random init",
+    )
+    w.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random init and of the fixed check batches (default: 0)",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--patch-classes",
+        nargs="+",
+        default=["benign", "malignant"],
+        metavar="NAME",
+        help="patch class names in fc output order, space- or comma-separated "
+        "(default: benign malignant)",
+    )
+    m.add_argument(
+        "--slide-classes",
+        nargs="+",
+        metavar="NAME",
+        help="slide class names of the MIL head, e.g. 'pulmonary cerebral' for organ "
+        "tropism (default: same as --patch-classes)",
+    )
+    m.add_argument(
+        "--attention-dim",
+        type=int,
+        default=128,
+        help="hidden size L of the gated attention (default: 128)",
+    )
+    m.add_argument(
+        "--patch-size-px",
+        type=int,
+        default=224,
+        help="patch size in pixels, a multiple of 32 (default: 224)",
+    )
+    m.add_argument(
+        "--target-mpp",
+        type=float,
+        default=0.5,
+        help="resolution the server reads patches at, micrometres per pixel (default: 0.5)",
+    )
+    m.add_argument(
+        "--model-name",
+        default="histohelper-resnet18-gated-mil",
+        help="model name recorded in the manifest",
+    )
+    m.add_argument(
+        "--model-version", default="0.1.0", help="model version recorded in the manifest"
+    )
+    c = p.add_argument_group("precision variants and checks")
+    c.add_argument(
+        "--variants",
+        nargs="*",
+        default=["bf16", "fp16"],
+        choices=["bf16", "fp16"],
+        metavar="PREC",
+        help="reduced precisions to check and offer: bf16 (CPUs with AVX512-BF16/AMX, "
+        "CUDA), fp16 (CUDA, MPS). Give the flag with no value for fp32 only "
+        "(default: bf16 fp16)",
+    )
+    c.add_argument(
+        "--calibration-slide",
+        metavar="SLIDE",
+        help="slide whose tissue patches (fixed grid, white patches dropped) check the "
+        "variants against fp32; default: seeded synthetic patches. Recorded in the manifest",
+    )
+    c.add_argument(
+        "--calibration-patches",
+        type=int,
+        default=256,
+        help="at most this many calibration patches (default: 256)",
+    )
+    c.add_argument(
+        "--strict-variants",
+        action="store_true",
+        help="fail the export when a variant misses its gate (default: record it as "
+        "failed; the runtime never serves it)",
+    )
+    c.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export the patch path (uint8 NHWC in; logits, embeddings, CAMs out) to "
+        "ONNX, check it with onnx.checker and onnxruntime",
+    )
+    c.add_argument("--onnx-opset", type=int, default=18, help="ONNX opset, >= 17 (default: 18)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log the parity figures")
+    p.set_defaults(func=run, _parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``histohelper export``. Returns the exit status (0 ok, 1 failed, 2 usage)."""
+    from histohelper.errors import HistoHelperError
+
+    if args.inspect:
+        from histohelper.server.runtime.manifest import read_manifest
+
+        try:
+            print(read_manifest(args.inspect).to_json())
+        except HistoHelperError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if not args.out:
+        args._parser.error("OUT is required unless --inspect is given")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from .export import UntrainedModelWarning, export_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UntrainedModelWarning)
+        warnings.simplefilter("always", RuntimeWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            manifest = export_model(
+                args.out,
+                weights=args.weights,
+                mil_weights=args.mil_weights,
+                patch_classes=_names(args.patch_classes) or [],
+                slide_classes=_names(args.slide_classes),
+                model_name=args.model_name,
+                model_version=args.model_version,
+                patch_size_px=args.patch_size_px,
+                target_mpp=args.target_mpp,
+                attention_dim=args.attention_dim,
+                seed=args.seed,
+                variants=args.variants,
+                calibration_slide=args.calibration_slide,
+                calibration_patches=args.calibration_patches,
+                onnx=args.onnx,
+                onnx_opset=args.onnx_opset,
+                strict_variants=args.strict_variants,
+            )
+        except HistoHelperError as exc:
+            for w in caught:
+                if issubclass(w.category, UntrainedModelWarning | RuntimeWarning):
+                    print(f"warning: {w.message}", file=sys.stderr)
+            print(f"error: {exc}\nno artifact was written.", file=sys.stderr)
+            return 1
+    for w in caught:
+        if issubclass(w.category, UntrainedModelWarning | RuntimeWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+    served = ", ".join(manifest.precision_names())
+    extra = f" and {manifest.onnx.file_name}" if manifest.onnx else ""
+    print(f"wrote {args.out}{extra} (precisions: {served}; untrained: {manifest.untrained})")
+    return 0
