@@ -15,7 +15,9 @@ fill small holes (areas in um^2). Additions for real-world slides:
   statistics and from the mask, and reported as an ink mask;
 * a floor on the threshold (``mask_min_saturation``): Otsu always splits a
   histogram, even of uniform glass with noise; the floor turns that into an explicit
-  "no tissue" outcome instead of speckle.
+  "no tissue" outcome instead of speckle. Conversely, when Otsu's lower class is not
+  glass-like (mean above twice the floor: tissue fills the view), Otsu has split the
+  tissue itself, and the floor is used as the threshold.
 
 Why saturation rather than grayscale: glass is bright *and grey*, stain is coloured.
 On ``CMU-1-Small-Region.svs`` (H&E skin, about half glass) the saturation mask covers
@@ -51,9 +53,10 @@ logger = logging.getLogger(__name__)
 #: Fraction of mask blocks/bands that may fail to decode before the slide is corrupt.
 MASK_MAX_FAILED_FRACTION = 0.25
 _BLOCK_PX = 2048
-#: OpenCV hue range (0..180) treated as green/blue marker ink (70..220 degrees):
-#: green, teal and blue markers and margin dyes; H&E stays at 230..360 degrees.
-_INK_HUE = (35, 110)
+_RETRY_BLOCK_PX = 256
+#: OpenCV hue range (0..180) treated as green/blue marker ink (70..236 degrees):
+#: green, teal and blue markers and margin dyes; H&E stays at ~240..360 degrees.
+_INK_HUE = (35, 118)
 #: Minimum saturation (0..255) for a pixel to count as ink.
 _INK_MIN_SAT = 60
 
@@ -69,8 +72,9 @@ class LowResImage:
         scale_y: level-0 px per low-res px along y.
         level: pyramid level it was read from.
         sampled: True when rows were sampled in bands rather than read whole.
-        failed_reads: blocks/bands that could not be decoded (left transparent).
-        total_reads: blocks/bands read.
+        failed_reads: level px (blocks) or bands that could not be decoded (left
+            transparent, i.e. background).
+        total_reads: level px (blocks) or bands attempted.
     """
 
     rgb: npt.NDArray[np.uint8]
@@ -173,8 +177,8 @@ def read_low_res(slide: Slide, options: TilingOptions) -> LowResImage:
     rgba, fx, fy, failed, total, sampled = out
     if total and failed / total > MASK_MAX_FAILED_FRACTION:
         raise CorruptSlideError(
-            f"the slide's pixel data could not be decoded ({failed} of {total} "
-            "low-resolution reads failed)",
+            "the slide's pixel data could not be decoded "
+            f"({100 * failed / total:.0f}% of the low-resolution image failed)",
             failed_reads=str(failed),
             total_reads=str(total),
         )
@@ -190,6 +194,23 @@ def read_low_res(slide: Slide, options: TilingOptions) -> LowResImage:
     )
 
 
+def _place(
+    out: npt.NDArray[np.uint8], rgba: npt.NDArray[np.uint8], x_lv: int, y_lv: int, f: int
+) -> None:
+    """Composite, pad to a multiple of ``f``, shrink by ``f`` and paste into ``out``."""
+    bh, bw = rgba.shape[:2]
+    rgba = _rgb_alpha_block(rgba)
+    pw, ph = math.ceil(bw / f) * f, math.ceil(bh / f) * f
+    if (pw, ph) != (bw, bh):  # pad partial edge blocks as transparent white
+        padded = np.zeros((ph, pw, 4), dtype=np.uint8)
+        padded[..., :3] = 255
+        padded[:bh, :bw] = rgba
+        rgba = padded
+    small = rgba if f == 1 else cv2.resize(rgba, (pw // f, ph // f), interpolation=cv2.INTER_AREA)
+    ym, xm = y_lv // f, x_lv // f
+    out[ym : ym + small.shape[0], xm : xm + small.shape[1]] = small
+
+
 def _read_blocks(
     slide: Slide, level: int, w_lv: int, h_lv: int, target_side: int
 ) -> tuple[npt.NDArray[np.uint8], float, float, int, int, bool]:
@@ -198,29 +219,26 @@ def _read_blocks(
     out = np.zeros((h_m, w_m, 4), dtype=np.uint8)
     out[..., :3] = 255
     block = f * max(1, _BLOCK_PX // f)
+    sub = f * max(1, _RETRY_BLOCK_PX // f)
     failed = total = 0
     for y_lv in range(0, h_lv, block):
         for x_lv in range(0, w_lv, block):
             bw, bh = min(block, w_lv - x_lv), min(block, h_lv - y_lv)
-            total += 1
+            total += bw * bh
             rgba = _read_block(slide, level, x_lv, y_lv, bw, bh)
-            if rgba is None:
-                failed += 1
+            if rgba is not None:
+                _place(out, rgba, x_lv, y_lv, f)
                 continue
-            rgba = _rgb_alpha_block(rgba)
-            pw, ph = math.ceil(bw / f) * f, math.ceil(bh / f) * f
-            if (pw, ph) != (bw, bh):  # pad partial edge blocks as transparent white
-                padded = np.zeros((ph, pw, 4), dtype=np.uint8)
-                padded[..., :3] = 255
-                padded[:bh, :bw] = rgba
-                rgba = padded
-            small = (
-                rgba
-                if f == 1
-                else cv2.resize(rgba, (pw // f, ph // f), interpolation=cv2.INTER_AREA)
-            )
-            ym, xm = y_lv // f, x_lv // f
-            out[ym : ym + small.shape[0], xm : xm + small.shape[1]] = small
+            # One bad tile fails the whole read: retry in small pieces so only the
+            # undecodable area is lost (left transparent = background).
+            for sy in range(y_lv, y_lv + bh, sub):
+                for sx in range(x_lv, x_lv + bw, sub):
+                    sw, sh = min(sub, x_lv + bw - sx), min(sub, y_lv + bh - sy)
+                    piece = _read_block(slide, level, sx, sy, sw, sh)
+                    if piece is None:
+                        failed += sw * sh
+                    else:
+                        _place(out, piece, sx, sy, f)
     return out, float(f), float(f), failed, total, False
 
 
@@ -333,6 +351,11 @@ def threshold_tissue(
         return empty, ink, 255.0, 255.0
     otsu, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     thr = max(float(otsu), float(options.mask_min_saturation))
+    below = values[values <= otsu]
+    if below.size == 0 or float(below.mean()) > 2 * options.mask_min_saturation:
+        # Otsu's lower class is not glass-like: no glass in view (tissue everywhere),
+        # and Otsu split the tissue itself (e.g. eosin vs haematoxylin). Use the floor.
+        thr = float(options.mask_min_saturation)
     tissue = (channel > thr) & candidates
     if options.mask_close_ksize > 1:
         kernel = cv2.getStructuringElement(

@@ -342,8 +342,8 @@ def plan_tiling(slide: Slide, options: TilingOptions) -> TilingPlan:
     low = read_low_res(slide, options)
     if low.failed_reads:
         warnings.append(
-            f"{low.failed_reads} of {low.total_reads} low-resolution reads failed; "
-            "those areas are treated as background"
+            f"{100 * low.failed_reads / low.total_reads:.2f}% of the low-resolution image "
+            "could not be decoded; those areas are treated as background"
         )
     if low.sampled:
         warnings.append("the coarsest level is very large: the tissue mask was sampled in bands")
