@@ -187,9 +187,9 @@ def render_overlay(
 def _fmt(v: float) -> str:
     if v == 0:
         return "0"
-    if abs(v) >= 0.1:
-        return f"{v:.2f}".rstrip("0").rstrip(".") if abs(v) < 10 else f"{v:.0f}"
-    return f"{v:.1e}"
+    if abs(v) >= 10:
+        return f"{v:.0f}"
+    return f"{v:.2g}" if abs(v) >= 1e-3 else f"{v:.1e}"
 
 
 def _draw_legend(

@@ -173,3 +173,14 @@ def test_unreachable_server_subprocess_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("histohelper info: error: server unavailable")
+
+
+def test_no_tissue_is_success(
+    scripted: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scripted.script.messages, _ = build_stream(StreamSpec(no_tissue=True))
+    rc = main(["analyze", "x.svs", "--server", scripted.target, "--out", str(tmp_path), "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "no tissue found" in out and "0 patches" in out
+    assert json.loads((tmp_path / "summary.json").read_text())["prediction"] is None
+    assert (tmp_path / "overlay.png").is_file()
