@@ -394,6 +394,10 @@ def export_model(
             stacklevel=2,
         )
     model.eval()
+    # The uint8 NHWC entry permutes to channels-last strides; weights in channels-last
+    # too keep oneDNN on its fast path (saved strides survive torch.jit.save/load):
+    # measured 16 -> 43 patches/s (batch 64, 2 cores) for the artifact as loaded.
+    model.patch.to(memory_format=torch.channels_last)
 
     # -- calibration data ---------------------------------------------------------------
     if calibration_slide is not None and variants:
