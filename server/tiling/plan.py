@@ -65,6 +65,8 @@ class PatchGrid:
         stride_x_l0: distance between column origins, level-0 px.
         stride_y_l0: distance between row origins, level-0 px.
         effective_mpp: um/px of the output patches.
+        footprint_x_l0: patch footprint width, level-0 px (also for an empty grid).
+        footprint_y_l0: patch footprint height, level-0 px.
     """
 
     row: npt.NDArray[np.int32]
@@ -87,6 +89,8 @@ class PatchGrid:
     stride_x_l0: float
     stride_y_l0: float
     effective_mpp: float
+    footprint_x_l0: float = 0.0
+    footprint_y_l0: float = 0.0
 
     def __len__(self) -> int:
         return int(self.row.shape[0])
@@ -287,6 +291,8 @@ def build_grid(
         stride_x_l0=sx,
         stride_y_l0=sy,
         effective_mpp=effective_mpp,
+        footprint_x_l0=fw,
+        footprint_y_l0=fh,
     )
 
 

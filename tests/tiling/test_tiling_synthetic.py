@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import synthetic_slides as ss
 import tifffile
-
-from histohelper.errors import HistoHelperError, UnsupportedSlideError
 from histohelper.server.tiling import (
     Resolution,
     SlideMetadata,
@@ -21,15 +19,17 @@ from histohelper.server.tiling import (
     threshold_tissue,
 )
 
+from histohelper.errors import HistoHelperError, UnsupportedSlideError
+
 BOX = (600, 500, 1400, 900)  # the tissue box of the odd_pyramid fixture
 
 
-def _plan(path: Path, **kw: object):  # noqa: ANN202
+def _plan(path: Path, **kw: object):
     with open_slide(path) as slide:
         return plan_tiling(slide, TilingOptions(**kw))  # type: ignore[arg-type]
 
 
-def _box_overlap(grid, i: int, box: tuple[int, int, int, int]) -> float:  # noqa: ANN001
+def _box_overlap(grid, i: int, box: tuple[int, int, int, int]) -> float:
     x, y, w, h = box
     ox = max(0.0, min(grid.x_l0[i] + grid.width_l0[i], x + w) - max(grid.x_l0[i], x))
     oy = max(0.0, min(grid.y_l0[i] + grid.height_l0[i], y + h) - max(grid.y_l0[i], y))
@@ -256,7 +256,7 @@ def test_tiff_variants_open_or_are_refused_clearly(
     tmp_path: Path,
     name: str,
     make,
-    readable: bool,  # noqa: ANN001
+    readable: bool,
 ) -> None:
     base = ss.tissue_rgb(512, 512, seed=1)
     data, kw = make(base)

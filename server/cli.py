@@ -1,0 +1,127 @@
+"""Server-side subcommands of the ``histohelper`` console script.
+
+``add_subcommands`` registers each command through its own ``_add_*`` function;
+heavy imports (OpenSlide, OpenCV) stay inside the run functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register the server's subcommands (``tile``; ``serve`` lives beside it)."""
+    _add_tile(subparsers)
+
+
+# --- tile -----------------------------------------------------------------------------
+
+
+def _add_tile(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from histohelper.server.tiling.options import add_tiling_arguments
+
+    p = subparsers.add_parser(
+        "tile",
+        help="tissue mask and patch grid of one slide (local, no model, no server)",
+        description=(
+            "Write tissue_mask.png, grid.png (thumbnail with the patch grid), patches.csv "
+            "(row, col, x, y, w, h in level-0 px, tissue fraction) and summary.json."
+        ),
+    )
+    p.add_argument("slide", help="slide file (any format OpenSlide reads, or a plain image)")
+    p.add_argument("--out", required=True, help="output directory (created)")
+    add_tiling_arguments(p)
+    p.set_defaults(func=_run_tile)
+
+
+def _run_tile(args: argparse.Namespace) -> int:
+    import csv
+    import json
+    import sys
+    from pathlib import Path
+
+    import cv2
+    from histohelper.server.tiling import open_slide, plan_tiling, tiling_options_from_args
+    from histohelper.server.tiling.render import grid_overlay, mask_image
+
+    from histohelper.errors import HistoHelperError
+
+    out = Path(args.out)
+    try:
+        options = tiling_options_from_args(args)
+        with open_slide(args.slide) as slide:
+            plan = plan_tiling(slide, options)
+    except HistoHelperError as exc:
+        print(f"histohelper tile: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out / "tissue_mask.png"), mask_image(plan))
+    cv2.imwrite(str(out / "grid.png"), cv2.cvtColor(grid_overlay(plan), cv2.COLOR_RGB2BGR))
+    g = plan.grid
+    with open(out / "patches.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            [
+                "row",
+                "col",
+                "x_l0",
+                "y_l0",
+                "width_l0",
+                "height_l0",
+                "tissue_fraction",
+                "is_edge",
+                "ink_fraction",
+            ]
+        )
+        for i in range(len(g)):
+            w.writerow(
+                [
+                    int(g.row[i]),
+                    int(g.col[i]),
+                    f"{g.x_l0[i]:.3f}",
+                    f"{g.y_l0[i]:.3f}",
+                    f"{g.width_l0[i]:.3f}",
+                    f"{g.height_l0[i]:.3f}",
+                    f"{g.tissue_fraction[i]:.4f}",
+                    int(g.is_edge[i]),
+                    f"{g.ink_fraction[i]:.4f}",
+                ]
+            )
+    md = plan.metadata
+    summary = {
+        "vendor": md.vendor,
+        "level_dimensions": [list(d) for d in md.level_dimensions],
+        "level_downsamples": [list(d) for d in md.level_downsamples],
+        "mpp_x": plan.mpp_x,
+        "mpp_y": plan.mpp_y,
+        "mpp_source": plan.mpp_source,
+        "objective_power": md.objective_power,
+        "effective_mpp": plan.effective_mpp,
+        "read_level": g.level,
+        "read_size_px": [g.read_width_px, g.read_height_px],
+        "patch_size_px": g.patch_size_px,
+        "footprint_l0": [
+            g.patch_size_px * g.stride_x_l0 / options.effective_stride_px,
+            g.patch_size_px * g.stride_y_l0 / options.effective_stride_px,
+        ],
+        "stride_l0": [g.stride_x_l0, g.stride_y_l0],
+        "grid_rows": g.n_rows,
+        "grid_cols": g.n_cols,
+        "patch_count": len(g),
+        "edge_patch_count": int(g.is_edge.sum()),
+        "tissue_fraction": plan.mask.tissue_fraction,
+        "mask_method": plan.mask.method,
+        "mask_threshold": plan.mask.threshold,
+        "mask_shape": list(plan.mask.mask.shape),
+        "mask_scale_l0": [plan.mask.scale_x, plan.mask.scale_y],
+        "ink_fraction": plan.mask.ink_fraction,
+        "no_tissue": plan.no_tissue,
+        "warnings": list(plan.warnings),
+        "tiling_seconds": plan.tiling_seconds,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"{len(g)} patches, tissue fraction {plan.mask.tissue_fraction:.3f}"
+        f"{' (no tissue)' if plan.no_tissue else ''} -> {out}"
+    )
+    return 0

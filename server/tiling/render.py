@@ -1,0 +1,48 @@
+"""Quick-look images of a tiling plan: mask PNG and thumbnail with the grid drawn on."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from .plan import TilingPlan
+
+
+def mask_image(plan: TilingPlan) -> npt.NDArray[np.uint8]:
+    """The tissue mask as ``[h, w]`` uint8 (255 = tissue, 0 = background), mask frame."""
+    return plan.mask.mask.astype(np.uint8) * 255
+
+
+def grid_overlay(plan: TilingPlan) -> npt.NDArray[np.uint8]:
+    """The thumbnail with the tissue outline (blue) and kept patches drawn.
+
+    Kept patches are green rectangles (orange when flagged ``is_edge``, magenta when
+    more than 25% ink). Boxes are mapped from level-0 px with the thumbnail's
+    per-axis scales.
+
+    Returns:
+        ``[h, w, 3]`` uint8 RGB in the thumbnail frame.
+    """
+    img = np.array(plan.thumbnail, copy=True)
+    th, tw = img.shape[:2]
+    m = plan.mask
+    # Mask -> thumbnail frame (mask px cover scale_x level-0 px; thumbnail tsx).
+    mw = max(1, round(m.mask.shape[1] * m.scale_x / plan.thumbnail_scale_x))
+    mh = max(1, round(m.mask.shape[0] * m.scale_y / plan.thumbnail_scale_y))
+    mask_t = cv2.resize(m.mask.astype(np.uint8), (mw, mh), interpolation=cv2.INTER_NEAREST)
+    mask_t = mask_t[:th, :tw]
+    contours, _ = cv2.findContours(mask_t, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(img, contours, -1, (0, 90, 255), 1)
+    g = plan.grid
+    sx, sy = plan.thumbnail_scale_x, plan.thumbnail_scale_y
+    for i in range(len(g)):
+        x0, y0 = g.x_l0[i] / sx, g.y_l0[i] / sy
+        x1, y1 = (g.x_l0[i] + g.width_l0[i]) / sx, (g.y_l0[i] + g.height_l0[i]) / sy
+        color = (0, 170, 0)
+        if g.is_edge[i]:
+            color = (255, 140, 0)
+        if g.ink_fraction[i] > 0.25:
+            color = (220, 0, 220)
+        cv2.rectangle(img, (round(x0), round(y0)), (round(x1) - 1, round(y1) - 1), color, 1)
+    return img
