@@ -18,7 +18,7 @@ import numpy.typing as npt
 from histohelper.errors import InternalError
 from histohelper.v1 import slide_analysis_pb2 as pb
 
-Outcome = Literal["completed", "no_tissue"]
+Outcome = Literal["completed", "no_tissue", "running"]  # "running": partial results only
 EdgeModeName = Literal["unspecified", "pad", "drop"]
 
 _EDGE_NAMES: dict[int, EdgeModeName] = {

@@ -30,7 +30,7 @@ def decode_png_rgb(png: bytes) -> npt.NDArray[np.uint8]:
     bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ValueError("not a decodable PNG image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
 
 
 def decode_png_gray(png: bytes) -> npt.NDArray[np.uint8]:
@@ -42,7 +42,7 @@ def decode_png_gray(png: bytes) -> npt.NDArray[np.uint8]:
     gray = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
     if gray is None:
         raise ValueError("not a decodable PNG image")
-    return gray
+    return np.asarray(gray, dtype=np.uint8)
 
 
 def encode_png(rgb: npt.NDArray[np.uint8]) -> bytes:

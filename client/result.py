@@ -102,7 +102,8 @@ class SlideResult:
         model: the served model; ``model.untrained`` means predictions mean nothing.
         thumbnail: the slide thumbnail with its level-0-per-thumbnail-px scales.
         tissue_mask_png: the server's tissue mask as PNG (0 background, 255 tissue).
-        outcome: ``"completed"`` or ``"no_tissue"``.
+        outcome: ``"completed"``, ``"no_tissue"``, or ``"running"`` for a partial result
+            (:meth:`ResultCollector.result` with ``partial=True``).
         prediction: slide-level prediction with class names, or ``None``.
         qc: final QC figures (tissue fraction, patch counts, warnings).
         timings: server-side timings in seconds.
@@ -379,18 +380,34 @@ class ResultCollector:
             self._completed = event
             self._wall_s = time.perf_counter() - self._t0
 
-    def result(self) -> SlideResult:
+    def result(self, *, partial: bool = False) -> SlideResult:
         """Assemble the result.
+
+        Args:
+            partial: allow a result before AnalysisCompleted (for live rendering): it has
+                ``outcome == "running"``, no prediction, the QC of AnalysisStarted, zero
+                timings, and NaN in the cells whose patches have not arrived yet.
 
         Returns:
             The :class:`SlideResult`.
 
         Raises:
-            InternalError: the stream ended before AnalysisCompleted, or broke the protocol.
+            InternalError: no AnalysisStarted yet, the stream ended before
+                AnalysisCompleted (unless ``partial``), or it broke the protocol.
         """
         started, completed = self._started, self._completed
-        if started is None or completed is None:
-            raise InternalError("the stream ended before AnalysisCompleted")
+        if started is None:
+            raise InternalError("the stream ended before AnalysisStarted")
+        if completed is None:
+            if not partial:
+                raise InternalError("the stream ended before AnalysisCompleted")
+            completed = Completed(
+                request_id=started.request_id,
+                outcome="running",
+                prediction=None,
+                qc=started.qc,
+                timings=Timings(started.tiling_s, 0.0, 0.0, 0.0, 0.0, 0.0),
+            )
         grid = started.grid
         num_classes = len(started.model.patch_classes)
         table = self._table(started, num_classes)

@@ -116,7 +116,9 @@ class SlideClient:
 
         Order: one :class:`Started`, then :class:`PatchBatch` / :class:`Progress`
         interleaved, then :class:`Attention` chunks (if requested), then one
-        :class:`Completed`. Closing the iterator early cancels the call.
+        :class:`Completed`. Closing the iterator early cancels the call. To render
+        live, feed the events to a :class:`~histohelper.client.result.ResultCollector`
+        and call ``collector.result(partial=True)`` whenever a frame is due.
 
         Args:
             slide_path: path relative to the server's slide root, "/"-separated.

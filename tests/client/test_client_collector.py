@@ -243,3 +243,19 @@ def test_options_to_proto() -> None:
 def test_invalid_options(kwargs) -> None:
     with pytest.raises(InvalidOptionsError):
         AnalysisOptions(**kwargs)
+
+
+def test_partial_result_for_live_rendering() -> None:
+    msgs, exp = build_stream(StreamSpec(batch_size=4))
+    collector = ResultCollector()
+    with pytest.raises(InternalError, match="before AnalysisStarted"):
+        collector.result(partial=True)
+    collector.add(event_from_proto(msgs[0]))
+    collector.add(event_from_proto(msgs[1]))  # first batch of 4 patches
+    partial = collector.result(partial=True)
+    assert partial.outcome == "running" and partial.prediction is None
+    assert partial.patch_count == 4
+    assert int((~np.isnan(partial.heatmaps[0])).sum()) == 4
+    assert partial.overlay().shape == exp.thumbnail_rgb.shape
+    with pytest.raises(InternalError, match="before AnalysisCompleted"):
+        collector.result()
