@@ -132,10 +132,10 @@ def box_fractions(
     table: npt.NDArray[np.float64],
     scale_x: float,
     scale_y: float,
-    x_l0: npt.NDArray[np.float64],
-    y_l0: npt.NDArray[np.float64],
-    width_l0: float | npt.NDArray[np.float64],
-    height_l0: float | npt.NDArray[np.float64],
+    x_l0: npt.ArrayLike,
+    y_l0: npt.ArrayLike,
+    width_l0: npt.ArrayLike,
+    height_l0: npt.ArrayLike,
 ) -> npt.NDArray[np.float64]:
     """Mean of a mask over level-0 boxes, with exact fractional pixel coverage.
 

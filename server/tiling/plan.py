@@ -306,7 +306,7 @@ def _thumbnail(
     f = THUMBNAIL_MAX_SIDE_PX / max(cw, ch)
     if f < 1:
         tw, th = max(1, round(cw * f)), max(1, round(ch * f))
-        img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)
+        img = np.asarray(cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA), np.uint8)
     else:
         img = np.ascontiguousarray(img)
     return img, scale_x * cw / img.shape[1], scale_y * ch / img.shape[0]

@@ -79,7 +79,7 @@ def read_patch(slide: Slide, grid: PatchGrid, index: int) -> npt.NDArray[np.uint
     s = grid.patch_size_px
     if (rw, rh) != (s, s):
         interp = cv2.INTER_AREA if rw >= s and rh >= s else cv2.INTER_LINEAR
-        rgb = cv2.resize(rgb, (s, s), interpolation=interp)
+        rgb = np.asarray(cv2.resize(rgb, (s, s), interpolation=interp), dtype=np.uint8)
     return rgb
 
 
