@@ -17,7 +17,8 @@ from histohelper import __version__
 # module -> it defines add_subcommands(subparsers) registering one or more commands.
 _COMMAND_MODULES = (
     "histohelper.model_export.cli",  # export
-    "histohelper.server.cli",  # serve, tile
+    "histohelper.server.serve_cli",  # serve
+    "histohelper.server.cli",  # tile
     "histohelper.client.cli",  # analyze, info, evaluate
 )
 
@@ -33,12 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in _COMMAND_MODULES:
         try:
-            module = importlib.import_module(name)
+            importlib.import_module(name).add_subcommands(sub)
         except ModuleNotFoundError as exc:  # a part whose extra is not installed
             if exc.name and exc.name.startswith("histohelper"):
                 raise
             continue
-        module.add_subcommands(sub)
     return parser
 
 

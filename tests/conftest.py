@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ("server_fixtures",)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("HISTOHELPER_SHARED", REPO_ROOT.parent / "shared")).resolve()
 SLIDES_DIR = SHARED_DIR / "slides"

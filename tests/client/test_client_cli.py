@@ -186,12 +186,6 @@ def test_no_tissue_is_success(
     assert (tmp_path / "overlay.png").is_file()
 
 
-@pytest.mark.xfail(
-    reason="server/cli.py add_subcommands imports histohelper.server.tiling (OpenSlide) while "
-    "building the parser, so the dispatcher fails without OpenSlide; the dispatcher only "
-    "skips modules whose import fails",
-    strict=False,
-)
 def test_console_script_dispatcher_without_torch_or_openslide(
     scripted: ScriptedServer, tmp_path: Path
 ) -> None:

@@ -1,0 +1,188 @@
+"""Assemble and run the gRPC server: servicer, health, reflection, limits, shutdown.
+
+Standard services (grpcio-health-checking, grpcio-reflection):
+``grpc.health.v1.Health`` reports SERVING for "" and the analysis service once the
+model is loaded; on shutdown ``enter_graceful_shutdown()`` flips it to NOT_SERVING
+before ``server.stop(grace)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from histohelper.server.config import ServerConfig
+from histohelper.server.pipeline import Analyzer
+from histohelper.server.runtime import ModelRuntime, load_runtime
+from histohelper.server.servicer import SlideAnalysisServicer
+from histohelper.server.tiling import SlideCache
+from histohelper.server.worker import ModelWorker
+
+from histohelper.v1 import slide_analysis_pb2 as pb
+from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SlideAnalysisService"].full_name
+
+
+@dataclass
+class RunningServer:
+    """A started server and its parts (tests use these to look inside)."""
+
+    server: grpc.Server
+    port: int
+    config: ServerConfig
+    health: health.HealthServicer
+    servicer: SlideAnalysisServicer
+    worker: ModelWorker
+
+    @property
+    def target(self) -> str:
+        """``host:port`` for clients."""
+        return f"{self.config.host}:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Flip health to NOT_SERVING, stop accepting, let in-flight calls finish for
+        ``grace`` seconds (default: config.grace_s), then cancel them."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.config.grace_s if grace is None else grace).wait()
+        self.worker.close()
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Channel arguments set deliberately: message sizes and keepalive."""
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> RunningServer:
+    """Load the model (unless given), bind, and start serving.
+
+    Args:
+        config: the server configuration.
+        runtime: an already loaded model (tests share one); default loads
+            ``config.model_path`` on ``config.device``.
+
+    Returns:
+        The running server; its ``port`` is the bound port (``config.port`` may be 0).
+
+    Raises:
+        ModelArtifactError: the artifact cannot be loaded.
+        RuntimeError: the port cannot be bound.
+    """
+    if runtime is None:
+        runtime = load_runtime(
+            config.model_path,
+            device=config.device,
+            precision=config.precision,
+            num_threads=config.num_threads,
+        )
+    worker = ModelWorker(runtime)
+    analyzer = Analyzer(
+        worker,
+        num_readers=config.num_readers,
+        max_patches_per_slide=config.max_patches_per_slide,
+        max_failed_fraction=config.max_failed_fraction,
+        slide_cache=SlideCache(),
+    )
+    servicer = SlideAnalysisServicer(config, runtime, worker, analyzer)
+    # Analyses each hold a thread; leave room for health, info and ClassifyPatches.
+    pool = futures.ThreadPoolExecutor(
+        max_workers=config.max_concurrent_analyses + 8, thread_name_prefix="grpc"
+    )
+    server = grpc.server(pool, options=grpc_options(config))
+    pb_grpc.add_SlideAnalysisServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        worker.close()
+        raise RuntimeError("could not bind the server's port")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving",
+        extra={
+            "port": port,
+            "device": runtime.device,
+            "precision": runtime.precision,
+            "model_version": runtime.manifest.model_version,
+        },
+    )
+    return RunningServer(server, port, config, health_servicer, servicer, worker)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and structured extras
+    (request_id, port, ...). Slide names never reach it: callers log ids only."""
+
+    _STANDARD = frozenset(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in self._STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """JSON-lines logs on stderr; called only from ``main()``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully. Returns an exit status."""
+    running = start_server(config)
+    if config.ready_file is not None:
+        tmp = Path(f"{config.ready_file}.tmp")
+        tmp.write_text(json.dumps({"host": config.host, "port": running.port, "pid": os.getpid()}))
+        tmp.replace(config.ready_file)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("shutdown requested", extra={"signal": signal.Signals(signum).name})
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopping.wait(0.5):
+        pass
+    running.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,296 @@
+"""The analysis of one slide, free of gRPC: tiling -> reading -> model -> MIL.
+
+:meth:`Analyzer.run` yields domain events (dataclasses below) that the servicer turns
+into protobuf messages. Reading and decoding run in the tiler's reader threads
+(bounded queue) while the model worker computes the previous batch; results stream
+out as each batch finishes. Only the bag of embeddings (N x D float32) is kept for
+the slide-level aggregation; nothing proportional to slide area is held.
+
+Cancellation: the caller sets ``stop`` (from gRPC's RPC-termination callback); the
+loop, the readers and queued model jobs all observe it, so work ends within one
+batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from histohelper.server.runtime import PatchOutput, SlideOutput
+from histohelper.server.tiling import (
+    PatchBatch,
+    PatchReader,
+    SlideCache,
+    TilingOptions,
+    TilingPlan,
+    open_slide,
+    plan_tiling,
+)
+from histohelper.server.worker import ModelWorker
+
+from histohelper.errors import CorruptSlideError, SlideTooLargeError
+
+log = logging.getLogger(__name__)
+
+ATTENTION_CHUNK = 16_384  # attention weights per AttentionChunk message (~130 KB)
+PIPELINE_DEPTH = 2  # model batches in flight per analysis (overlap with sending)
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    """One AnalyzeSlide request in domain terms.
+
+    Attributes:
+        request_id: id for logs and events (never the slide name).
+        slide_path: resolved path inside the slide root.
+        tiling: tiling options with every default filled in.
+        batch_size: patches per model batch.
+        return_embeddings: include embeddings [B, D] in patch events.
+        return_attention: emit attention events before completion.
+    """
+
+    request_id: str
+    slide_path: Path
+    tiling: TilingOptions
+    batch_size: int
+    return_embeddings: bool = False
+    return_attention: bool = False
+
+
+@dataclass(frozen=True)
+class Started:
+    """Tiling is done: the grid, mask and thumbnail are known."""
+
+    request_id: str
+    plan: TilingPlan
+    tiling_s: float
+
+
+@dataclass(frozen=True)
+class PatchesDone:
+    """Model results of one batch.
+
+    Attributes:
+        indices: int64 [B] bag indices (into ``plan.grid`` arrays).
+        probabilities: float32 [B, C] softmax over patch classes.
+        embeddings: float32 [B, D], or None unless requested.
+        failed: int64 [F] bag indices whose pixels could not be read.
+    """
+
+    indices: npt.NDArray[np.int64]
+    probabilities: npt.NDArray[np.float32]
+    embeddings: npt.NDArray[np.float32] | None
+    failed: npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Patches finished so far (classified + failed) out of the bag size."""
+
+    done: int
+    total: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class AttentionDone:
+    """MIL attention for a chunk of the bag: int64 [n] indices, float32 [n] weights."""
+
+    indices: npt.NDArray[np.int64]
+    attention: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Completed:
+    """The analysis ended normally.
+
+    Attributes:
+        outcome: "completed", or "no_tissue" when the grid is empty (no prediction).
+        slide: slide logits/probabilities/attention, None for "no_tissue".
+        failed_count: patches whose pixels could not be read (left out of the bag).
+        timings: seconds: tiling_s, first_result_s, inference_s, aggregate_s, total_s;
+            and patches_per_s.
+    """
+
+    request_id: str
+    outcome: Literal["completed", "no_tissue"]
+    slide: SlideOutput | None
+    plan: TilingPlan
+    failed_count: int
+    timings: dict[str, float]
+
+
+Event = Started | PatchesDone | Progress | AttentionDone | Completed
+
+
+def resize_batch(images: npt.NDArray[np.uint8], size_px: int) -> npt.NDArray[np.uint8]:
+    """Resize a batch [B, H, W, 3] uint8 to [B, size_px, size_px, 3] (OpenCV INTER_AREA
+    when shrinking, INTER_LINEAR when enlarging)."""
+    if images.shape[1] == size_px and images.shape[2] == size_px:
+        return images
+    shrink = images.shape[1] > size_px
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    out = np.empty((images.shape[0], size_px, size_px, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = cv2.resize(image, (size_px, size_px), interpolation=interp)
+    return out
+
+
+class Analyzer:
+    """Runs analyses against one model worker.
+
+    Args:
+        worker: the model's one owner.
+        num_readers: reader threads per analysis.
+        max_patches_per_slide: bigger grids raise :class:`SlideTooLargeError`.
+        max_failed_fraction: share of unreadable patches tolerated per slide.
+        slide_cache: shared OpenSlide tile cache and handle LRU.
+    """
+
+    def __init__(
+        self,
+        worker: ModelWorker,
+        *,
+        num_readers: int = 2,
+        max_patches_per_slide: int = 1_000_000,
+        max_failed_fraction: float = 0.05,
+        slide_cache: SlideCache | None = None,
+    ) -> None:
+        self.worker = worker
+        self.num_readers = num_readers
+        self.max_patches_per_slide = max_patches_per_slide
+        self.max_failed_fraction = max_failed_fraction
+        self.slide_cache = slide_cache
+
+    def plan(self, spec: AnalysisSpec) -> TilingPlan:
+        """Open the slide and compute its tissue mask and patch grid.
+
+        Raises:
+            SlideNotFoundError, UnsupportedSlideError, CorruptSlideError: from the tiler.
+            SlideTooLargeError: more patches than ``max_patches_per_slide``.
+        """
+        with open_slide(spec.slide_path, cache=self.slide_cache) as slide:
+            plan = plan_tiling(slide, spec.tiling)
+        if len(plan.grid) > self.max_patches_per_slide:
+            raise SlideTooLargeError(
+                f"the slide has {len(plan.grid)} tissue patches; this server accepts at most "
+                f"{self.max_patches_per_slide}",
+                patch_count=str(len(plan.grid)),
+            )
+        return plan
+
+    def run(
+        self, spec: AnalysisSpec, stop: threading.Event, t0: float | None = None
+    ) -> Iterator[Event]:
+        """Analyse one slide, yielding events as results become available.
+
+        Args:
+            spec: the request.
+            stop: set by the caller to cancel; the run ends within one batch.
+            t0: ``time.perf_counter()`` at request arrival (default: now).
+
+        Yields:
+            Started, then PatchesDone/Progress per batch, then AttentionDone chunks
+            (if requested), then Completed. Nothing after ``stop`` is set.
+
+        Raises:
+            HistoHelperError subclasses for slide, option and size problems;
+            CorruptSlideError when too many patches fail to read.
+        """
+        t0 = time.perf_counter() if t0 is None else t0
+        plan = self.plan(spec)
+        tiling_s = time.perf_counter() - t0
+        yield Started(spec.request_id, plan, tiling_s)
+        grid = plan.grid
+        n = len(grid)
+        timings = {"tiling_s": tiling_s, "first_result_s": 0.0, "inference_s": 0.0}
+        if n == 0:
+            timings["total_s"] = time.perf_counter() - t0
+            yield Completed(spec.request_id, "no_tissue", None, plan, 0, timings)
+            return
+
+        manifest = self.worker.runtime.manifest
+        model_px = manifest.patch_size_px
+        bag = np.zeros((n, manifest.embedding_dim), dtype=np.float32)
+        have = np.zeros(n, dtype=bool)
+        done = 0
+        failed_total = 0
+        pending: deque[tuple[PatchBatch, object]] = deque()
+        t_infer = time.perf_counter()
+
+        def finish(batch: PatchBatch, future: object) -> Iterator[Event]:
+            nonlocal done
+            out: PatchOutput = future.result()  # type: ignore[attr-defined]
+            bag[batch.indices] = out.embeddings
+            have[batch.indices] = True
+            done += len(batch.indices) + len(batch.failed)
+            if not timings["first_result_s"]:
+                timings["first_result_s"] = time.perf_counter() - t0
+            yield PatchesDone(
+                batch.indices.astype(np.int64),
+                out.probabilities,
+                out.embeddings if spec.return_embeddings else None,
+                batch.failed.astype(np.int64),
+            )
+            yield Progress(done, n, time.perf_counter() - t0)
+
+        reader = PatchReader(
+            spec.slide_path,
+            grid,
+            batch_size=spec.batch_size,
+            num_workers=self.num_readers,
+            max_failed_fraction=self.max_failed_fraction,
+            cache=self.slide_cache,
+        )
+        batches = reader.iter_batches(stop=stop)
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    break
+                failed_total += len(batch.failed)
+                if len(batch.indices) == 0:
+                    done += len(batch.failed)
+                    empty = np.zeros((0, len(manifest.patch_classes)), np.float32)
+                    yield PatchesDone(
+                        batch.indices.astype(np.int64), empty, None, batch.failed.astype(np.int64)
+                    )
+                    continue
+                images = resize_batch(batch.images, model_px)
+                pending.append((batch, self.worker.predict_patches(images)))
+                while len(pending) >= PIPELINE_DEPTH and not stop.is_set():
+                    yield from finish(*pending.popleft())
+            while pending and not stop.is_set():
+                yield from finish(*pending.popleft())
+        finally:
+            for _, future in pending:
+                future.cancel()  # type: ignore[attr-defined]
+            batches.close()
+        if stop.is_set():
+            log.info("analysis stopped", extra={"request_id": spec.request_id})
+            return
+        timings["inference_s"] = time.perf_counter() - t_infer
+
+        members = np.flatnonzero(have)
+        if members.size == 0:
+            raise CorruptSlideError("no patch of the slide could be read")
+        t_agg = time.perf_counter()
+        slide = self.worker.aggregate(bag[members]).result()
+        timings["aggregate_s"] = time.perf_counter() - t_agg
+        if spec.return_attention:
+            for start in range(0, members.size, ATTENTION_CHUNK):
+                if stop.is_set():
+                    return
+                sl = slice(start, start + ATTENTION_CHUNK)
+                yield AttentionDone(members[sl].astype(np.int64), slide.attention[sl])
+        timings["total_s"] = time.perf_counter() - t0
+        timings["patches_per_s"] = members.size / max(timings["inference_s"], 1e-9)
+        yield Completed(spec.request_id, "completed", slide, plan, failed_total, timings)

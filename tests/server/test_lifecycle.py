@@ -1,0 +1,127 @@
+"""Admission, cancellation, deadlines, internal errors and shutdown on real servers."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_fixtures import spawn_server
+
+from histohelper.v1 import slide_analysis_pb2 as pb
+from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
+
+CMU = "real/CMU-1-Small-Region.svs"
+
+
+def slow_request() -> pb.AnalyzeSlideRequest:
+    """CMU with 4x overlap in batches of one patch: hundreds of model calls, tens of seconds."""
+    return pb.AnalyzeSlideRequest(
+        slide_path=CMU, options=pb.AnalysisOptions(batch_size=1, stride_px=56)
+    )
+
+
+def stub(target: str) -> pb_grpc.SlideAnalysisServiceStub:
+    return pb_grpc.SlideAnalysisServiceStub(grpc.insecure_channel(target))
+
+
+def first_patch_event(call) -> int:
+    """Read the stream until the first patch result; return the bag size."""
+    total = 0
+    for event in call:
+        if event.HasField("started"):
+            total = event.started.grid.patch_count
+        if event.HasField("patches"):
+            return total
+    raise AssertionError("stream ended before any patch result")
+
+
+def test_busy_server_refuses_at_once_then_admits(start_inprocess_server) -> None:
+    running = start_inprocess_server(max_concurrent_analyses=1)
+    call = stub(running.target).AnalyzeSlide(slow_request(), timeout=120)
+    first_patch_event(call)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub(running.target).AnalyzeSlide(slow_request(), timeout=30))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    call.cancel()
+    assert running.servicer.wait_idle(timeout=30)
+    events = list(
+        stub(running.target).AnalyzeSlide(pb.AnalyzeSlideRequest(slide_path=CMU), timeout=120)
+    )
+    assert events[-1].completed.outcome == pb.ANALYSIS_OUTCOME_COMPLETED
+
+
+def test_cancel_frees_slot_and_stops_reading(start_inprocess_server) -> None:
+    running = start_inprocess_server(max_concurrent_analyses=1)
+    call = stub(running.target).AnalyzeSlide(slow_request(), timeout=120)
+    total = first_patch_event(call)
+    call.cancel()
+    assert running.servicer.wait_idle(timeout=30), "slot not freed after cancel"
+    jobs_at_idle = running.worker.jobs_done
+    # One batch of one patch per job: far fewer jobs ran than the bag has patches.
+    assert jobs_at_idle < total - 5, (jobs_at_idle, total)
+    # The next request is admitted and runs to completion.
+    events = list(
+        stub(running.target).AnalyzeSlide(
+            pb.AnalyzeSlideRequest(slide_path="real/tiny-16px.svs"), timeout=60
+        )
+    )
+    assert events[-1].WhichOneof("event") == "completed"
+
+
+def test_deadline_frees_slot(start_inprocess_server) -> None:
+    running = start_inprocess_server(max_concurrent_analyses=1)
+    call = stub(running.target).AnalyzeSlide(slow_request(), timeout=3.0)
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert running.servicer.wait_idle(timeout=30), "slot not freed after deadline"
+    events = list(
+        stub(running.target).AnalyzeSlide(
+            pb.AnalyzeSlideRequest(slide_path="real/tiny-16px.svs"), timeout=60
+        )
+    )
+    assert events[-1].WhichOneof("event") == "completed"
+
+
+def test_unexpected_fault_is_internal_without_details(start_inprocess_server, monkeypatch) -> None:
+    """A bug cannot be produced for real on purpose: the one patched fault in the suite."""
+    running = start_inprocess_server()
+
+    def broken_plan(spec):
+        raise RuntimeError(f"boom at {spec.slide_path}")
+
+    monkeypatch.setattr(running.servicer.analyzer, "plan", broken_plan)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub(running.target).AnalyzeSlide(pb.AnalyzeSlideRequest(slide_path=CMU), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    message = info.value.details()
+    assert "request id" in message
+    assert "boom" not in message and "CMU" not in message and "Traceback" not in message
+    monkeypatch.undo()
+    events = list(
+        stub(running.target).AnalyzeSlide(
+            pb.AnalyzeSlideRequest(slide_path="real/tiny-16px.svs"), timeout=60
+        )
+    )
+    assert events[-1].WhichOneof("event") == "completed"
+
+
+def test_sigterm_finishes_in_flight_then_exits(model_artifact, slides_dir, tmp_path) -> None:
+    server = spawn_server(model_artifact, slides_dir, tmp_path, "--grace-s", "60")
+    call = stub(server.target).AnalyzeSlide(
+        pb.AnalyzeSlideRequest(slide_path=CMU, options=pb.AnalysisOptions(batch_size=8)),
+        timeout=120,
+    )
+    first_patch_event(call)
+    received: list[pb.AnalyzeSlideResponse] = []
+    reader = threading.Thread(target=lambda: received.extend(call))
+    reader.start()
+    server.process.send_signal(signal.SIGTERM)
+    reader.join(120)
+    assert received and received[-1].WhichOneof("event") == "completed"
+    assert server.process.wait(60) == 0
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
