@@ -17,7 +17,13 @@ the target resolution or a level, mask and thumbnail with explicit per-axis scal
 See ``docs/tiling.md`` for the mask method and its measured comparison.
 """
 
-from .mask import LowResImage, TissueMask, compute_tissue_mask, read_low_res, threshold_tissue
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Options are imported eagerly (stdlib + errors only) so CLIs can register the tiling
+# flags where OpenSlide/OpenCV are absent; everything else loads on first use.
 from .options import (
     EdgeMode,
     MaskMethod,
@@ -27,9 +33,48 @@ from .options import (
     add_tiling_arguments,
     tiling_options_from_args,
 )
-from .plan import MppSource, PatchGrid, TilingPlan, build_grid, plan_tiling, resolve_mpp
-from .reader import PatchBatch, PatchReader, read_patch
-from .slide import Slide, SlideCache, SlideMetadata, composite_on_white, open_slide
+
+if TYPE_CHECKING:
+    from .mask import LowResImage, TissueMask, compute_tissue_mask, read_low_res, threshold_tissue
+    from .plan import MppSource, PatchGrid, TilingPlan, build_grid, plan_tiling, resolve_mpp
+    from .reader import PatchBatch, PatchReader, read_patch
+    from .slide import Slide, SlideCache, SlideMetadata, composite_on_white, open_slide
+
+_LAZY = {
+    "LowResImage": "mask",
+    "TissueMask": "mask",
+    "compute_tissue_mask": "mask",
+    "read_low_res": "mask",
+    "threshold_tissue": "mask",
+    "MppSource": "plan",
+    "PatchGrid": "plan",
+    "TilingPlan": "plan",
+    "build_grid": "plan",
+    "plan_tiling": "plan",
+    "resolve_mpp": "plan",
+    "PatchBatch": "reader",
+    "PatchReader": "reader",
+    "read_patch": "reader",
+    "Slide": "slide",
+    "SlideCache": "slide",
+    "SlideMetadata": "slide",
+    "composite_on_white": "slide",
+    "open_slide": "slide",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "EdgeMode",

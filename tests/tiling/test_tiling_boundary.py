@@ -46,3 +46,16 @@ def test_tile_command_reports_bad_slide(slides_dir: Path, tmp_path: Path, capsys
     rc = main(["tile", str(slides_dir / "bad" / "not-a-tiff.svs"), "--out", str(tmp_path)])
     assert rc == 2
     assert "UnsupportedSlideError" in capsys.readouterr().err
+
+
+def test_tile_flags_register_without_openslide_or_cv2() -> None:
+    """The dispatcher builds its parser where only the thin client is installed."""
+    code = (
+        "import sys, argparse\n"
+        "from histohelper.server.cli import add_subcommands\n"
+        "p = argparse.ArgumentParser(); add_subcommands(p.add_subparsers())\n"
+        "p.parse_args(['tile', 'x.svs', '--out', 'o', '--target-mpp', '1'])\n"
+        "print(','.join(m for m in ('cv2', 'openslide', 'PIL') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
