@@ -103,6 +103,7 @@ def compare(
     logit_diff = float((lg - rf).abs().max())
     agreement = float((lg.argmax(1) == rf.argmax(1)).double().mean())
     passed = prob_diff <= tolerance and (min_agreement is None or agreement >= min_agreement)
+    counts = torch.bincount(rf.argmax(1), minlength=rf.shape[1]).tolist()
     return ParityFigures(
         reference=reference,
         n_samples=int(lg.shape[0]),
@@ -114,6 +115,7 @@ def compare(
         passed=passed,
         checked_on=checked_on,
         data=data,
+        reference_argmax_counts=tuple(int(c) for c in counts),
     )
 
 

@@ -96,7 +96,11 @@ class ParityFigures(_Frozen):
         min_argmax_agreement: the gate on ``argmax_agreement`` (None: not gated).
         passed: whether the gate held.
         checked_on: device the check ran on (``"cpu"``, ``"cuda:0"``).
-        data: ``"synthetic"`` (seeded uniform noise) or ``"slide:<file name>"``.
+        data: ``"synthetic(seed=N)"`` (seeded smooth noise), ``"slide:<file name>"``
+            or ``"bag(n=N)"``.
+        reference_argmax_counts: samples per class under the reference's arg-max: an
+            agreement figure means little when every sample falls in one class (as with
+            an untrained model); read it together with ``max_abs_prob_diff``.
     """
 
     reference: str
@@ -109,6 +113,7 @@ class ParityFigures(_Frozen):
     passed: bool
     checked_on: str = "cpu"
     data: str = "synthetic"
+    reference_argmax_counts: tuple[int, ...] | None = None
 
 
 class PrecisionVariant(_Frozen):
