@@ -63,7 +63,7 @@ def main() -> int:
     if model.exists():
         print(f"model artifact up to date: {model.relative_to(ROOT)}")
     else:
-        cmd = [str(BIN), "export", "--out", str(model)]
+        cmd = [str(BIN), "export", str(model), "--calibration-slide", str(slide)]
         if args.weights:
             cmd += ["--weights", str(args.weights)]
         if args.mil_weights:
