@@ -18,12 +18,21 @@ class AnalysisOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ANALYSIS_OUTCOME_UNSPECIFIED: _ClassVar[AnalysisOutcome]
     ANALYSIS_OUTCOME_COMPLETED: _ClassVar[AnalysisOutcome]
     ANALYSIS_OUTCOME_NO_TISSUE: _ClassVar[AnalysisOutcome]
+
+class RankBy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RANK_BY_UNSPECIFIED: _ClassVar[RankBy]
+    RANK_BY_PROBABILITY: _ClassVar[RankBy]
+    RANK_BY_ATTENTION: _ClassVar[RankBy]
 EDGE_MODE_UNSPECIFIED: EdgeMode
 EDGE_MODE_PAD: EdgeMode
 EDGE_MODE_DROP: EdgeMode
 ANALYSIS_OUTCOME_UNSPECIFIED: AnalysisOutcome
 ANALYSIS_OUTCOME_COMPLETED: AnalysisOutcome
 ANALYSIS_OUTCOME_NO_TISSUE: AnalysisOutcome
+RANK_BY_UNSPECIFIED: RankBy
+RANK_BY_PROBABILITY: RankBy
+RANK_BY_ATTENTION: RankBy
 
 class Resolution(_message.Message):
     __slots__ = ("mpp", "magnification", "level")
@@ -36,7 +45,7 @@ class Resolution(_message.Message):
     def __init__(self, mpp: _Optional[float] = ..., magnification: _Optional[float] = ..., level: _Optional[int] = ...) -> None: ...
 
 class AnalysisOptions(_message.Message):
-    __slots__ = ("target_resolution", "patch_size_px", "stride_px", "min_tissue_fraction", "edge_mode", "batch_size", "return_embeddings", "return_attention", "mpp_override")
+    __slots__ = ("target_resolution", "patch_size_px", "stride_px", "min_tissue_fraction", "edge_mode", "batch_size", "return_embeddings", "return_attention", "mpp_override", "return_cams")
     TARGET_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     PATCH_SIZE_PX_FIELD_NUMBER: _ClassVar[int]
     STRIDE_PX_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +55,7 @@ class AnalysisOptions(_message.Message):
     RETURN_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     RETURN_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     MPP_OVERRIDE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_CAMS_FIELD_NUMBER: _ClassVar[int]
     target_resolution: Resolution
     patch_size_px: int
     stride_px: int
@@ -55,7 +65,8 @@ class AnalysisOptions(_message.Message):
     return_embeddings: bool
     return_attention: bool
     mpp_override: float
-    def __init__(self, target_resolution: _Optional[_Union[Resolution, _Mapping]] = ..., patch_size_px: _Optional[int] = ..., stride_px: _Optional[int] = ..., min_tissue_fraction: _Optional[float] = ..., edge_mode: _Optional[_Union[EdgeMode, str]] = ..., batch_size: _Optional[int] = ..., return_embeddings: _Optional[bool] = ..., return_attention: _Optional[bool] = ..., mpp_override: _Optional[float] = ...) -> None: ...
+    return_cams: bool
+    def __init__(self, target_resolution: _Optional[_Union[Resolution, _Mapping]] = ..., patch_size_px: _Optional[int] = ..., stride_px: _Optional[int] = ..., min_tissue_fraction: _Optional[float] = ..., edge_mode: _Optional[_Union[EdgeMode, str]] = ..., batch_size: _Optional[int] = ..., return_embeddings: _Optional[bool] = ..., return_attention: _Optional[bool] = ..., mpp_override: _Optional[float] = ..., return_cams: _Optional[bool] = ...) -> None: ...
 
 class AnalyzeSlideRequest(_message.Message):
     __slots__ = ("slide_path", "options", "request_id")
@@ -236,7 +247,7 @@ class AnalysisProgress(_message.Message):
     def __init__(self, patches_done: _Optional[int] = ..., patches_total: _Optional[int] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
 
 class PatchResults(_message.Message):
-    __slots__ = ("patch_index", "row", "col", "x_l0", "y_l0", "width_l0", "height_l0", "tissue_fraction", "is_edge", "num_classes", "probabilities", "embedding_dim", "embeddings", "failed_patch_index")
+    __slots__ = ("patch_index", "row", "col", "x_l0", "y_l0", "width_l0", "height_l0", "tissue_fraction", "is_edge", "num_classes", "probabilities", "embedding_dim", "embeddings", "failed_patch_index", "cam_size", "cams", "logits")
     PATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
     ROW_FIELD_NUMBER: _ClassVar[int]
     COL_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +262,9 @@ class PatchResults(_message.Message):
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     FAILED_PATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CAMS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
     patch_index: _containers.RepeatedScalarFieldContainer[int]
     row: _containers.RepeatedScalarFieldContainer[int]
     col: _containers.RepeatedScalarFieldContainer[int]
@@ -265,7 +279,10 @@ class PatchResults(_message.Message):
     embedding_dim: int
     embeddings: _containers.RepeatedScalarFieldContainer[float]
     failed_patch_index: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, patch_index: _Optional[_Iterable[int]] = ..., row: _Optional[_Iterable[int]] = ..., col: _Optional[_Iterable[int]] = ..., x_l0: _Optional[_Iterable[float]] = ..., y_l0: _Optional[_Iterable[float]] = ..., width_l0: _Optional[_Iterable[float]] = ..., height_l0: _Optional[_Iterable[float]] = ..., tissue_fraction: _Optional[_Iterable[float]] = ..., is_edge: _Optional[_Iterable[bool]] = ..., num_classes: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., embedding_dim: _Optional[int] = ..., embeddings: _Optional[_Iterable[float]] = ..., failed_patch_index: _Optional[_Iterable[int]] = ...) -> None: ...
+    cam_size: int
+    cams: _containers.RepeatedScalarFieldContainer[float]
+    logits: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, patch_index: _Optional[_Iterable[int]] = ..., row: _Optional[_Iterable[int]] = ..., col: _Optional[_Iterable[int]] = ..., x_l0: _Optional[_Iterable[float]] = ..., y_l0: _Optional[_Iterable[float]] = ..., width_l0: _Optional[_Iterable[float]] = ..., height_l0: _Optional[_Iterable[float]] = ..., tissue_fraction: _Optional[_Iterable[float]] = ..., is_edge: _Optional[_Iterable[bool]] = ..., num_classes: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., embedding_dim: _Optional[int] = ..., embeddings: _Optional[_Iterable[float]] = ..., failed_patch_index: _Optional[_Iterable[int]] = ..., cam_size: _Optional[int] = ..., cams: _Optional[_Iterable[float]] = ..., logits: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class AttentionChunk(_message.Message):
     __slots__ = ("patch_index", "attention")
@@ -380,3 +397,75 @@ class ClassifyPatchesResponse(_message.Message):
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[PatchPrediction]
     def __init__(self, predictions: _Optional[_Iterable[_Union[PatchPrediction, _Mapping]]] = ...) -> None: ...
+
+class TopKSelection(_message.Message):
+    __slots__ = ("k", "rank_by")
+    K_FIELD_NUMBER: _ClassVar[int]
+    RANK_BY_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    rank_by: RankBy
+    def __init__(self, k: _Optional[int] = ..., rank_by: _Optional[_Union[RankBy, str]] = ...) -> None: ...
+
+class PatchIndexSelection(_message.Message):
+    __slots__ = ("patch_index",)
+    PATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
+    patch_index: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, patch_index: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ExplainPatchesRequest(_message.Message):
+    __slots__ = ("slide_path", "options", "top_k", "patches", "class_name", "jpeg_quality", "request_id")
+    SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    PATCHES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    slide_path: str
+    options: AnalysisOptions
+    top_k: TopKSelection
+    patches: PatchIndexSelection
+    class_name: str
+    jpeg_quality: int
+    request_id: str
+    def __init__(self, slide_path: _Optional[str] = ..., options: _Optional[_Union[AnalysisOptions, _Mapping]] = ..., top_k: _Optional[_Union[TopKSelection, _Mapping]] = ..., patches: _Optional[_Union[PatchIndexSelection, _Mapping]] = ..., class_name: _Optional[str] = ..., jpeg_quality: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class PatchExplanation(_message.Message):
+    __slots__ = ("patch_index", "row", "col", "x_l0", "y_l0", "width_l0", "height_l0", "image_jpeg", "class_name", "probabilities", "attention", "cam_size", "grad_cam", "rank", "score")
+    PATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    COL_FIELD_NUMBER: _ClassVar[int]
+    X_L0_FIELD_NUMBER: _ClassVar[int]
+    Y_L0_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_L0_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_L0_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_JPEG_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    CAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CAM_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    patch_index: int
+    row: int
+    col: int
+    x_l0: float
+    y_l0: float
+    width_l0: float
+    height_l0: float
+    image_jpeg: bytes
+    class_name: str
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    attention: float
+    cam_size: int
+    grad_cam: _containers.RepeatedScalarFieldContainer[float]
+    rank: int
+    score: float
+    def __init__(self, patch_index: _Optional[int] = ..., row: _Optional[int] = ..., col: _Optional[int] = ..., x_l0: _Optional[float] = ..., y_l0: _Optional[float] = ..., width_l0: _Optional[float] = ..., height_l0: _Optional[float] = ..., image_jpeg: _Optional[bytes] = ..., class_name: _Optional[str] = ..., probabilities: _Optional[_Iterable[float]] = ..., attention: _Optional[float] = ..., cam_size: _Optional[int] = ..., grad_cam: _Optional[_Iterable[float]] = ..., rank: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+
+class ExplainPatchesResponse(_message.Message):
+    __slots__ = ("explanation",)
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    explanation: PatchExplanation
+    def __init__(self, explanation: _Optional[_Union[PatchExplanation, _Mapping]] = ...) -> None: ...

@@ -50,6 +50,11 @@ class SlideAnalysisServiceStub:
                 request_serializer=histohelper_dot_v1_dot_slide__analysis__pb2.ClassifyPatchesRequest.SerializeToString,
                 response_deserializer=histohelper_dot_v1_dot_slide__analysis__pb2.ClassifyPatchesResponse.FromString,
                 _registered_method=True)
+        self.ExplainPatches = channel.unary_stream(
+                '/histohelper.v1.SlideAnalysisService/ExplainPatches',
+                request_serializer=histohelper_dot_v1_dot_slide__analysis__pb2.ExplainPatchesRequest.SerializeToString,
+                response_deserializer=histohelper_dot_v1_dot_slide__analysis__pb2.ExplainPatchesResponse.FromString,
+                _registered_method=True)
 
 
 class SlideAnalysisServiceServicer:
@@ -81,6 +86,16 @@ class SlideAnalysisServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainPatches(self, request, context):
+        """Explains chosen patches of a slide: each patch's image (JPEG) and its Grad-CAM map
+        at ResNet18 layer4 for a class. Patches are chosen by bag index (of the grid that
+        AnalyzeSlide builds with the same options) or as the top k by probability or by
+        MIL attention (which runs the whole analysis first). Streams one response per patch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SlideAnalysisServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +113,11 @@ def add_SlideAnalysisServiceServicer_to_server(servicer, server):
                     servicer.ClassifyPatches,
                     request_deserializer=histohelper_dot_v1_dot_slide__analysis__pb2.ClassifyPatchesRequest.FromString,
                     response_serializer=histohelper_dot_v1_dot_slide__analysis__pb2.ClassifyPatchesResponse.SerializeToString,
+            ),
+            'ExplainPatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExplainPatches,
+                    request_deserializer=histohelper_dot_v1_dot_slide__analysis__pb2.ExplainPatchesRequest.FromString,
+                    response_serializer=histohelper_dot_v1_dot_slide__analysis__pb2.ExplainPatchesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +202,33 @@ class SlideAnalysisService:
             '/histohelper.v1.SlideAnalysisService/ClassifyPatches',
             histohelper_dot_v1_dot_slide__analysis__pb2.ClassifyPatchesRequest.SerializeToString,
             histohelper_dot_v1_dot_slide__analysis__pb2.ClassifyPatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainPatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/histohelper.v1.SlideAnalysisService/ExplainPatches',
+            histohelper_dot_v1_dot_slide__analysis__pb2.ExplainPatchesRequest.SerializeToString,
+            histohelper_dot_v1_dot_slide__analysis__pb2.ExplainPatchesResponse.FromString,
             options,
             channel_credentials,
             insecure,
