@@ -87,7 +87,7 @@ class GatedAttentionMIL(nn.Module):
         return logits, attention
 
 
-def build_resnet18(num_classes: int) -> nn.Module:
+def build_resnet18(num_classes: int) -> torchvision.models.ResNet:
     """A torchvision ResNet18 with a ``num_classes``-output ``fc``, randomly initialised.
 
     Args:
@@ -131,7 +131,7 @@ class HistoHelperModel(nn.Module):
         std: tuple[float, float, float] = IMAGENET_STD,
     ):
         super().__init__()
-        self.patch = build_resnet18(num_patch_classes)
+        self.patch: torchvision.models.ResNet = build_resnet18(num_patch_classes)
         self.mil = GatedAttentionMIL(512, attention_dim, num_slide_classes)
         # (x/255 - mean)/std == (x - 255 mean) / (255 std): one subtract, one divide.
         self.register_buffer(
@@ -165,7 +165,7 @@ class HistoHelperModel(nn.Module):
     def normalise_uint8(self, images: Tensor) -> Tensor:
         """uint8 ``[B, H, W, 3]`` RGB -> normalised float32 ``[B, 3, H, W]`` (channels-last)."""
         x = images.permute(0, 3, 1, 2).to(torch.float32)
-        return (x - self.pixel_mean) / self.pixel_std
+        return (x - self.pixel_mean) / self.pixel_std  # type: ignore[operator]
 
     @torch.jit.export
     def predict_patches_uint8(

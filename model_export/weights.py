@@ -89,6 +89,7 @@ def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
             "checkpoint holds no state_dict (save model.state_dict(), not the model object)"
         )
     out: dict[str, torch.Tensor] = {}
+    assert isinstance(obj, Mapping)
     for key, value in obj.items():
         k = key
         changed = True

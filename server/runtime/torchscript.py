@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -165,7 +164,6 @@ class TorchScriptRuntime:
         self.channels_last = channels_last
         self.load_seconds = load_seconds
         self._torch_device = torch.device(device)
-        self._lock = threading.Lock() if device != "cpu" else None
 
     def predict_patches(
         self, images: npt.NDArray[np.uint8], *, want_cams: bool = False

@@ -228,3 +228,25 @@ def test_serving_imports_no_torchvision_openslide_cv2_grpc(model_artifact: Path)
         assert forbidden not in loaded, forbidden
     assert "torch" not in report["after_manifest"], "read_manifest must not import torch"
     assert report["threads"] == 1
+
+
+@pytest.mark.gpu
+def test_cuda_reduced_precision_matches_cpu_fp32(
+    model_artifact: Path, runtime: ModelRuntime
+) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    x = _images(16, 7)
+    ref = runtime.predict_patches(x, want_cams=True)
+    for precision in ("fp32", "fp16", "bf16"):
+        if precision not in read_manifest(model_artifact).precision_names():
+            continue
+        rt = load_runtime(model_artifact, device="cuda", precision=precision)
+        assert rt.device == "cuda:0"
+        out = rt.predict_patches(x, want_cams=True)
+        tol = 1e-4 if precision == "fp32" else 0.02
+        assert np.abs(out.probabilities - ref.probabilities).max() <= tol, precision
+        bag = rt.aggregate(out.embeddings)
+        assert abs(float(bag.attention.sum()) - 1) < 1e-5
