@@ -189,7 +189,11 @@ def run(args: argparse.Namespace) -> int:
     )
     from .export import UntrainedModelWarning, export_model
 
-    with warnings.catch_warnings(record=True) as caught:
+    def show(message: object, category: type[Warning], *_: object, **__: object) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show  # restored by catch_warnings
         warnings.simplefilter("always", UntrainedModelWarning)
         warnings.simplefilter("always", RuntimeWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -215,14 +219,8 @@ def run(args: argparse.Namespace) -> int:
                 strict_variants=args.strict_variants,
             )
         except HistoHelperError as exc:
-            for w in caught:
-                if issubclass(w.category, UntrainedModelWarning | RuntimeWarning):
-                    print(f"warning: {w.message}", file=sys.stderr)
             print(f"error: {exc}\nno artifact was written.", file=sys.stderr)
             return 1
-    for w in caught:
-        if issubclass(w.category, UntrainedModelWarning | RuntimeWarning):
-            print(f"warning: {w.message}", file=sys.stderr)
     served = ", ".join(manifest.precision_names())
     extra = f" and {manifest.onnx.file_name}" if manifest.onnx else ""
     print(f"wrote {args.out}{extra} (precisions: {served}; untrained: {manifest.untrained})")
