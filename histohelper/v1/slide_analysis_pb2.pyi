@@ -69,14 +69,16 @@ class AnalysisOptions(_message.Message):
     def __init__(self, target_resolution: _Optional[_Union[Resolution, _Mapping]] = ..., patch_size_px: _Optional[int] = ..., stride_px: _Optional[int] = ..., min_tissue_fraction: _Optional[float] = ..., edge_mode: _Optional[_Union[EdgeMode, str]] = ..., batch_size: _Optional[int] = ..., return_embeddings: _Optional[bool] = ..., return_attention: _Optional[bool] = ..., mpp_override: _Optional[float] = ..., return_cams: _Optional[bool] = ...) -> None: ...
 
 class AnalyzeSlideRequest(_message.Message):
-    __slots__ = ("slide_path", "options", "request_id")
+    __slots__ = ("slide_path", "upload_id", "options", "request_id")
     SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     slide_path: str
+    upload_id: str
     options: AnalysisOptions
     request_id: str
-    def __init__(self, slide_path: _Optional[str] = ..., options: _Optional[_Union[AnalysisOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, slide_path: _Optional[str] = ..., upload_id: _Optional[str] = ..., options: _Optional[_Union[AnalysisOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AnalyzeSlideResponse(_message.Message):
     __slots__ = ("started", "progress", "patches", "attention", "completed")
@@ -431,7 +433,7 @@ class ExplainPatchesRequest(_message.Message):
     def __init__(self, slide_path: _Optional[str] = ..., options: _Optional[_Union[AnalysisOptions, _Mapping]] = ..., top_k: _Optional[_Union[TopKSelection, _Mapping]] = ..., patches: _Optional[_Union[PatchIndexSelection, _Mapping]] = ..., class_name: _Optional[str] = ..., jpeg_quality: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PatchExplanation(_message.Message):
-    __slots__ = ("patch_index", "row", "col", "x_l0", "y_l0", "width_l0", "height_l0", "image_jpeg", "class_name", "probabilities", "attention", "cam_size", "grad_cam", "rank", "score")
+    __slots__ = ("patch_index", "row", "col", "x_l0", "y_l0", "width_l0", "height_l0", "image_jpeg", "class_name", "probabilities", "attention", "cam_size", "grad_cam", "rank", "score", "class_probability")
     PATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
     ROW_FIELD_NUMBER: _ClassVar[int]
     COL_FIELD_NUMBER: _ClassVar[int]
@@ -447,6 +449,7 @@ class PatchExplanation(_message.Message):
     GRAD_CAM_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     patch_index: int
     row: int
     col: int
@@ -462,10 +465,41 @@ class PatchExplanation(_message.Message):
     grad_cam: _containers.RepeatedScalarFieldContainer[float]
     rank: int
     score: float
-    def __init__(self, patch_index: _Optional[int] = ..., row: _Optional[int] = ..., col: _Optional[int] = ..., x_l0: _Optional[float] = ..., y_l0: _Optional[float] = ..., width_l0: _Optional[float] = ..., height_l0: _Optional[float] = ..., image_jpeg: _Optional[bytes] = ..., class_name: _Optional[str] = ..., probabilities: _Optional[_Iterable[float]] = ..., attention: _Optional[float] = ..., cam_size: _Optional[int] = ..., grad_cam: _Optional[_Iterable[float]] = ..., rank: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+    class_probability: float
+    def __init__(self, patch_index: _Optional[int] = ..., row: _Optional[int] = ..., col: _Optional[int] = ..., x_l0: _Optional[float] = ..., y_l0: _Optional[float] = ..., width_l0: _Optional[float] = ..., height_l0: _Optional[float] = ..., image_jpeg: _Optional[bytes] = ..., class_name: _Optional[str] = ..., probabilities: _Optional[_Iterable[float]] = ..., attention: _Optional[float] = ..., cam_size: _Optional[int] = ..., grad_cam: _Optional[_Iterable[float]] = ..., rank: _Optional[int] = ..., score: _Optional[float] = ..., class_probability: _Optional[float] = ...) -> None: ...
 
 class ExplainPatchesResponse(_message.Message):
     __slots__ = ("explanation",)
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     explanation: PatchExplanation
     def __init__(self, explanation: _Optional[_Union[PatchExplanation, _Mapping]] = ...) -> None: ...
+
+class UploadSlideMetadata(_message.Message):
+    __slots__ = ("size_bytes", "sha256_hex", "suffix")
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_HEX_FIELD_NUMBER: _ClassVar[int]
+    SUFFIX_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    sha256_hex: str
+    suffix: str
+    def __init__(self, size_bytes: _Optional[int] = ..., sha256_hex: _Optional[str] = ..., suffix: _Optional[str] = ...) -> None: ...
+
+class UploadSlideRequest(_message.Message):
+    __slots__ = ("metadata", "chunk")
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    metadata: UploadSlideMetadata
+    chunk: bytes
+    def __init__(self, metadata: _Optional[_Union[UploadSlideMetadata, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class UploadSlideResponse(_message.Message):
+    __slots__ = ("upload_id", "size_bytes", "sha256_hex", "expires_in_s")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_HEX_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    size_bytes: int
+    sha256_hex: str
+    expires_in_s: float
+    def __init__(self, upload_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256_hex: _Optional[str] = ..., expires_in_s: _Optional[float] = ...) -> None: ...

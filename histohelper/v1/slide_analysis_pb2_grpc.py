@@ -55,6 +55,11 @@ class SlideAnalysisServiceStub:
                 request_serializer=histohelper_dot_v1_dot_slide__analysis__pb2.ExplainPatchesRequest.SerializeToString,
                 response_deserializer=histohelper_dot_v1_dot_slide__analysis__pb2.ExplainPatchesResponse.FromString,
                 _registered_method=True)
+        self.UploadSlide = channel.stream_unary(
+                '/histohelper.v1.SlideAnalysisService/UploadSlide',
+                request_serializer=histohelper_dot_v1_dot_slide__analysis__pb2.UploadSlideRequest.SerializeToString,
+                response_deserializer=histohelper_dot_v1_dot_slide__analysis__pb2.UploadSlideResponse.FromString,
+                _registered_method=True)
 
 
 class SlideAnalysisServiceServicer:
@@ -96,6 +101,22 @@ class SlideAnalysisServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadSlide(self, request_iterator, context):
+        """Uploads a slide for callers without the server's filesystem. The first message
+        carries UploadSlideMetadata (size, SHA-256, file suffix), the following ones the
+        file's bytes in order, at most 1 MiB each. The file is stored under a random name in
+        the server's upload area (never the caller's file name) until it expires; the
+        returned upload_id is its only handle (AnalyzeSlideRequest.upload_id). Errors:
+        SLIDE_TOO_LARGE (RESOURCE_EXHAUSTED) past the size cap, UPLOAD_QUOTA_EXCEEDED
+        (RESOURCE_EXHAUSTED) when the upload area is full, UPLOAD_CHECKSUM_MISMATCH
+        (DATA_LOSS) when the bytes do not hash to the declared SHA-256, UPLOAD_INVALID
+        (INVALID_ARGUMENT) for a malformed stream. A failed or cancelled upload leaves
+        nothing behind. Needs the "upload" role when tokens are configured.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SlideAnalysisServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -118,6 +139,11 @@ def add_SlideAnalysisServiceServicer_to_server(servicer, server):
                     servicer.ExplainPatches,
                     request_deserializer=histohelper_dot_v1_dot_slide__analysis__pb2.ExplainPatchesRequest.FromString,
                     response_serializer=histohelper_dot_v1_dot_slide__analysis__pb2.ExplainPatchesResponse.SerializeToString,
+            ),
+            'UploadSlide': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadSlide,
+                    request_deserializer=histohelper_dot_v1_dot_slide__analysis__pb2.UploadSlideRequest.FromString,
+                    response_serializer=histohelper_dot_v1_dot_slide__analysis__pb2.UploadSlideResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,6 +255,33 @@ class SlideAnalysisService:
             '/histohelper.v1.SlideAnalysisService/ExplainPatches',
             histohelper_dot_v1_dot_slide__analysis__pb2.ExplainPatchesRequest.SerializeToString,
             histohelper_dot_v1_dot_slide__analysis__pb2.ExplainPatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadSlide(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/histohelper.v1.SlideAnalysisService/UploadSlide',
+            histohelper_dot_v1_dot_slide__analysis__pb2.UploadSlideRequest.SerializeToString,
+            histohelper_dot_v1_dot_slide__analysis__pb2.UploadSlideResponse.FromString,
             options,
             channel_credentials,
             insecure,
