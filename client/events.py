@@ -325,6 +325,9 @@ class PatchBatch:
         probabilities: float32 ``[n, num_classes]``, softmax over the model's patch classes.
         embeddings: float32 ``[n, embedding_dim]``, or ``None`` when not requested.
         failed_patch_index: int32 ``[k]``, bag indices whose pixels could not be read.
+        cams: float32 ``[n, num_classes, s, s]`` class activation maps (layer4 features
+            weighted by the fc weights, no bias), or ``None`` when not requested.
+        logits: float32 ``[n, num_classes]`` patch logits, sent with ``cams``.
     """
 
     patch_index: npt.NDArray[np.int32]
@@ -339,6 +342,8 @@ class PatchBatch:
     probabilities: npt.NDArray[np.float32]
     embeddings: npt.NDArray[np.float32] | None
     failed_patch_index: npt.NDArray[np.int32]
+    cams: npt.NDArray[np.float32] | None = None
+    logits: npt.NDArray[np.float32] | None = None
 
     def __len__(self) -> int:
         return int(self.patch_index.shape[0])
@@ -371,6 +376,15 @@ class PatchBatch:
             if dim <= 0 or len(msg.embeddings) != n * dim:
                 raise InternalError("PatchResults.embeddings does not match n x embedding_dim")
             embeddings = np.asarray(msg.embeddings, dtype=np.float32).reshape(n, dim)
+        cams = logits = None
+        if len(msg.cams):
+            s = msg.cam_size
+            if s <= 0 or len(msg.cams) != n * num_classes * s * s:
+                raise InternalError("PatchResults.cams does not match n x classes x size^2")
+            if len(msg.logits) != n * num_classes:
+                raise InternalError("PatchResults.logits does not match n x num_classes")
+            cams = np.asarray(msg.cams, dtype=np.float32).reshape(n, num_classes, s, s)
+            logits = np.asarray(msg.logits, dtype=np.float32).reshape(n, num_classes)
         return cls(
             patch_index=np.asarray(msg.patch_index, dtype=np.int32),
             row=np.asarray(msg.row, dtype=np.int32),
@@ -384,6 +398,8 @@ class PatchBatch:
             probabilities=np.asarray(msg.probabilities, dtype=np.float32).reshape(n, num_classes),
             embeddings=embeddings,
             failed_patch_index=np.asarray(msg.failed_patch_index, dtype=np.int32),
+            cams=cams,
+            logits=logits,
         )
 
 

@@ -37,6 +37,8 @@ class AnalysisOptions:
             ``True`` here (the proto default is false) so that results carry an
             attention map.
         mpp_override: level-0 micrometres per pixel to use instead of the slide's metadata.
+        return_cams: ask for each patch's class activation maps (for
+            :meth:`SlideResult.cam_heatmap`, sub-patch resolution).
 
     Raises:
         InvalidOptionsError: on construction, for out-of-range or conflicting values.
@@ -53,6 +55,7 @@ class AnalysisOptions:
     return_embeddings: bool = False
     return_attention: bool = True
     mpp_override: float | None = None
+    return_cams: bool = False
 
     def __post_init__(self) -> None:
         chosen = [
@@ -88,6 +91,7 @@ class AnalysisOptions:
             batch_size=self.batch_size or 0,
             return_embeddings=self.return_embeddings,
             return_attention=self.return_attention,
+            return_cams=self.return_cams,
         )
         if self.target_mpp is not None:
             msg.target_resolution.mpp = self.target_mpp

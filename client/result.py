@@ -52,6 +52,8 @@ class PatchTable:
         probabilities: float32 ``[n, num_classes]``, classes as ``SlideResult.class_names``.
         attention: float32 ``[n]``, MIL attention weight (sums to 1); NaN when not requested.
         embeddings: float32 ``[n, embedding_dim]``, or ``None`` when not requested.
+        cams: float32 ``[n, num_classes, s, s]`` class activation maps, or ``None``.
+        logits: float32 ``[n, num_classes]`` patch logits (sent with ``cams``), or ``None``.
     """
 
     patch_index: npt.NDArray[np.int32]
@@ -66,6 +68,8 @@ class PatchTable:
     probabilities: npt.NDArray[np.float32]
     attention: npt.NDArray[np.float32]
     embeddings: npt.NDArray[np.float32] | None = None
+    cams: npt.NDArray[np.float32] | None = None
+    logits: npt.NDArray[np.float32] | None = None
 
     def __len__(self) -> int:
         return int(self.patch_index.shape[0])
@@ -216,6 +220,49 @@ class SlideResult:
             height_px=t.height_px,
         )
 
+    def cam_heatmap(
+        self, class_name: str | int, *, l0_per_px: float | None = None
+    ) -> tuple[npt.NDArray[np.float32], float]:
+        """Sub-patch-resolution probability map stitched from the per-patch CAMs.
+
+        Each patch's class activation maps (``s x s`` cells, 7 x 7 for 224 px ResNet18
+        patches) plus the fc bias are local logits; their softmax over classes is a
+        local class probability (:func:`histohelper.client.explain.local_probabilities`).
+        Every cell is painted over its exact level-0 box (the patch box split into
+        ``s x s``) and overlapping cells are averaged, so overlapping patches blend.
+
+        Args:
+            class_name: patch class (name or index).
+            l0_per_px: level-0 px per output pixel; default: one CAM cell per pixel.
+
+        Returns:
+            (map, l0_per_px): float32 ``[ceil(height_l0 / l0_per_px),
+            ceil(width_l0 / l0_per_px)]`` in [0, 1], NaN where no patch covers; and the
+            scale used.
+
+        Raises:
+            KeyError: unknown class.
+            ValueError: the result carries no CAMs (request ``return_cams``).
+        """
+        from histohelper.client.explain import cell_boxes
+        from histohelper.client.render import paint_boxes
+
+        p = self.patches
+        if p.cams is None or p.logits is None:
+            raise ValueError("this result carries no CAMs (set return_cams)")
+        idx = self.class_index(class_name)
+        s = p.cams.shape[-1]
+        if l0_per_px is None:
+            l0_per_px = float(np.median(p.width_l0)) / s if len(p) else 1.0
+        x, y, w, h, v = cell_boxes(p, idx)
+        width_px = max(1, int(np.ceil(self.slide.width_l0 / l0_per_px)))
+        height_px = max(1, int(np.ceil(self.slide.height_l0 / l0_per_px)))
+        heat = paint_boxes(
+            x, y, w, h, v,
+            scale_x=l0_per_px, scale_y=l0_per_px, width_px=width_px, height_px=height_px,
+        )  # fmt: skip
+        return heat, l0_per_px
+
     def overlay(
         self,
         class_name: str | int | None = None,
@@ -223,6 +270,7 @@ class SlideResult:
         attention: bool = False,
         alpha: float = 0.5,
         legend: bool = True,
+        cams: bool = False,
     ) -> npt.NDArray[np.uint8]:
         """Blend a COLORMAP_JET heatmap over the thumbnail, with an inset colour bar/legend.
 
@@ -235,6 +283,8 @@ class SlideResult:
             attention: show the attention map instead of a class probability.
             alpha: heatmap opacity in [0, 1].
             legend: draw the inset legend (title, colour bar, ticks; "UNTRAINED" when so).
+            cams: paint the sub-patch CAM probability map (:meth:`cam_heatmap`) instead
+                of one value per patch (needs ``return_cams``).
 
         Returns:
             uint8 ``(thumbnail.height_px, thumbnail.width_px, 3)`` RGB.
@@ -264,7 +314,21 @@ class SlideResult:
                 title = f"P({self.class_names[idx]})"
             vmax = 1.0
             ticks = (0.0, 0.5, 1.0)
-        heat = self.thumbnail_heatmap(values)
+        if cams and not attention and name is not None:
+            from histohelper.client.explain import cell_boxes
+            from histohelper.client.render import paint_boxes
+
+            if self.patches.cams is None:
+                raise ValueError("this result carries no CAMs (set return_cams)")
+            x, y, w, h, v = cell_boxes(self.patches, self.class_index(name))
+            t = self.thumbnail
+            heat = paint_boxes(
+                x, y, w, h, v, scale_x=t.scale_x, scale_y=t.scale_y,
+                width_px=t.width_px, height_px=t.height_px,
+            )  # fmt: skip
+            title = title.replace("P(", "CAM P(", 1)
+        else:
+            heat = self.thumbnail_heatmap(values)
         return render_overlay(
             self.thumbnail_rgb(),
             heat,
@@ -477,6 +541,10 @@ class ResultCollector:
         embeddings = None
         if all(b.embeddings is not None for b in batches):
             embeddings = np.concatenate([b.embeddings for b in batches])[order]  # type: ignore[misc]
+        cams = logits = None
+        if all(b.cams is not None and b.logits is not None for b in batches):
+            cams = np.concatenate([b.cams for b in batches])[order]  # type: ignore[misc]
+            logits = np.concatenate([b.logits for b in batches])[order]  # type: ignore[misc]
         return PatchTable(
             patch_index=patch_index,
             row=row,
@@ -490,4 +558,6 @@ class ResultCollector:
             probabilities=probabilities,
             attention=attention,
             embeddings=embeddings,
+            cams=cams,
+            logits=logits,
         )

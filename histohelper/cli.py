@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "histohelper.server.serve_cli",  # serve
     "histohelper.server.cli",  # tile
     "histohelper.client.cli",  # analyze, info, evaluate
+    "histohelper.client.explain_cli",  # explain
 )
 
 

@@ -56,6 +56,7 @@ class AnalysisSpec:
         batch_size: patches per model batch.
         return_embeddings: include embeddings [B, D] in patch events.
         return_attention: emit attention events before completion.
+        return_cams: include class activation maps and logits in patch events.
     """
 
     request_id: str
@@ -64,6 +65,7 @@ class AnalysisSpec:
     batch_size: int
     return_embeddings: bool = False
     return_attention: bool = False
+    return_cams: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,12 +86,16 @@ class PatchesDone:
         probabilities: float32 [B, C] softmax over patch classes.
         embeddings: float32 [B, D], or None unless requested.
         failed: int64 [F] bag indices whose pixels could not be read.
+        cams: float32 [B, C, h, w] class activation maps, or None unless requested.
+        logits: float32 [B, C] patch logits, or None unless CAMs were requested.
     """
 
     indices: npt.NDArray[np.int64]
     probabilities: npt.NDArray[np.float32]
     embeddings: npt.NDArray[np.float32] | None
     failed: npt.NDArray[np.int64]
+    cams: npt.NDArray[np.float32] | None = None
+    logits: npt.NDArray[np.float32] | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,8 @@ class Analyzer:
                 out.probabilities,
                 out.embeddings if spec.return_embeddings else None,
                 batch.failed.astype(np.int64),
+                out.cams if spec.return_cams else None,
+                out.logits if spec.return_cams else None,
             )
             yield Progress(done, n, time.perf_counter() - t0)
 
@@ -265,7 +273,8 @@ class Analyzer:
                     )
                     continue
                 images = resize_batch(batch.images, model_px)
-                pending.append((batch, self.worker.predict_patches(images)))
+                future = self.worker.predict_patches(images, want_cams=spec.return_cams)
+                pending.append((batch, future))
                 while len(pending) >= PIPELINE_DEPTH and not stop.is_set():
                     yield from finish(*pending.popleft())
             while pending and not stop.is_set():

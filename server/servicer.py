@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 from histohelper.server.config import ServerConfig
+from histohelper.server.explain import Explainer, Explanation, Selection, encode_jpeg
 from histohelper.server.pipeline import (
     AnalysisSpec,
     Analyzer,
@@ -117,6 +118,7 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         self.runtime = runtime
         self.worker = worker
         self.analyzer = analyzer
+        self.explainer = Explainer(analyzer)
         self._slots = threading.BoundedSemaphore(config.max_concurrent_analyses)
         self._active = 0
         self._lock = threading.Lock()
@@ -190,6 +192,7 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             batch_size=batch_size,
             return_embeddings=opts.return_embeddings,
             return_attention=opts.return_attention,
+            return_cams=opts.return_cams,
         )
 
     # --- conversions ------------------------------------------------------------------
@@ -282,6 +285,10 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             probabilities=ev.probabilities.ravel().tolist(),
             failed_patch_index=ev.failed.tolist(),
         )
+        if ev.cams is not None and ev.logits is not None:
+            msg.cam_size = ev.cams.shape[-1]
+            msg.cams.extend(ev.cams.ravel().tolist())
+            msg.logits.extend(ev.logits.ravel().tolist())
         if ev.embeddings is not None:
             msg.embedding_dim = ev.embeddings.shape[1]
             msg.embeddings.extend(ev.embeddings.ravel().tolist())
@@ -390,6 +397,93 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
                 time.perf_counter() - t0,
                 extra=extra,
             )
+
+    def _explain_request(
+        self, request: pb.ExplainPatchesRequest, request_id: str
+    ) -> tuple[AnalysisSpec, Selection, int, int]:
+        classes = list(self.runtime.manifest.patch_classes)
+        class_name = request.class_name or classes[-1]
+        if class_name not in classes:
+            raise InvalidOptionsError(f"unknown patch class; the model's classes are {classes}")
+        quality = request.jpeg_quality or 90
+        if not 1 <= quality <= 100:
+            raise InvalidOptionsError("jpeg_quality must be in [1, 100]")
+        which = request.WhichOneof("selection")
+        if which == "patches":
+            selection = Selection("indices", indices=tuple(request.patches.patch_index))
+        else:
+            rank_by = (
+                "probability" if request.top_k.rank_by == pb.RANK_BY_PROBABILITY else "attention"
+            )
+            k = request.top_k.k if which == "top_k" else 8
+            selection = Selection("top_k", k=k, rank_by=rank_by)
+        as_analysis = pb.AnalyzeSlideRequest(slide_path=request.slide_path, options=request.options)
+        spec = self._spec(as_analysis, request_id)
+        return spec, selection, classes.index(class_name), quality
+
+    @staticmethod
+    def _explanation(
+        ex: Explanation, plan: TilingPlan, classes: list[str], quality: int
+    ) -> pb.ExplainPatchesResponse:
+        g, i = plan.grid, ex.index
+        msg = pb.PatchExplanation(
+            patch_index=i,
+            row=int(g.row[i]),
+            col=int(g.col[i]),
+            x_l0=float(g.x_l0[i]),
+            y_l0=float(g.y_l0[i]),
+            width_l0=float(g.width_l0[i]),
+            height_l0=float(g.height_l0[i]),
+            image_jpeg=encode_jpeg(ex.image, quality),
+            class_name=classes[ex.class_index],
+            probabilities=ex.probabilities.tolist(),
+            cam_size=ex.grad_cam.shape[-1],
+            grad_cam=ex.grad_cam.ravel().tolist(),
+            rank=ex.rank,
+            score=ex.score,
+            class_probability=float(ex.probabilities[ex.class_index]),
+        )
+        if ex.attention is not None:
+            msg.attention = ex.attention
+        return pb.ExplainPatchesResponse(explanation=msg)
+
+    def ExplainPatches(  # noqa: N802
+        self, request: pb.ExplainPatchesRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ExplainPatchesResponse]:
+        request_id = request.request_id if _REQUEST_ID.match(request.request_id) else ""
+        request_id = request_id or uuid.uuid4().hex[:16]
+        extra = {"request_id": request_id}
+        if not self._slots.acquire(blocking=False):
+            self._abort(context, ServerBusyError("the server is busy; retry later"), request_id)
+            return
+        with self._idle:
+            self._active += 1
+        stop = threading.Event()
+        context.add_callback(stop.set)
+        try:
+            spec, selection, class_index, quality = self._explain_request(request, request_id)
+            log.info("explanation started", extra=extra)
+            classes = list(self.runtime.manifest.patch_classes)
+            plan, explanations = self.explainer.explain(spec, selection, class_index, stop)
+            for ex in explanations:
+                if stop.is_set():
+                    break
+                yield self._explanation(ex, plan, classes, quality)
+        except HistoHelperError as exc:
+            log.info("explanation failed: %s", exc.reason, extra=extra)
+            self._abort(context, exc, request_id)
+        except Exception:
+            log.exception("explanation crashed", extra=extra)
+            self._abort(
+                context,
+                InternalError(f"internal server error (request id {request_id})"),
+                request_id,
+            )
+        finally:
+            self._slots.release()
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
 
     def GetModelInfo(  # noqa: N802
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext

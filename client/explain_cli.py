@@ -1,0 +1,122 @@
+"""``histohelper explain``: Grad-CAM gallery and sub-patch heatmap for one slide.
+
+One analysis (with attention and CAMs) ranks the patches; one ``ExplainPatches`` call
+returns the top k patch images with their layer4 Grad-CAM maps. Writes to ``--out``:
+
+- ``gallery.png``: the top-k patches beside their Grad-CAM overlays, with scores;
+- ``cam_overlay.png``: the sub-patch-resolution CAM probability map over the thumbnail
+  (7 x 7 cells per 224 px patch, overlapping cells averaged);
+- ``cam_heatmap.npz``: that map at one CAM cell per pixel (``heatmap``, ``l0_per_px``);
+- ``explanations.json``: each explained patch's box, scores and Grad-CAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from histohelper.client.cli import _add_connection_arguments, _guarded, _make_client, _UsageError
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Register ``explain`` on the top-level parser."""
+    p = subparsers.add_parser(
+        "explain",
+        help="Grad-CAM gallery of the top patches and a sub-patch-resolution heatmap",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("slide", help="slide path relative to the server's slide root")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    p.add_argument("--top-k", type=int, default=8, help="patches in the gallery (default 8)")
+    p.add_argument(
+        "--by",
+        choices=["attention", "probability"],
+        default="attention",
+        help="rank patches by MIL attention or by the class probability (default attention)",
+    )
+    p.add_argument(
+        "--class",
+        dest="class_name",
+        help="patch class to explain (default: the model's last patch class)",
+    )
+    p.add_argument("--stride-px", type=int, help="patch stride at the target resolution")
+    _add_connection_arguments(p)
+    p.set_defaults(func=_guarded("explain", _explain))
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import numpy as np
+    from histohelper.client.explain import render_gallery
+    from histohelper.client.options import AnalysisOptions
+    from histohelper.client.render import write_png
+
+    if not 1 <= args.top_k <= 256:
+        raise _UsageError("--top-k must be in 1..256")
+    options = AnalysisOptions(return_attention=True, return_cams=True, stride_px=args.stride_px)
+    with _make_client(args) as client:
+        result = client.analyze(args.slide, options)
+        classes = list(result.class_names)
+        class_name = args.class_name or (classes[-1] if classes else None)
+        if class_name not in classes:
+            raise _UsageError(f"unknown class {class_name!r}; the model's classes: {classes}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        p = result.patches
+        if len(p) == 0:
+            print(f"{args.slide}: no tissue patches to explain -> {args.out}")
+            return 0
+        cls = result.class_index(class_name)
+        scores = p.attention if args.by == "attention" else p.probabilities[:, cls]
+        order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[: args.top_k]
+        indices = [int(p.patch_index[i]) for i in order]
+        explanations = client.explain(
+            args.slide, patch_indices=indices, class_name=class_name, options=options
+        )
+    by_index = {int(p.patch_index[i]): i for i in order}
+    ranked = [
+        dataclasses.replace(
+            ex,
+            rank=rank,
+            score=float(scores[by_index[ex.patch_index]]),
+            attention=float(p.attention[by_index[ex.patch_index]]),
+        )
+        for rank, ex in enumerate(explanations)
+    ]
+    write_png(args.out / "gallery.png", render_gallery(ranked, untrained=result.model.untrained))
+    write_png(args.out / "cam_overlay.png", result.overlay(class_name, cams=True))
+    heat, l0_per_px = result.cam_heatmap(class_name)
+    np.savez_compressed(
+        args.out / "cam_heatmap.npz", heatmap=heat, l0_per_px=l0_per_px, class_name=class_name
+    )
+    records = [
+        {
+            "rank": ex.rank,
+            "patch_index": ex.patch_index,
+            "row": ex.row,
+            "col": ex.col,
+            "box_l0": [ex.x_l0, ex.y_l0, ex.width_l0, ex.height_l0],
+            "ranked_by": args.by,
+            "score": ex.score,
+            "attention": ex.attention,
+            "class_name": ex.class_name,
+            "class_probability": ex.class_probability,
+            "grad_cam": ex.grad_cam.tolist(),
+        }
+        for ex in ranked
+    ]
+    summary = {
+        "class_name": class_name,
+        "ranked_by": args.by,
+        "untrained": result.model.untrained,
+        "explanations": records,
+    }
+    (args.out / "explanations.json").write_text(json.dumps(summary, indent=2))
+    flag = " [UNTRAINED]" if result.model.untrained else ""
+    print(
+        f"{args.slide}: explained {len(ranked)} of {len(p)} patches by {args.by} "
+        f"for class {class_name}{flag} -> {args.out}"
+    )
+    return 0
