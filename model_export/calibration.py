@@ -7,6 +7,7 @@ export step has no dependency on the server.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,9 @@ class CalibrationSet:
 
     Attributes:
         images: uint8 ``[B, S, S, 3]`` RGB.
-        source: ``"synthetic(seed=N)"`` or ``"slide:<file name>"`` (the manifest's
-            ``calibration`` field and the parity figures' ``data``).
+        source: ``"synthetic(seed=N)"`` or ``"slide-sha256:<16 hex>"``, a fingerprint
+            of the slide's first MiB and size, never its name (slide names may carry
+            patient identifiers; this goes into the manifest that clients can read).
         grid_cells: grid cells visited (slide only; 0 for synthetic).
     """
 
@@ -117,19 +119,28 @@ def slide_patches(
         step_l0 = max(1, round(size_l0 * (1.0 - min(max(overlap, 0.0), 0.9))))
         w_l0, h_l0 = slide.dimensions
         kept: list[npt.NDArray[np.uint8]] = []
+        positions = [
+            (x_l0, y_l0)
+            for y_l0 in range(0, h_l0 - size_l0 + 1, step_l0)
+            for x_l0 in range(0, w_l0 - size_l0 + 1, step_l0)
+        ]
+        # A gigapixel slide has far more cells than needed: visit an even subset.
+        max_cells = 16 * max_patches
+        if len(positions) > max_cells:
+            pick = np.linspace(0, len(positions) - 1, max_cells).round().astype(int)
+            positions = [positions[i] for i in pick]
         cells = 0
-        for y_l0 in range(0, h_l0 - size_l0 + 1, step_l0):
-            for x_l0 in range(0, w_l0 - size_l0 + 1, step_l0):
-                cells += 1
-                region = slide.read_region((x_l0, y_l0), 0, (size_l0, size_l0))
-                white = Image.new("RGBA", region.size, (255, 255, 255, 255))
-                rgb = Image.alpha_composite(white, region).convert("RGB")
-                if size_l0 != size_px:
-                    rgb = rgb.resize((size_px, size_px), Image.Resampling.BILINEAR)
-                arr = np.asarray(rgb, dtype=np.uint8)
-                tissue = (arr <= WHITE_LEVEL).any(axis=2).mean()
-                if tissue >= min_tissue_fraction:
-                    kept.append(arr)
+        for x_l0, y_l0 in positions:
+            cells += 1
+            region = slide.read_region((x_l0, y_l0), 0, (size_l0, size_l0))
+            white = Image.new("RGBA", region.size, (255, 255, 255, 255))
+            rgb = Image.alpha_composite(white, region).convert("RGB")
+            if size_l0 != size_px:
+                rgb = rgb.resize((size_px, size_px), Image.Resampling.BILINEAR)
+            arr = np.asarray(rgb, dtype=np.uint8)
+            tissue = (arr <= WHITE_LEVEL).any(axis=2).mean()
+            if tissue >= min_tissue_fraction:
+                kept.append(arr)
     finally:
         slide.close()
     if not kept:
@@ -137,4 +148,12 @@ def slide_patches(
     if len(kept) > max_patches:
         idx = np.linspace(0, len(kept) - 1, max_patches).round().astype(int)
         kept = [kept[i] for i in idx]
-    return CalibrationSet(np.stack(kept), f"slide:{p.name}", cells)
+    return CalibrationSet(np.stack(kept), f"slide-sha256:{_fingerprint(p)}", cells)
+
+
+def _fingerprint(path: Path) -> str:
+    """16 hex digits of sha256 over the file's size and first MiB (not its name)."""
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as fh:
+        digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:16]
