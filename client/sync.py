@@ -18,6 +18,7 @@ from histohelper.client._channel import (
 from histohelper.client.errors import error_from_rpc
 from histohelper.client.events import Event, ModelInfo, Progress, Started, event_from_proto
 from histohelper.client.options import AnalysisOptions, analyze_request
+from histohelper.client.patches import PatchInputs, PatchPrediction, classify_stream
 from histohelper.client.result import ResultCollector, SlideResult
 
 from histohelper.v1 import slide_analysis_pb2 as pb
@@ -191,3 +192,43 @@ class SlideClient:
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
         return ModelInfo.from_proto(reply)
+
+    def classify(
+        self,
+        images: PatchInputs,
+        *,
+        batch_size: int = 32,
+        max_in_flight: int = 2,
+        return_embeddings: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[PatchPrediction]:
+        """Classify client-supplied patch images (``ClassifyPatches``), lazily and in order.
+
+        Images are packed into requests of ``batch_size`` and at most ``max_in_flight``
+        requests are unanswered at a time, so ``images`` may be a generator over a
+        folder of any size. The server resizes each image to the model's patch size.
+
+        Args:
+            images: ``(id, data)`` pairs: PNG/JPEG/TIFF file bytes of any size, or RGB
+                uint8 ``[h, w, 3]`` arrays.
+            batch_size: images per request, in [1, 1024].
+            max_in_flight: requests sent ahead of the answers (bounds memory).
+            return_embeddings: include each image's embedding.
+            timeout: deadline in seconds for the whole stream (``None``: client default).
+
+        Yields:
+            One :class:`~histohelper.client.patches.PatchPrediction` per image, in
+            order; an undecodable image carries ``error`` instead of probabilities.
+
+        Raises:
+            HistoHelperError: a subclass matching the server's error.
+        """
+        return classify_stream(
+            self._stub.ClassifyPatches,
+            images,
+            batch_size=batch_size,
+            max_in_flight=max_in_flight,
+            return_embeddings=return_embeddings,
+            timeout=timeout if timeout is not None else self.timeout,
+            metadata=self._metadata,
+        )
