@@ -1,9 +1,10 @@
-"""Client subcommands of the ``histohelper`` console script: ``analyze`` and ``info``.
+"""Client subcommands of the ``histohelper`` console script: ``analyze``, ``info``, ``evaluate``.
 
 ``histohelper analyze SLIDE --server HOST:PORT --out DIR`` analyses a slide (path
 relative to the server's slide root) with a progress bar, writes the standard files
 and prints a one-line summary. ``histohelper info --server HOST:PORT`` prints the
-served model's manifest.
+served model's manifest. ``histohelper evaluate DIR --server HOST:PORT`` scores the
+served model on a labelled patch folder (:mod:`histohelper.client.evaluate`).
 
 Expected failures (server errors, unreachable server, unwritable output) print one
 line ``histohelper <command>: error: ...`` to stderr and exit non-zero, without a
@@ -37,7 +38,7 @@ TOKEN_ENV = "HISTOHELPER_TOKEN"
 
 
 def add_subcommands(subparsers: Any) -> None:
-    """Register ``analyze`` and ``info`` (each with ``func``) on the dispatcher's subparsers."""
+    """Register ``analyze``, ``info`` and ``evaluate`` (each with ``func``) on the subparsers."""
     analyze = subparsers.add_parser(
         "analyze",
         help="analyse a slide on a server; write overlay, heatmaps, GeoJSON, summary",
@@ -85,8 +86,33 @@ def add_subcommands(subparsers: Any) -> None:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=run_info)
 
-    # Reserved: "evaluate" (slide-level metrics over a labelled list of slides) will be
-    # registered here, reusing _add_connection_arguments and _guarded.
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="patch-level metrics of the served model on a labelled patch folder",
+        description="Classify every patch of DIR (ImageFolder layout: DIR/<class>/<images>; "
+        "PNG, JPEG or TIFF of any size) on the server and print the confusion matrix, "
+        "accuracy, sensitivity, specificity, precision, F1 and ROC AUC with bootstrap 95 %% "
+        "confidence intervals. Needs scikit-learn (pip install 'histohelper[evaluate]').",
+    )
+    evaluate.add_argument("folder", metavar="DIR", type=Path, help="labelled patch folder")
+    _add_connection_arguments(evaluate)
+    evaluate.add_argument(
+        "--positive", metavar="CLASS", help="positive class (default: the model's last class)"
+    )
+    evaluate.add_argument("--out", "-o", type=Path, metavar="FILE", help="write the report as JSON")
+    evaluate.add_argument(
+        "--batch-size", type=int, default=32, metavar="N", help="images per request (default 32)"
+    )
+    evaluate.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples (default 1000)",
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    evaluate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=run_evaluate)
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -291,8 +317,57 @@ def _info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is None:
+        raise _UsageError("evaluate needs scikit-learn: pip install 'histohelper[evaluate]'")
+    if not 1 <= args.batch_size <= 1024:
+        raise _UsageError("--batch-size must be in [1, 1024]")
+    if args.bootstrap < 0:
+        raise _UsageError("--bootstrap must be >= 0")
+    from histohelper.client.evaluate import EvaluationError, evaluate_folder, scan_patch_folder
+    from tqdm import tqdm
+
+    try:
+        folder = scan_patch_folder(args.folder)
+    except EvaluationError as exc:
+        raise _UsageError(str(exc)) from None
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # fail before the work, not after
+    with _make_client(args) as client:
+        bar = tqdm(
+            total=len(folder.patches),
+            unit="patch",
+            desc="evaluate",
+            disable=True if args.quiet else None,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        try:
+            report = evaluate_folder(
+                client,
+                folder,
+                positive=args.positive,
+                batch_size=args.batch_size,
+                n_bootstrap=args.bootstrap,
+                seed=args.seed,
+                on_progress=lambda done, _total: bar.update(done - bar.n),
+            )
+        except EvaluationError as exc:
+            raise _UsageError(str(exc)) from None
+        finally:
+            bar.close()
+    print(report.format_table())
+    if args.out is not None:
+        args.out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"report -> {args.out}")
+    return EXIT_OK
+
+
 run_analyze = _guarded("analyze", _analyze)
 run_info = _guarded("info", _info)
+run_evaluate = _guarded("evaluate", _evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,585 @@
+"""Patch-level evaluation of the *served* model on a labelled patch folder.
+
+The folder has the ImageFolder layout (torchvision): one sub-folder per class name,
+PNG/JPEG/TIFF patches of any size below it (searched recursively). Every patch is
+sent through ``ClassifyPatches`` (the server decodes it and resizes it to the model's
+patch size, exactly as the manifest says), and the predictions are scored against the
+folder labels with scikit-learn:
+
+- confusion matrix over the model's patch classes (rows: true, columns: predicted;
+  prediction = argmax of the softmax probabilities);
+- accuracy (all classes), and one-vs-rest for the *positive* class: sensitivity
+  (recall of the positive class), specificity (recall of the rest), precision, F1,
+  ROC AUC of the positive-class probability;
+- per-class recall;
+- a 95 % percentile bootstrap confidence interval for each figure (Efron & Tibshirani,
+  *An Introduction to the Bootstrap*, 1993, ch. 13): patches are resampled with
+  replacement ``n_bootstrap`` times with a seeded ``numpy.random.Generator``.
+
+Unreadable files (the client cannot read them, or the server cannot decode them) are
+listed and skipped, never fatal. Folder classes the model does not know raise
+:class:`EvaluationError` before any image is sent.
+
+scikit-learn is the ``evaluate`` extra: it is imported inside :func:`compute_metrics`
+only, so importing this module needs neither scikit-learn nor OpenCV.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from histohelper.client.events import ModelSummary
+from histohelper.client.patches import PatchInput
+
+#: File suffixes taken as patches (case-insensitive); other files are listed as ignored.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+#: Files larger than this are skipped rather than sent (the server's default message
+#: limit is 16 MiB per request).
+DEFAULT_MAX_IMAGE_BYTES = 12 * 1024 * 1024
+
+DEFAULT_BOOTSTRAP = 1000
+DEFAULT_SEED = 0
+
+#: Binary metrics, in report order: name -> (label in the table, shown as percent).
+METRIC_LABELS: dict[str, tuple[str, bool]] = {
+    "accuracy": ("accuracy", True),
+    "sensitivity": ("sensitivity", True),
+    "specificity": ("specificity", True),
+    "precision": ("precision", True),
+    "f1": ("F1", True),
+    "roc_auc": ("ROC AUC", False),
+}
+
+ProgressFn = Callable[[int, int], Any]
+
+
+class EvaluationError(ValueError):
+    """The folder cannot be evaluated against the served model (unknown class names,
+    no patches, unknown positive class, nothing classified)."""
+
+
+# --- folder ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledPatch:
+    """One patch file: path relative to the folder ("/"-separated) and its class."""
+
+    rel_path: str
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class PatchFolder:
+    """A scanned ImageFolder tree.
+
+    Attributes:
+        root: the folder.
+        class_names: sub-folder names, sorted (each is a class).
+        patches: image files, sorted by class then path.
+        ignored: files that are not images by suffix (relative paths).
+    """
+
+    root: Path
+    class_names: tuple[str, ...]
+    patches: tuple[LabelledPatch, ...]
+    ignored: tuple[str, ...]
+
+    def count(self, class_name: str) -> int:
+        """Image files under ``class_name``."""
+        return sum(p.label == class_name for p in self.patches)
+
+
+def scan_patch_folder(root: str | os.PathLike[str]) -> PatchFolder:
+    """List the patches of an ImageFolder tree (stat only, no image is read).
+
+    Hidden entries (starting with ".") are left out.
+
+    Raises:
+        EvaluationError: ``root`` is not a directory, has no class sub-folder, or no
+            image file.
+    """
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise EvaluationError(f"not a directory: {root_path}")
+    classes = sorted(
+        d.name for d in root_path.iterdir() if d.is_dir() and not d.name.startswith(".")
+    )
+    if not classes:
+        raise EvaluationError(
+            f"{root_path} has no class sub-folders (expected DIR/<class name>/<patch files>)"
+        )
+    patches: list[LabelledPatch] = []
+    ignored: list[str] = []
+    for name in classes:
+        for dirpath, dirnames, filenames in os.walk(root_path / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fname in sorted(filenames):
+                if fname.startswith("."):
+                    continue
+                rel = Path(dirpath, fname).relative_to(root_path).as_posix()
+                if fname.lower().endswith(IMAGE_SUFFIXES):
+                    patches.append(LabelledPatch(rel, name))
+                else:
+                    ignored.append(rel)
+    if not patches:
+        raise EvaluationError(
+            f"no image files ({', '.join(IMAGE_SUFFIXES)}) under the class folders of {root_path}"
+        )
+    return PatchFolder(root_path, tuple(classes), tuple(patches), tuple(ignored))
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """A figure with its bootstrap confidence interval (``None`` where undefined, e.g.
+    sensitivity without positive patches, AUC with one class only)."""
+
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "ci95": [self.ci_low, self.ci_high]}
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Patch-level figures of one evaluation.
+
+    Attributes:
+        class_names: the model's patch classes (confusion-matrix order).
+        positive: the positive class (one of ``class_names``).
+        confusion: int64 ``[C, C]``, rows true class, columns predicted class.
+        tp, fn, tn, fp: one-vs-rest counts for ``positive``.
+        estimates: ``accuracy``, ``sensitivity``, ``specificity``, ``precision``,
+            ``f1``, ``roc_auc`` (fractions in [0, 1]).
+        per_class_recall: recall of each class in ``class_names``.
+        n_bootstrap, seed, confidence: bootstrap settings (percentile intervals).
+    """
+
+    class_names: tuple[str, ...]
+    positive: str
+    confusion: npt.NDArray[np.int64]
+    tp: int
+    fn: int
+    tn: int
+    fp: int
+    estimates: dict[str, Estimate]
+    per_class_recall: dict[str, Estimate]
+    n_bootstrap: int
+    seed: int
+    confidence: float
+
+    @property
+    def n(self) -> int:
+        """Patches scored."""
+        return int(self.confusion.sum())
+
+
+def _figures(
+    y_true: npt.NDArray[np.int64],
+    y_pred: npt.NDArray[np.int64],
+    scores: npt.NDArray[np.float64],
+    positive: int,
+    n_classes: int,
+    per_class: bool,
+) -> list[float]:
+    """accuracy, sensitivity, specificity, precision, F1, ROC AUC [, recall per class]
+    by scikit-learn; NaN where undefined."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
+
+    true_pos = (y_true == positive).astype(np.int64)
+    pred_pos = (y_pred == positive).astype(np.int64)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        true_pos, pred_pos, labels=[0, 1], zero_division=np.nan
+    )
+    auc = roc_auc_score(true_pos, scores) if 0 < true_pos.sum() < len(true_pos) else np.nan
+    out = [
+        float(accuracy_score(y_true, y_pred)),
+        float(recall[1]),  # sensitivity: recall of the positive class
+        float(recall[0]),  # specificity: recall of the negative (rest) class
+        float(precision[1]),
+        float(f1[1]),
+        float(auc),
+    ]
+    if per_class:
+        _, rec, _, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=list(range(n_classes)), zero_division=np.nan
+        )
+        out.extend(float(r) for r in rec)
+    return out
+
+
+def compute_metrics(
+    y_true: Sequence[int] | npt.NDArray[np.integer],
+    probabilities: npt.ArrayLike,
+    class_names: Sequence[str],
+    positive: str,
+    *,
+    n_bootstrap: int = DEFAULT_BOOTSTRAP,
+    seed: int = DEFAULT_SEED,
+    confidence: float = 0.95,
+) -> Metrics:
+    """Score predictions against labels with scikit-learn, with bootstrap intervals.
+
+    Args:
+        y_true: int ``[n]`` true class index into ``class_names``.
+        probabilities: float ``[n, C]`` class probabilities; the prediction is their
+            argmax (first class on ties), the ROC score the positive column.
+        class_names: the ``C`` class names.
+        positive: the positive class for sensitivity, specificity, precision, F1, AUC.
+        n_bootstrap: resamples for the intervals (0: no intervals).
+        seed: seed of ``numpy.random.default_rng`` for the resampling.
+        confidence: interval coverage (percentile method), in (0, 1).
+
+    Returns:
+        :class:`Metrics`.
+
+    Raises:
+        EvaluationError: no patches, shapes disagree, or ``positive`` unknown.
+        ImportError: scikit-learn is missing (``pip install "histohelper[evaluate]"``).
+    """
+    from sklearn.metrics import confusion_matrix
+
+    names = tuple(class_names)
+    if positive not in names:
+        raise EvaluationError(f"positive class {positive!r} is not one of {', '.join(names)}")
+    y = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if y.ndim != 1 or y.size == 0:
+        raise EvaluationError("no patches to score")
+    if probs.shape != (y.size, len(names)):
+        raise EvaluationError(
+            f"probabilities have shape {probs.shape}, expected ({y.size}, {len(names)})"
+        )
+    if y.min() < 0 or y.max() >= len(names):
+        raise EvaluationError("true class indices out of range")
+    if not 0.0 < confidence < 1.0:
+        raise EvaluationError("confidence must be in (0, 1)")
+    pos = names.index(positive)
+    y_pred = probs.argmax(axis=1).astype(np.int64)
+    scores = probs[:, pos]
+    n_classes = len(names)
+    cm = confusion_matrix(y, y_pred, labels=list(range(n_classes))).astype(np.int64)
+    tp = int(cm[pos, pos])
+    fn = int(cm[pos].sum() - tp)
+    fp = int(cm[:, pos].sum() - tp)
+    tn = int(cm.sum() - tp - fn - fp)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # undefined metrics in a resample are NaN
+        multi = n_classes > 2  # two classes: per-class recall is sensitivity/specificity
+        point = np.array(_figures(y, y_pred, scores, pos, n_classes, multi))
+        k = len(point)
+        samples = np.full((max(n_bootstrap, 0), k), np.nan)
+        rng = np.random.default_rng(seed)
+        for b in range(samples.shape[0]):
+            idx = rng.integers(0, y.size, y.size)
+            samples[b] = _figures(y[idx], y_pred[idx], scores[idx], pos, n_classes, multi)
+        alpha = (1.0 - confidence) / 2.0
+        if samples.shape[0]:
+            lo, hi = np.nanpercentile(samples, [100 * alpha, 100 * (1 - alpha)], axis=0)
+        else:
+            lo = hi = np.full(k, np.nan)
+
+    def est(i: int) -> Estimate:
+        def f(v: float) -> float | None:
+            return None if not np.isfinite(v) else float(v)
+
+        return Estimate(f(point[i]), f(lo[i]), f(hi[i]))
+
+    estimates = {name: est(i) for i, name in enumerate(METRIC_LABELS)}
+    if multi:
+        base = len(METRIC_LABELS)
+        per_class = {name: est(base + i) for i, name in enumerate(names)}
+    else:
+        per_class = {
+            name: estimates["sensitivity" if i == pos else "specificity"]
+            for i, name in enumerate(names)
+        }
+    return Metrics(
+        names, positive, cm, tp, fn, tn, fp, estimates, per_class, n_bootstrap, seed, confidence
+    )
+
+
+# --- evaluation -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedFile:
+    """A patch left out: its path relative to the folder and why."""
+
+    file: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """Result of :func:`evaluate_folder`.
+
+    Attributes:
+        folder: the evaluated folder.
+        model: the served model's summary.
+        metrics: the figures over the classified patches.
+        folder_counts: image files per folder class.
+        skipped: patches left out (unreadable, undecodable, too large).
+        ignored: non-image files in the class folders.
+        files: relative paths of the classified patches, in order.
+        y_true: int64 ``[n]`` true class index (model class order) of each.
+        probabilities: float32 ``[n, C]`` served probabilities of each.
+    """
+
+    folder: Path
+    model: ModelSummary
+    metrics: Metrics
+    folder_counts: dict[str, int]
+    skipped: tuple[SkippedFile, ...]
+    ignored: tuple[str, ...]
+    files: tuple[str, ...] = field(repr=False)
+    y_true: npt.NDArray[np.int64] = field(repr=False)
+    probabilities: npt.NDArray[np.float32] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no per-patch rows)."""
+        m, s = self.metrics, self.model
+        return {
+            "folder": str(self.folder),
+            "model": {
+                "name": s.name,
+                "version": s.version,
+                "untrained": s.untrained,
+                "precision": s.precision,
+                "device": s.device,
+                "patch_size_px": s.patch_size_px,
+                "patch_classes": list(s.patch_classes),
+            },
+            "positive_class": m.positive,
+            "folder_counts": dict(self.folder_counts),
+            "n_images": sum(self.folder_counts.values()),
+            "n_classified": m.n,
+            "n_skipped": len(self.skipped),
+            "confusion_matrix": {
+                "rows": "true class",
+                "columns": "predicted class",
+                "labels": list(m.class_names),
+                "matrix": m.confusion.tolist(),
+            },
+            "counts": {"tp": m.tp, "fn": m.fn, "tn": m.tn, "fp": m.fp},
+            "metrics": {name: e.to_dict() for name, e in m.estimates.items()},
+            "per_class_recall": {name: e.to_dict() for name, e in m.per_class_recall.items()},
+            "bootstrap": {
+                "resamples": m.n_bootstrap,
+                "seed": m.seed,
+                "confidence": m.confidence,
+                "method": "percentile",
+            },
+            "skipped": [{"file": f.file, "reason": f.reason} for f in self.skipped],
+            "ignored": list(self.ignored),
+        }
+
+    def format_table(self) -> str:
+        """The report as text, in the research's style (percentages with counts)."""
+        return format_report(self)
+
+
+def _fmt(value: float | None, percent: bool) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.2f}" if percent else f"{value:.4f}"
+
+
+def format_metrics(m: Metrics) -> list[str]:
+    """Confusion matrix and metric table lines for :class:`Metrics`."""
+    width = max(9, *(len(c) for c in m.class_names)) + 2
+    lines = ["confusion matrix (rows: true class, columns: predicted class)"]
+    lines.append(" " * width + "".join(f"{c:>{width}}" for c in m.class_names))
+    for name, row in zip(m.class_names, m.confusion, strict=True):
+        lines.append(f"{name:<{width}}" + "".join(f"{int(v):>{width}}" for v in row))
+    n_correct = int(np.trace(m.confusion))
+    counts = {
+        "accuracy": f"{n_correct} / {m.n}",
+        "sensitivity": f"{m.tp} TP / {m.fn} FN",
+        "specificity": f"{m.tn} TN / {m.fp} FP",
+        "precision": f"{m.tp} TP / {m.fp} FP",
+        "f1": "",
+        "roc_auc": f"score: p({m.positive})",
+    }
+    ci_label = f"{100 * m.confidence:g} % CI"
+    lines += ["", f"{'metric':<13}{'value':>10}  {ci_label:<18}  counts"]
+    for name, (label, percent) in METRIC_LABELS.items():
+        e = m.estimates[name]
+        unit = " %" if percent else "  "
+        value = _fmt(e.value, percent) + (unit if e.value is not None else "  ")
+        ci = (
+            f"[{_fmt(e.ci_low, percent)}, {_fmt(e.ci_high, percent)}]"
+            if e.ci_low is not None and e.ci_high is not None
+            else "n/a"
+        )
+        lines.append(f"{label:<13}{value:>10}  {ci:<18}  {counts[name]}".rstrip())
+    if len(m.class_names) > 2:
+        lines += ["", "per-class recall"]
+        for name, e in m.per_class_recall.items():
+            ci = (
+                f"[{_fmt(e.ci_low, True)}, {_fmt(e.ci_high, True)}]"
+                if e.ci_low is not None and e.ci_high is not None
+                else "n/a"
+            )
+            lines.append(f"  {name:<{width}}{_fmt(e.value, True):>8} %  {ci}")
+    lines.append("")
+    lines.append(
+        f"positive class: {m.positive}; intervals: percentile bootstrap, "
+        f"{m.n_bootstrap} resamples of the {m.n} patches, seed {m.seed}"
+    )
+    return lines
+
+
+def format_report(report: EvaluationReport) -> str:
+    """Header, :func:`format_metrics` and the skipped files as one text block."""
+    s, m = report.model, report.metrics
+    model = f"{s.name} {s.version}".strip()
+    lines = [f"patch-level evaluation of {model} ({s.precision} on {s.device})"]
+    if s.untrained:
+        lines.append("WARNING: untrained weights (seeded random init): figures mean nothing")
+    lines.append(
+        f"folder: {report.folder} | {sum(report.folder_counts.values())} images, "
+        f"{m.n} classified, {len(report.skipped)} skipped"
+    )
+    lines.append("")
+    lines += format_metrics(m)
+    if report.skipped:
+        lines += ["", f"skipped files ({len(report.skipped)}):"]
+        lines += [f"  {f.file}: {f.reason}" for f in report.skipped]
+    if report.ignored:
+        lines.append(f"ignored {len(report.ignored)} non-image file(s), e.g. {report.ignored[0]}")
+    return "\n".join(lines)
+
+
+def _read_inputs(
+    folder: PatchFolder,
+    skipped: dict[int, SkippedFile],
+    max_image_bytes: int,
+) -> Iterator[PatchInput]:
+    """Yield ``(str(index), bytes)`` per readable patch; record the others in ``skipped``."""
+    for i, patch in enumerate(folder.patches):
+        path = folder.root / patch.rel_path
+        try:
+            size = path.stat().st_size
+            if size > max_image_bytes:
+                skipped[i] = SkippedFile(
+                    patch.rel_path, f"file of {size} bytes exceeds {max_image_bytes}"
+                )
+                continue
+            data = path.read_bytes()
+        except OSError as exc:
+            skipped[i] = SkippedFile(patch.rel_path, f"cannot read: {exc.strerror or exc}")
+            continue
+        if not data:
+            skipped[i] = SkippedFile(patch.rel_path, "empty file")
+            continue
+        yield str(i), data
+
+
+def evaluate_folder(
+    client: Any,
+    folder: str | os.PathLike[str] | PatchFolder,
+    *,
+    positive: str | None = None,
+    batch_size: int = 32,
+    max_in_flight: int = 2,
+    n_bootstrap: int = DEFAULT_BOOTSTRAP,
+    seed: int = DEFAULT_SEED,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    on_progress: ProgressFn | None = None,
+) -> EvaluationReport:
+    """Classify every patch of a labelled folder on the server and score the results.
+
+    Args:
+        client: a :class:`~histohelper.client.SlideClient` (``get_model_info``,
+            ``classify``).
+        folder: an ImageFolder tree, or its :func:`scan_patch_folder` result.
+        positive: positive class; default the model's last patch class.
+        batch_size: images per ``ClassifyPatches`` request.
+        max_in_flight: requests unanswered at a time (at most
+            ``batch_size * (max_in_flight + 1)`` files in memory).
+        n_bootstrap, seed: bootstrap resamples and seed.
+        max_image_bytes: larger files are skipped.
+        on_progress: called with ``(done, total)`` after each answered image.
+
+    Returns:
+        :class:`EvaluationReport`.
+
+    Raises:
+        EvaluationError: folder class names the model does not know, unknown
+            ``positive``, an empty folder, or no patch classified (raised before any
+            image is sent, except the last).
+        HistoHelperError: the server call failed.
+    """
+    scanned = folder if isinstance(folder, PatchFolder) else scan_patch_folder(folder)
+    model = client.get_model_info().model
+    classes = tuple(model.patch_classes)
+    unknown = [c for c in scanned.class_names if c not in classes]
+    if unknown:
+        raise EvaluationError(
+            f"class folder(s) {', '.join(repr(c) for c in unknown)} in {scanned.root} "
+            f"are not classes of the served model (its patch classes: {', '.join(classes)})"
+        )
+    positive = classes[-1] if positive is None else positive
+    if positive not in classes:
+        raise EvaluationError(
+            f"positive class {positive!r} is not a class of the served model "
+            f"(its patch classes: {', '.join(classes)})"
+        )
+
+    skipped: dict[int, SkippedFile] = {}
+    kept: list[int] = []
+    rows: list[npt.NDArray[np.float32]] = []
+    total = len(scanned.patches)
+    predictions = client.classify(
+        _read_inputs(scanned, skipped, max_image_bytes),
+        batch_size=batch_size,
+        max_in_flight=max_in_flight,
+    )
+    for pred in predictions:
+        i = int(pred.id)
+        if pred.error:
+            skipped[i] = SkippedFile(scanned.patches[i].rel_path, pred.error)
+        elif pred.probabilities.shape != (len(classes),):
+            skipped[i] = SkippedFile(
+                scanned.patches[i].rel_path,
+                f"server returned {pred.probabilities.size} probabilities for "
+                f"{len(classes)} classes",
+            )
+        else:
+            kept.append(i)
+            rows.append(pred.probabilities)
+        if on_progress is not None:
+            on_progress(len(kept) + len(skipped), total)
+    if on_progress is not None:
+        on_progress(len(kept) + len(skipped), total)  # files skipped after the last answer
+    if not kept:
+        raise EvaluationError(f"none of the {total} patches could be classified")
+    y_true = np.array([classes.index(scanned.patches[i].label) for i in kept], dtype=np.int64)
+    probs = np.stack(rows).astype(np.float32)
+    metrics = compute_metrics(y_true, probs, classes, positive, n_bootstrap=n_bootstrap, seed=seed)
+    return EvaluationReport(
+        folder=scanned.root,
+        model=model,
+        metrics=metrics,
+        folder_counts={c: scanned.count(c) for c in scanned.class_names},
+        skipped=tuple(skipped[i] for i in sorted(skipped)),
+        ignored=scanned.ignored,
+        files=tuple(scanned.patches[i].rel_path for i in kept),
+        y_true=y_true,
+        probabilities=probs,
+    )
