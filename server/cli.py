@@ -28,7 +28,17 @@ def _add_tile(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[t
             "(row, col, x, y, w, h in level-0 px, tissue fraction) and summary.json."
         ),
     )
-    p.add_argument("slide", help="slide file (any format OpenSlide reads, or a plain image)")
+    p.add_argument(
+        "slide",
+        help="slide file (any format OpenSlide reads, or a plain image); with --slide-root, "
+        "a path relative to that root, as AnalyzeSlide takes it",
+    )
+    p.add_argument(
+        "--slide-root",
+        metavar="DIR",
+        help="resolve SLIDE under DIR with the server's sandbox rules (relative path, no "
+        "'..', nothing outside DIR through links)",
+    )
     p.add_argument("--out", required=True, help="output directory (created)")
     add_tiling_arguments(p)
     p.set_defaults(func=_run_tile)
@@ -41,15 +51,24 @@ def _run_tile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import cv2
+    from histohelper.server.sandbox import resolve_slide_path
     from histohelper.server.tiling import open_slide, plan_tiling, tiling_options_from_args
     from histohelper.server.tiling.render import grid_overlay, mask_image
 
     from histohelper.errors import HistoHelperError
 
     out = Path(args.out)
+    if args.slide_root is not None and not Path(args.slide_root).is_dir():
+        print(f"histohelper tile: no such slide root: {args.slide_root}", file=sys.stderr)
+        return 2
     try:
         options = tiling_options_from_args(args)
-        with open_slide(args.slide) as slide:
+        slide_path = (
+            Path(args.slide)
+            if args.slide_root is None
+            else resolve_slide_path(Path(args.slide_root), args.slide)
+        )
+        with open_slide(slide_path) as slide:
             plan = plan_tiling(slide, options)
     except HistoHelperError as exc:
         print(f"histohelper tile: {type(exc).__name__}: {exc}", file=sys.stderr)
