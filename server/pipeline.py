@@ -140,10 +140,11 @@ Event = Started | PatchesDone | Progress | AttentionDone | Completed
 
 def resize_batch(images: npt.NDArray[np.uint8], size_px: int) -> npt.NDArray[np.uint8]:
     """Resize a batch [B, H, W, 3] uint8 to [B, size_px, size_px, 3] (OpenCV INTER_AREA
-    when shrinking, INTER_LINEAR when enlarging)."""
+    when the image's area shrinks, INTER_LINEAR when it grows; non-square images are
+    stretched to the square)."""
     if images.shape[1] == size_px and images.shape[2] == size_px:
         return images
-    shrink = images.shape[1] > size_px
+    shrink = images.shape[1] * images.shape[2] > size_px * size_px
     interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
     out = np.empty((images.shape[0], size_px, size_px, 3), dtype=np.uint8)
     for i, image in enumerate(images):
