@@ -17,6 +17,7 @@ from histohelper.client._channel import (
 )
 from histohelper.client.errors import error_from_rpc
 from histohelper.client.events import Event, ModelInfo, Progress, Started, event_from_proto
+from histohelper.client.explain import PatchExplanation, explain_request
 from histohelper.client.options import AnalysisOptions, analyze_request
 from histohelper.client.patches import PatchInputs, PatchPrediction, classify_stream
 from histohelper.client.result import ResultCollector, SlideResult
@@ -192,6 +193,51 @@ class SlideClient:
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
         return ModelInfo.from_proto(reply)
+
+    def explain(
+        self,
+        slide_path: str | PurePath,
+        *,
+        top_k: int = 8,
+        rank_by: str = "attention",
+        patch_indices: list[int] | None = None,
+        class_name: str | None = None,
+        options: AnalysisOptions | None = None,
+        jpeg_quality: int = 90,
+        timeout: float | None = None,
+    ) -> list[PatchExplanation]:
+        """Explain patches of a slide: each patch's image and its layer4 Grad-CAM.
+
+        Args:
+            slide_path: path relative to the server's slide root.
+            top_k: how many patches, ranked by ``rank_by`` (ignored with ``patch_indices``;
+                ranking runs the whole analysis on the server).
+            rank_by: ``"attention"`` (MIL attention) or ``"probability"`` (of the class).
+            patch_indices: explicit bag indices (e.g. from a :class:`SlideResult`'s
+                ``patches.patch_index``), analysed with the same ``options``.
+            class_name: patch class to explain; default the model's last patch class.
+            options: tiling options; must match the analysis the indices came from.
+            jpeg_quality: quality of the returned patch images, 1..100.
+            timeout: deadline in seconds (``None``: client default).
+
+        Returns:
+            Explanations in rank order (indices: in the given order).
+
+        Raises:
+            HistoHelperError: a subclass matching the server's error (e.g.
+                ``InvalidOptionsError`` for an unknown class or index).
+        """
+        opts = options.to_proto() if options is not None else None
+        request = explain_request(
+            str(slide_path), top_k=top_k, rank_by=rank_by, patch_indices=patch_indices,
+            class_name=class_name, options=opts, jpeg_quality=jpeg_quality,
+        )  # fmt: skip
+        deadline = timeout if timeout is not None else self.timeout
+        call = self._stub.ExplainPatches(request, timeout=deadline, metadata=self._metadata)
+        try:
+            return [PatchExplanation.from_proto(m.explanation) for m in call]
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
 
     def classify(
         self,
