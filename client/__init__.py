@@ -37,6 +37,7 @@ from histohelper.client.events import (
 from histohelper.client.options import AnalysisOptions
 from histohelper.client.result import PatchTable, ResultCollector, SlideResult
 from histohelper.client.sync import SlideClient
+from histohelper.client.uploads import UploadedSlide
 
 __all__ = [
     "DEFAULT_MAX_RECEIVE_MESSAGE_BYTES",
@@ -62,6 +63,7 @@ __all__ = [
     "Started",
     "Thumbnail",
     "Timings",
+    "UploadedSlide",
     "error_from_rpc",
     "event_from_proto",
 ]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import PurePath
 from types import TracebackType
@@ -23,6 +24,7 @@ from histohelper.client.events import Event, ModelInfo, Progress, Started, event
 from histohelper.client.options import AnalysisOptions, analyze_request
 from histohelper.client.result import ResultCollector, SlideResult
 from histohelper.client.sync import DEFAULT_UNARY_TIMEOUT_S
+from histohelper.client.uploads import UploadedSlide, upload_requests
 
 from histohelper.v1 import slide_analysis_pb2 as pb
 from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
@@ -88,7 +90,7 @@ class AsyncSlideClient:
 
     async def stream(
         self,
-        slide_path: str | PurePath,
+        slide_path: str | PurePath | UploadedSlide,
         options: AnalysisOptions | None = None,
         *,
         request_id: str | None = None,
@@ -114,7 +116,7 @@ class AsyncSlideClient:
 
     async def analyze(
         self,
-        slide_path: str | PurePath,
+        slide_path: str | PurePath | UploadedSlide,
         options: AnalysisOptions | None = None,
         on_progress: AsyncProgressCallback | None = None,
         *,
@@ -142,6 +144,30 @@ class AsyncSlideClient:
                     if inspect.isawaitable(ret):
                         await ret
         return collector.result()
+
+    async def upload(
+        self,
+        source: str | os.PathLike[str] | bytes,
+        *,
+        suffix: str | None = None,
+        timeout: float | None = None,
+    ) -> UploadedSlide:
+        """Upload a slide (``UploadSlide``); see ``SlideClient.upload``.
+
+        The file is hashed and read in the calling thread (blocking, 1 MiB at a time).
+
+        Raises:
+            HistoHelperError: a subclass matching the server's error.
+        """
+        requests = upload_requests(source, suffix)
+        deadline = timeout if timeout is not None else self.timeout
+        try:
+            reply = await self._stub.UploadSlide(
+                requests, timeout=deadline, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        return UploadedSlide.from_proto(reply)
 
     async def get_model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Return the served model's summary, manifest and server defaults.

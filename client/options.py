@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Literal
 
+from histohelper.client.uploads import UploadedSlide
+
 from histohelper.errors import InvalidOptionsError
 from histohelper.v1 import slide_analysis_pb2 as pb
 
@@ -109,7 +111,7 @@ class AnalysisOptions:
 
 
 def analyze_request(
-    slide_path: str | PurePath,
+    slide_path: str | PurePath | UploadedSlide,
     options: AnalysisOptions | None,
     request_id: str | None,
 ) -> pb.AnalyzeSlideRequest:
@@ -117,10 +119,17 @@ def analyze_request(
 
     Args:
         slide_path: slide path relative to the server's slide root, "/"-separated
-            (a ``PurePath`` is converted with ``as_posix()``).
+            (a ``PurePath`` is converted with ``as_posix()``), or an
+            :class:`~histohelper.client.uploads.UploadedSlide` (sent as ``upload_id``).
         options: analysis options; ``None`` takes :class:`AnalysisOptions` defaults.
         request_id: optional id echoed by the server (<= 64 chars of ``[A-Za-z0-9._-]``).
     """
+    if isinstance(slide_path, UploadedSlide):
+        return pb.AnalyzeSlideRequest(
+            upload_id=slide_path.upload_id,
+            options=(options or AnalysisOptions()).to_proto(),
+            request_id=request_id or "",
+        )
     path = slide_path.as_posix() if isinstance(slide_path, PurePath) else str(slide_path)
     return pb.AnalyzeSlideRequest(
         slide_path=path,

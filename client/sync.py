@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import PurePath
 from types import TracebackType
@@ -21,6 +22,7 @@ from histohelper.client.explain import PatchExplanation, explain_request
 from histohelper.client.options import AnalysisOptions, analyze_request
 from histohelper.client.patches import PatchInputs, PatchPrediction, classify_stream
 from histohelper.client.result import ResultCollector, SlideResult
+from histohelper.client.uploads import UploadedSlide, upload_requests
 
 from histohelper.v1 import slide_analysis_pb2 as pb
 from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
@@ -108,7 +110,7 @@ class SlideClient:
 
     def stream(
         self,
-        slide_path: str | PurePath,
+        slide_path: str | PurePath | UploadedSlide,
         options: AnalysisOptions | None = None,
         *,
         request_id: str | None = None,
@@ -123,7 +125,8 @@ class SlideClient:
         and call ``collector.result(partial=True)`` whenever a frame is due.
 
         Args:
-            slide_path: path relative to the server's slide root, "/"-separated.
+            slide_path: path relative to the server's slide root, "/"-separated, or an
+                :class:`UploadedSlide` from :meth:`upload`.
             options: analysis options (``None``: defaults).
             request_id: optional id echoed by the server and in its logs.
             timeout: deadline in seconds for the whole stream (``None``: client default).
@@ -145,7 +148,7 @@ class SlideClient:
 
     def analyze(
         self,
-        slide_path: str | PurePath,
+        slide_path: str | PurePath | UploadedSlide,
         options: AnalysisOptions | None = None,
         on_progress: ProgressCallback | None = None,
         *,
@@ -155,7 +158,8 @@ class SlideClient:
         """Analyse a slide and return the assembled result.
 
         Args:
-            slide_path: path relative to the server's slide root, "/"-separated.
+            slide_path: path relative to the server's slide root, "/"-separated, or an
+                :class:`UploadedSlide` from :meth:`upload`.
             options: analysis options (``None``: defaults, with attention).
             on_progress: called with a :class:`Progress` once the grid is known
                 (``patches_done=0``) and for each progress event.
@@ -178,6 +182,40 @@ class SlideClient:
                 elif isinstance(event, Progress):
                     on_progress(event)
         return collector.result()
+
+    def upload(
+        self,
+        source: str | os.PathLike[str] | bytes,
+        *,
+        suffix: str | None = None,
+        timeout: float | None = None,
+    ) -> UploadedSlide:
+        """Upload a slide for servers that cannot see the caller's files (``UploadSlide``).
+
+        Sends the SHA-256, size and suffix first, then 1 MiB chunks; the file's name is
+        never sent. Pass the result to :meth:`analyze` or :meth:`stream`.
+
+        Args:
+            source: a slide file, or its bytes.
+            suffix: e.g. ``".svs"``; default: the file's suffix (required for bytes).
+            timeout: deadline in seconds (``None``: client default, else none).
+
+        Returns:
+            The :class:`UploadedSlide` (opaque id, size, SHA-256, expiry).
+
+        Raises:
+            SlideTooLargeError: over the server's upload cap.
+            UploadQuotaError: the server's upload area is full; retry later.
+            UploadChecksumError, UploadError: corrupted or malformed upload.
+            PermissionDeniedError: the token lacks the ``upload`` role.
+        """
+        requests = upload_requests(source, suffix)
+        deadline = timeout if timeout is not None else self.timeout
+        try:
+            reply = self._stub.UploadSlide(requests, timeout=deadline, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        return UploadedSlide.from_proto(reply)
 
     def get_model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Return the served model's summary, manifest and server defaults.

@@ -194,6 +194,28 @@ class ServerUnavailableError(HistoHelperError):
     reason = "UNAVAILABLE"
 
 
+class UploadError(HistoHelperError):
+    """An UploadSlide stream is malformed: no metadata first, bad suffix or size,
+    a chunk too large, or fewer/more bytes than declared."""
+
+    code = "INVALID_ARGUMENT"
+    reason = "UPLOAD_INVALID"
+
+
+class UploadChecksumError(UploadError):
+    """The uploaded bytes do not hash to the declared SHA-256 (corrupted in transit)."""
+
+    code = "DATA_LOSS"
+    reason = "UPLOAD_CHECKSUM_MISMATCH"
+
+
+class UploadQuotaError(UploadError):
+    """The upload area's quota (bytes, or concurrent uploads) is used up; retry later."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "UPLOAD_QUOTA_EXCEEDED"
+
+
 class InternalError(HistoHelperError):
     """An unexpected server fault. The message carries a request id, never a traceback."""
 

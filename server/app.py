@@ -4,6 +4,10 @@ Standard services (grpcio-health-checking, grpcio-reflection):
 ``grpc.health.v1.Health`` reports SERVING for "" and the analysis service once the
 model is loaded; on shutdown ``enter_graceful_shutdown()`` flips it to NOT_SERVING
 before ``server.stop(grace)``.
+
+Security (see ``tls``, ``auth``, ``uploads``, ``audit``): TLS or mutual TLS when
+configured (plaintext only on loopback or with ``allow_insecure``); one interceptor
+authenticates, authorises and audits every call to the analysis service.
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from histohelper.server.audit import AuditLog
+from histohelper.server.auth import Authenticator, SecurityInterceptor, TokenStore
 from histohelper.server.config import ServerConfig
 from histohelper.server.pipeline import Analyzer
 from histohelper.server.runtime import ModelRuntime, load_runtime
 from histohelper.server.servicer import SlideAnalysisServicer
 from histohelper.server.tiling import SlideCache
+from histohelper.server.tls import check_transport_policy, server_credentials
+from histohelper.server.uploads import UploadStore
 from histohelper.server.worker import ModelWorker
 
 from histohelper.v1 import slide_analysis_pb2 as pb
@@ -48,6 +56,8 @@ class RunningServer:
     health: health.HealthServicer
     servicer: SlideAnalysisServicer
     worker: ModelWorker
+    uploads: UploadStore | None = None
+    audit_log: AuditLog | None = None
 
     @property
     def target(self) -> str:
@@ -60,6 +70,10 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.grace_s if grace is None else grace).wait()
         self.worker.close()
+        if self.uploads is not None:
+            self.uploads.close()
+        if self.audit_log is not None:
+            self.audit_log.close()
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -67,8 +81,8 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
@@ -87,14 +101,21 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
 
     Raises:
         ModelArtifactError: the artifact cannot be loaded.
+        TransportPolicyError: plaintext on a non-loopback host without ``allow_insecure``,
+            or an unreadable TLS file.
+        TokensFileError: the tokens file is unreadable or malformed.
         RuntimeError: the port cannot be bound.
     """
+    check_transport_policy(config)
+    credentials = server_credentials(config)
+    tokens = TokenStore.load(config.tokens_file) if config.tokens_file is not None else None
     if runtime is None:
         runtime = load_runtime(
             config.model_path,
             device=config.device,
             precision=config.precision,
             num_threads=config.num_threads,
+            backend=config.backend,  # type: ignore[arg-type]
         )
     worker = ModelWorker(runtime)
     analyzer = Analyzer(
@@ -104,21 +125,39 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         max_failed_fraction=config.max_failed_fraction,
         slide_cache=SlideCache(),
     )
-    servicer = SlideAnalysisServicer(config, runtime, worker, analyzer)
+    uploads = UploadStore(
+        config.upload_dir,
+        max_bytes=config.upload_max_bytes,
+        quota_bytes=config.upload_quota_bytes,
+        ttl_s=config.upload_ttl_s,
+        max_concurrent=config.max_concurrent_uploads,
+    )
+    audit_log = AuditLog(config.audit_log)
+    servicer = SlideAnalysisServicer(config, runtime, worker, analyzer, uploads=uploads)
+    interceptor = SecurityInterceptor(
+        Authenticator(tokens), audit_log, runtime.manifest.model_version
+    )
     # Analyses each hold a thread; leave room for health, info and ClassifyPatches.
     pool = futures.ThreadPoolExecutor(
-        max_workers=config.max_concurrent_analyses + 8, thread_name_prefix="grpc"
+        max_workers=config.max_concurrent_analyses + config.max_concurrent_uploads + 8,
+        thread_name_prefix="grpc",
     )
-    server = grpc.server(pool, options=grpc_options(config))
+    server = grpc.server(pool, interceptors=[interceptor], options=grpc_options(config))
     pb_grpc.add_SlideAnalysisServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         worker.close()
+        uploads.close()
+        audit_log.close()
         raise RuntimeError("could not bind the server's port")
     server.start()
     for name in ("", SERVICE_NAME):
@@ -130,9 +169,13 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
             "device": runtime.device,
             "precision": runtime.precision,
             "model_version": runtime.manifest.model_version,
+            "tls": "mutual" if config.tls_client_ca else ("server" if config.tls else "off"),
+            "token_auth": tokens is not None,
         },
     )
-    return RunningServer(server, port, config, health_servicer, servicer, worker)
+    return RunningServer(
+        server, port, config, health_servicer, servicer, worker, uploads, audit_log
+    )
 
 
 class JsonLogFormatter(logging.Formatter):

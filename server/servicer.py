@@ -15,13 +15,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import cv2
 import grpc
 import numpy as np
 import numpy.typing as npt
+from histohelper.server import audit
 from histohelper.server.config import ServerConfig
 from histohelper.server.explain import Explainer, Explanation, Selection, encode_jpeg
+from histohelper.server.limits import DefaultDeadline
 from histohelper.server.pipeline import (
     AnalysisSpec,
     Analyzer,
@@ -37,14 +40,17 @@ from histohelper.server.runtime import ModelRuntime
 from histohelper.server.sandbox import resolve_slide_path
 from histohelper.server.status import to_grpc_status
 from histohelper.server.tiling import Resolution, TilingOptions, TilingPlan
+from histohelper.server.uploads import UploadStore, handle_upload
 from histohelper.server.worker import ModelWorker
 
 from histohelper.errors import (
+    DeadlineExceededError,
     HistoHelperError,
     InternalError,
     InvalidImageError,
     InvalidOptionsError,
     ServerBusyError,
+    SlideNotFoundError,
 )
 from histohelper.v1 import slide_analysis_pb2 as pb
 from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
@@ -105,6 +111,8 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         runtime: the loaded model (read for its manifest only; calls go via ``worker``).
         worker: the model's one owner.
         analyzer: the transport-free analysis pipeline.
+        uploads: the upload area (UploadSlide, AnalyzeSlideRequest.upload_id); None
+            refuses uploads (UNIMPLEMENTED) and upload ids (NOT_FOUND).
     """
 
     def __init__(
@@ -113,8 +121,11 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         runtime: ModelRuntime,
         worker: ModelWorker,
         analyzer: Analyzer,
+        *,
+        uploads: UploadStore | None = None,
     ) -> None:
         self.config = config
+        self.uploads = uploads
         self.runtime = runtime
         self.worker = worker
         self.analyzer = analyzer
@@ -155,6 +166,7 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
     def _abort(
         self, context: grpc.ServicerContext, error: HistoHelperError, request_id: str
     ) -> None:
+        audit.note(reason=error.reason)
         context.abort_with_status(to_grpc_status(error, request_id))
 
     def _spec(self, request: pb.AnalyzeSlideRequest, request_id: str) -> AnalysisSpec:
@@ -184,7 +196,11 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             tiling = TilingOptions(**kwargs)  # type: ignore[arg-type]
         except (TypeError, ValueError) as exc:
             raise InvalidOptionsError(f"invalid analysis options: {exc}") from None
-        slide_path = resolve_slide_path(self.config.slide_root, request.slide_path)
+        if request.WhichOneof("source") == "upload_id":
+            slide_path = self._resolve_upload(request.upload_id)
+        else:
+            slide_path = resolve_slide_path(self.config.slide_root, request.slide_path)
+            audit.note(slide_fingerprint=audit.slide_fingerprint(slide_path))
         return AnalysisSpec(
             request_id=request_id,
             slide_path=slide_path,
@@ -194,6 +210,13 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             return_attention=opts.return_attention,
             return_cams=opts.return_cams,
         )
+
+    def _resolve_upload(self, upload_id: str) -> Path:
+        if self.uploads is None:
+            raise SlideNotFoundError("this server keeps no uploads")
+        stored = self.uploads.resolve(upload_id, audit.current_caller())
+        audit.note(slide_fingerprint=f"sha256:{stored.sha256_hex}")
+        return stored.path
 
     # --- conversions ------------------------------------------------------------------
 
@@ -344,6 +367,7 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         request_id = request.request_id if _REQUEST_ID.match(request.request_id) else ""
         request_id = request_id or uuid.uuid4().hex[:16]
         extra = {"request_id": request_id}
+        audit.note(request_id=request_id)
         if not self._slots.acquire(blocking=False):
             log.info("analysis refused: server busy", extra=extra)
             self._abort(
@@ -359,6 +383,7 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             self._active += 1
         stop = threading.Event()
         context.add_callback(stop.set)
+        deadline = DefaultDeadline(context, self.config.default_deadline_s, stop.set)
         outcome = "error"
         try:
             spec = self._spec(request, request_id)
@@ -372,6 +397,11 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
                 if isinstance(event, Completed):
                     outcome = event.outcome
                 yield self._convert(event, spec, plan)
+            if deadline.expired and outcome == "error":
+                raise DeadlineExceededError(
+                    f"the analysis passed the server's default deadline of "
+                    f"{self.config.default_deadline_s:g} s (set a deadline to allow more)"
+                )
             if stop.is_set() and outcome == "error":
                 outcome = "cancelled"
         except HistoHelperError as exc:
@@ -387,6 +417,7 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
                 request_id,
             )
         finally:
+            deadline.cancel()
             self._slots.release()
             with self._idle:
                 self._active -= 1
@@ -495,10 +526,22 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             max_concurrent_analyses=self.config.max_concurrent_analyses,
         )
 
+    def UploadSlide(  # noqa: N802
+        self,
+        request_iterator: Iterator[pb.UploadSlideRequest],
+        context: grpc.ServicerContext,
+    ) -> pb.UploadSlideResponse:
+        if self.uploads is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server accepts no uploads")
+        assert self.uploads is not None
+        return handle_upload(
+            self.uploads, request_iterator, context, self.config.default_deadline_s
+        )
+
     def _classify(self, request: pb.ClassifyPatchesRequest) -> pb.ClassifyPatchesResponse:
-        if len(request.images) > MAX_IMAGES_PER_REQUEST:
+        if len(request.images) > self.config.max_images_per_request:
             raise InvalidOptionsError(
-                f"at most {MAX_IMAGES_PER_REQUEST} images per ClassifyPatches request"
+                f"at most {self.config.max_images_per_request} images per ClassifyPatches request"
             )
         size = self.runtime.manifest.patch_size_px
         predictions = [pb.PatchPrediction(id=image.id) for image in request.images]
@@ -528,6 +571,7 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         context: grpc.ServicerContext,
     ) -> Iterator[pb.ClassifyPatchesResponse]:
         request_id = uuid.uuid4().hex[:16]
+        audit.note(request_id=request_id)
         try:
             for request in request_iterator:
                 if not context.is_active():

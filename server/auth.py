@@ -1,0 +1,365 @@
+"""Caller authentication and authorisation: bearer tokens, mutual-TLS identities, roles.
+
+Tokens file (``--tokens-file``), JSON::
+
+    {"tokens": [
+        {"sha256": "<64 hex digits: SHA-256 of the token's UTF-8 bytes>",
+         "identity": "lis-prod", "roles": ["analyze", "upload"]}
+    ]}
+
+Only hashes are stored; the server never stores, logs or echoes a raw token. A
+presented token is hashed and compared with every stored hash in constant time
+(``hmac.compare_digest``). ``roles`` defaults to ``["analyze"]``; ``"upload"`` is
+needed for UploadSlide. ``python -m histohelper.server.auth --identity NAME --roles
+analyze,upload`` makes a new random token: the token on stdout (give it to the
+caller), the entry for the tokens file on stderr.
+
+:class:`SecurityInterceptor` wraps every call to the analysis service:
+
+* with a tokens file, calls need ``authorization: Bearer <token>`` metadata: missing,
+  malformed or unknown tokens get UNAUTHENTICATED; a known token without the RPC's
+  role gets PERMISSION_DENIED (statuses from the error table, with ErrorInfo);
+* without one, callers are trusted: ``cert:<CN>`` when mutual TLS presented a client
+  certificate (the handshake already checked it against the client CA), else
+  ``anonymous`` (the transport policy allows that only on loopback or by opt-in);
+* ``grpc.health.v1.Health`` and server reflection stay open (load balancers and
+  orchestrators probe them without credentials; they reveal no data);
+* every call gets an audit record (:mod:`histohelper.server.audit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from histohelper.server import audit
+from histohelper.server.status import to_grpc_status
+
+from histohelper.errors import HistoHelperError, PermissionDeniedError, UnauthenticatedError
+
+log = logging.getLogger(__name__)
+
+ROLE_ANALYZE = "analyze"
+ROLE_UPLOAD = "upload"
+ROLES = frozenset({ROLE_ANALYZE, ROLE_UPLOAD})
+#: Role each RPC of the analysis service needs; unlisted RPCs need ``analyze``.
+METHOD_ROLES: Mapping[str, str] = {"UploadSlide": ROLE_UPLOAD}
+SERVICE_PREFIX = "/histohelper.v1.SlideAnalysisService/"
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_IDENTITY = re.compile(r"^[A-Za-z0-9._@:/+-]{1,128}$")
+_BEARER = re.compile(r"^Bearer[ \t]+([!-~]{1,4096})[ \t]*$", re.IGNORECASE)
+
+
+class TokensFileError(ValueError):
+    """The tokens file is missing, unreadable or malformed (never quotes its contents)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: identity for the audit log, roles for authorisation."""
+
+    identity: str
+    roles: frozenset[str]
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 hex digest of a token's UTF-8 bytes (what the tokens file stores)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class TokenStore:
+    """Accepted token hashes with their principals.
+
+    Args:
+        entries: ``(sha256 hex, principal)`` pairs.
+    """
+
+    def __init__(self, entries: Sequence[tuple[str, Principal]]) -> None:
+        self._entries = [(bytes.fromhex(h), p) for h, p in entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @classmethod
+    def load(cls, path: Path) -> TokenStore:
+        """Read and validate a tokens file.
+
+        Raises:
+            TokensFileError: unreadable, not JSON, or an entry without a 64-hex-digit
+                ``sha256``, a valid ``identity`` or known ``roles``.
+        """
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise TokensFileError(f"cannot read the tokens file ({exc.strerror})") from None
+        except ValueError:
+            raise TokensFileError("the tokens file is not valid JSON") from None
+        items = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise TokensFileError('the tokens file needs {"tokens": [...]}')
+        entries: list[tuple[str, Principal]] = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or set(item) - {"sha256", "identity", "roles"}:
+                raise TokensFileError(
+                    f"tokens[{i}]: expected keys sha256, identity, roles (raw tokens are "
+                    "never stored: hash them)"
+                )
+            digest = str(item.get("sha256", "")).lower()
+            identity = item.get("identity")
+            roles = item.get("roles", [ROLE_ANALYZE])
+            if not _HEX64.match(digest):
+                raise TokensFileError(f"tokens[{i}].sha256 must be 64 hex digits")
+            if not isinstance(identity, str) or not _IDENTITY.match(identity):
+                raise TokensFileError(f"tokens[{i}].identity must match {_IDENTITY.pattern}")
+            if not isinstance(roles, list) or not set(roles) <= ROLES:
+                raise TokensFileError(f"tokens[{i}].roles must be a list of {sorted(ROLES)}")
+            entries.append((digest, Principal(identity, frozenset(roles))))
+        return cls(entries)
+
+    def lookup(self, token: str) -> Principal | None:
+        """The principal of ``token``, or None; compares with every hash in constant time."""
+        digest = hashlib.sha256(token.encode("utf-8")).digest()
+        found: Principal | None = None
+        for stored, principal in self._entries:
+            if hmac.compare_digest(stored, digest):
+                found = principal
+        return found
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of the first ``authorization`` metadata entry.
+
+    Raises:
+        UnauthenticatedError: the entry is not ``Bearer <token>`` (printable ASCII).
+    """
+    for key, value in metadata or ():
+        if key.lower() != "authorization":
+            continue
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        match = _BEARER.match(text)
+        if match is None:
+            raise UnauthenticatedError("authorization metadata must be 'Bearer <token>'")
+        return match.group(1)
+    return None
+
+
+class Authenticator:
+    """Decides who a caller is.
+
+    Args:
+        tokens: accepted tokens; None disables token authentication (callers are then
+            identified by their client certificate, else ``anonymous``, with all roles).
+    """
+
+    def __init__(self, tokens: TokenStore | None) -> None:
+        self.tokens = tokens
+
+    def authenticate(
+        self, metadata: Sequence[tuple[str, str | bytes]] | None, client_cn: str | None
+    ) -> Principal:
+        """The caller's principal.
+
+        Raises:
+            UnauthenticatedError: tokens are required and none (or an unknown one) came.
+        """
+        token = bearer_token(metadata)
+        if self.tokens is None:
+            return Principal(f"cert:{client_cn}" if client_cn else "anonymous", ROLES)
+        if token is None:
+            raise UnauthenticatedError("missing bearer token (authorization: Bearer <token>)")
+        principal = self.tokens.lookup(token)
+        if principal is None:
+            raise UnauthenticatedError("invalid bearer token")
+        return principal
+
+
+def _client_cn(context: grpc.ServicerContext) -> str | None:
+    try:
+        values = context.auth_context().get("x509_common_name") or []
+    except Exception:  # no auth context on this transport
+        return None
+    for value in values:
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        return text[:128]
+    return None
+
+
+def _outcome(context: grpc.ServicerContext, exc: BaseException | None) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(exc, GeneratorExit) or not context.is_active():
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    if exc is not None:
+        return "UNKNOWN"
+    return "OK"
+
+
+class SecurityInterceptor(grpc.ServerInterceptor):
+    """Authenticates, authorises and audits every call to the analysis service.
+
+    Args:
+        authenticator: who the caller is.
+        audit_log: where finished call records go.
+        model_version: the served model's version, written into each record.
+    """
+
+    def __init__(
+        self, authenticator: Authenticator, audit_log: audit.AuditLog, model_version: str
+    ) -> None:
+        self.authenticator = authenticator
+        self.audit_log = audit_log
+        self.model_version = model_version
+
+    # --- per call ---------------------------------------------------------------------
+
+    def _open(self, rpc: str, context: grpc.ServicerContext) -> tuple[audit.CallRecord, Any]:
+        record = audit.CallRecord(
+            rpc=rpc,
+            request_id=uuid.uuid4().hex[:16],
+            model_version=self.model_version,
+            started=time.perf_counter(),
+        )
+        try:
+            record.peer = context.peer()
+        except Exception:
+            record.peer = ""
+        audit.set_current(record)
+        lock = threading.Lock()
+        done: list[bool] = []
+
+        def finish(exc: BaseException | None = None) -> None:
+            with lock:
+                if done:
+                    return
+                done.append(True)
+            record.duration_s = time.perf_counter() - record.started
+            record.outcome = _outcome(context, exc)
+            if record.outcome == "OK":
+                record.reason = None
+            if audit.current() is record:
+                audit.set_current(None)
+            self.audit_log.write(record)
+
+        # A call abandoned mid-stream (client cancel) is recorded when it terminates.
+        context.add_callback(finish)
+        return record, finish
+
+    def _admit(self, record: audit.CallRecord, role: str, context: grpc.ServicerContext) -> None:
+        record.client_cert = _client_cn(context)
+        try:
+            principal = self.authenticator.authenticate(
+                context.invocation_metadata(), record.client_cert
+            )
+            record.caller = principal.identity
+            if role not in principal.roles:
+                raise PermissionDeniedError(f"the caller lacks the '{role}' role")
+        except HistoHelperError as exc:
+            record.reason = exc.reason
+            log.info(
+                "call refused: %s",
+                exc.reason,
+                extra={"request_id": record.request_id, "rpc": record.rpc},
+            )
+            context.abort_with_status(to_grpc_status(exc, record.request_id))
+
+    # --- handler wrapping -------------------------------------------------------------
+
+    def _unary_response(self, rpc: str, role: str, behavior: Callable[..., Any]):
+        def wrapped(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
+            record, finish = self._open(rpc, context)
+            exc: BaseException | None = None
+            try:
+                self._admit(record, role, context)
+                return behavior(request_or_iterator, context)
+            except BaseException as err:
+                exc = err
+                raise
+            finally:
+                finish(exc)
+
+        return wrapped
+
+    def _streaming_response(self, rpc: str, role: str, behavior: Callable[..., Any]):
+        def wrapped(request_or_iterator: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            record, finish = self._open(rpc, context)
+            exc: BaseException | None = None
+            try:
+                self._admit(record, role, context)
+                yield from behavior(request_or_iterator, context)
+            except BaseException as err:
+                exc = err
+                raise
+            finally:
+                finish(exc)
+
+        return wrapped
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler  # health, reflection (open) and unknown methods (UNIMPLEMENTED)
+        rpc = method[len(SERVICE_PREFIX) :]
+        role = METHOD_ROLES.get(rpc, ROLE_ANALYZE)
+        des, ser = handler.request_deserializer, handler.response_serializer
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming_response(rpc, role, handler.stream_stream), des, ser
+            )
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary_response(rpc, role, handler.stream_unary), des, ser
+            )
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming_response(rpc, role, handler.unary_stream), des, ser
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary_response(rpc, role, handler.unary_unary), des, ser
+        )
+
+
+def new_token(identity: str, roles: Sequence[str]) -> tuple[str, dict[str, object]]:
+    """A fresh random token (256 bits, URL-safe) and its tokens-file entry."""
+    token = secrets.token_urlsafe(32)
+    return token, {"sha256": hash_token(token), "identity": identity, "roles": list(roles)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m histohelper.server.auth``: print a new token and its file entry."""
+    parser = argparse.ArgumentParser(description="make a bearer token for --tokens-file")
+    parser.add_argument("--identity", required=True, help="caller identity for the audit log")
+    parser.add_argument("--roles", default=ROLE_ANALYZE, help="comma-separated: analyze,upload")
+    args = parser.parse_args(argv)
+    roles = [r for r in args.roles.split(",") if r]
+    if not _IDENTITY.match(args.identity) or not set(roles) <= ROLES:
+        parser.error(f"identity must match {_IDENTITY.pattern}; roles in {sorted(ROLES)}")
+    token, entry = new_token(args.identity, roles)
+    print(token)
+    print(json.dumps(entry), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
