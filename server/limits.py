@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import grpc
 
-
 #: ``time_remaining()`` beyond this (about 3 years) means the client set no deadline:
 #: grpcio reports an infinite deadline as a huge number of seconds, not None.
 NO_DEADLINE_S = 1e8
