@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 ATTENTION_CHUNK = 16_384  # attention weights per AttentionChunk message (~130 KB)
 PIPELINE_DEPTH = 2  # model batches in flight per analysis (overlap with sending)
+FIRST_BATCH_SIZE = 8  # patches in the first batch, so the first result comes out early
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,7 @@ class Analyzer:
             num_workers=self.num_readers,
             max_failed_fraction=self.max_failed_fraction,
             cache=self.slide_cache,
+            first_batch_size=min(FIRST_BATCH_SIZE, spec.batch_size),
         )
         batches = reader.iter_batches(stop=stop)
         try:

@@ -143,6 +143,11 @@ class OnnxInfo(_Frozen):
         outputs: output names, in order.
         checker_passed: ``onnx.checker.check_model`` passed.
         parity: onnxruntime vs eager fp32.
+        int8_file_name: base name of the int8 (static QDQ) ``.onnx`` beside it, when
+            one was made and passed its gate; None otherwise.
+        int8_parity: int8 onnxruntime vs eager fp32 on the calibration patches (the
+            reduced-precision gate), also when it failed.
+        int8_calibration: what the activation ranges were calibrated on.
     """
 
     file_name: str
@@ -151,6 +156,17 @@ class OnnxInfo(_Frozen):
     outputs: tuple[str, ...]
     checker_passed: bool
     parity: ParityFigures
+    int8_file_name: str | None = None
+    int8_parity: ParityFigures | None = None
+    int8_calibration: str | None = None
+
+    def int8_passed(self) -> bool:
+        """Whether an int8 model exists and passed its parity gate."""
+        return (
+            self.int8_file_name is not None
+            and self.int8_parity is not None
+            and self.int8_parity.passed
+        )
 
 
 class Manifest(_Frozen):

@@ -98,6 +98,8 @@ class PatchReader:
         max_failed_fraction: share of requested patches allowed to fail before the
             slide is declared corrupt (0..1).
         cache: shared :class:`SlideCache` (tile cache and pooled handles).
+        first_batch_size: size of the first batch (default ``batch_size``); a small
+            first batch gets the first results out sooner (time to first result).
 
     Raises:
         InvalidOptionsError: a parameter out of range.
@@ -113,14 +115,18 @@ class PatchReader:
         queue_depth: int = 4,
         max_failed_fraction: float = 0.05,
         cache: SlideCache | None = None,
+        first_batch_size: int | None = None,
     ) -> None:
         if batch_size < 1 or num_workers < 1 or queue_depth < 1:
             raise InvalidOptionsError("batch_size, num_workers and queue_depth must be >= 1")
+        if first_batch_size is not None and first_batch_size < 1:
+            raise InvalidOptionsError("first_batch_size must be >= 1")
         if not 0.0 <= max_failed_fraction <= 1.0:
             raise InvalidOptionsError("max_failed_fraction must be in [0, 1]")
         self._path = os.fspath(path)
         self.grid = grid
         self.batch_size = batch_size
+        self.first_batch_size = batch_size if first_batch_size is None else first_batch_size
         self.num_workers = num_workers
         self.queue_depth = queue_depth
         self.max_failed_fraction = max_failed_fraction
@@ -174,11 +180,13 @@ class PatchReader:
         total = int(idx.size)
         allowed = math.floor(self.max_failed_fraction * total + 1e-9)
         tasks: queue.SimpleQueue[npt.NDArray[np.int64]] = queue.SimpleQueue()
-        for start in range(0, total, self.batch_size):
+        first = min(self.first_batch_size, total)
+        tasks.put(idx[:first])
+        for start in range(first, total, self.batch_size):
             tasks.put(idx[start : start + self.batch_size])
         out: queue.Queue[object] = queue.Queue(maxsize=self.queue_depth)
         halt = threading.Event()
-        n_workers = min(self.num_workers, math.ceil(total / self.batch_size))
+        n_workers = min(self.num_workers, tasks.qsize())
 
         def halted() -> bool:
             return halt.is_set() or (stop is not None and stop.is_set())

@@ -15,7 +15,7 @@ from histohelper.server.tiling import (
     plan_tiling,
 )
 
-from histohelper.errors import CorruptSlideError
+from histohelper.errors import CorruptSlideError, InvalidOptionsError
 
 
 def _reader_threads() -> list[threading.Thread]:
@@ -49,6 +49,24 @@ def test_every_index_exactly_once(corrupt_jpeg_slide: Path, corrupt_plan) -> Non
     for i in failed:
         assert grid.x_l0[i] + 64 > 1280 and grid.x_l0[i] < 1536 and grid.y_l0[i] < 256
     assert not _reader_threads()
+
+
+def test_small_first_batch(corrupt_jpeg_slide: Path, corrupt_plan) -> None:
+    """A small first batch (time to first result), then full ones; every index once."""
+    grid = corrupt_plan.grid
+    wanted = list(range(0, 200))
+    reader = PatchReader(
+        corrupt_jpeg_slide,
+        grid,
+        batch_size=32,
+        num_workers=1,
+        max_failed_fraction=1.0,
+        first_batch_size=5,
+    )
+    sizes = [len(b) + len(b.failed) for b in reader.iter_batches(wanted)]
+    assert sizes[0] == 5 and sizes[1:] == [32] * 6 + [3]
+    with pytest.raises(InvalidOptionsError):
+        PatchReader(corrupt_jpeg_slide, grid, first_batch_size=0)
 
 
 def test_too_many_failures_raise(corrupt_jpeg_slide: Path, corrupt_plan) -> None:
