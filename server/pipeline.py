@@ -13,6 +13,8 @@ batch.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -153,6 +155,32 @@ def resize_batch(images: npt.NDArray[np.uint8], size_px: int) -> npt.NDArray[np.
     return out
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def limit_heap_retention(threshold_bytes: int = 1 << 20) -> bool:
+    """Serve allocations >= ``threshold_bytes`` with mmap and return them on free.
+
+    glibc raises its mmap threshold after the first large free (up to 32 MiB), after
+    which patch batches (4.8 MB at 32 x 224 px) come from per-thread malloc arenas
+    that keep their pages: server RSS then grew with the number of batches read.
+    A fixed threshold keeps RSS on a plateau (with the 64 MiB tile cache, measured
+    +3.8 % peak RSS for 4x the slide area instead of +9.9 %, ``make bench``).
+    Process-wide; a no-op where glibc is absent.
+
+    Returns:
+        True if the threshold was set.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except (OSError, AttributeError):
+        return False
+
+
 class Analyzer:
     """Runs analyses against one model worker.
 
@@ -178,6 +206,7 @@ class Analyzer:
         self.max_patches_per_slide = max_patches_per_slide
         self.max_failed_fraction = max_failed_fraction
         self.slide_cache = slide_cache
+        limit_heap_retention()
 
     def plan(self, spec: AnalysisSpec) -> TilingPlan:
         """Open the slide and compute its tissue mask and patch grid.
