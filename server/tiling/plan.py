@@ -30,7 +30,7 @@ from histohelper.geometry import (
 
 from .mask import TissueMask, compute_tissue_mask, read_low_res
 from .options import TilingOptions
-from .slide import Slide, SlideMetadata
+from .slide import MAX_REGION_PX, Slide, SlideMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +232,12 @@ def build_grid(
             f"the patch grid would have {n_rows * n_cols} cells (limit {MAX_GRID_CELLS})"
         )
     lds_x, lds_y = md.level_downsamples[level]
+    read_w, read_h = level_read_size(fw, lds_x), level_read_size(fh, lds_y)
+    if read_w * read_h > MAX_REGION_PX:
+        raise InvalidOptionsError(
+            f"each patch would need a {read_w} x {read_h} px read at level {level}: the "
+            "target resolution is too coarse for this slide and patch size"
+        )
     table = integral_image(mask.mask)
     ink_table = integral_image(mask.ink) if mask.ink is not None and mask.ink.any() else None
     keep_r: list[npt.NDArray[np.int64]] = []
@@ -285,8 +291,8 @@ def build_grid(
         level=level,
         level_downsample_x=lds_x,
         level_downsample_y=lds_y,
-        read_width_px=level_read_size(fw, lds_x),
-        read_height_px=level_read_size(fh, lds_y),
+        read_width_px=read_w,
+        read_height_px=read_h,
         patch_size_px=size,
         stride_x_l0=sx,
         stride_y_l0=sy,
@@ -362,6 +368,12 @@ def plan_tiling(slide: Slide, options: TilingOptions) -> TilingPlan:
             f"(excluded from tissue; {n_ink} kept patches are >25% ink)"
         )
     no_tissue = len(grid) == 0
+    if md.width_l0 < grid.footprint_x_l0 or md.height_l0 < grid.footprint_y_l0:
+        warnings.append(
+            f"the slide ({md.width_l0} x {md.height_l0} px) is smaller than one patch "
+            f"({grid.footprint_x_l0:.0f} x {grid.footprint_y_l0:.0f} level-0 px): at most one "
+            "white-padded patch, kept only if it reaches the minimum tissue fraction"
+        )
     if no_tissue:
         warnings.append(
             "no tissue found: no patch reaches the minimum tissue fraction "

@@ -223,3 +223,26 @@ def test_classify_patches_matches_in_process(analysis_server, served_runtime) ->
     local = served_runtime.predict_patches(images)
     got = np.array([preds[f"p{i}"].probabilities for i in range(3)], np.float32)
     assert np.abs(got - local.probabilities).max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pb.AnalysisOptions(target_resolution=pb.Resolution(magnification=1e-9)),
+        pb.AnalysisOptions(mpp_override=1e-9),
+        pb.AnalysisOptions(target_resolution=pb.Resolution(mpp=100.0)),
+    ],
+    ids=["tiny-magnification", "tiny-mpp-override", "coarse-mpp"],
+)
+def test_extreme_resolutions_are_invalid_options_not_internal(analysis_server, options) -> None:
+    request = pb.AnalyzeSlideRequest(slide_path=CMU, options=options)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub_for(analysis_server.target).AnalyzeSlide(request, timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "too coarse" in info.value.details()
+
+
+def test_slide_smaller_than_a_patch_says_so(analysis_server) -> None:
+    events = analyze(analysis_server.target, "real/tiny-16px.svs")
+    warnings = list(events[0].started.qc.warnings)
+    assert any("smaller than one patch" in w for w in warnings), warnings
