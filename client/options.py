@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import PurePath
 from typing import Literal
 
+import numpy as np
 from histohelper.client.uploads import UploadedSlide
 
 from histohelper.errors import InvalidOptionsError
@@ -14,6 +16,7 @@ from histohelper.v1 import slide_analysis_pb2 as pb
 
 EdgeModeName = Literal["pad", "drop"]
 
+_INT32_MAX = 2**31 - 1
 _EDGE_MODES = {"pad": pb.EDGE_MODE_PAD, "drop": pb.EDGE_MODE_DROP}
 
 
@@ -60,6 +63,10 @@ class AnalysisOptions:
     return_cams: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("target_mpp", "target_magnification", "mpp_override", "min_tissue_fraction"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
+                raise InvalidOptionsError(f"{name} must be a number, got {value!r}")
         chosen = [
             name
             for name in ("target_mpp", "target_magnification", "target_level")
@@ -71,12 +78,18 @@ class AnalysisOptions:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise InvalidOptionsError(f"{name} must be a positive number, got {value!r}")
-        if self.target_level is not None and self.target_level < 0:
-            raise InvalidOptionsError(f"target_level must be >= 0, got {self.target_level}")
-        for name in ("patch_size_px", "stride_px", "batch_size"):
+        for name in ("target_level", "patch_size_px", "stride_px", "batch_size"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise InvalidOptionsError(f"{name} must be a positive integer, got {value}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise InvalidOptionsError(f"{name} must be an integer, got {value!r}")
+            low = 0 if name == "target_level" else 1
+            if not low <= value <= _INT32_MAX:
+                raise InvalidOptionsError(
+                    f"{name} must be an integer in [{low}, {_INT32_MAX}], got {value}"
+                )
+
         frac = self.min_tissue_fraction
         if frac is not None and not 0.0 <= frac <= 1.0:
             raise InvalidOptionsError(f"min_tissue_fraction must be in [0, 1], got {frac}")
