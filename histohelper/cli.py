@@ -43,11 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Which extra brings the heavy dependencies of each command.
+_EXTRAS = {"export": "export", "serve": "server", "tile": "server", "evaluate": "evaluate"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the console script. Returns the process exit status."""
+    """Run the console script. Returns the process exit status (2 for a missing extra)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as exc:  # the thin install lacks this command's extra
+        if not exc.name or exc.name.split(".")[0] == "histohelper":
+            raise
+        extra = _EXTRAS.get(args.command, "server")
+        print(
+            f"histohelper {args.command}: needs the Python package {exc.name!r}, which the "
+            f"plain install leaves out: pip install 'histohelper[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -194,3 +194,21 @@ def test_console_script_dispatcher_without_torch_or_openslide(
     proc = _blocked_python(f"from histohelper.cli import main\nsys.exit(main({argv!r}))")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "overlay.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "extra"),
+    [
+        (["export", "model.pt"], "export"),
+        (["tile", "slide.svs", "--out", "x"], "server"),
+    ],
+    ids=["export", "tile"],
+)
+def test_command_missing_its_extra_says_which_to_install(
+    tmp_path: Path, argv: list[str], extra: str
+) -> None:
+    code = f"from histohelper.cli import main\nsys.exit(main({argv!r}))"
+    proc = _blocked_python(code)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"histohelper[{extra}]" in proc.stderr
