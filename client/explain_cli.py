@@ -26,7 +26,7 @@ def add_subcommands(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "explain",
         help="Grad-CAM gallery of the top patches and a sub-patch-resolution heatmap",
-        description=__doc__,
+        description=(__doc__ or "").replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("slide", help="slide path relative to the server's slide root")

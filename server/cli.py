@@ -70,9 +70,9 @@ def _run_tile(args: argparse.Namespace) -> int:
         )
         with open_slide(slide_path) as slide:
             plan = plan_tiling(slide, options)
-    except HistoHelperError as exc:
-        print(f"histohelper tile: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    except HistoHelperError as exc:  # same form and exit status as `histohelper analyze`
+        print(f"histohelper tile: error: {exc} [{exc.reason}]", file=sys.stderr)
+        return 1
     out.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out / "tissue_mask.png"), mask_image(plan))
     cv2.imwrite(str(out / "grid.png"), cv2.cvtColor(grid_overlay(plan), cv2.COLOR_RGB2BGR))

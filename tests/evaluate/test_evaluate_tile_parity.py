@@ -82,9 +82,9 @@ def test_tile_patches_equal_analyze_slide_grid(
 @pytest.mark.parametrize(
     ("slide", "message"),
     [
-        ("../slides/real/CMU-1-Small-Region.svs", "SlidePathError"),
-        ("/etc/passwd", "SlidePathError"),
-        ("real/missing.svs", "SlideNotFoundError"),
+        ("../slides/real/CMU-1-Small-Region.svs", "[SLIDE_PATH_INVALID]"),
+        ("/etc/passwd", "[SLIDE_PATH_INVALID]"),
+        ("real/missing.svs", "[SLIDE_NOT_FOUND]"),
     ],
     ids=["dotdot", "absolute", "missing"],
 )
@@ -92,7 +92,7 @@ def test_tile_slide_root_sandbox(
     slides_dir: Path, tmp_path: Path, capsys, slide: str, message: str
 ) -> None:
     rc = main(["tile", slide, "--slide-root", str(slides_dir), "--out", str(tmp_path / "o")])
-    assert rc == 2
+    assert rc == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -104,5 +104,5 @@ def test_tile_slide_root_symlink_outside_is_denied(
     root.mkdir()
     (root / "link.svs").symlink_to(real_slide)
     rc = main(["tile", "link.svs", "--slide-root", str(root), "--out", str(tmp_path / "o")])
-    assert rc == 2
-    assert "SlidePathDeniedError" in capsys.readouterr().err
+    assert rc == 1
+    assert "[SLIDE_PATH_DENIED]" in capsys.readouterr().err

@@ -44,8 +44,9 @@ def test_tile_command_writes_outputs(real_slide: Path, tmp_path: Path) -> None:
 
 def test_tile_command_reports_bad_slide(slides_dir: Path, tmp_path: Path, capsys) -> None:
     rc = main(["tile", str(slides_dir / "bad" / "not-a-tiff.svs"), "--out", str(tmp_path)])
-    assert rc == 2
-    assert "UnsupportedSlideError" in capsys.readouterr().err
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.startswith("histohelper tile: error: ") and "[SLIDE_UNSUPPORTED]" in err
 
 
 def test_tile_flags_register_without_openslide_or_cv2() -> None:
