@@ -223,6 +223,13 @@ def _analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     with _make_client(args) as client:
+        if args.overlay_class is not None:  # check before spending the analysis
+            classes = client.get_model_info().model.patch_classes
+            if args.overlay_class not in classes:
+                raise _UsageError(
+                    f"--class {args.overlay_class!r} is not a patch class; "
+                    f"classes: {', '.join(classes)}"
+                )
         bar = tqdm(
             total=None,
             unit="patch",
@@ -243,11 +250,6 @@ def _analyze(args: argparse.Namespace) -> int:
             )
         finally:
             bar.close()
-    if args.overlay_class is not None and args.overlay_class not in result.class_names:
-        raise _UsageError(
-            f"--class {args.overlay_class!r} is not a patch class; "
-            f"classes: {', '.join(result.class_names)}"
-        )
     result.save_all(out_dir)
     if args.overlay_class is not None or args.alpha != 0.5:
         result.save_png(out_dir / "overlay.png", class_name=args.overlay_class, alpha=args.alpha)

@@ -58,11 +58,11 @@ def _explain(args: argparse.Namespace) -> int:
         raise _UsageError("--top-k must be in 1..256")
     options = AnalysisOptions(return_attention=True, return_cams=True, stride_px=args.stride_px)
     with _make_client(args) as client:
-        result = client.analyze(args.slide, options)
-        classes = list(result.class_names)
+        classes = list(client.get_model_info().model.patch_classes)
         class_name = args.class_name or (classes[-1] if classes else None)
-        if class_name not in classes:
+        if class_name not in classes:  # check before spending the analysis
             raise _UsageError(f"unknown class {class_name!r}; the model's classes: {classes}")
+        result = client.analyze(args.slide, options)
         args.out.mkdir(parents=True, exist_ok=True)
         p = result.patches
         if len(p) == 0:

@@ -212,3 +212,13 @@ def test_command_missing_its_extra_says_which_to_install(
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert f"histohelper[{extra}]" in proc.stderr
+
+
+def test_unknown_overlay_class_is_refused_before_the_analysis(
+    scripted: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scripted.script.messages, _ = build_stream(StreamSpec())
+    argv = ["analyze", "x.svs", "--server", scripted.target, "--out", str(tmp_path), "-q"]
+    assert main([*argv, "--class", "no-such-class"]) == 2
+    assert "not a patch class" in capsys.readouterr().err
+    assert scripted.script.requests == []  # no AnalyzeSlide was sent
