@@ -441,6 +441,10 @@ def table(r: dict[str, Any]) -> str:
         ("tiling (server, large)", f"{r['tiling_s']:.2f} s"),
         ("peak RSS small / large", rss),
         ("roofline fp32 / bf16 matmul", f"{r['roofline_fp32_gflops']:.0f} / {peak:.0f} GFLOP/s"),
+        (
+            "load average start / end",
+            f"{r['machine_info']['load_avg_start']} / {r['machine_info']['load_avg_end']}",
+        ),
     ]
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"| {a.ljust(w)} | {b} |" for a, b in rows)

@@ -167,7 +167,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         action="store_true",
         help="with --onnx: also write an int8 (static QDQ) ONNX model calibrated on the "
         "calibration patches, if it passes the reduced-precision gate (ONNX Runtime on CPUs "
-        "with VNNI serves it; measured ~3x fp32 ONNX on a 2-core AVX512-VNNI EPYC)",
+        "with VNNI serves it; measured 1.5-3x fp32 ONNX on a 2-core AVX512-VNNI EPYC)",
     )
     c.add_argument("--onnx-opset", type=int, default=18, help="ONNX opset, >= 17 (default: 18)")
     p.add_argument("-v", "--verbose", action="store_true", help="log the parity figures")

@@ -36,9 +36,10 @@ def choose_backend(path: str | os.PathLike[str], device: str, precision: str) ->
     ONNX Runtime int8 where the artifact has an int8 ONNX model that passed its parity
     gate, the device is the CPU (``"auto"`` without CUDA/MPS, or ``"cpu"``), the
     precision asked is ``"auto"`` or ``"int8"``, and the CPU has VNNI: measured on a
-    2-core AVX512-VNNI/BF16 EPYC (batch 64, 224 px; ``make bench``), ONNX Runtime int8
-    ran ~2x frozen TorchScript bf16 channels-last and ~3x ONNX fp32, with
-    probabilities within 0.01 of fp32 on CMU-1 patches. Everything else (GPUs, fp32,
+    2-core AVX512-VNNI/BF16 EPYC (batch 64, 224 px; ``make bench``, see
+    ``benchmarks/RESULTS.md``), ONNX Runtime int8 ran ~2x frozen TorchScript bf16 and
+    1.5-3x ONNX fp32 side by side, with probabilities within 0.01 of fp32 on CMU-1
+    patches. Everything else (GPUs, fp32,
     bf16, fp16, CPUs without VNNI) stays on TorchScript.
 
     Returns:
