@@ -254,8 +254,8 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             origin_y_l0=origin_y,
             stride_x_l0=grid.stride_x_l0,
             stride_y_l0=grid.stride_y_l0,
-            patch_width_l0=grid.read_width_px * grid.level_downsample_x,
-            patch_height_l0=grid.read_height_px * grid.level_downsample_y,
+            patch_width_l0=grid.footprint_x_l0,
+            patch_height_l0=grid.footprint_y_l0,
             level=grid.level,
             level_downsample_x=grid.level_downsample_x,
             level_downsample_y=grid.level_downsample_y,
@@ -368,6 +368,22 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         request_id = request_id or uuid.uuid4().hex[:16]
         extra = {"request_id": request_id}
         audit.note(request_id=request_id)
+        # Validate before admission: a bad request gets its own error, not SERVER_BUSY,
+        # and each retry of a busy request renews its upload's expiry.
+        try:
+            spec = self._spec(request, request_id)
+        except HistoHelperError as exc:
+            log.info("analysis refused: %s", exc.reason, extra=extra)
+            self._abort(context, exc, request_id)
+            return
+        except Exception:
+            log.exception("analysis request crashed", extra=extra)
+            self._abort(
+                context,
+                InternalError(f"internal server error (request id {request_id})"),
+                request_id,
+            )
+            return
         if not self._slots.acquire(blocking=False):
             log.info("analysis refused: server busy", extra=extra)
             self._abort(
@@ -386,7 +402,6 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         deadline = DefaultDeadline(context, self.config.default_deadline_s, stop.set)
         outcome = "error"
         try:
-            spec = self._spec(request, request_id)
             log.info("analysis started", extra=extra)
             plan: TilingPlan | None = None
             for event in self.analyzer.run(spec, stop, t0):
@@ -404,6 +419,9 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
                 )
             if stop.is_set() and outcome == "error":
                 outcome = "cancelled"
+        except GeneratorExit:  # the client went away while we were yielding
+            outcome = "cancelled"
+            raise
         except HistoHelperError as exc:
             outcome = exc.reason
             log.info("analysis failed: %s", exc.reason, extra=extra)
