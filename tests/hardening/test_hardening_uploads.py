@@ -300,3 +300,24 @@ def test_store_start_purges_only_its_own_files(tmp_path: Path) -> None:
     assert private.root.stat().st_mode & 0o777 == 0o700
     private.close()
     assert not private.root.exists()
+
+
+def test_async_client_uploads_and_analyzes(upload_server, slides_dir: Path) -> None:
+    import asyncio
+
+    from histohelper.client import AsyncSlideClient
+
+    running, area = upload_server()
+    tiny = (slides_dir / TINY).read_bytes()
+
+    async def main() -> tuple[UploadedSlide, str]:
+        async with AsyncSlideClient(running.target, timeout=60) as client:
+            uploaded = await client.upload(tiny, suffix=".svs")
+            result = await client.analyze(uploaded, AnalysisOptions())
+            with pytest.raises(UploadError):
+                await client.upload(b"abc", suffix=".txt")
+            return uploaded, result.outcome
+
+    uploaded, outcome = asyncio.run(main())
+    assert outcome in {"completed", "no_tissue"}
+    assert own_files(area) == [f"{uploaded.upload_id}.svs"]
