@@ -58,6 +58,7 @@ class RunningServer:
     worker: ModelWorker
     uploads: UploadStore | None = None
     audit_log: AuditLog | None = None
+    health_server: grpc.Server | None = None
 
     @property
     def target(self) -> str:
@@ -69,6 +70,8 @@ class RunningServer:
         ``grace`` seconds (default: config.grace_s), then cancel them."""
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.grace_s if grace is None else grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         self.worker.close()
         if self.uploads is not None:
             self.uploads.close()
@@ -160,6 +163,17 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         audit_log.close()
         raise RuntimeError("could not bind the server's port")
     server.start()
+    health_server = None
+    if config.health_port is not None:
+        # Loopback-only, plaintext, health only: what a container probe can reach when
+        # the main port needs TLS client certificates or tokens.
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        if health_server.add_insecure_port(f"127.0.0.1:{config.health_port}") == 0:
+            server.stop(0)
+            worker.close()
+            raise RuntimeError("could not bind the health port")
+        health_server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -174,7 +188,7 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         },
     )
     return RunningServer(
-        server, port, config, health_servicer, servicer, worker, uploads, audit_log
+        server, port, config, health_servicer, servicer, worker, uploads, audit_log, health_server
     )
 
 

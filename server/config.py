@@ -59,6 +59,8 @@ class ServerConfig:
             to wait for its ack before dropping the connection.
         audit_log: JSON-lines audit file (appended, mode 0600); None: the
             ``histohelper.audit`` logger.
+        health_port: if set, a second, plaintext port on 127.0.0.1 serving only
+            ``grpc.health.v1`` (for container probes when the main port speaks TLS).
     """
 
     model_path: Path
@@ -92,6 +94,7 @@ class ServerConfig:
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
     audit_log: Path | None = None
+    health_port: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

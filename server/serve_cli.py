@@ -239,7 +239,15 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "--ready-file",
         type=Path,
         default=env_default("READY_FILE"),
-        help="write {host, port, pid} as JSON here once serving (for scripts using --port 0)",
+        help="write {host, port, pid} as JSON here once serving (for scripts using --port 0) "
+        "[HISTOHELPER_READY_FILE]",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=_env_int("HEALTH_PORT", 0) or None,
+        help="also serve grpc.health.v1 alone, in plaintext, on 127.0.0.1:PORT, for container "
+        "probes when the main port needs TLS or tokens (default: off) [HISTOHELPER_HEALTH_PORT]",
     )
     p.add_argument(
         "--log-level",
@@ -287,6 +295,7 @@ def _config(args: argparse.Namespace, slide_root: Path) -> ServerConfig:
         num_threads=args.threads,
         grace_s=args.grace_s,
         ready_file=args.ready_file,
+        health_port=args.health_port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

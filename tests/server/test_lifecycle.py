@@ -125,3 +125,23 @@ def test_sigterm_finishes_in_flight_then_exits(model_artifact, slides_dir, tmp_p
     assert server.process.wait(60) == 0
     with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+
+
+def test_health_port_serves_health_only_on_loopback(start_inprocess_server) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        health_port = s.getsockname()[1]
+    start_inprocess_server(health_port=health_port)
+    with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="histohelper.v1.SlideAnalysisService"),
+            timeout=10,
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.SlideAnalysisServiceStub(channel).GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=10
+            )
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
