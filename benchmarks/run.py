@@ -219,6 +219,7 @@ def child_naive(slide_path: str, boxes_json: str) -> dict[str, Any]:
 def child_model(artifact: str, patches_npy: str, variants_json: str) -> dict[str, Any]:
     """(b) Model-only throughput per runtime/precision on in-memory patches."""
     import numpy as np
+
     from histohelper.server.runtime.manifest import read_manifest
     from histohelper.server.runtime.onnx import load_onnx
     from histohelper.server.runtime.torchscript import load_torchscript
@@ -261,6 +262,7 @@ def child_model(artifact: str, patches_npy: str, variants_json: str) -> dict[str
 
 def read_patches(slide_path: Path, boxes: list[tuple[int, int, int, int]]) -> Any:
     import numpy as np
+
     from histohelper.server.tiling import open_slide
     from histohelper.server.tiling.slide import composite_on_white
 

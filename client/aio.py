@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+
 from histohelper.client._channel import (
     DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
     RetryPolicy,
@@ -25,7 +26,6 @@ from histohelper.client.options import AnalysisOptions, analyze_request
 from histohelper.client.result import ResultCollector, SlideResult
 from histohelper.client.sync import DEFAULT_UNARY_TIMEOUT_S
 from histohelper.client.uploads import UploadedSlide, upload_requests
-
 from histohelper.v1 import slide_analysis_pb2 as pb
 from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
 

@@ -328,8 +328,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise _UsageError("--batch-size must be in [1, 1024]")
     if args.bootstrap < 0:
         raise _UsageError("--bootstrap must be >= 0")
-    from histohelper.client.evaluate import EvaluationError, evaluate_folder, scan_patch_folder
     from tqdm import tqdm
+
+    from histohelper.client.evaluate import EvaluationError, evaluate_folder, scan_patch_folder
 
     try:
         folder = scan_patch_folder(args.folder)

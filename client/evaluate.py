@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from histohelper.client.events import ModelSummary
 from histohelper.client.patches import PatchInput
 

@@ -50,6 +50,7 @@ def add_subcommands(subparsers: Any) -> None:
 
 def _explain(args: argparse.Namespace) -> int:
     import numpy as np
+
     from histohelper.client.explain import render_gallery
     from histohelper.client.options import AnalysisOptions
     from histohelper.client.render import write_png

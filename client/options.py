@@ -9,8 +9,8 @@ from pathlib import PurePath
 from typing import Literal
 
 import numpy as np
-from histohelper.client.uploads import UploadedSlide
 
+from histohelper.client.uploads import UploadedSlide
 from histohelper.errors import InvalidOptionsError
 from histohelper.v1 import slide_analysis_pb2 as pb
 

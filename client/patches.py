@@ -22,8 +22,8 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
-from histohelper.client.errors import error_from_rpc
 
+from histohelper.client.errors import error_from_rpc
 from histohelper.errors import InternalError
 from histohelper.v1 import slide_analysis_pb2 as pb
 

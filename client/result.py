@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
 from histohelper.client.events import (
     Attention,
     Completed,
@@ -30,7 +31,6 @@ from histohelper.client.events import (
     Thumbnail,
     Timings,
 )
-
 from histohelper.errors import InternalError
 
 if TYPE_CHECKING:

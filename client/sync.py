@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+
 from histohelper.client._channel import (
     DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
     RetryPolicy,
@@ -23,7 +24,6 @@ from histohelper.client.options import AnalysisOptions, analyze_request
 from histohelper.client.patches import PatchInputs, PatchPrediction, classify_stream
 from histohelper.client.result import ResultCollector, SlideResult
 from histohelper.client.uploads import UploadedSlide, upload_requests
-
 from histohelper.v1 import slide_analysis_pb2 as pb
 from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
 

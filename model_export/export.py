@@ -38,6 +38,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torchvision
+
+from histohelper.errors import InvalidOptionsError, ParityError
 from histohelper.server.runtime.manifest import (
     MANIFEST_NAME,
     MIL_WEIGHTS_NAME,
@@ -50,8 +52,6 @@ from histohelper.server.runtime.manifest import (
     WeightFile,
     read_manifest,
 )
-
-from histohelper.errors import InvalidOptionsError, ParityError
 
 from .calibration import CalibrationSet, slide_patches, synthetic_patches
 from .modules import IMAGENET_MEAN, IMAGENET_STD, METHODS, HistoHelperModel

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from histohelper.server.runtime.manifest import WeightFile
 from torch import nn
 
 from histohelper.errors import WeightsError
+from histohelper.server.runtime.manifest import WeightFile
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 _PREFIXES = ("module.", "_orig_mod.")

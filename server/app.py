@@ -27,6 +27,7 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from histohelper.server.audit import AuditLog
 from histohelper.server.auth import Authenticator, SecurityInterceptor, TokenStore
 from histohelper.server.config import ServerConfig
@@ -37,7 +38,6 @@ from histohelper.server.tiling import SlideCache
 from histohelper.server.tls import check_transport_policy, server_credentials
 from histohelper.server.uploads import UploadStore
 from histohelper.server.worker import ModelWorker
-
 from histohelper.v1 import slide_analysis_pb2 as pb
 from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
 

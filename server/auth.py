@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from histohelper.server import audit
-from histohelper.server.status import to_grpc_status
 
 from histohelper.errors import HistoHelperError, PermissionDeniedError, UnauthenticatedError
+from histohelper.server import audit
+from histohelper.server.status import to_grpc_status
 
 log = logging.getLogger(__name__)
 

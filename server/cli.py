@@ -51,11 +51,11 @@ def _run_tile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import cv2
+
+    from histohelper.errors import HistoHelperError
     from histohelper.server.sandbox import resolve_slide_path
     from histohelper.server.tiling import open_slide, plan_tiling, tiling_options_from_args
     from histohelper.server.tiling.render import grid_overlay, mask_image
-
-    from histohelper.errors import HistoHelperError
 
     out = Path(args.out)
     if args.slide_root is not None and not Path(args.slide_root).is_dir():

@@ -21,6 +21,8 @@ from typing import Literal
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+from histohelper.errors import InvalidOptionsError
 from histohelper.server.pipeline import (
     AnalysisSpec,
     Analyzer,
@@ -30,8 +32,6 @@ from histohelper.server.pipeline import (
     resize_batch,
 )
 from histohelper.server.tiling import PatchReader, TilingPlan
-
-from histohelper.errors import InvalidOptionsError
 
 MAX_EXPLAINED = 256
 

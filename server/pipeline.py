@@ -27,6 +27,8 @@ from typing import Literal
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+from histohelper.errors import CorruptSlideError, SlideTooLargeError
 from histohelper.server.runtime import PatchOutput, SlideOutput
 from histohelper.server.tiling import (
     PatchBatch,
@@ -38,8 +40,6 @@ from histohelper.server.tiling import (
     plan_tiling,
 )
 from histohelper.server.worker import ModelWorker
-
-from histohelper.errors import CorruptSlideError, SlideTooLargeError
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,16 @@ import cv2
 import grpc
 import numpy as np
 import numpy.typing as npt
+
+from histohelper.errors import (
+    DeadlineExceededError,
+    HistoHelperError,
+    InternalError,
+    InvalidImageError,
+    InvalidOptionsError,
+    ServerBusyError,
+    SlideNotFoundError,
+)
 from histohelper.server import audit
 from histohelper.server.config import ServerConfig
 from histohelper.server.explain import Explainer, Explanation, Selection, encode_jpeg
@@ -42,16 +52,6 @@ from histohelper.server.status import to_grpc_status
 from histohelper.server.tiling import Resolution, TilingOptions, TilingPlan
 from histohelper.server.uploads import UploadStore, handle_upload
 from histohelper.server.worker import ModelWorker
-
-from histohelper.errors import (
-    DeadlineExceededError,
-    HistoHelperError,
-    InternalError,
-    InvalidImageError,
-    InvalidOptionsError,
-    ServerBusyError,
-    SlideNotFoundError,
-)
 from histohelper.v1 import slide_analysis_pb2 as pb
 from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
 

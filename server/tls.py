@@ -13,6 +13,7 @@ import ipaddress
 from pathlib import Path
 
 import grpc
+
 from histohelper.server.config import ServerConfig
 
 

@@ -37,9 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from histohelper.server import audit
-from histohelper.server.limits import DefaultDeadline
-from histohelper.server.status import to_grpc_status
 
 from histohelper.errors import (
     DeadlineExceededError,
@@ -52,6 +49,9 @@ from histohelper.errors import (
     UploadError,
     UploadQuotaError,
 )
+from histohelper.server import audit
+from histohelper.server.limits import DefaultDeadline
+from histohelper.server.status import to_grpc_status
 from histohelper.v1 import slide_analysis_pb2 as pb
 
 log = logging.getLogger(__name__)

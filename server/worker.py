@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+
 from histohelper.server.runtime import ModelRuntime, PatchOutput, SlideOutput
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ import socket
 import grpc
 import pytest
 from client_fakes import PlainStatus, ScriptedServer, StreamSpec, build_stream, status_for
+
 from histohelper.client import (
     AnalysisOptions,
     AsyncSlideClient,
@@ -18,7 +19,6 @@ from histohelper.client import (
     SlideClient,
     Started,
 )
-
 from histohelper.errors import (
     HistoHelperError,
     InternalError,

@@ -13,8 +13,8 @@ from pathlib import Path
 import cv2
 import pytest
 from client_fakes import ScriptedServer, StreamSpec, build_stream, status_for
-from histohelper.client.cli import main
 
+from histohelper.client.cli import main
 from histohelper.errors import (
     InvalidOptionsError,
     ServerBusyError,

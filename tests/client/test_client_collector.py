@@ -7,6 +7,9 @@ import math
 import numpy as np
 import pytest
 from client_fakes import StreamSpec, build_stream
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from histohelper.client import (
     AnalysisOptions,
     Attention,
@@ -17,9 +20,6 @@ from histohelper.client import (
     Started,
     event_from_proto,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from histohelper.errors import InternalError, InvalidOptionsError
 from histohelper.v1 import slide_analysis_pb2 as pb
 

@@ -15,9 +15,9 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+
 from histohelper.client import AnalysisOptions, AsyncSlideClient, SlideClient, SlideResult
 from histohelper.client.cli import main
-
 from histohelper.errors import SlideNotFoundError, SlidePathError
 
 SLIDE = "real/CMU-1-Small-Region.svs"

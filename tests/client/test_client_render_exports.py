@@ -9,10 +9,11 @@ import cv2
 import numpy as np
 import pytest
 from client_fakes import StreamSpec, build_stream
-from histohelper.client import ResultCollector, SlideResult, event_from_proto
-from histohelper.client.render import box_to_pixels, paint_boxes, render_overlay
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from histohelper.client import ResultCollector, SlideResult, event_from_proto
+from histohelper.client.render import box_to_pixels, paint_boxes, render_overlay
 
 
 def make_result(**kw) -> tuple[SlideResult, object]:

@@ -9,8 +9,8 @@ from concurrent import futures
 import grpc
 import pytest
 from client_fakes import Script, ScriptedServicer
-from histohelper.client import SlideClient
 
+from histohelper.client import SlideClient
 from histohelper.errors import ServerUnavailableError
 from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
 

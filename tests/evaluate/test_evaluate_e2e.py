@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import openslide
 import pytest
-from histohelper.client import SlideClient
-from histohelper.client.evaluate import evaluate_folder
 
 from histohelper.cli import main
+from histohelper.client import SlideClient
+from histohelper.client.evaluate import evaluate_folder
 from histohelper.v1 import slide_analysis_pb2 as pb
 
 # (x_l0, y_l0, width, height, suffix): regions of CMU-1-Small-Region (2220 x 2967 px).

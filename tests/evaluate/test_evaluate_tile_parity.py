@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from histohelper.client import PatchBatch, SlideClient, Started
 
 from histohelper.cli import main
+from histohelper.client import PatchBatch, SlideClient, Started
 from histohelper.v1 import slide_analysis_pb2 as pb
 
 SLIDE = "real/CMU-1-Small-Region.svs"

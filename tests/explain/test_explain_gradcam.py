@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from histohelper.client import SlideClient
 from server_fixtures import spawn_server, stop_server
+
+from histohelper.client import SlideClient
 
 CMU = "real/CMU-1-Small-Region.svs"
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+from histohelper.cli import main as cli_main
 from histohelper.client import SlideClient
 from histohelper.client.explain import local_probabilities
 from histohelper.client.options import AnalysisOptions
-
-from histohelper.cli import main as cli_main
 from histohelper.errors import InvalidOptionsError, SlideNotFoundError
 
 CMU = "real/CMU-1-Small-Region.svs"

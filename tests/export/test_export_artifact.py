@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+
+from histohelper.errors import ParityError, WeightsError
 from histohelper.model_export import cli, export
 from histohelper.model_export.export import UntrainedModelWarning, export_model
 from histohelper.model_export.modules import HistoHelperModel
 from histohelper.model_export.weights import sha256_file, unwrap_state_dict
 from histohelper.server.runtime import load_runtime, read_manifest
-
-from histohelper.errors import ParityError, WeightsError
 
 
 def _quiet_export(out: Path, **kwargs: object):

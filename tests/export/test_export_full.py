@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from histohelper.model_export.calibration import slide_patches
 from histohelper.model_export.export import UntrainedModelWarning, export_model
 from histohelper.server.runtime import Manifest, ModelRuntime, load_runtime, read_manifest

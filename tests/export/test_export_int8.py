@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from histohelper.errors import ModelArtifactError
 from histohelper.model_export.calibration import slide_patches
 from histohelper.model_export.export import UntrainedModelWarning, export_model
 from histohelper.server.runtime import (
@@ -15,8 +17,6 @@ from histohelper.server.runtime import (
     load_runtime,
 )
 from histohelper.server.runtime.onnx import cpu_has_vnni
-
-from histohelper.errors import ModelArtifactError
 
 pytestmark = pytest.mark.slow
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from histohelper.model_export.modules import GatedAttentionMIL, HistoHelperModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from histohelper.model_export.modules import GatedAttentionMIL, HistoHelperModel
 
 
 @pytest.fixture(scope="module")

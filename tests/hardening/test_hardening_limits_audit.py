@@ -13,9 +13,9 @@ import grpc
 import numpy as np
 import pytest
 from hardening_support import CMU, TINY, insecure_stub, read_audit, status_of, write_tokens
+
 from histohelper.client import AnalysisOptions, SlideClient
 from histohelper.server.audit import slide_fingerprint
-
 from histohelper.v1 import slide_analysis_pb2 as pb
 
 MIB = 1024 * 1024

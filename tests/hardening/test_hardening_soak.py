@@ -23,11 +23,11 @@ import numpy as np
 import psutil
 import pytest
 from hardening_support import CMU, TINY, insecure_stub, own_files
+from server_fixtures import spawn_server, stop_server
+
 from histohelper.client import AnalysisOptions, SlideClient
 from histohelper.client.events import PatchBatch
 from histohelper.client.uploads import UploadedSlide
-from server_fixtures import spawn_server, stop_server
-
 from histohelper.errors import (
     CorruptSlideError,
     HistoHelperError,

@@ -18,8 +18,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hardening_support import TINY, insecure_stub, make_pki, read_audit, status_of, write_tokens
-from histohelper.client import AnalysisOptions, SlideClient
 
+from histohelper.client import AnalysisOptions, SlideClient
 from histohelper.errors import (
     PermissionDeniedError,
     ServerUnavailableError,

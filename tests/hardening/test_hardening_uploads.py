@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 from hardening_support import CMU, TINY, insecure_stub, own_files, status_of, write_tokens
-from histohelper.client import AnalysisOptions, SlideClient, UploadedSlide
 
+from histohelper.client import AnalysisOptions, SlideClient, UploadedSlide
 from histohelper.errors import (
     SlideNotFoundError,
     SlidePathError,

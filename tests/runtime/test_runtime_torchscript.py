@@ -10,6 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from histohelper.errors import (
+    EmptyBagError,
+    InvalidImageError,
+    InvalidOptionsError,
+    ModelArtifactError,
+)
 from histohelper.server.runtime import (
     Manifest,
     ModelRuntime,
@@ -19,13 +26,6 @@ from histohelper.server.runtime import (
     read_manifest,
 )
 from histohelper.server.runtime.torchscript import cpu_has_native_bf16
-
-from histohelper.errors import (
-    EmptyBagError,
-    InvalidImageError,
-    InvalidOptionsError,
-    ModelArtifactError,
-)
 
 
 @pytest.fixture(scope="module")

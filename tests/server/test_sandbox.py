@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from histohelper.server.sandbox import resolve_slide_path
 
 from histohelper.errors import SlideNotFoundError, SlidePathDeniedError, SlidePathError
+from histohelper.server.sandbox import resolve_slide_path
 
 
 @pytest.fixture

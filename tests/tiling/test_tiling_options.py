@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
+from histohelper.errors import InvalidOptionsError
 from histohelper.server.tiling import (
     Resolution,
     TilingOptions,
     add_tiling_arguments,
     tiling_options_from_args,
 )
-
-from histohelper.errors import InvalidOptionsError
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from histohelper.errors import CorruptSlideError, InvalidOptionsError
 from histohelper.server.tiling import (
     PatchReader,
     SlideCache,
@@ -14,8 +16,6 @@ from histohelper.server.tiling import (
     open_slide,
     plan_tiling,
 )
-
-from histohelper.errors import CorruptSlideError, InvalidOptionsError
 
 
 def _reader_threads() -> list[threading.Thread]:

@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+from histohelper.errors import CorruptSlideError, SlideNotFoundError, UnsupportedSlideError
 from histohelper.server.tiling import (
     PatchReader,
     TilingOptions,
@@ -16,8 +18,6 @@ from histohelper.server.tiling import (
 )
 from histohelper.server.tiling.plan import build_grid
 from histohelper.server.tiling.render import grid_overlay, mask_image
-
-from histohelper.errors import CorruptSlideError, SlideNotFoundError, UnsupportedSlideError
 
 LOOK_DIR = Path("/tmp/tiler-look")
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import synthetic_slides as ss
 import tifffile
+
+from histohelper.errors import HistoHelperError, UnsupportedSlideError
 from histohelper.server.tiling import (
     Resolution,
     SlideMetadata,
@@ -18,8 +20,6 @@ from histohelper.server.tiling import (
     resolve_mpp,
     threshold_tissue,
 )
-
-from histohelper.errors import HistoHelperError, UnsupportedSlideError
 
 BOX = (600, 500, 1400, 900)  # the tissue box of the odd_pyramid fixture
 
