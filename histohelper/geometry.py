@@ -164,8 +164,8 @@ def box_fractions(
         - _integral_at(table, x1, y0)
         + _integral_at(table, x0, y0)
     )
-    area = (x1 - x0) * (y1 - y0)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        area = (x1 - x0) * (y1 - y0)  # may overflow to inf for absurd boxes: fraction 0
         frac = np.where(area > 0, total / area, 0.0)
     return np.clip(frac, 0.0, 1.0)
 
