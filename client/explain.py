@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from histohelper.client.uploads import UploadedSlide
 from histohelper.errors import InternalError
 from histohelper.v1 import slide_analysis_pb2 as pb
 
@@ -97,7 +98,7 @@ class PatchExplanation:
 
 
 def explain_request(
-    slide_path: str,
+    slide_path: str | UploadedSlide,
     *,
     top_k: int | None = 8,
     rank_by: str = "attention",
@@ -107,15 +108,22 @@ def explain_request(
     jpeg_quality: int = 90,
     request_id: str | None = None,
 ) -> pb.ExplainPatchesRequest:
-    """Build an ``ExplainPatchesRequest``: explicit ``patch_indices`` win over ``top_k``."""
+    """Build an ``ExplainPatchesRequest``: explicit ``patch_indices`` win over ``top_k``.
+
+    ``slide_path`` is a path under the server's slide root, or an
+    :class:`~histohelper.client.uploads.UploadedSlide` (sent as ``upload_id``).
+    """
     if rank_by not in ("attention", "probability"):
         raise ValueError("rank_by must be 'attention' or 'probability'")
     request = pb.ExplainPatchesRequest(
-        slide_path=str(slide_path),
         class_name=class_name or "",
         jpeg_quality=jpeg_quality,
         request_id=request_id or "",
     )
+    if isinstance(slide_path, UploadedSlide):
+        request.upload_id = slide_path.upload_id
+    else:
+        request.slide_path = str(slide_path)
     if options is not None:
         request.options.CopyFrom(options)
     if patch_indices is not None:

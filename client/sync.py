@@ -234,7 +234,7 @@ class SlideClient:
 
     def explain(
         self,
-        slide_path: str | PurePath,
+        slide_path: str | PurePath | UploadedSlide,
         *,
         top_k: int = 8,
         rank_by: str = "attention",
@@ -247,7 +247,8 @@ class SlideClient:
         """Explain patches of a slide: each patch's image and its layer4 Grad-CAM.
 
         Args:
-            slide_path: path relative to the server's slide root.
+            slide_path: path relative to the server's slide root, or an
+                :class:`UploadedSlide` from :meth:`upload`.
             top_k: how many patches, ranked by ``rank_by`` (ignored with ``patch_indices``;
                 ranking runs the whole analysis on the server).
             rank_by: ``"attention"`` (MIL attention) or ``"probability"`` (of the class).
@@ -266,8 +267,9 @@ class SlideClient:
                 ``InvalidOptionsError`` for an unknown class or index).
         """
         opts = options.to_proto() if options is not None else None
+        source = slide_path if isinstance(slide_path, UploadedSlide) else str(slide_path)
         request = explain_request(
-            str(slide_path), top_k=top_k, rank_by=rank_by, patch_indices=patch_indices,
+            source, top_k=top_k, rank_by=rank_by, patch_indices=patch_indices,
             class_name=class_name, options=opts, jpeg_quality=jpeg_quality,
         )  # fmt: skip
         deadline = timeout if timeout is not None else self.timeout

@@ -461,12 +461,21 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         if which == "patches":
             selection = Selection("indices", indices=tuple(request.patches.patch_index))
         else:
-            rank_by = (
-                "probability" if request.top_k.rank_by == pb.RANK_BY_PROBABILITY else "attention"
-            )
+            ranks = {
+                pb.RANK_BY_UNSPECIFIED: "attention",
+                pb.RANK_BY_ATTENTION: "attention",
+                pb.RANK_BY_PROBABILITY: "probability",
+            }
+            if request.top_k.rank_by not in ranks:
+                raise InvalidOptionsError("unknown top_k.rank_by")
+            rank_by = ranks[request.top_k.rank_by]
             k = request.top_k.k if which == "top_k" else 8
             selection = Selection("top_k", k=k, rank_by=rank_by)
-        as_analysis = pb.AnalyzeSlideRequest(slide_path=request.slide_path, options=request.options)
+        as_analysis = pb.AnalyzeSlideRequest(options=request.options)
+        if request.WhichOneof("source") == "upload_id":
+            as_analysis.upload_id = request.upload_id
+        else:
+            as_analysis.slide_path = request.slide_path
         spec = self._spec(as_analysis, request_id)
         return spec, selection, classes.index(class_name), quality
 
@@ -502,6 +511,13 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         request_id = request.request_id if _REQUEST_ID.match(request.request_id) else ""
         request_id = request_id or uuid.uuid4().hex[:16]
         extra = {"request_id": request_id}
+        audit.note(request_id=request_id)
+        try:  # validate before admission, as AnalyzeSlide does
+            spec, selection, class_index, quality = self._explain_request(request, request_id)
+        except HistoHelperError as exc:
+            log.info("explanation refused: %s", exc.reason, extra=extra)
+            self._abort(context, exc, request_id)
+            return
         if not self._slots.acquire(blocking=False):
             self._abort(context, ServerBusyError("the server is busy; retry later"), request_id)
             return
@@ -509,8 +525,8 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             self._active += 1
         stop = threading.Event()
         context.add_callback(stop.set)
+        deadline = DefaultDeadline(context, self.config.default_deadline_s, stop.set)
         try:
-            spec, selection, class_index, quality = self._explain_request(request, request_id)
             log.info("explanation started", extra=extra)
             classes = list(self.runtime.manifest.patch_classes)
             plan, explanations = self.explainer.explain(spec, selection, class_index, stop)
@@ -518,6 +534,11 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
                 if stop.is_set():
                     break
                 yield self._explanation(ex, plan, classes, quality)
+            if deadline.expired:
+                raise DeadlineExceededError(
+                    f"the explanation passed the server's default deadline of "
+                    f"{self.config.default_deadline_s:g} s (set a deadline to allow more)"
+                )
         except HistoHelperError as exc:
             log.info("explanation failed: %s", exc.reason, extra=extra)
             self._abort(context, exc, request_id)
@@ -529,6 +550,7 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
                 request_id,
             )
         finally:
+            deadline.cancel()
             self._slots.release()
             with self._idle:
                 self._active -= 1

@@ -415,8 +415,9 @@ class PatchIndexSelection(_message.Message):
     def __init__(self, patch_index: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExplainPatchesRequest(_message.Message):
-    __slots__ = ("slide_path", "options", "top_k", "patches", "class_name", "jpeg_quality", "request_id")
+    __slots__ = ("slide_path", "upload_id", "options", "top_k", "patches", "class_name", "jpeg_quality", "request_id")
     SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     PATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -424,13 +425,14 @@ class ExplainPatchesRequest(_message.Message):
     JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     slide_path: str
+    upload_id: str
     options: AnalysisOptions
     top_k: TopKSelection
     patches: PatchIndexSelection
     class_name: str
     jpeg_quality: int
     request_id: str
-    def __init__(self, slide_path: _Optional[str] = ..., options: _Optional[_Union[AnalysisOptions, _Mapping]] = ..., top_k: _Optional[_Union[TopKSelection, _Mapping]] = ..., patches: _Optional[_Union[PatchIndexSelection, _Mapping]] = ..., class_name: _Optional[str] = ..., jpeg_quality: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, slide_path: _Optional[str] = ..., upload_id: _Optional[str] = ..., options: _Optional[_Union[AnalysisOptions, _Mapping]] = ..., top_k: _Optional[_Union[TopKSelection, _Mapping]] = ..., patches: _Optional[_Union[PatchIndexSelection, _Mapping]] = ..., class_name: _Optional[str] = ..., jpeg_quality: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PatchExplanation(_message.Message):
     __slots__ = ("patch_index", "row", "col", "x_l0", "y_l0", "width_l0", "height_l0", "image_jpeg", "class_name", "probabilities", "attention", "cam_size", "grad_cam", "rank", "score", "class_probability")

@@ -81,11 +81,16 @@ def test_upload_then_analyze_matches_the_path_analysis(upload_server, real_slide
         by_upload = client.analyze(uploaded, options)
         by_path = client.analyze(CMU, options)
         again = client.analyze(UploadedSlide(uploaded.upload_id), options)  # reusable
+        explained = client.explain(uploaded, patch_indices=[0, 1])
+        explained_by_path = client.explain(CMU, patch_indices=[0, 1])
     assert by_upload.outcome == "completed"
     np.testing.assert_allclose(
         by_upload.prediction.probabilities, by_path.prediction.probabilities, atol=1e-6
     )
     assert again.prediction.predicted_class == by_path.prediction.predicted_class
+    for a, b in zip(explained, explained_by_path, strict=True):
+        assert a.patch_index == b.patch_index
+        np.testing.assert_allclose(a.grad_cam, b.grad_cam, atol=1e-6)
     (stored,) = own_files(area)
     assert stored == f"{uploaded.upload_id}.svs"
     assert (area / stored).stat().st_mode & 0o777 == 0o600
