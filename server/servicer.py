@@ -169,6 +169,31 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         audit.note(reason=error.reason)
         context.abort_with_status(to_grpc_status(error, request_id))
 
+    def _abort_internal(self, context: grpc.ServicerContext, request_id: str) -> None:
+        """INTERNAL with the request id only; the caller has logged the traceback."""
+        error = InternalError(f"internal server error (request id {request_id})")
+        self._abort(context, error, request_id)
+
+    def _admit(self, context: grpc.ServicerContext, request_id: str) -> bool:
+        """Take an analysis slot, or abort with SERVER_BUSY at once (returns False)."""
+        if not self._slots.acquire(blocking=False):
+            log.info("refused: server busy", extra={"request_id": request_id})
+            busy = ServerBusyError(
+                f"the server is running {self.config.max_concurrent_analyses} analyses; retry later"
+            )
+            self._abort(context, busy, request_id)
+            return False
+        with self._idle:
+            self._active += 1
+        return True
+
+    def _release(self) -> None:
+        """Give back a slot taken by :meth:`_admit`."""
+        self._slots.release()
+        with self._idle:
+            self._active -= 1
+            self._idle.notify_all()
+
     def _spec(self, request: pb.AnalyzeSlideRequest, request_id: str) -> AnalysisSpec:
         opts = request.options
         manifest = self.runtime.manifest
@@ -378,25 +403,10 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             return
         except Exception:
             log.exception("analysis request crashed", extra=extra)
-            self._abort(
-                context,
-                InternalError(f"internal server error (request id {request_id})"),
-                request_id,
-            )
+            self._abort_internal(context, request_id)
             return
-        if not self._slots.acquire(blocking=False):
-            log.info("analysis refused: server busy", extra=extra)
-            self._abort(
-                context,
-                ServerBusyError(
-                    f"the server is running {self.config.max_concurrent_analyses} analyses; "
-                    "retry later"
-                ),
-                request_id,
-            )
+        if not self._admit(context, request_id):
             return
-        with self._lock:
-            self._active += 1
         stop = threading.Event()
         context.add_callback(stop.set)
         deadline = DefaultDeadline(context, self.config.default_deadline_s, stop.set)
@@ -429,17 +439,10 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         except Exception:
             outcome = "internal"
             log.exception("analysis crashed", extra=extra)
-            self._abort(
-                context,
-                InternalError(f"internal server error (request id {request_id})"),
-                request_id,
-            )
+            self._abort_internal(context, request_id)
         finally:
             deadline.cancel()
-            self._slots.release()
-            with self._idle:
-                self._active -= 1
-                self._idle.notify_all()
+            self._release()
             log.info(
                 "analysis ended: %s in %.2fs",
                 outcome,
@@ -518,11 +521,8 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             log.info("explanation refused: %s", exc.reason, extra=extra)
             self._abort(context, exc, request_id)
             return
-        if not self._slots.acquire(blocking=False):
-            self._abort(context, ServerBusyError("the server is busy; retry later"), request_id)
+        if not self._admit(context, request_id):
             return
-        with self._idle:
-            self._active += 1
         stop = threading.Event()
         context.add_callback(stop.set)
         deadline = DefaultDeadline(context, self.config.default_deadline_s, stop.set)
@@ -544,17 +544,10 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             self._abort(context, exc, request_id)
         except Exception:
             log.exception("explanation crashed", extra=extra)
-            self._abort(
-                context,
-                InternalError(f"internal server error (request id {request_id})"),
-                request_id,
-            )
+            self._abort_internal(context, request_id)
         finally:
             deadline.cancel()
-            self._slots.release()
-            with self._idle:
-                self._active -= 1
-                self._idle.notify_all()
+            self._release()
 
     def GetModelInfo(  # noqa: N802
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
@@ -621,8 +614,4 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             self._abort(context, exc, request_id)
         except Exception:
             log.exception("ClassifyPatches crashed", extra={"request_id": request_id})
-            self._abort(
-                context,
-                InternalError(f"internal server error (request id {request_id})"),
-                request_id,
-            )
+            self._abort_internal(context, request_id)
