@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
@@ -182,10 +183,14 @@ def run(args: argparse.Namespace) -> int:
         from histohelper.server.runtime.manifest import read_manifest
 
         try:
-            print(read_manifest(args.inspect).to_json())
+            text = read_manifest(args.inspect).to_json()
         except HistoHelperError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"histohelper export: error: {exc} [{exc.reason}]", file=sys.stderr)
             return 1
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:  # e.g. `| head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if not args.out:
         args._parser.error("OUT is required unless --inspect is given")
