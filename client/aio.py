@@ -22,6 +22,7 @@ from histohelper.client._channel import (
 )
 from histohelper.client.errors import error_from_rpc
 from histohelper.client.events import Event, ModelInfo, Progress, Started, event_from_proto
+from histohelper.client.explain import PatchExplanation, explain_request
 from histohelper.client.options import AnalysisOptions, analyze_request
 from histohelper.client.result import ResultCollector, SlideResult
 from histohelper.client.sync import DEFAULT_UNARY_TIMEOUT_S
@@ -183,3 +184,36 @@ class AsyncSlideClient:
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
         return ModelInfo.from_proto(reply)
+
+    async def explain(
+        self,
+        slide_path: str | PurePath | UploadedSlide,
+        *,
+        top_k: int = 8,
+        rank_by: str = "attention",
+        patch_indices: list[int] | None = None,
+        class_name: str | None = None,
+        options: AnalysisOptions | None = None,
+        jpeg_quality: int = 90,
+        timeout: float | None = None,
+    ) -> list[PatchExplanation]:
+        """Explain patches of a slide; as :meth:`SlideClient.explain`.
+
+        Returns:
+            Explanations in rank order: patch JPEG and layer4 Grad-CAM [7, 7] each.
+
+        Raises:
+            HistoHelperError: a subclass matching the server's error.
+        """
+        opts = options.to_proto() if options is not None else None
+        source = slide_path if isinstance(slide_path, UploadedSlide) else str(slide_path)
+        request = explain_request(
+            source, top_k=top_k, rank_by=rank_by, patch_indices=patch_indices,
+            class_name=class_name, options=opts, jpeg_quality=jpeg_quality,
+        )  # fmt: skip
+        deadline = timeout if timeout is not None else self.timeout
+        call = self._stub.ExplainPatches(request, timeout=deadline, metadata=self._metadata)
+        try:
+            return [PatchExplanation.from_proto(m.explanation) async for m in call]
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err

@@ -111,3 +111,20 @@ def test_explain_cli_writes_gallery_and_heatmap(analysis_server, tmp_path: Path)
     with np.load(out / "cam_heatmap.npz") as npz:
         assert npz["heatmap"].ndim == 2 and float(npz["l0_per_px"]) > 0
     assert (out / "cam_overlay.png").is_file()
+
+
+def test_async_client_explains_like_the_sync_client(analysis_server) -> None:
+    import asyncio
+
+    from histohelper.client import AsyncSlideClient
+
+    async def run() -> list:
+        async with AsyncSlideClient(analysis_server.target, timeout=120) as client:
+            return await client.explain(CMU, patch_indices=[0, 2], class_name="benign")
+
+    got = asyncio.run(run())
+    with SlideClient(analysis_server.target, timeout=120) as client:
+        want = client.explain(CMU, patch_indices=[0, 2], class_name="benign")
+    assert [e.patch_index for e in got] == [0, 2]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.grad_cam, b.grad_cam, atol=1e-6)
