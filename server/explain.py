@@ -28,7 +28,6 @@ from histohelper.server.pipeline import (
     Analyzer,
     AttentionDone,
     PatchesDone,
-    Started,
     resize_batch,
 )
 from histohelper.server.tiling import PatchReader, TilingPlan
@@ -127,13 +126,11 @@ class Explainer:
             batch_size=spec.batch_size,
             return_attention=True,
         )
-        for event in self.analyzer.run(full, stop):
+        for event in self.analyzer.run(full, stop, plan=plan):
             if isinstance(event, PatchesDone) and len(event.indices):
                 probs[event.indices] = event.probabilities[:, class_index]
             elif isinstance(event, AttentionDone):
                 attention[event.indices] = event.attention
-            elif isinstance(event, Started) and len(event.plan.grid) != n:
-                raise InvalidOptionsError("the slide changed while it was being explained")
         scores = attention if selection.rank_by == "attention" else probs
         valid = np.flatnonzero(np.isfinite(scores))
         order = valid[np.argsort(-scores[valid], kind="stable")][: selection.k]

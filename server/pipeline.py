@@ -226,7 +226,11 @@ class Analyzer:
         return plan
 
     def run(
-        self, spec: AnalysisSpec, stop: threading.Event, t0: float | None = None
+        self,
+        spec: AnalysisSpec,
+        stop: threading.Event,
+        t0: float | None = None,
+        plan: TilingPlan | None = None,
     ) -> Iterator[Event]:
         """Analyse one slide, yielding events as results become available.
 
@@ -234,6 +238,8 @@ class Analyzer:
             spec: the request.
             stop: set by the caller to cancel; the run ends within one batch.
             t0: ``time.perf_counter()`` at request arrival (default: now).
+            plan: the slide's tiling plan when the caller already made it with
+                :meth:`plan` for this ``spec`` (default: made here).
 
         Yields:
             Started, then PatchesDone/Progress per batch, then AttentionDone chunks
@@ -244,7 +250,7 @@ class Analyzer:
             CorruptSlideError when too many patches fail to read.
         """
         t0 = time.perf_counter() if t0 is None else t0
-        plan = self.plan(spec)
+        plan = self.plan(spec) if plan is None else plan
         tiling_s = time.perf_counter() - t0
         yield Started(spec.request_id, plan, tiling_s)
         grid = plan.grid
