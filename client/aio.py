@@ -205,11 +205,9 @@ class AsyncSlideClient:
         Raises:
             HistoHelperError: a subclass matching the server's error.
         """
-        opts = options.to_proto() if options is not None else None
-        source = slide_path if isinstance(slide_path, UploadedSlide) else str(slide_path)
         request = explain_request(
-            source, top_k=top_k, rank_by=rank_by, patch_indices=patch_indices,
-            class_name=class_name, options=opts, jpeg_quality=jpeg_quality,
+            slide_path, top_k=top_k, rank_by=rank_by, patch_indices=patch_indices,
+            class_name=class_name, options=options, jpeg_quality=jpeg_quality,
         )  # fmt: skip
         deadline = timeout if timeout is not None else self.timeout
         call = self._stub.ExplainPatches(request, timeout=deadline, metadata=self._metadata)

@@ -13,11 +13,13 @@ Numpy only at import; no torch, no OpenSlide.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from histohelper.client.options import AnalysisOptions
 from histohelper.client.uploads import UploadedSlide
 from histohelper.errors import InternalError
 from histohelper.v1 import slide_analysis_pb2 as pb
@@ -98,13 +100,13 @@ class PatchExplanation:
 
 
 def explain_request(
-    slide_path: str | UploadedSlide,
+    slide_path: str | PurePath | UploadedSlide,
     *,
     top_k: int | None = 8,
     rank_by: str = "attention",
     patch_indices: list[int] | None = None,
     class_name: str | None = None,
-    options: pb.AnalysisOptions | None = None,
+    options: AnalysisOptions | None = None,
     jpeg_quality: int = 90,
     request_id: str | None = None,
 ) -> pb.ExplainPatchesRequest:
@@ -122,10 +124,12 @@ def explain_request(
     )
     if isinstance(slide_path, UploadedSlide):
         request.upload_id = slide_path.upload_id
+    elif isinstance(slide_path, PurePath):
+        request.slide_path = slide_path.as_posix()
     else:
         request.slide_path = str(slide_path)
     if options is not None:
-        request.options.CopyFrom(options)
+        request.options.CopyFrom(options.to_proto())
     if patch_indices is not None:
         request.patches.patch_index.extend(int(i) for i in patch_indices)
     else:
