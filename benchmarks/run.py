@@ -7,7 +7,7 @@ mosaicked from real tissue (see ``slides.py``):
     DataLoader (2 workers, batch 64) whose dataset calls OpenSlide ``read_region``
     per patch and applies torchvision ToTensor + Normalize;
 (b) ``model``: the exported artifact alone, per runtime and precision (TorchScript
-    fp32/bf16, NCHW and channels-last; ONNX Runtime fp32 and int8), on patches
+    fp32/bf16, NCHW and channels-last; ONNX Runtime and OpenVINO fp32 and int8), on patches
     already in memory;
 (c) ``e2e``: AnalyzeSlide over gRPC against a real ``histohelper serve`` process
     with its defaults, request to completed event;
@@ -222,6 +222,7 @@ def child_model(artifact: str, patches_npy: str, variants_json: str) -> dict[str
 
     from histohelper.server.runtime.manifest import read_manifest
     from histohelper.server.runtime.onnx import load_onnx
+    from histohelper.server.runtime.openvino import load_openvino
     from histohelper.server.runtime.torchscript import load_torchscript
 
     images = np.load(patches_npy)
@@ -229,11 +230,12 @@ def child_model(artifact: str, patches_npy: str, variants_json: str) -> dict[str
     results: dict[str, Any] = {}
     for name in json.loads(variants_json):
         backend, precision, layout = name.split("-")
-        if backend == "onnx":
+        if backend in ("onnx", "openvino"):
             if manifest.onnx is None:
                 continue
+            load = load_onnx if backend == "onnx" else load_openvino
             try:
-                rt: Any = load_onnx(artifact, precision=precision, num_threads=2)
+                rt: Any = load(artifact, precision=precision, num_threads=2)
             except Exception as exc:  # variant not offered by this artifact
                 results[name] = {"skipped": str(exc)}
                 continue
@@ -381,7 +383,7 @@ def analyze(target: str, slide_rel: str) -> dict[str, Any]:
         "started_s": round(started or float("nan"), 3),
         "server_tiling_s": round(done.timings.tiling_s, 3),
         "server_inference_s": round(done.timings.inference_s, 2),
-        "served": f"{model.device} {model.precision}",
+        "served": f"{model.device} {model.precision} {model.engine}".strip(),
     }
 
 
@@ -407,6 +409,8 @@ MODEL_VARIANTS = [
     "ts-bf16-cl",
     "onnx-fp32-nhwc",
     "onnx-int8-nhwc",
+    "openvino-fp32-nhwc",
+    "openvino-int8-nhwc",
 ]
 
 

@@ -293,6 +293,7 @@ def _info(args: argparse.Namespace) -> int:
                 "untrained": m.untrained,
                 "precision": m.precision,
                 "device": m.device,
+                "engine": m.engine,
                 "patch_size_px": m.patch_size_px,
                 "target_mpp": m.target_mpp,
                 "embedding_dim": m.embedding_dim,
@@ -304,7 +305,8 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return EXIT_OK
     lines = [
-        f"model: {m.name} {m.version} ({m.precision} on {m.device})",
+        f"model: {m.name} {m.version} ({m.precision} on {m.device}"
+        + (f", {m.engine})" if m.engine else ")"),
         f"patch: {m.patch_size_px} px at {m.target_mpp:g} um/px; embedding dim {m.embedding_dim}",
         f"patch classes: {', '.join(m.patch_classes)}",
         f"slide classes: {', '.join(m.slide_classes)}",

@@ -129,7 +129,8 @@ class GridGeometry:
 
 @dataclass(frozen=True, slots=True)
 class ModelSummary:
-    """The served model: classes, provenance flag, precision and device."""
+    """The served model: classes, provenance flag, precision, device and engine
+    (``"torchscript"``, ``"onnxruntime"`` or ``"openvino"``; empty from older servers)."""
 
     name: str
     version: str
@@ -141,6 +142,7 @@ class ModelSummary:
     patch_size_px: int
     target_mpp: float
     embedding_dim: int
+    engine: str = ""
 
     @classmethod
     def from_proto(cls, msg: pb.ModelSummary) -> ModelSummary:
@@ -155,6 +157,7 @@ class ModelSummary:
             patch_size_px=msg.patch_size_px,
             target_mpp=msg.target_mpp,
             embedding_dim=msg.embedding_dim,
+            engine=msg.engine,
         )
 
 

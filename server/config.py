@@ -26,8 +26,9 @@ class ServerConfig:
         device: "auto" (cuda -> mps -> cpu), "cpu", "cuda", "cuda:N" or "mps".
         precision: "auto", "fp32", "bf16", "fp16" or "int8" (auto: fastest variant that
             passed the export's parity gate on this device).
-        backend: "auto" (ONNX Runtime int8 where the artifact has it and the CPU has
-            VNNI, else TorchScript), "torchscript" or "onnx".
+        backend: "auto" (the int8 ONNX model where the artifact has it and the CPU
+            has VNNI, run by OpenVINO where installed and gated, else ONNX Runtime;
+            else TorchScript), "torchscript", "onnx" (ONNX Runtime) or "openvino".
         batch_size: default patches per model batch.
         num_readers: slide-reader threads per analysis.
         max_concurrent_analyses: AnalyzeSlide calls in flight; one more gets

@@ -188,14 +188,15 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         default=env_default("PRECISION", "auto"),
         choices=["auto", "fp32", "bf16", "fp16", "int8"],
         help="model precision; auto picks the fastest variant that passed the export's "
-        "parity gate on this device (int8: ONNX backend only) [HISTOHELPER_PRECISION]",
+        "parity gate on this device (int8: ONNX backends only) [HISTOHELPER_PRECISION]",
     )
     p.add_argument(
         "--backend",
         default=env_default("BACKEND", "auto"),
-        choices=["auto", "torchscript", "onnx"],
-        help="model runtime; auto serves the artifact's int8 ONNX model with ONNX Runtime "
-        "on CPUs with VNNI when it passed its gate (measured faster), else TorchScript "
+        choices=["auto", "torchscript", "onnx", "openvino"],
+        help="model runtime (onnx: ONNX Runtime); auto serves the artifact's int8 ONNX "
+        "model on CPUs with VNNI when it passed its gate (measured faster), with OpenVINO "
+        "where installed and gated, else ONNX Runtime; otherwise TorchScript "
         "[HISTOHELPER_BACKEND]",
     )
     p.add_argument(

@@ -183,7 +183,7 @@ class Thumbnail(_message.Message):
     def __init__(self, png: _Optional[bytes] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., scale_x: _Optional[float] = ..., scale_y: _Optional[float] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "version", "patch_classes", "slide_classes", "untrained", "precision", "device", "patch_size_px", "target_mpp", "embedding_dim")
+    __slots__ = ("name", "version", "patch_classes", "slide_classes", "untrained", "precision", "device", "patch_size_px", "target_mpp", "embedding_dim", "engine")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PATCH_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class ModelSummary(_message.Message):
     PATCH_SIZE_PX_FIELD_NUMBER: _ClassVar[int]
     TARGET_MPP_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     patch_classes: _containers.RepeatedScalarFieldContainer[str]
@@ -204,7 +205,8 @@ class ModelSummary(_message.Message):
     patch_size_px: int
     target_mpp: float
     embedding_dim: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., patch_classes: _Optional[_Iterable[str]] = ..., slide_classes: _Optional[_Iterable[str]] = ..., untrained: _Optional[bool] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., patch_size_px: _Optional[int] = ..., target_mpp: _Optional[float] = ..., embedding_dim: _Optional[int] = ...) -> None: ...
+    engine: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., patch_classes: _Optional[_Iterable[str]] = ..., slide_classes: _Optional[_Iterable[str]] = ..., untrained: _Optional[bool] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., patch_size_px: _Optional[int] = ..., target_mpp: _Optional[float] = ..., embedding_dim: _Optional[int] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class QualityControl(_message.Message):
     __slots__ = ("tissue_fraction", "patch_count", "failed_patch_count", "warnings")

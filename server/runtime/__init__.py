@@ -2,7 +2,7 @@
 
 No OpenSlide, cv2, gRPC or torchvision here: the server serves frozen artifacts only.
 
-Importing this package is light (pydantic, numpy); torch or onnxruntime are imported
+Importing this package is light (pydantic, numpy); torch, onnxruntime or openvino are imported
 by :func:`load_runtime` for the backend asked for.
 
 Public API:
@@ -33,17 +33,18 @@ from .types import ModelRuntime, PatchOutput, SlideOutput
 def choose_backend(path: str | os.PathLike[str], device: str, precision: str) -> str:
     """Resolve ``backend="auto"`` for an artifact, from its manifest alone.
 
-    ONNX Runtime int8 where the artifact has an int8 ONNX model that passed its parity
-    gate, the device is the CPU (``"auto"`` without CUDA/MPS, or ``"cpu"``), the
-    precision asked is ``"auto"`` or ``"int8"``, and the CPU has VNNI: measured on a
-    2-core AVX512-VNNI/BF16 EPYC (batch 64, 224 px; ``make bench``, see
-    ``benchmarks/RESULTS.md``), ONNX Runtime int8 ran ~2x frozen TorchScript bf16 and
-    1.5-3x ONNX fp32 side by side, with probabilities within 0.01 of fp32 on CMU-1
-    patches. Everything else (GPUs, fp32,
-    bf16, fp16, CPUs without VNNI) stays on TorchScript.
+    The int8 ONNX model where the artifact has one that passed its parity gate, the
+    device is the CPU (``"auto"`` without CUDA/MPS, or ``"cpu"``), the precision asked
+    is ``"auto"`` or ``"int8"``, and the CPU has VNNI; served by OpenVINO when it is
+    installed and the export gated it under OpenVINO too, else by ONNX Runtime.
+    Measured on a 2-core AVX512-VNNI/BF16 EPYC (batch 64, 224 px, side by side; ``make
+    bench``, see ``benchmarks/RESULTS.md``): OpenVINO int8 ~180 patches/s, ONNX Runtime
+    int8 ~125, frozen TorchScript bf16 ~90, fp32 ~48; int8 probabilities within 0.01 of
+    fp32 on CMU-1 patches. Everything else (GPUs, fp32, bf16, fp16, CPUs without VNNI)
+    stays on TorchScript.
 
     Returns:
-        ``"onnx"`` or ``"torchscript"``.
+        ``"openvino"``, ``"onnx"`` or ``"torchscript"``.
     """
     if precision not in ("auto", "int8"):
         return "torchscript"
@@ -64,6 +65,10 @@ def choose_backend(path: str | os.PathLike[str], device: str, precision: str) ->
 
             if torch.cuda.is_available() or torch.backends.mps.is_available():
                 return "torchscript"
+    from .openvino import openvino_available
+
+    if manifest.onnx.int8_passed("openvino") and openvino_available():
+        return "openvino"
     return "onnx"
 
 
@@ -73,7 +78,7 @@ def load_runtime(
     device: str = "auto",
     precision: str = "auto",
     num_threads: int | None = None,
-    backend: Literal["auto", "torchscript", "onnx"] = "torchscript",
+    backend: Literal["auto", "torchscript", "onnx", "openvino"] = "torchscript",
 ) -> ModelRuntime:
     """Load a model artifact for serving.
 
@@ -87,8 +92,10 @@ def load_runtime(
         num_threads: intra-op CPU threads; None keeps the library default.
         backend: ``"torchscript"`` (default; all outputs), ``"onnx"`` (ONNX Runtime on
             CPU for the patch path from the ``.onnx`` files beside the artifact, numpy
-            for the MIL head; needs an export made with ``--onnx``; fp32 or int8), or
-            ``"auto"`` (see :func:`choose_backend`: ONNX int8 where measured faster).
+            for the MIL head; needs an export made with ``--onnx``; fp32 or int8),
+            ``"openvino"`` (the same ONNX files run by OpenVINO on CPU; int8 only when
+            the export gated it under OpenVINO), or ``"auto"`` (see
+            :func:`choose_backend`: int8 where measured faster).
 
     Returns:
         A ready :class:`ModelRuntime`.
@@ -103,12 +110,16 @@ def load_runtime(
         from .onnx import load_onnx
 
         return load_onnx(path, device=device, precision=precision, num_threads=num_threads)
+    if backend == "openvino":
+        from .openvino import load_openvino
+
+        return load_openvino(path, device=device, precision=precision, num_threads=num_threads)
     if precision == "int8":
         from histohelper.errors import ModelArtifactError
 
         raise ModelArtifactError(
             "precision int8 is unknown to the TorchScript backend; int8 is served by the "
-            "ONNX backend (--backend onnx)"
+            "ONNX backends (--backend onnx or openvino)"
         )
     from .torchscript import load_torchscript
 

@@ -148,6 +148,9 @@ class OnnxInfo(_Frozen):
         int8_parity: int8 onnxruntime vs eager fp32 on the calibration patches (the
             reduced-precision gate), also when it failed.
         int8_calibration: what the activation ranges were calibrated on.
+        int8_parity_openvino: the same int8 model run by OpenVINO vs eager fp32 on the
+            same patches (OpenVINO picks its own int8 kernels, so it is gated on its
+            own); None when OpenVINO was not installed at export.
     """
 
     file_name: str
@@ -159,14 +162,13 @@ class OnnxInfo(_Frozen):
     int8_file_name: str | None = None
     int8_parity: ParityFigures | None = None
     int8_calibration: str | None = None
+    int8_parity_openvino: ParityFigures | None = None
 
-    def int8_passed(self) -> bool:
-        """Whether an int8 model exists and passed its parity gate."""
-        return (
-            self.int8_file_name is not None
-            and self.int8_parity is not None
-            and self.int8_parity.passed
-        )
+    def int8_passed(self, engine: str = "onnxruntime") -> bool:
+        """Whether an int8 model exists and passed its parity gate under ``engine``
+        (``"onnxruntime"`` or ``"openvino"``)."""
+        fig = self.int8_parity_openvino if engine == "openvino" else self.int8_parity
+        return self.int8_file_name is not None and fig is not None and fig.passed
 
 
 class Manifest(_Frozen):

@@ -1,4 +1,7 @@
-"""ONNX Runtime implementation of :class:`~.types.ModelRuntime` (no torch needed).
+"""ONNX implementation of :class:`~.types.ModelRuntime` (no torch needed).
+
+:class:`OnnxModel` serves the ONNX export with an ONNX engine: ONNX Runtime here
+(:func:`load_onnx`), OpenVINO in :mod:`.openvino`.
 
 The patch path runs the ``.onnx`` file that ``histohelper export --onnx`` writes beside
 the TorchScript artifact (uint8 NHWC in; logits, embeddings, CAMs out). The MIL head
@@ -16,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,13 +79,17 @@ class NumpyGatedAttention:
         return logits, attention
 
 
-class OnnxRuntimeModel:
-    """ONNX Runtime patch path + numpy MIL head.
+class OnnxModel:
+    """The ONNX patch path run by an ONNX engine, plus the numpy MIL head.
+
+    The engine is ONNX Runtime (:func:`load_onnx`) or OpenVINO
+    (:func:`.openvino.load_openvino`); both run the same ``.onnx`` files.
 
     Attributes:
         manifest: the artifact's manifest.
         device: always ``"cpu"``.
         precision: ``"fp32"`` or ``"int8"``.
+        engine: ``"onnxruntime"`` or ``"openvino"``.
     """
 
     def __init__(
@@ -91,12 +99,14 @@ class OnnxRuntimeModel:
         manifest: Manifest,
         precision: str = "fp32",
         cam_session_factory: object = None,
+        engine: str = "onnxruntime",
     ) -> None:
         self._session = session
         self._mil = mil
         self.manifest = manifest
         self.device = "cpu"
         self.precision = precision
+        self.engine = engine
         self._cam_factory = cam_session_factory
         self._cam_session: object = None if cam_session_factory is not None else session
         self._cam_lock = threading.Lock()
@@ -157,54 +167,65 @@ def cpu_has_vnni() -> bool:
     return False
 
 
-def onnx_precisions(manifest: Manifest) -> tuple[str, ...]:
-    """ONNX precisions this artifact offers here, preferred first (int8 only with VNNI
-    and a passed gate; fp32 whenever an ONNX export exists)."""
+def onnx_precisions(manifest: Manifest, engine: str = "onnxruntime") -> tuple[str, ...]:
+    """ONNX precisions this artifact offers here under ``engine``, preferred first
+    (int8 only with VNNI and a passed gate for that engine; fp32 whenever an ONNX
+    export exists)."""
     if manifest.onnx is None:
         return ()
-    if manifest.onnx.int8_passed() and cpu_has_vnni():
+    if manifest.onnx.int8_passed(engine) and cpu_has_vnni():
         return ("int8", "fp32")
     return ("fp32",)
 
 
-def load_onnx(
-    path: str | os.PathLike[str],
-    *,
-    device: str = "auto",
-    precision: str = "auto",
-    num_threads: int | None = None,
-) -> OnnxRuntimeModel:
-    """Load the ONNX export beside a TorchScript artifact.
+@dataclass(frozen=True)
+class OnnxFiles:
+    """What an ONNX engine needs to serve an artifact (see :func:`resolve_onnx`).
+
+    Attributes:
+        manifest: the artifact's manifest.
+        precision: ``"fp32"`` or ``"int8"`` (resolved from ``"auto"``).
+        model_path: the ``.onnx`` file that serves the patch path.
+        fp32_path: the fp32 ``.onnx`` file (CAMs always come from it).
+        mil: the numpy MIL head.
+    """
+
+    manifest: Manifest
+    precision: str
+    model_path: Path
+    fp32_path: Path
+    mil: NumpyGatedAttention
+
+
+def resolve_onnx(
+    path: str | os.PathLike[str], *, device: str, precision: str, engine: str
+) -> OnnxFiles:
+    """Check an artifact's ONNX export for ``engine`` and find its files.
 
     Args:
         path: the TorchScript artifact (``.pt``); its manifest names the ONNX files.
-        device: ``"auto"`` or ``"cpu"`` (the CPU execution provider only).
-        precision: ``"auto"`` (int8 where :func:`onnx_precisions` offers it, else
-            fp32), ``"fp32"`` or ``"int8"``.
-        num_threads: ONNX Runtime intra-op threads; None: its default.
-
-    Returns:
-        A ready :class:`OnnxRuntimeModel`.
+        device: ``"auto"`` or ``"cpu"``.
+        precision: ``"auto"``, ``"fp32"`` or ``"int8"``.
+        engine: ``"onnxruntime"`` or ``"openvino"`` (whose int8 gate must have passed).
 
     Raises:
-        ModelArtifactError: no ONNX export in the manifest, the file is missing or
-            invalid, a device other than the CPU, or a precision not offered.
+        ModelArtifactError: no ONNX export, a missing file, a device other than the
+            CPU, or a precision not offered.
     """
-    import onnxruntime as ort
-
     manifest = read_manifest(path)
     if device not in ("auto", "cpu"):
-        raise ModelArtifactError(f"the ONNX backend runs on the CPU only, not {device!r}")
+        raise ModelArtifactError(f"the ONNX backends run on the CPU only, not {device!r}")
     if precision not in ("auto", "fp32", "int8"):
-        raise ModelArtifactError(f"the ONNX backend runs fp32 or int8, not {precision!r}")
+        raise ModelArtifactError(f"the ONNX backends run fp32 or int8, not {precision!r}")
     if manifest.onnx is None:
         raise ModelArtifactError("model artifact was exported without ONNX (use --onnx)")
     if precision == "auto":
-        precision = onnx_precisions(manifest)[0]
-    if precision == "int8" and not manifest.onnx.int8_passed():
+        precision = onnx_precisions(manifest, engine)[0]
+    if precision == "int8" and not manifest.onnx.int8_passed(engine):
         raise ModelArtifactError(
-            "the model artifact offers no int8 ONNX model that passed its parity gate "
-            "(export with --onnx --onnx-int8)"
+            f"the model artifact offers no int8 ONNX model that passed its parity gate "
+            f"under {engine} (export with --onnx --onnx-int8"
+            + (", with openvino installed)" if engine == "openvino" else ")")
         )
     directory = Path(path).parent
     fp32_path = directory / manifest.onnx.file_name
@@ -215,6 +236,35 @@ def load_onnx(
         raise ModelArtifactError("model artifact's ONNX file is missing")
     with np.load(io.BytesIO(read_artifact_member(path, MIL_WEIGHTS_NAME))) as npz:
         mil = NumpyGatedAttention({k: npz[k] for k in npz.files})
+    return OnnxFiles(manifest, precision, model_path, fp32_path, mil)
+
+
+def load_onnx(
+    path: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    num_threads: int | None = None,
+) -> OnnxModel:
+    """Load the ONNX export beside a TorchScript artifact into ONNX Runtime.
+
+    Args:
+        path: the TorchScript artifact (``.pt``); its manifest names the ONNX files.
+        device: ``"auto"`` or ``"cpu"`` (the CPU execution provider only).
+        precision: ``"auto"`` (int8 where :func:`onnx_precisions` offers it, else
+            fp32), ``"fp32"`` or ``"int8"``.
+        num_threads: ONNX Runtime intra-op threads; None: its default.
+
+    Returns:
+        A ready :class:`OnnxModel`.
+
+    Raises:
+        ModelArtifactError: no ONNX export in the manifest, the file is missing or
+            invalid, a device other than the CPU, or a precision not offered.
+    """
+    import onnxruntime as ort
+
+    files = resolve_onnx(path, device=device, precision=precision, engine="onnxruntime")
     opts = ort.SessionOptions()
     if num_threads is not None:
         opts.intra_op_num_threads = num_threads
@@ -230,6 +280,6 @@ def load_onnx(
                 f"model artifact's ONNX file cannot be loaded: {exc}"
             ) from None
 
-    main = session(model_path)
-    factory = (lambda: session(fp32_path)) if precision == "int8" else None
-    return OnnxRuntimeModel(main, mil, manifest, precision, factory)
+    main = session(files.model_path)
+    factory = (lambda: session(files.fp32_path)) if files.precision == "int8" else None
+    return OnnxModel(main, files.mil, files.manifest, files.precision, factory)

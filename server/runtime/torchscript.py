@@ -161,6 +161,7 @@ class TorchScriptRuntime:
         self.manifest = manifest
         self.device = device
         self.precision = precision
+        self.engine = "torchscript"
         self.channels_last = channels_last
         self.load_seconds = load_seconds
         self._torch_device = torch.device(device)

@@ -63,12 +63,15 @@ class ModelRuntime(Protocol):
         manifest: the artifact's manifest.
         device: ``"cpu"``, ``"cuda:0"``, ``"mps"``.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (of the patch path; the MIL
-            aggregation always runs in fp32).
+            aggregation always runs in fp32); ``"int8"`` with the ONNX engines.
+        engine: what runs the patch path: ``"torchscript"``, ``"onnxruntime"`` or
+            ``"openvino"``.
     """
 
     manifest: Manifest
     device: str
     precision: str
+    engine: str
 
     def predict_patches(
         self, images: npt.NDArray[np.uint8], *, want_cams: bool = False
