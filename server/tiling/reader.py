@@ -24,7 +24,7 @@ import numpy.typing as npt
 from histohelper.errors import CorruptSlideError, HistoHelperError, InvalidOptionsError
 
 from .plan import PatchGrid
-from .slide import Slide, SlideCache, composite_on_white, open_slide
+from .slide import Slide, SlideCache, open_slide
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +67,12 @@ def read_patch(slide: Slide, grid: PatchGrid, index: int) -> npt.NDArray[np.uint
     Raises:
         CorruptSlideError: the region could not be decoded (handle already reopened).
     """
-    level = grid.level
-    ds_os = slide.metadata.openslide_downsamples[level]
-    # Exact per-axis level position, expressed in OpenSlide's level-0 convention.
+    # Exact per-axis level position (the slide rounds it, or converts it to OpenSlide's
+    # level-0 convention when OpenSlide reads the region).
     x_lv = float(grid.x_l0[index]) / grid.level_downsample_x
     y_lv = float(grid.y_l0[index]) / grid.level_downsample_y
-    loc_x = round(x_lv * ds_os)
-    loc_y = round(y_lv * ds_os)
     rw, rh = grid.read_width_px, grid.read_height_px
-    rgb = composite_on_white(slide.read_region_rgba(loc_x, loc_y, level, rw, rh))
+    rgb = slide.read_level_rgb(grid.level, x_lv, y_lv, rw, rh)
     s = grid.patch_size_px
     if (rw, rh) != (s, s):
         interp = cv2.INTER_AREA if rw >= s and rh >= s else cv2.INTER_LINEAR

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 import openslide
@@ -39,6 +40,8 @@ from histohelper.errors import (
     SlideTooLargeError,
     UnsupportedSlideError,
 )
+
+from .tiffread import TiffLevelReader, TiffPyramid, TileCache
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +165,11 @@ def composite_on_white(rgba: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     Returns:
         ``[h, w, 3]`` uint8 RGB (a new C-contiguous array).
     """
-    alpha = rgba[..., 3]
-    if alpha.min(initial=255) == 255:
+    if rgba.size == 0:
         return np.ascontiguousarray(rgba[..., :3])
+    alpha = cv2.extractChannel(rgba, 3)
+    if cv2.minMaxLoc(alpha)[0] == 255:  # opaque: a plain channel drop (cv2: ~15x numpy)
+        return np.asarray(cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB), dtype=np.uint8)
     a = alpha.astype(np.uint16)[..., None]
     rgb = rgba[..., :3].astype(np.uint16)
     out = (rgb * a + 255 * (255 - a) + 127) // 255
@@ -191,6 +196,7 @@ class Slide:
         self._handle: openslide.AbstractSlide | None = None
         self._handle = self._open_handle()
         self.metadata = _metadata_from(self._handle, self._is_plain)
+        self._pyramid: TiffPyramid | None = None  # opened on the first level read
 
     @property
     def path(self) -> str:
@@ -341,6 +347,74 @@ class Slide:
                     f"a region of the slide could not be decoded: {type(exc).__name__}"
                 ) from None
 
+    def _fast_level(self, level: int) -> object:
+        md = self.metadata
+        if md.is_plain_image:
+            return None
+        if self._pyramid is None:
+            tiles = self._cache.tile_cache if self._cache is not None else _PRIVATE_TILES
+            self._pyramid = TiffPyramid(self._path, md.vendor, md.level_dimensions, tiles)
+        return self._pyramid.level(level)
+
+    def reads_directly(self, level: int) -> bool:
+        """Whether :meth:`read_level_rgb` decodes ``level``'s tiles with tifffile
+        (tiled 8-bit RGB/YCbCr JPEG page of a generic-tiff or aperio slide) rather than
+        through OpenSlide.
+
+        Raises:
+            RegionOutOfBoundsError: no such level.
+        """
+        if not (0 <= level < self.metadata.level_count):
+            raise RegionOutOfBoundsError(f"level {level} not in [0, {self.metadata.level_count})")
+        return self._fast_level(level) is not None
+
+    def read_level_rgb(
+        self, level: int, x_lv: float, y_lv: float, width_px: int, height_px: int
+    ) -> npt.NDArray[np.uint8]:
+        """Read a region given in ``level`` px, composited on white.
+
+        Tiled JPEG TIFF pyramids (vendors ``generic-tiff`` and ``aperio``) are decoded
+        directly with tifffile (:mod:`.tiffread`, ~3x less CPU than OpenSlide's
+        compositing); every other slide goes through OpenSlide at level-0 position
+        ``round(x_lv * openslide_downsample)``.
+
+        Args:
+            level: pyramid level.
+            x_lv: left edge in ``level`` px (rounded to the nearest px; may lie
+                outside the slide).
+            y_lv: top edge in ``level`` px.
+            width_px: region width in ``level`` px.
+            height_px: region height in ``level`` px.
+
+        Returns:
+            ``[height_px, width_px, 3]`` uint8 RGB.
+
+        Raises:
+            As :meth:`read_region_rgba`.
+        """
+        md = self.metadata
+        if not (0 <= level < md.level_count):
+            raise RegionOutOfBoundsError(f"level {level} not in [0, {md.level_count})")
+        fast = self._fast_level(level)
+        if not isinstance(fast, TiffLevelReader):
+            ds = md.openslide_downsamples[level]
+            return self.read_region_rgb(
+                round(x_lv * ds), round(y_lv * ds), level, width_px, height_px
+            )
+        if width_px <= 0 or height_px <= 0:
+            raise RegionOutOfBoundsError("region size must be positive")
+        if width_px * height_px > MAX_REGION_PX:
+            raise SlideTooLargeError(f"region of {width_px} x {height_px} px is too large")
+        x, y = round(x_lv), round(y_lv)
+        lw, lh = md.level_dimensions[level]
+        if x >= lw or y >= lh or x + width_px <= 0 or y + height_px <= 0:
+            raise RegionOutOfBoundsError("region lies wholly outside the slide")
+        try:
+            return fast.read_rgb(x, y, width_px, height_px)
+        except CorruptSlideError:
+            self.failed_reads += 1
+            raise
+
     def read_region_rgb(
         self, x_l0: int, y_l0: int, level: int, width_px: int, height_px: int
     ) -> npt.NDArray[np.uint8]:
@@ -355,6 +429,9 @@ class Slide:
 
     def close(self) -> None:
         """Close the handle (idempotent)."""
+        if self._pyramid is not None:
+            self._pyramid.close()
+            self._pyramid = None
         with self._lock:
             if self._handle is not None:
                 try:
@@ -409,8 +486,12 @@ def open_slide(path: str | os.PathLike[str], *, cache: SlideCache | None = None)
     return slide
 
 
+#: Tile cache of handles opened without a :class:`SlideCache` (32 MiB, process-wide).
+_PRIVATE_TILES = TileCache(32 * 1024 * 1024)
+
+
 class SlideCache:
-    """Bounded shared tile cache plus a small LRU pool of idle slide handles.
+    """Bounded shared tile caches plus a small LRU pool of idle slide handles.
 
     One instance per server process keeps memory on a plateau across many slides:
     decoded tiles live in one :class:`openslide.OpenSlideCache` of fixed capacity,
@@ -431,6 +512,8 @@ class SlideCache:
         self.capacity_bytes = int(capacity_bytes)
         self.max_idle_handles = int(max_idle_handles)
         self.openslide_cache = openslide.OpenSlideCache(self.capacity_bytes)
+        #: Decoded tiles of the tifffile fast path (:mod:`.tiffread`), same capacity.
+        self.tile_cache = TileCache(self.capacity_bytes)
         self._idle: OrderedDict[int, tuple[str, Slide]] = OrderedDict()
         self._lock = threading.Lock()
         self._counter = 0
