@@ -77,6 +77,7 @@ def machine_line() -> dict[str, Any]:
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
     cuda = torch.cuda.is_available()
     import onnxruntime
+    import openvino
 
     info = {
         "cpu": model,
@@ -86,13 +87,15 @@ def machine_line() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if cuda else "none (no GPU lent to this run)",
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "openvino": str(openvino.__version__).split("-")[0],
         "python": platform.python_version(),
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
     }
     info["line"] = (
         f"{info['cpu']}, {info['logical_cores']} cores, {info['memory_gib']} GiB, "
         f"{'/'.join(isa)}; GPU: {info['gpu']}; torch {info['torch']}, "
-        f"onnxruntime {info['onnxruntime']}, Python {info['python']}"
+        f"onnxruntime {info['onnxruntime']}, openvino {info['openvino']}, "
+        f"Python {info['python']}"
     )
     return info
 
