@@ -182,7 +182,7 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
             "port": port,
             "device": runtime.device,
             "precision": runtime.precision,
-            "engine": getattr(runtime, "engine", "torchscript"),
+            "engine": runtime.engine,
             "model_version": runtime.manifest.model_version,
             "tls": "mutual" if config.tls_client_ca else ("server" if config.tls else "off"),
             "token_auth": tokens is not None,

@@ -161,7 +161,7 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             patch_size_px=m.patch_size_px,
             target_mpp=m.target_mpp,
             embedding_dim=m.embedding_dim,
-            engine=getattr(self.runtime, "engine", "torchscript"),
+            engine=self.runtime.engine,
         )
 
     def _abort(

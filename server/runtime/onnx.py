@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +197,13 @@ class OnnxFiles:
     fp32_path: Path
     mil: NumpyGatedAttention
 
+    def serve(self, open_session: Callable[[Path], object], engine: str) -> OnnxModel:
+        """An :class:`OnnxModel` over these files: ``open_session(model_path)`` now,
+        and for int8 ``open_session(fp32_path)`` on the first call that wants CAMs."""
+        main = open_session(self.model_path)
+        factory = (lambda: open_session(self.fp32_path)) if self.precision == "int8" else None
+        return OnnxModel(main, self.mil, self.manifest, self.precision, factory, engine)
+
 
 def resolve_onnx(
     path: str | os.PathLike[str], *, device: str, precision: str, engine: str
@@ -280,6 +288,4 @@ def load_onnx(
                 f"model artifact's ONNX file cannot be loaded: {exc}"
             ) from None
 
-    main = session(files.model_path)
-    factory = (lambda: session(files.fp32_path)) if files.precision == "int8" else None
-    return OnnxModel(main, files.mil, files.manifest, files.precision, factory)
+    return files.serve(session, "onnxruntime")

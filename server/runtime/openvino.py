@@ -122,10 +122,4 @@ def load_openvino(
             "the openvino backend needs the openvino package (pip install openvino)"
         )
     files = resolve_onnx(path, device=device, precision=precision, engine="openvino")
-    main = compile_onnx(files.model_path, num_threads=num_threads)
-    factory = (
-        (lambda: compile_onnx(files.fp32_path, num_threads=num_threads))
-        if files.precision == "int8"
-        else None
-    )
-    return OnnxModel(main, files.mil, files.manifest, files.precision, factory, "openvino")
+    return files.serve(lambda p: compile_onnx(p, num_threads=num_threads), "openvino")

@@ -310,12 +310,7 @@ class Slide:
                 so the next read starts clean.
         """
         md = self.metadata
-        if not (0 <= level < md.level_count):
-            raise RegionOutOfBoundsError(f"level {level} not in [0, {md.level_count})")
-        if width_px <= 0 or height_px <= 0:
-            raise RegionOutOfBoundsError("region size must be positive")
-        if width_px * height_px > MAX_REGION_PX:
-            raise SlideTooLargeError(f"region of {width_px} x {height_px} px is too large")
+        self._check_region(level, width_px, height_px)
         ds_x, ds_y = md.level_downsamples[level]
         if (
             x_l0 >= md.width_l0
@@ -347,7 +342,20 @@ class Slide:
                     f"a region of the slide could not be decoded: {type(exc).__name__}"
                 ) from None
 
-    def _fast_level(self, level: int) -> object:
+    def _check_level(self, level: int) -> None:
+        count = self.metadata.level_count
+        if not (0 <= level < count):
+            raise RegionOutOfBoundsError(f"level {level} not in [0, {count})")
+
+    def _check_region(self, level: int, width_px: int, height_px: int) -> None:
+        """Level, size and :data:`MAX_REGION_PX` checks shared by the region reads."""
+        self._check_level(level)
+        if width_px <= 0 or height_px <= 0:
+            raise RegionOutOfBoundsError("region size must be positive")
+        if width_px * height_px > MAX_REGION_PX:
+            raise SlideTooLargeError(f"region of {width_px} x {height_px} px is too large")
+
+    def _fast_level(self, level: int) -> TiffLevelReader | None:
         md = self.metadata
         if md.is_plain_image:
             return None
@@ -364,8 +372,7 @@ class Slide:
         Raises:
             RegionOutOfBoundsError: no such level.
         """
-        if not (0 <= level < self.metadata.level_count):
-            raise RegionOutOfBoundsError(f"level {level} not in [0, {self.metadata.level_count})")
+        self._check_level(level)
         return self._fast_level(level) is not None
 
     def read_level_rgb(
@@ -393,18 +400,14 @@ class Slide:
             As :meth:`read_region_rgba`.
         """
         md = self.metadata
-        if not (0 <= level < md.level_count):
-            raise RegionOutOfBoundsError(f"level {level} not in [0, {md.level_count})")
+        self._check_level(level)
         fast = self._fast_level(level)
-        if not isinstance(fast, TiffLevelReader):
+        if fast is None:
             ds = md.openslide_downsamples[level]
             return self.read_region_rgb(
                 round(x_lv * ds), round(y_lv * ds), level, width_px, height_px
             )
-        if width_px <= 0 or height_px <= 0:
-            raise RegionOutOfBoundsError("region size must be positive")
-        if width_px * height_px > MAX_REGION_PX:
-            raise SlideTooLargeError(f"region of {width_px} x {height_px} px is too large")
+        self._check_region(level, width_px, height_px)
         x, y = round(x_lv), round(y_lv)
         lw, lh = md.level_dimensions[level]
         if x >= lw or y >= lh or x + width_px <= 0 or y + height_px <= 0:
