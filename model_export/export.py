@@ -357,29 +357,46 @@ def _gate_int8(
 
 
 def gate_openvino_int8(
-    int8_path: Path, *, calib: CalibrationSet, ref_logits: torch.Tensor
+    int8_path: Path,
+    *,
+    calib: CalibrationSet,
+    ref_logits: torch.Tensor,
+    rest_precision: str = "f32",
 ) -> ParityFigures | None:
     """Gate the int8 ONNX model as OpenVINO runs it (the server's fastest CPU engine).
 
     OpenVINO (https://docs.openvino.ai) compiles the same QDQ model with its own int8
     kernels, so its outputs differ from ONNX Runtime's; the server's ``openvino``
     backend serves int8 only when this gate passed. Same gate and patches as
-    :func:`quantize_onnx_int8`, unquantised layers at f32.
+    :func:`quantize_onnx_int8`, compiled exactly as the server compiles it.
+
+    Args:
+        int8_path: the int8 ``.onnx`` file.
+        calib: the calibration patches (the gate runs on all of them).
+        ref_logits: eager fp32 logits of those patches.
+        rest_precision: precision of the unquantised layers (first convolution,
+            heads): ``"f32"``, or ``"bf16"`` (gated only where this CPU has
+            AVX512-BF16 or AMX; None is returned elsewhere).
 
     Returns:
-        The parity figures, or None when OpenVINO is not installed.
+        The parity figures, or None when OpenVINO is not installed (or bf16 is asked
+        on a CPU without it).
     """
+    from histohelper.server.runtime.onnx import cpu_has_bf16
     from histohelper.server.runtime.openvino import (
         compile_onnx,
         openvino_available,
         openvino_version,
     )
 
-    if not openvino_available():
+    if not openvino_available() or (rest_precision == "bf16" and not cpu_has_bf16()):
         return None
-    session = compile_onnx(int8_path, num_threads=None)
-    fig = _gate_int8(session, calib, ref_logits, checked_on=f"cpu, openvino {openvino_version()}")
-    log.info("onnx int8 under openvino vs fp32: %s", fig)
+    session = compile_onnx(int8_path, num_threads=None, rest_precision=rest_precision)
+    where = f"cpu, openvino {openvino_version()}"
+    if rest_precision != "f32":
+        where += f", unquantised layers {rest_precision}"
+    fig = _gate_int8(session, calib, ref_logits, checked_on=where)
+    log.info("onnx int8 under openvino (rest %s) vs fp32: %s", rest_precision, fig)
     return fig
 
 
@@ -626,11 +643,12 @@ def export_model(
                         warnings.warn(msg + "; it is not written", RuntimeWarning, stacklevel=2)
                     else:
                         int8_final = int8_tmp
-                    ov_fig = (
-                        gate_openvino_int8(int8_tmp, calib=calib, ref_logits=ref_calib)
-                        if int8_fig.passed
-                        else None
-                    )
+                    ov_fig = ov_bf16_fig = None
+                    if int8_fig.passed:
+                        ov_fig = gate_openvino_int8(int8_tmp, calib=calib, ref_logits=ref_calib)
+                        ov_bf16_fig = gate_openvino_int8(
+                            int8_tmp, calib=calib, ref_logits=ref_calib, rest_precision="bf16"
+                        )
                     onnx_info = onnx_info.model_copy(
                         update={
                             "int8_file_name": out.with_suffix(".int8.onnx").name
@@ -639,6 +657,7 @@ def export_model(
                             "int8_parity": int8_fig,
                             "int8_calibration": f"{calib.source} (even-indexed patches)",
                             "int8_parity_openvino": ov_fig,
+                            "int8_parity_openvino_bf16": ov_bf16_fig,
                         }
                     )
             manifest = Manifest(precisions=precisions, parity=parity, onnx=onnx_info, **base)

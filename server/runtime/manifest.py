@@ -151,6 +151,9 @@ class OnnxInfo(_Frozen):
         int8_parity_openvino: the same int8 model run by OpenVINO vs eager fp32 on the
             same patches (OpenVINO picks its own int8 kernels, so it is gated on its
             own); None when OpenVINO was not installed at export.
+        int8_parity_openvino_bf16: the same, with the layers left unquantised (first
+            convolution, heads) run in bf16 by OpenVINO; None when OpenVINO was not
+            installed or the export CPU has no bf16 instructions (AVX512-BF16 or AMX).
     """
 
     file_name: str
@@ -163,11 +166,17 @@ class OnnxInfo(_Frozen):
     int8_parity: ParityFigures | None = None
     int8_calibration: str | None = None
     int8_parity_openvino: ParityFigures | None = None
+    int8_parity_openvino_bf16: ParityFigures | None = None
 
     def int8_passed(self, engine: str = "onnxruntime") -> bool:
         """Whether an int8 model exists and passed its parity gate under ``engine``
-        (``"onnxruntime"`` or ``"openvino"``)."""
-        fig = self.int8_parity_openvino if engine == "openvino" else self.int8_parity
+        (``"onnxruntime"``, ``"openvino"``, or ``"openvino-bf16"``: OpenVINO with the
+        unquantised layers in bf16)."""
+        fig = {
+            "onnxruntime": self.int8_parity,
+            "openvino": self.int8_parity_openvino,
+            "openvino-bf16": self.int8_parity_openvino_bf16,
+        }[engine]
         return self.int8_file_name is not None and fig is not None and fig.passed
 
 

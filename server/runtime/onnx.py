@@ -89,8 +89,11 @@ class OnnxModel:
     Attributes:
         manifest: the artifact's manifest.
         device: always ``"cpu"``.
-        precision: ``"fp32"`` or ``"int8"``.
+        precision: ``"fp32"``, ``"int8"``, or ``"int8+bf16"`` (OpenVINO: int8
+            convolutions, the unquantised layers in bf16).
         engine: ``"onnxruntime"`` or ``"openvino"``.
+        concurrency: calls run at once (the session's ``streams`` where it has them,
+            OpenVINO; else 1).
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class OnnxModel:
         self.device = "cpu"
         self.precision = precision
         self.engine = engine
+        self.concurrency = int(getattr(session, "streams", 1))
         self._cam_factory = cam_session_factory
         self._cam_session: object = None if cam_session_factory is not None else session
         self._cam_lock = threading.Lock()
@@ -152,20 +156,32 @@ class OnnxModel:
         )
 
 
-def cpu_has_vnni() -> bool:
-    """True when the CPU has AVX512-VNNI or AVX-VNNI (ONNX Runtime's fast int8 path).
-
-    Read from ``/proc/cpuinfo``; False where that is not available.
-    """
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo``; empty where that is unreadable."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_vnni() -> bool:
+    """True when the CPU has AVX512-VNNI, AVX-VNNI or AMX-INT8 (the fast int8 paths).
+
+    Read from ``/proc/cpuinfo``; False where that is not available.
+    """
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16).
+
+    Read from ``/proc/cpuinfo``; False where that is not available.
+    """
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def onnx_precisions(manifest: Manifest, engine: str = "onnxruntime") -> tuple[str, ...]:
@@ -197,12 +213,23 @@ class OnnxFiles:
     fp32_path: Path
     mil: NumpyGatedAttention
 
-    def serve(self, open_session: Callable[[Path], object], engine: str) -> OnnxModel:
+    def serve(
+        self,
+        open_session: Callable[[Path], object],
+        engine: str,
+        *,
+        open_cam_session: Callable[[Path], object] | None = None,
+        label: str | None = None,
+    ) -> OnnxModel:
         """An :class:`OnnxModel` over these files: ``open_session(model_path)`` now,
-        and for int8 ``open_session(fp32_path)`` on the first call that wants CAMs."""
+        and for int8 ``open_cam_session(fp32_path)`` (default ``open_session``) on the
+        first call that wants CAMs. ``label`` overrides the reported precision (e.g.
+        ``"int8+bf16"``)."""
         main = open_session(self.model_path)
-        factory = (lambda: open_session(self.fp32_path)) if self.precision == "int8" else None
-        return OnnxModel(main, self.mil, self.manifest, self.precision, factory, engine)
+        cams = open_cam_session or open_session
+        factory = (lambda: cams(self.fp32_path)) if self.precision == "int8" else None
+        precision = label or self.precision
+        return OnnxModel(main, self.mil, self.manifest, precision, factory, engine)
 
 
 def resolve_onnx(

@@ -144,6 +144,8 @@ class TorchScriptRuntime:
         manifest: the artifact's manifest.
         device: ``"cpu"``, ``"cuda:0"``, ``"mps"``.
         precision: precision of the patch path (MIL aggregation is always fp32).
+        engine: ``"torchscript"``.
+        concurrency: 1 (each call uses every intra-op thread).
         channels_last: whether the patch network runs in channels-last memory format.
         load_seconds: wall time of loading, freezing and warm-up, seconds.
     """
@@ -162,6 +164,7 @@ class TorchScriptRuntime:
         self.device = device
         self.precision = precision
         self.engine = "torchscript"
+        self.concurrency = 1
         self.channels_last = channels_last
         self.load_seconds = load_seconds
         self._torch_device = torch.device(device)

@@ -63,15 +63,20 @@ class ModelRuntime(Protocol):
         manifest: the artifact's manifest.
         device: ``"cpu"``, ``"cuda:0"``, ``"mps"``.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (of the patch path; the MIL
-            aggregation always runs in fp32); ``"int8"`` with the ONNX engines.
+            aggregation always runs in fp32); ``"int8"`` with the ONNX engines;
+            ``"int8+bf16"`` with OpenVINO (int8 convolutions, unquantised layers bf16).
         engine: what runs the patch path: ``"torchscript"``, ``"onnxruntime"`` or
             ``"openvino"``.
+        concurrency: calls the runtime runs at once, each on its own share of the
+            cores (OpenVINO streams); 1 where one call uses every core. The server's
+            model worker runs this many calls in parallel.
     """
 
     manifest: Manifest
     device: str
     precision: str
     engine: str
+    concurrency: int
 
     def predict_patches(
         self, images: npt.NDArray[np.uint8], *, want_cams: bool = False

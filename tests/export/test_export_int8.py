@@ -16,7 +16,8 @@ from histohelper.server.runtime import (
     choose_backend,
     load_runtime,
 )
-from histohelper.server.runtime.onnx import cpu_has_vnni
+from histohelper.server.runtime.onnx import cpu_has_bf16, cpu_has_vnni
+from histohelper.server.runtime.openvino import load_openvino
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +54,39 @@ def test_int8_gate_recorded_and_file_written(int8_export: tuple[Path, Manifest])
     assert ov is not None and ov.passed and ov.max_abs_prob_diff <= 0.02
     assert ov.checked_on.startswith("cpu, openvino ") and ov.n_samples == 64
     assert m.onnx.int8_passed("openvino")
+    bf16 = m.onnx.int8_parity_openvino_bf16  # gated only where the CPU computes bf16
+    if cpu_has_bf16():
+        assert bf16 is not None and bf16.passed and bf16.max_abs_prob_diff <= 0.02
+        assert bf16.checked_on.endswith("unquantised layers bf16") and bf16.n_samples == 64
+        assert bf16.max_abs_logit_diff != ov.max_abs_logit_diff  # really another path
+    else:
+        assert bf16 is None and not m.onnx.int8_passed("openvino-bf16")
+
+
+def _int8_label(engine: str) -> str:
+    return "int8+bf16" if engine == "openvino" and cpu_has_bf16() else "int8"
+
+
+def _with_onnx_info(path: Path, dest: Path, **updates: object) -> Path:
+    """A copy of the export in ``dest`` whose manifest's onnx info has ``updates``."""
+    import shutil
+    import zipfile
+
+    from histohelper.server.runtime import MANIFEST_NAME, read_manifest
+
+    m = read_manifest(path)
+    assert m.onnx is not None
+    for f in path.parent.iterdir():
+        shutil.copy(f, dest / f.name)
+    copy = dest / path.name
+    changed = m.model_copy(update={"onnx": m.onnx.model_copy(update=updates)})
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(copy, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("/extra/" + MANIFEST_NAME):
+                data = changed.to_json().encode()
+            dst.writestr(info, data)
+    return copy
 
 
 @pytest.mark.parametrize(("backend", "engine"), [("onnx", "onnxruntime"), ("openvino", "openvino")])
@@ -63,7 +97,7 @@ def test_int8_served_close_to_fp32_and_cams_exact(
     q = load_runtime(path, backend=backend, precision="int8", num_threads=2)  # type: ignore[arg-type]
     ref = load_runtime(path, device="cpu", precision="fp32")
     fp = load_runtime(path, backend=backend, precision="fp32")  # type: ignore[arg-type]
-    assert (q.device, q.precision, q.engine) == ("cpu", "int8", engine)
+    assert (q.device, q.precision, q.engine) == ("cpu", _int8_label(engine), engine)
     assert (fp.precision, ref.engine) == ("fp32", "torchscript")
     x = slide_patches(real_slide, size_px=224, target_mpp=0.5, max_patches=24).images
     a, r = q.predict_patches(x), ref.predict_patches(x)
@@ -81,18 +115,25 @@ def test_int8_served_close_to_fp32_and_cams_exact(
 
 
 def test_openvino_runtime_is_thread_safe(int8_export: tuple[Path, Manifest]) -> None:
-    """Each thread gets its own infer request; results match a serial run."""
+    """One infer request per stream, calls from several threads at once: results match
+    a serial run, patch by patch."""
     from concurrent.futures import ThreadPoolExecutor
 
     path, _ = int8_export
     rt = load_runtime(path, backend="openvino", precision="int8", num_threads=2)
+    assert rt.concurrency == 2  # 2 threads: 2 streams of one thread
     rng = np.random.default_rng(3)
     batches = [rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8) for n in (1, 5, 8, 3)]
-    serial = [rt.predict_patches(b).logits for b in batches]
+    serial = [rt.predict_patches(b) for b in batches]
     with ThreadPoolExecutor(4) as pool:
-        threaded = list(pool.map(lambda b: rt.predict_patches(b).logits, batches * 2))
+        threaded = list(pool.map(rt.predict_patches, batches * 2))
     for got, want in zip(threaded, serial * 2, strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-6)
+        np.testing.assert_allclose(got.logits, want.logits, atol=1e-6)
+        np.testing.assert_allclose(got.embeddings, want.embeddings, atol=1e-6)
+    one_by_one = [rt.predict_patches(batches[1][i : i + 1]) for i in range(5)]
+    np.testing.assert_allclose(
+        np.concatenate([o.logits for o in one_by_one]), serial[1].logits, atol=1e-4
+    )
 
 
 def test_auto_backend_picks_int8_only_where_it_applies(
@@ -106,7 +147,7 @@ def test_auto_backend_picks_int8_only_where_it_applies(
     assert choose_backend(path, "cuda", "auto") == "torchscript"
     assert choose_backend(model_artifact, "cpu", "auto") == "torchscript"  # no ONNX
     rt = load_runtime(path, device="cpu", backend="auto")
-    assert rt.precision == ("int8" if expected == "openvino" else "fp32")
+    assert rt.precision == (_int8_label("openvino") if expected == "openvino" else "fp32")
     assert load_runtime(path, device="cpu", precision="fp32", backend="auto").precision == "fp32"
 
 
@@ -115,30 +156,37 @@ def test_auto_backend_falls_back_to_onnxruntime_without_an_openvino_gate(
 ) -> None:
     """An artifact exported where OpenVINO was missing has no OpenVINO int8 gate: auto
     serves it with ONNX Runtime, and an explicit openvino int8 is refused."""
-    import shutil
-    import zipfile
-
-    from histohelper.server.runtime import MANIFEST_NAME
-
-    path, m = int8_export
-    assert m.onnx is not None
-    copy = tmp_path / "model.pt"
-    for f in path.parent.iterdir():
-        shutil.copy(f, tmp_path / f.name)
-    stripped = m.model_copy(
-        update={"onnx": m.onnx.model_copy(update={"int8_parity_openvino": None})}
+    path, _ = int8_export
+    copy = _with_onnx_info(
+        path, tmp_path, int8_parity_openvino=None, int8_parity_openvino_bf16=None
     )
-    with zipfile.ZipFile(path) as src, zipfile.ZipFile(copy, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info)
-            if info.filename.endswith("/extra/" + MANIFEST_NAME):
-                data = stripped.to_json().encode()
-            dst.writestr(info, data)
     if cpu_has_vnni():
         assert choose_backend(copy, "cpu", "auto") == "onnx"
     with pytest.raises(ModelArtifactError, match="openvino"):
         load_runtime(copy, backend="openvino", precision="int8")
     assert load_runtime(copy, backend="openvino", precision="auto").precision == "fp32"
+
+
+def test_openvino_int8_keeps_f32_rest_without_its_bf16_gate(
+    int8_export: tuple[Path, Manifest], tmp_path: Path
+) -> None:
+    """bf16 for the unquantised layers is served only where the export gated it."""
+    path, m = int8_export
+    assert m.onnx is not None and m.onnx.int8_parity_openvino is not None
+    failed = m.onnx.int8_parity_openvino.model_copy(update={"passed": False})
+    for i, fig in enumerate((None, failed)):
+        (tmp_path / str(i)).mkdir()
+        copy = _with_onnx_info(path, tmp_path / str(i), int8_parity_openvino_bf16=fig)
+        rt = load_runtime(copy, backend="openvino", precision="int8", num_threads=2)
+        assert (rt.precision, rt.engine) == ("int8", "openvino")
+        with pytest.raises(ModelArtifactError, match="bf16"):
+            load_openvino(copy, precision="int8", rest_precision="bf16")
+    assert load_openvino(path, precision="int8", rest_precision="f32").precision == "int8"
+    if cpu_has_bf16():
+        assert load_runtime(path, backend="openvino", precision="int8").precision == "int8+bf16"
+        assert load_openvino(path, precision="int8", rest_precision="bf16").precision == (
+            "int8+bf16"
+        )
 
 
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
