@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from histohelper.server.audit import AuditLog
 from histohelper.server.auth import Authenticator, SecurityInterceptor, TokenStore
 from histohelper.server.config import ServerConfig
-from histohelper.server.pipeline import Analyzer
+from histohelper.server.pipeline import FIRST_BATCH_SIZE, Analyzer
 from histohelper.server.runtime import ModelRuntime, load_runtime
 from histohelper.server.servicer import SlideAnalysisServicer
 from histohelper.server.tiling import SlideCache
@@ -112,6 +112,7 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
     check_transport_policy(config)
     credentials = server_credentials(config)
     tokens = TokenStore.load(config.tokens_file) if config.tokens_file is not None else None
+    warm = runtime is None
     if runtime is None:
         runtime = load_runtime(
             config.model_path,
@@ -121,6 +122,9 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
             backend=config.backend,  # type: ignore[arg-type]
         )
     worker = ModelWorker(runtime)
+    if warm:
+        warm_s = worker.warm_up((min(FIRST_BATCH_SIZE, config.batch_size), config.batch_size))
+        log.info("model warmed up in %.2f s", warm_s.result())
     analyzer = Analyzer(
         worker,
         num_readers=config.num_readers,

@@ -1,0 +1,55 @@
+"""Analyzer event order, free of gRPC: Started comes first, also before an error."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import synthetic_slides as ss
+
+from histohelper.errors import CorruptSlideError
+from histohelper.server.pipeline import (
+    AnalysisSpec,
+    Analyzer,
+    Completed,
+    PatchesDone,
+    Progress,
+    Started,
+)
+from histohelper.server.tiling import TilingOptions
+from histohelper.server.worker import ModelWorker
+
+
+@pytest.fixture(scope="module")
+def worker(served_runtime):
+    w = ModelWorker(served_runtime)
+    yield w
+    w.close()
+
+
+def _spec(path: Path, **tiling: object) -> AnalysisSpec:
+    return AnalysisSpec("req-1", path, TilingOptions(**tiling), batch_size=16)  # type: ignore[arg-type]
+
+
+def test_started_first_then_batches_then_completed(worker, real_slide: Path) -> None:
+    events = list(Analyzer(worker).run(_spec(real_slide), threading.Event()))
+    assert isinstance(events[0], Started) and isinstance(events[-1], Completed)
+    assert sum(isinstance(e, Started) for e in events) == 1
+    done = [e for e in events if isinstance(e, PatchesDone)]
+    assert sum(len(e.indices) for e in done) == len(events[0].plan.grid) > 0
+    assert all(isinstance(e, PatchesDone | Progress) for e in events[1:-1])
+
+
+def test_started_precedes_a_reading_error(worker, tmp_path: Path) -> None:
+    """A slide whose first batch already fails: Started is still the first event."""
+    img = ss.slide_with_tissue(1024, 2048, [(0, 0, 2048, 1024)], seed=13)
+    path = ss.write_pyramid(tmp_path / "corrupt.tiff", [img], mpp=0.5, compression="jpeg")
+    path = ss.corrupt_tile(path, 0, 0)
+    analyzer = Analyzer(worker, max_failed_fraction=0.0)
+    events: list[object] = []
+    with pytest.raises(CorruptSlideError):
+        for ev in analyzer.run(_spec(path, min_tissue_fraction=0.0), threading.Event()):
+            events.append(ev)
+    assert events and isinstance(events[0], Started)
+    assert sum(isinstance(e, Started) for e in events) == 1
