@@ -83,3 +83,11 @@ def test_box_fractions_match_brute_force(
     sub = np.zeros((n, n))
     sub[np.ix_(vy, vx)] = mask[np.ix_(iy[vy], jx[vx])]
     assert got == pytest.approx(sub.mean(), abs=0.02)
+
+
+def test_integral_image_of_a_bool_mask_equals_the_numeric_one() -> None:
+    mask = np.random.default_rng(5).random((37, 53)) > 0.3
+    table = integral_image(mask)
+    assert table.dtype == np.float64 and table.shape == (38, 54)
+    np.testing.assert_array_equal(table, integral_image(mask.astype(np.float32)))
+    assert table[-1, -1] == mask.sum() and table[0].sum() == 0 and table[:, 0].sum() == 0
