@@ -7,10 +7,14 @@ mosaicked from real tissue (see ``slides.py``):
     DataLoader (2 workers, batch 64) whose dataset calls OpenSlide ``read_region``
     per patch and applies torchvision ToTensor + Normalize;
 (b) ``model``: the exported artifact alone, per runtime and precision (TorchScript
-    fp32/bf16, NCHW and channels-last; ONNX Runtime and OpenVINO fp32 and int8), on patches
+    fp32/bf16, NCHW and channels-last; ONNX Runtime and OpenVINO fp32 and int8; OpenVINO
+    int8 with its unquantised layers in bf16 where the export gated it), on patches
     already in memory;
 (c) ``e2e``: AnalyzeSlide over gRPC against a real ``histohelper serve`` process
-    with its defaults, request to completed event;
+    with its defaults, request to completed event. The machine's speed drifts by 5 to
+    15 % from one minute to the next (shared host), so (c) runs three times, each
+    with a fresh server, alternated with three more runs of the best (b) variant;
+    the ratios use the medians (best (b): its sweep run and the three repeats);
 (d) server peak RSS (a fresh server per slide: 10,000 px and 20,000 px, 4x the
     area), time to the first patch result, tiling time; and the machine's bf16 and
     fp32 matmul throughput (the roofline), with (b) as a fraction of it.
@@ -31,12 +35,14 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +56,8 @@ SOURCE_SLIDE = REPO.parent / "shared" / "slides" / "real" / "CMU-1-Small-Region.
 #: ResNet18 at 224 px: 1.82 GMAC = 3.64 GFLOP per patch (convs + fc, the usual count).
 RESNET18_GFLOP = 3.64
 BATCH = 64
+#: (c) runs on the large slide, alternated with repeats of the best (b) variant.
+E2E_REPEATS = 3
 
 
 def _log(msg: str) -> None:
@@ -236,9 +244,17 @@ def child_model(artifact: str, patches_npy: str, variants_json: str) -> dict[str
         if backend in ("onnx", "openvino"):
             if manifest.onnx is None:
                 continue
-            load = load_onnx if backend == "onnx" else load_openvino
             try:
-                rt: Any = load(artifact, precision=precision, num_threads=2)
+                if backend == "onnx":
+                    rt: Any = load_onnx(artifact, precision=precision, num_threads=2)
+                else:  # int8: unquantised layers at f32; int8+bf16: at bf16 (gated)
+                    rest = "bf16" if precision.endswith("+bf16") else "f32"
+                    rt = load_openvino(
+                        artifact,
+                        precision=precision.split("+")[0],
+                        num_threads=2,
+                        rest_precision=rest if precision.startswith("int8") else "auto",
+                    )
             except Exception as exc:  # variant not offered by this artifact
                 results[name] = {"skipped": str(exc)}
                 continue
@@ -254,12 +270,19 @@ def child_model(artifact: str, patches_npy: str, variants_json: str) -> dict[str
             except Exception as exc:
                 results[name] = {"skipped": str(exc)}
                 continue
-        rt.predict_patches(images[:BATCH])
-        t0 = time.perf_counter()
-        for i in range(0, len(images), BATCH):
-            rt.predict_patches(images[i : i + BATCH])
-        dt = time.perf_counter() - t0
-        results[name] = {"patches_per_s": round(len(images) / dt, 2), "seconds": round(dt, 2)}
+        # Driven as the server's model worker drives it: rt.concurrency calls at once
+        # (OpenVINO: one per stream), each a batch of BATCH patches.
+        batches = [images[i : i + BATCH] for i in range(0, len(images), BATCH)]
+        with ThreadPoolExecutor(rt.concurrency) as pool:
+            list(pool.map(rt.predict_patches, batches[: rt.concurrency]))  # warm-up
+            t0 = time.perf_counter()
+            list(pool.map(rt.predict_patches, batches))
+            dt = time.perf_counter() - t0
+        results[name] = {
+            "patches_per_s": round(len(images) / dt, 2),
+            "seconds": round(dt, 2),
+            "concurrent_calls": rt.concurrency,
+        }
         _log(f"model {name}: {results[name]['patches_per_s']} patches/s")
         del rt
     return results
@@ -414,6 +437,7 @@ MODEL_VARIANTS = [
     "onnx-int8-nhwc",
     "openvino-fp32-nhwc",
     "openvino-int8-nhwc",
+    "openvino-int8+bf16-nhwc",
 ]
 
 
@@ -436,8 +460,13 @@ def table(r: dict[str, Any]) -> str:
             )
         else:
             rows.append((f"(b) model {name}", f"skipped: {v.get('skipped', '')[:60]}"))
-    e2e = f"{r['e2e_patches_per_s']:.1f} patches/s ({r['e2e']['served']})"
-    best = f"{r['ratio_e2e_over_best_model']:.2f} (target >= 0.9; best = {r['model_best']})"
+    runs = ", ".join(f"{x['patches_per_s']:.1f}" for x in r["e2e_runs"])
+    e2e = f"{r['e2e_patches_per_s']:.1f} patches/s, median of [{runs}] ({r['e2e']['served']})"
+    best_runs = ", ".join(f"{x:.1f}" for x in r["model_best_runs"])
+    best = (
+        f"{r['ratio_e2e_over_best_model']:.3f} (target >= 0.9; best (b) = {r['model_best']}, "
+        f"median of [{best_runs}] = {r['model_patches_per_s']:.1f} patches/s)"
+    )
     rss = (
         f"{r['peak_rss_mb_small']:.0f} / {r['peak_rss_mb_large']:.0f} MiB "
         f"(+{r['rss_growth_pct']:.1f} % for 4x area; target <= 10 %)"
@@ -446,8 +475,8 @@ def table(r: dict[str, Any]) -> str:
         ("(c) e2e AnalyzeSlide over gRPC", e2e),
         ("(c)/(a)", f"{r['ratio_e2e_over_naive']:.2f}x (target >= 5)"),
         ("(c)/best (b)", best),
-        ("first patch result (large)", f"{r['first_result_s']:.2f} s (target <= 1 s)"),
-        ("tiling (server, large)", f"{r['tiling_s']:.2f} s"),
+        ("first patch result (large, median)", f"{r['first_result_s']:.2f} s (target <= 1 s)"),
+        ("tiling (server, large, median)", f"{r['tiling_s']:.2f} s"),
         ("peak RSS small / large", rss),
         ("roofline fp32 / bf16 matmul", f"{r['roofline_fp32_gflops']:.0f} / {peak:.0f} GFLOP/s"),
         (
@@ -503,29 +532,38 @@ def main() -> int:
             "model", str(artifact), str(tmp / "patches.npy"), json.dumps(MODEL_VARIANTS)
         )
 
-        _log("(c, d) e2e on the large slide, fresh server")
-        (tmp / "large").mkdir()
-        e2e = serve_and_analyze(artifact, large, tmp / "large")
-        _log(f"e2e large: {e2e}")
+        measured = {k: v["patches_per_s"] for k, v in r["model"].items() if "patches_per_s" in v}
+        best = max(measured, key=measured.__getitem__)
+        best_runs = [measured[best]]
+        e2e_runs = []
+        for i in range(1 if args.tiny else E2E_REPEATS):
+            _log(f"(c, d) e2e on the large slide, fresh server ({i + 1}); then (b) {best} again")
+            (tmp / f"large{i}").mkdir()
+            e2e_runs.append(serve_and_analyze(artifact, large, tmp / f"large{i}"))
+            _log(f"e2e large: {e2e_runs[-1]}")
+            again = run_child("model", str(artifact), str(tmp / "patches.npy"), json.dumps([best]))
+            best_runs.append(again[best]["patches_per_s"])
         _log("(d) RSS on the small slide, fresh server")
         (tmp / "small").mkdir()
         e2e_small = serve_and_analyze(artifact, small, tmp / "small")
         _log(f"e2e small: {e2e_small}")
 
     r.update(roofline(1.0 if args.tiny else 3.0))
+    e2e = e2e_runs[0]
     r["e2e"] = e2e
+    r["e2e_runs"] = e2e_runs
     r["e2e_small"] = e2e_small
-    measured = {k: v["patches_per_s"] for k, v in r["model"].items() if "patches_per_s" in v}
-    r["model_best"] = max(measured, key=measured.__getitem__)
-    r["model_patches_per_s"] = measured[r["model_best"]]
-    r["e2e_patches_per_s"] = e2e["patches_per_s"]
-    r["first_result_s"] = e2e["first_result_s"]
-    r["tiling_s"] = e2e["server_tiling_s"]
+    r["model_best"] = best
+    r["model_best_runs"] = best_runs
+    r["model_patches_per_s"] = round(statistics.median(best_runs), 2)
+    r["e2e_patches_per_s"] = round(statistics.median(x["patches_per_s"] for x in e2e_runs), 2)
+    r["first_result_s"] = round(statistics.median(x["first_result_s"] for x in e2e_runs), 3)
+    r["tiling_s"] = round(statistics.median(x["server_tiling_s"] for x in e2e_runs), 3)
     r["peak_rss_mb_small"] = e2e_small["peak_rss_mb"]
-    r["peak_rss_mb_large"] = e2e["peak_rss_mb"]
+    r["peak_rss_mb_large"] = e2e["peak_rss_mb"]  # the first large run: same order as small
     r["rss_growth_pct"] = round(100 * (e2e["peak_rss_mb"] / e2e_small["peak_rss_mb"] - 1), 1)
-    r["ratio_e2e_over_naive"] = round(e2e["patches_per_s"] / r["naive_patches_per_s"], 2)
-    r["ratio_e2e_over_best_model"] = round(e2e["patches_per_s"] / r["model_patches_per_s"], 3)
+    r["ratio_e2e_over_naive"] = round(r["e2e_patches_per_s"] / r["naive_patches_per_s"], 2)
+    r["ratio_e2e_over_best_model"] = round(r["e2e_patches_per_s"] / r["model_patches_per_s"], 3)
     for k, v in measured.items():
         r["model"][k]["fraction_of_bf16_roofline"] = round(
             v * RESNET18_GFLOP / r["roofline_bf16_gflops"], 3
