@@ -14,7 +14,9 @@ Free of gRPC: :class:`Explainer` yields :class:`Explanation` objects.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,7 +32,8 @@ from histohelper.server.pipeline import (
     PatchesDone,
     resize_batch,
 )
-from histohelper.server.tiling import PatchReader, TilingPlan
+from histohelper.server.runtime import PatchOutput
+from histohelper.server.tiling import PatchBatch, PatchReader, TilingPlan
 
 MAX_EXPLAINED = 256
 
@@ -208,12 +211,25 @@ class Explainer:
             cache=self.analyzer.slide_cache,
         )
         batches = reader.iter_batches(indices=sorted(set(indices)), stop=stop)
-        try:
+        worker = self.analyzer.worker
+        # One batch per model-worker thread in flight: an OpenVINO call runs on one
+        # stream (its share of the cores), so one call at a time would idle the rest.
+        pending: deque[tuple[PatchBatch, npt.NDArray[np.uint8], Future[PatchOutput]]] = deque()
+
+        def in_order() -> Iterator[tuple[PatchBatch, npt.NDArray[np.uint8], Future[PatchOutput]]]:
             for batch in batches:
                 if stop.is_set() or not len(batch.indices):
                     continue
                 images = resize_batch(batch.images, model_px)
-                out = self.analyzer.worker.predict_patches(images, want_cams=True).result()
+                pending.append((batch, images, worker.predict_patches(images, want_cams=True)))
+                if len(pending) >= worker.concurrency:
+                    yield pending.popleft()
+            while pending and not stop.is_set():
+                yield pending.popleft()
+
+        try:
+            for batch, images, future in in_order():
+                out = future.result()
                 assert out.cams is not None
                 cams = grad_cam_from_cams(out.cams[:, class_index])
                 for j, idx in enumerate(batch.indices.tolist()):
@@ -230,6 +246,8 @@ class Explainer:
                         grad_cam=cams[j],
                     )
         finally:
+            for _, _, future in pending:
+                future.cancel()
             batches.close()
         for idx in indices:
             if stop.is_set():

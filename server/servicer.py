@@ -587,10 +587,20 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
                 good.append(i)
             except InvalidImageError as exc:
                 predictions[i].error = exc.message
-        step = self.config.batch_size
-        for start in range(0, len(good), step):
-            batch = np.stack(pixels[start : start + step])
-            out = self.worker.predict_patches(batch).result()
+        # At least one batch per model-worker thread, all queued before the first is
+        # awaited: an OpenVINO call runs on one stream (its share of the cores), so one
+        # call at a time would leave the other streams idle.
+        per_thread = -(-len(good) // self.worker.concurrency)
+        step = max(1, min(self.config.batch_size, per_thread))
+        starts = range(0, len(good), step)
+        futures = [self.worker.predict_patches(np.stack(pixels[s : s + step])) for s in starts]
+        for start, future in zip(starts, futures, strict=True):
+            try:
+                out = future.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
             for j, i in enumerate(good[start : start + step]):
                 p = predictions[i]
                 p.logits.extend(out.logits[j].tolist())

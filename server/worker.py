@@ -66,12 +66,16 @@ class ModelWorker:
             try:
                 result = func()
             except BaseException as exc:  # delivered to the submitter
+                self._count_done()
                 future.set_exception(exc)
             else:
+                self._count_done()
                 future.set_result(result)
-            finally:
-                with self._done_lock:
-                    self.jobs_done += 1
+
+    def _count_done(self) -> None:
+        # Counted before the future resolves, so whoever sees the result sees the count.
+        with self._done_lock:
+            self.jobs_done += 1
 
     def call(self, func: Callable[[], T]) -> Future[T]:
         """Queue ``func`` to run on a worker thread; returns its future."""

@@ -69,7 +69,8 @@ class ModelRuntime(Protocol):
             ``"openvino"``.
         concurrency: calls the runtime runs at once, each on its own share of the
             cores (OpenVINO streams); 1 where one call uses every core. The server's
-            model worker runs this many calls in parallel.
+            model worker runs this many calls in parallel, so a runtime with
+            ``concurrency > 1`` must be safe to call from that many threads at once.
     """
 
     manifest: Manifest

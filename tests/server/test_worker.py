@@ -1,4 +1,5 @@
-"""The model worker: one thread owns the model; warm-up runs the serving batch sizes."""
+"""The model worker: runtime.concurrency threads own the model; warm-up runs the serving
+batch sizes."""
 
 from __future__ import annotations
 
