@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from histohelper.errors import ModelArtifactError
 from histohelper.server.audit import AuditLog
 from histohelper.server.auth import Authenticator, SecurityInterceptor, TokenStore
 from histohelper.server.config import ServerConfig
@@ -103,7 +104,8 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         The running server; its ``port`` is the bound port (``config.port`` may be 0).
 
     Raises:
-        ModelArtifactError: the artifact cannot be loaded.
+        ModelArtifactError: the artifact cannot be loaded, or fails its warm-up batches
+            (one of the first-batch size and one of ``config.batch_size``).
         TransportPolicyError: plaintext on a non-loopback host without ``allow_insecure``,
             or an unreadable TLS file.
         TokensFileError: the tokens file is unreadable or malformed.
@@ -123,8 +125,15 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         )
     worker = ModelWorker(runtime)
     if warm:
-        warm_s = worker.warm_up((min(FIRST_BATCH_SIZE, config.batch_size), config.batch_size))
-        log.info("model warmed up in %.2f s", warm_s.result())
+        sizes = (min(FIRST_BATCH_SIZE, config.batch_size), config.batch_size)
+        try:
+            warm_s = worker.warm_up(sizes).result()
+        except Exception as exc:  # any engine error: the model cannot serve
+            worker.close()
+            raise ModelArtifactError(
+                f"the model failed its warm-up batch: {type(exc).__name__}"
+            ) from exc
+        log.info("model warmed up in %.2f s", warm_s)
     analyzer = Analyzer(
         worker,
         num_readers=config.num_readers,

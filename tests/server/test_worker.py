@@ -53,3 +53,28 @@ def test_worker_runs_runtime_concurrency_jobs_at_once(served_runtime) -> None:
         assert worker.jobs_done == 2
     finally:
         worker.close()
+
+
+def test_a_model_failing_its_warm_up_is_a_model_artifact_error(
+    served_runtime, model_artifact, slides_dir, monkeypatch
+) -> None:
+    """The server does not start on a model that cannot run a batch, and says so."""
+    import threading
+
+    import pytest
+
+    from histohelper.errors import ModelArtifactError
+    from histohelper.server import app
+    from histohelper.server.config import ServerConfig
+
+    class _Broken(_Recording):
+        def predict_patches(self, images, *, want_cams=False):  # type: ignore[no-untyped-def]
+            raise RuntimeError("engine exploded")
+
+    monkeypatch.setattr(app, "load_runtime", lambda *a, **k: _Broken(served_runtime))
+    before = set(threading.enumerate())
+    config = ServerConfig(model_path=model_artifact, slide_root=slides_dir, port=0)
+    with pytest.raises(ModelArtifactError, match="warm-up"):
+        app.start_server(config)
+    new = [t for t in threading.enumerate() if t not in before]
+    assert not [t for t in new if t.name.startswith("model-worker")]
