@@ -247,13 +247,10 @@ def child_model(artifact: str, patches_npy: str, variants_json: str) -> dict[str
             try:
                 if backend == "onnx":
                     rt: Any = load_onnx(artifact, precision=precision, num_threads=2)
-                else:  # int8: unquantised layers at f32; int8+bf16: at bf16 (gated)
-                    rest = "bf16" if precision.endswith("+bf16") else "f32"
+                else:  # "int8": unquantised layers at f32; "int8+bf16": at bf16 (gated)
+                    base, _, rest = precision.partition("+")
                     rt = load_openvino(
-                        artifact,
-                        precision=precision.split("+")[0],
-                        num_threads=2,
-                        rest_precision=rest if precision.startswith("int8") else "auto",
+                        artifact, precision=base, num_threads=2, rest_precision=rest or "f32"
                     )
             except Exception as exc:  # variant not offered by this artifact
                 results[name] = {"skipped": str(exc)}

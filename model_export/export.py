@@ -646,6 +646,7 @@ def export_model(
                     ov_fig = ov_bf16_fig = None
                     if int8_fig.passed:
                         ov_fig = gate_openvino_int8(int8_tmp, calib=calib, ref_logits=ref_calib)
+                    if ov_fig is not None and ov_fig.passed:  # bf16 rest only on top of it
                         ov_bf16_fig = gate_openvino_int8(
                             int8_tmp, calib=calib, ref_logits=ref_calib, rest_precision="bf16"
                         )

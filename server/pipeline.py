@@ -307,15 +307,20 @@ class Analyzer:
         # and sending it (thumbnail PNG: ~45 ms for 1,024 px) overlap the model;
         # it still precedes every other event, errors included.
         announced = False
+
+        def announce() -> Iterator[Event]:
+            nonlocal announced
+            if not announced and not stop.is_set():
+                announced = True
+                yield started
+
         try:
             for batch in batches:
                 if stop.is_set():
                     break
                 failed_total += len(batch.failed)
                 if len(batch.indices) == 0:
-                    if not announced:
-                        announced = True
-                        yield started
+                    yield from announce()
                     done += len(batch.failed)
                     empty = np.zeros((0, len(manifest.patch_classes)), np.float32)
                     yield PatchesDone(
@@ -325,20 +330,14 @@ class Analyzer:
                 images = resize_batch(batch.images, model_px)
                 future = self.worker.predict_patches(images, want_cams=spec.return_cams)
                 pending.append((batch, future))
-                if not announced:
-                    announced = True
-                    yield started
+                yield from announce()
                 while len(pending) >= in_flight and not stop.is_set():
                     yield from finish(*pending.popleft())
-            if not announced and not stop.is_set():
-                announced = True
-                yield started
+            yield from announce()
             while pending and not stop.is_set():
                 yield from finish(*pending.popleft())
         except Exception:
-            if not announced and not stop.is_set():
-                announced = True
-                yield started
+            yield from announce()
             raise
         finally:
             for _, future in pending:

@@ -153,7 +153,8 @@ class OnnxInfo(_Frozen):
             own); None when OpenVINO was not installed at export.
         int8_parity_openvino_bf16: the same, with the layers left unquantised (first
             convolution, heads) run in bf16 by OpenVINO; None when OpenVINO was not
-            installed or the export CPU has no bf16 instructions (AVX512-BF16 or AMX).
+            installed, its f32 gate above did not pass, or the export CPU has no bf16
+            instructions (AVX512-BF16 or AMX).
     """
 
     file_name: str
