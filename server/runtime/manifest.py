@@ -192,7 +192,7 @@ class Manifest(_Frozen):
         patch_classes: names of the C patch classes, index order of the logits.
         slide_classes: names of the K slide classes, index order of the slide logits.
         patch_size_px: H = W of a patch, in pixels at ``target_mpp``.
-        target_mpp: resolution patches must be read at, micrometres per pixel.
+        target_mpp: resolution patches must be read at, micrometres per pixel (0.01 to 100).
         embedding_dim: D, size of a patch embedding (512 for ResNet18).
         attention_dim: hidden size L of the gated attention.
         cam_size: h = w of the class activation maps (patch_size_px / 32).
@@ -219,7 +219,7 @@ class Manifest(_Frozen):
     patch_classes: tuple[str, ...] = Field(min_length=1)
     slide_classes: tuple[str, ...] = Field(min_length=1)
     patch_size_px: int = Field(gt=0)
-    target_mpp: float = Field(gt=0)
+    target_mpp: float = Field(ge=0.01, le=100.0)  # the tiler's plausible mpp range
     embedding_dim: int = Field(gt=0)
     attention_dim: int = Field(gt=0)
     cam_size: int = Field(gt=0)

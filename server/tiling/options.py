@@ -13,6 +13,10 @@ from typing import Literal
 
 from histohelper.errors import InvalidOptionsError
 
+#: Plausible level-0 um/px (0.01 to 100: beyond any brightfield scanner either way).
+#: Metadata outside it is treated as missing; an override outside it is refused.
+PLAUSIBLE_MPP_RANGE = (0.01, 100.0)
+
 ResolutionUnit = Literal["mpp", "magnification", "level"]
 EdgeMode = Literal["pad", "drop"]
 MaskMethod = Literal["saturation", "gray"]
@@ -29,8 +33,9 @@ class Resolution:
         unit: one of ``"mpp"``, ``"magnification"``, ``"level"``.
 
     Raises:
-        InvalidOptionsError: unknown unit, non-finite or non-positive value, or a
-            non-integer / negative level.
+        InvalidOptionsError: unknown unit, non-finite value, an mpp outside
+            :data:`PLAUSIBLE_MPP_RANGE` (a magnification outside 10 / that range),
+            or a non-integer / negative level.
     """
 
     value: float
@@ -44,8 +49,14 @@ class Resolution:
         if self.unit == "level":
             if self.value < 0 or int(self.value) != self.value:
                 raise InvalidOptionsError("a level resolution must be a non-negative integer")
-        elif self.value <= 0:
-            raise InvalidOptionsError(f"{self.unit} must be > 0")
+        elif self.unit == "mpp":
+            lo, hi = PLAUSIBLE_MPP_RANGE
+            if not (lo <= self.value <= hi):
+                raise InvalidOptionsError(f"a target mpp must be in [{lo:g}, {hi:g}] um/px")
+        else:
+            lo, hi = 10.0 / PLAUSIBLE_MPP_RANGE[1], 10.0 / PLAUSIBLE_MPP_RANGE[0]
+            if not (lo <= self.value <= hi):
+                raise InvalidOptionsError(f"a target magnification must be in [{lo:g}, {hi:g}]")
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,8 @@ class TilingOptions:
             footprint is tissue (0..1).
         edge_mode: ``"pad"`` keeps patches overhanging the slide edge (read
             white-padded, flagged ``is_edge``); ``"drop"`` omits them.
-        mpp_override: level-0 um/px to use instead of the slide's metadata.
+        mpp_override: level-0 um/px to use instead of the slide's metadata, within
+            :data:`PLAUSIBLE_MPP_RANGE`.
         mask_target_side_px: longest side of the low-resolution image the mask is
             computed on (px); the mask is read from the pyramid near this size.
         mask_method: ``"saturation"`` (Otsu on HSV saturation, CLAM's recipe; the
@@ -120,10 +132,11 @@ class TilingOptions:
             raise bad("min_tissue_fraction must be in [0, 1]")
         if self.edge_mode not in ("pad", "drop"):
             raise bad("edge_mode must be 'pad' or 'drop'")
+        lo, hi = PLAUSIBLE_MPP_RANGE
         if self.mpp_override is not None and not (
-            math.isfinite(self.mpp_override) and self.mpp_override > 0
+            isinstance(self.mpp_override, int | float) and lo <= self.mpp_override <= hi
         ):
-            raise bad("mpp_override must be a positive number")
+            raise bad(f"mpp_override must be a number of um/px in [{lo:g}, {hi:g}]")
         if not (16 <= self.mask_target_side_px <= 16384):
             raise bad("mask_target_side_px must be in [16, 16384]")
         if self.mask_method not in ("saturation", "gray"):

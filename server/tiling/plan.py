@@ -38,6 +38,10 @@ MppSource = Literal["metadata", "override", "objective_power", "assumed"]
 THUMBNAIL_MAX_SIDE_PX = 1024
 #: Grids with more cells than this (kept or not) are refused before any work.
 MAX_GRID_CELLS = 50_000_000
+#: Target downsamples (level-0 px per output px) accepted. Below 1/16 a patch would
+#: be upsampled more than 16x from level 0; above 2**20 one patch would span more
+#: level-0 px than any slide has. Both mean a mistaken target or mpp.
+DOWNSAMPLE_RANGE = (1.0 / 16.0, float(2**20))
 
 
 @dataclass(frozen=True)
@@ -338,7 +342,8 @@ def plan_tiling(slide: Slide, options: TilingOptions) -> TilingPlan:
     Raises:
         CorruptSlideError: the low-resolution image could not be decoded.
         SlideTooLargeError: the grid exceeds a limit.
-        InvalidOptionsError: a level target beyond the pyramid.
+        InvalidOptionsError: a level target beyond the pyramid, or a target
+            downsample outside :data:`DOWNSAMPLE_RANGE`.
     """
     t0 = time.perf_counter()
     md = slide.metadata
@@ -346,6 +351,12 @@ def plan_tiling(slide: Slide, options: TilingOptions) -> TilingPlan:
     mpp_x, mpp_y, source, notes = resolve_mpp(md, options)
     warnings += notes
     ds_x, ds_y, forced_level = target_downsample(md, options, mpp_x, mpp_y, source)
+    lo, hi = DOWNSAMPLE_RANGE
+    if not (lo <= ds_x <= hi and lo <= ds_y <= hi):
+        raise InvalidOptionsError(
+            f"the target resolution gives a downsample of {ds_x:.4g} x {ds_y:.4g} level-0 px "
+            f"per patch px (accepted: {lo:g} to {hi:g}); check the target and the slide mpp"
+        )
     if forced_level is None:
         level = choose_level(md.level_downsamples, ds_x, ds_y, options.level_tolerance)
     else:

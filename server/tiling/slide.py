@@ -41,6 +41,7 @@ from histohelper.errors import (
     UnsupportedSlideError,
 )
 
+from .options import PLAUSIBLE_MPP_RANGE
 from .tiffread import TiffLevelReader, TiffPyramid, TileCache
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,6 @@ MAX_REGION_PX = 64 * 1024 * 1024
 #: Largest plain (non-pyramidal) image opened through ImageSlide (px). PIL decodes
 #: such images whole on first read, so memory is ~4 bytes per px.
 MAX_PLAIN_IMAGE_PX = 200_000_000
-#: Plausible level-0 um/px; values outside are treated as missing (misstated metadata).
-_MPP_RANGE = (0.01, 100.0)
 #: OpenSlide/libtiff messages that mean "this pixel format cannot be read at all".
 _UNSUPPORTED_PATTERNS = re.compile(
     r"unsupported|not supported|can ?not handle|sorry|invalid level|bits ?per ?sample|"
@@ -123,11 +122,11 @@ def _metadata_from(handle: openslide.AbstractSlide, is_plain: bool) -> SlideMeta
     mpp_x = _float_prop(props, openslide.PROPERTY_NAME_MPP_X)
     mpp_y = _float_prop(props, openslide.PROPERTY_NAME_MPP_Y)
     for name, value in (("mpp-x", mpp_x), ("mpp-y", mpp_y)):
-        if value is not None and not (_MPP_RANGE[0] <= value <= _MPP_RANGE[1]):
+        if value is not None and not (PLAUSIBLE_MPP_RANGE[0] <= value <= PLAUSIBLE_MPP_RANGE[1]):
             warnings.append(f"implausible {name} {value!r} in slide metadata ignored")
-    if mpp_x is not None and not (_MPP_RANGE[0] <= mpp_x <= _MPP_RANGE[1]):
+    if mpp_x is not None and not (PLAUSIBLE_MPP_RANGE[0] <= mpp_x <= PLAUSIBLE_MPP_RANGE[1]):
         mpp_x = None
-    if mpp_y is not None and not (_MPP_RANGE[0] <= mpp_y <= _MPP_RANGE[1]):
+    if mpp_y is not None and not (PLAUSIBLE_MPP_RANGE[0] <= mpp_y <= PLAUSIBLE_MPP_RANGE[1]):
         mpp_y = None
     if mpp_x is None or mpp_y is None:  # one axis only: assume square pixels
         mpp_x = mpp_y = mpp_x if mpp_x is not None else mpp_y

@@ -226,20 +226,35 @@ def test_classify_patches_matches_in_process(analysis_server, served_runtime) ->
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("options", "says"),
     [
-        pb.AnalysisOptions(target_resolution=pb.Resolution(magnification=1e-9)),
-        pb.AnalysisOptions(mpp_override=1e-9),
-        pb.AnalysisOptions(target_resolution=pb.Resolution(mpp=100.0)),
+        (pb.AnalysisOptions(target_resolution=pb.Resolution(magnification=1e-9)), "magnif"),
+        (pb.AnalysisOptions(target_resolution=pb.Resolution(mpp=5e-324)), "target mpp"),
+        (pb.AnalysisOptions(mpp_override=1e-9), "mpp_override"),
+        (pb.AnalysisOptions(mpp_override=6.786e306), "mpp_override"),
+        (pb.AnalysisOptions(target_resolution=pb.Resolution(mpp=100.0)), "too coarse"),
+        (
+            pb.AnalysisOptions(target_resolution=pb.Resolution(mpp=0.01), mpp_override=100.0),
+            "downsample",
+        ),
     ],
-    ids=["tiny-magnification", "tiny-mpp-override", "coarse-mpp"],
+    ids=[
+        "tiny-magnification",
+        "denormal-mpp",
+        "tiny-mpp-override",
+        "huge-mpp-override",
+        "coarse-mpp",
+        "upsampled-10000x",
+    ],
 )
-def test_extreme_resolutions_are_invalid_options_not_internal(analysis_server, options) -> None:
+def test_extreme_resolutions_are_invalid_options_not_internal(
+    analysis_server, options, says
+) -> None:
     request = pb.AnalyzeSlideRequest(slide_path=CMU, options=options)
     with pytest.raises(grpc.RpcError) as info:
         list(stub_for(analysis_server.target).AnalyzeSlide(request, timeout=60))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
-    assert "too coarse" in info.value.details()
+    assert says in info.value.details()
 
 
 def test_slide_smaller_than_a_patch_says_so(analysis_server) -> None:

@@ -23,6 +23,9 @@ from histohelper.server.tiling import (
         {"min_tissue_fraction": 1.5},
         {"edge_mode": "wrap"},
         {"mpp_override": -1.0},
+        {"mpp_override": 1e-9},
+        {"mpp_override": 6.786e306},
+        {"mpp_override": float("nan")},
         {"mask_median_ksize": 4},
         {"mask_method": "magic"},
     ],
@@ -34,7 +37,17 @@ def test_invalid_options_raise(kwargs: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "unit"), [(0, "mpp"), (float("nan"), "mpp"), (1.5, "level"), (1, "furlong")]
+    ("value", "unit"),
+    [
+        (0, "mpp"),
+        (float("nan"), "mpp"),
+        (5e-324, "mpp"),
+        (1e300, "mpp"),
+        (1e-9, "magnification"),
+        (2000, "magnification"),
+        (1.5, "level"),
+        (1, "furlong"),
+    ],
 )
 def test_invalid_resolution_raises(value: float, unit: str) -> None:
     with pytest.raises(InvalidOptionsError):
