@@ -298,6 +298,12 @@ class Analyzer:
             max_failed_fraction=self.max_failed_fraction,
             cache=self.slide_cache,
             first_batch_size=min(FIRST_BATCH_SIZE, spec.batch_size),
+            # With several model threads, the last batches are small (and of the
+            # warmed-up first-batch size) so the threads finish together.
+            tail_patches=spec.batch_size * self.worker.concurrency
+            if self.worker.concurrency > 1
+            else 0,
+            tail_batch_size=min(FIRST_BATCH_SIZE, spec.batch_size),
         )
         batches = reader.iter_batches(stop=stop)
         # One batch per worker thread plus one more, so every thread has its next

@@ -24,7 +24,6 @@ from histohelper.geometry import (
     axis_cell_count,
     box_fractions,
     choose_level,
-    integral_image,
     level_read_size,
 )
 
@@ -198,6 +197,24 @@ def target_downsample(
     return target_mpp / mpp_x, target_mpp / mpp_y, None
 
 
+def mask_integral(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
+    """Summed-area table of a bool mask, as :func:`histohelper.geometry.integral_image`.
+
+    OpenCV's ``cv2.integral`` (float64 sums, exact for counts below 2**53): about 7x
+    faster than the numpy cumsums at 1,250 px square (1.5 vs 11 ms).
+
+    Args:
+        mask: ``[h, w]`` bool, mask frame.
+
+    Returns:
+        ``[h + 1, w + 1]`` float64 with ``out[j, i] = mask[:j, :i].sum()``.
+    """
+    return np.asarray(
+        cv2.integral(np.ascontiguousarray(mask).view(np.uint8), sdepth=cv2.CV_64F),
+        dtype=np.float64,
+    )
+
+
 def build_grid(
     md: SlideMetadata,
     mask: TissueMask,
@@ -242,8 +259,8 @@ def build_grid(
             f"each patch would need a {read_w} x {read_h} px read at level {level}: the "
             "target resolution is too coarse for this slide and patch size"
         )
-    table = integral_image(mask.mask)
-    ink_table = integral_image(mask.ink) if mask.ink is not None and mask.ink.any() else None
+    table = mask_integral(mask.mask)
+    ink_table = mask_integral(mask.ink) if mask.ink is not None and mask.ink.any() else None
     keep_r: list[npt.NDArray[np.int64]] = []
     keep_c: list[npt.NDArray[np.int64]] = []
     keep_f: list[npt.NDArray[np.float64]] = []

@@ -83,6 +83,46 @@ def read_patch(slide: Slide, grid: PatchGrid, index: int) -> npt.NDArray[np.uint
 _DONE = object()
 
 
+def batch_sizes(
+    total: int,
+    batch_size: int,
+    first_batch_size: int | None = None,
+    tail_patches: int = 0,
+    tail_batch_size: int | None = None,
+) -> list[int]:
+    """Sizes of the consecutive batches that cover ``total`` patches in order.
+
+    The first batch has ``first_batch_size`` patches, the body ``batch_size``; the
+    last ``tail_patches`` or more (the body's remainder joins them) are cut into
+    batches of ``tail_batch_size``, the last one smaller. Several model threads then
+    finish together: one does not run a long final batch while the others idle.
+
+    Args:
+        total: patches to cover (>= 0).
+        batch_size: body batch size (>= 1).
+        first_batch_size: first batch size (default ``batch_size``).
+        tail_patches: patches at the end cut finer (0: none).
+        tail_batch_size: batch size of the tail (default ``batch_size``).
+
+    Returns:
+        Positive sizes summing to ``total`` (empty when ``total`` is 0).
+    """
+    first = batch_size if first_batch_size is None else first_batch_size
+    fine = batch_size if tail_batch_size is None else tail_batch_size
+    if total <= 0:
+        return []
+    sizes = [min(first, total)]
+    rest = total - sizes[0]
+    tail = min(rest, max(tail_patches, 0))
+    body, leftover = divmod(rest - tail, batch_size)
+    sizes += [batch_size] * body
+    tail += leftover
+    sizes += [fine] * (tail // fine)
+    if tail % fine:
+        sizes.append(tail % fine)
+    return sizes
+
+
 class PatchReader:
     """Threaded, bounded-memory reader of a grid's patches.
 
@@ -97,6 +137,9 @@ class PatchReader:
         cache: shared :class:`SlideCache` (tile cache and pooled handles).
         first_batch_size: size of the first batch (default ``batch_size``); a small
             first batch gets the first results out sooner (time to first result).
+        tail_patches: the last this many patches are read in batches of
+            ``tail_batch_size`` (see :func:`batch_sizes`; default 0: none).
+        tail_batch_size: batch size of the tail (default ``batch_size``).
 
     Raises:
         InvalidOptionsError: a parameter out of range.
@@ -113,17 +156,23 @@ class PatchReader:
         max_failed_fraction: float = 0.05,
         cache: SlideCache | None = None,
         first_batch_size: int | None = None,
+        tail_patches: int = 0,
+        tail_batch_size: int | None = None,
     ) -> None:
         if batch_size < 1 or num_workers < 1 or queue_depth < 1:
             raise InvalidOptionsError("batch_size, num_workers and queue_depth must be >= 1")
         if first_batch_size is not None and first_batch_size < 1:
             raise InvalidOptionsError("first_batch_size must be >= 1")
+        if tail_batch_size is not None and tail_batch_size < 1:
+            raise InvalidOptionsError("tail_batch_size must be >= 1")
         if not 0.0 <= max_failed_fraction <= 1.0:
             raise InvalidOptionsError("max_failed_fraction must be in [0, 1]")
         self._path = os.fspath(path)
         self.grid = grid
         self.batch_size = batch_size
         self.first_batch_size = batch_size if first_batch_size is None else first_batch_size
+        self.tail_patches = max(0, int(tail_patches))
+        self.tail_batch_size = batch_size if tail_batch_size is None else tail_batch_size
         self.num_workers = num_workers
         self.queue_depth = queue_depth
         self.max_failed_fraction = max_failed_fraction
@@ -177,10 +226,12 @@ class PatchReader:
         total = int(idx.size)
         allowed = math.floor(self.max_failed_fraction * total + 1e-9)
         tasks: queue.SimpleQueue[npt.NDArray[np.int64]] = queue.SimpleQueue()
-        first = min(self.first_batch_size, total)
-        tasks.put(idx[:first])
-        for start in range(first, total, self.batch_size):
-            tasks.put(idx[start : start + self.batch_size])
+        start = 0
+        for size in batch_sizes(
+            total, self.batch_size, self.first_batch_size, self.tail_patches, self.tail_batch_size
+        ):
+            tasks.put(idx[start : start + size])
+            start += size
         out: queue.Queue[object] = queue.Queue(maxsize=self.queue_depth)
         halt = threading.Event()
         n_workers = min(self.num_workers, tasks.qsize())

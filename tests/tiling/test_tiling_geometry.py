@@ -14,6 +14,7 @@ from histohelper.geometry import (
     integral_image,
     level_read_size,
 )
+from histohelper.server.tiling.plan import mask_integral
 
 ODD = ((1.0, 1.0), (4.0003, 4.0011), (16.0036, 16.0102))
 
@@ -91,3 +92,12 @@ def test_integral_image_of_a_bool_mask_equals_the_numeric_one() -> None:
     assert table.dtype == np.float64 and table.shape == (38, 54)
     np.testing.assert_array_equal(table, integral_image(mask.astype(np.float32)))
     assert table[-1, -1] == mask.sum() and table[0].sum() == 0 and table[:, 0].sum() == 0
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (9, 1), (37, 53), (1250, 1250)])
+def test_tiler_mask_integral_equals_the_numpy_reference(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    mask = rng.random(shape) < 0.4
+    np.testing.assert_array_equal(mask_integral(mask), integral_image(mask))
+    strided = rng.random((shape[0], 2 * shape[1])) < 0.6
+    np.testing.assert_array_equal(mask_integral(strided[:, ::2]), integral_image(strided[:, ::2]))

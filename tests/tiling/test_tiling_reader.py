@@ -16,6 +16,7 @@ from histohelper.server.tiling import (
     open_slide,
     plan_tiling,
 )
+from histohelper.server.tiling.reader import batch_sizes
 
 
 def _reader_threads() -> list[threading.Thread]:
@@ -67,6 +68,48 @@ def test_small_first_batch(corrupt_jpeg_slide: Path, corrupt_plan) -> None:
     assert sizes[0] == 5 and sizes[1:] == [32] * 6 + [3]
     with pytest.raises(InvalidOptionsError):
         PatchReader(corrupt_jpeg_slide, grid, first_batch_size=0)
+
+
+def test_fine_tail_batches(corrupt_jpeg_slide: Path, corrupt_plan) -> None:
+    """The last patches come in small batches (model threads finish together)."""
+    grid = corrupt_plan.grid
+    wanted = list(range(0, 200))
+    reader = PatchReader(
+        corrupt_jpeg_slide,
+        grid,
+        batch_size=32,
+        num_workers=1,
+        max_failed_fraction=1.0,
+        first_batch_size=8,
+        tail_patches=64,
+        tail_batch_size=8,
+    )
+    batches = list(reader.iter_batches(wanted))
+    sizes = [len(b) + len(b.failed) for b in batches]
+    # 8 first, 128 in 32s, the remaining 64 in 8s.
+    assert sizes == [8] + [32] * 4 + [8] * 8
+    got = sorted(i for b in batches for i in b.indices.tolist() + b.failed.tolist())
+    assert got == wanted
+    with pytest.raises(InvalidOptionsError):
+        PatchReader(corrupt_jpeg_slide, grid, tail_batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((0, 32, 8, 64, 8), []),
+        ((5, 32, 8, 64, 8), [5]),
+        ((8, 32, 8, 64, 8), [8]),
+        ((30, 32, 8, 64, 8), [8, 8, 8, 6]),
+        ((200, 32, 5), [5] + [32] * 6 + [3]),
+        # 3,001 patches on two model threads: the body remainder (17) joins the tail.
+        ((3001, 32, 8, 64, 8), [8] + [32] * 91 + [8] * 10 + [1]),
+        ((100, 32, None, 0, None), [32, 32, 32, 4]),
+    ],
+)
+def test_batch_sizes(args: tuple, expected: list[int]) -> None:
+    sizes = batch_sizes(*args)
+    assert sizes == expected and sum(sizes) == args[0]
 
 
 def test_too_many_failures_raise(corrupt_jpeg_slide: Path, corrupt_plan) -> None:
