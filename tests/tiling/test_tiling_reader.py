@@ -52,46 +52,36 @@ def test_every_index_exactly_once(corrupt_jpeg_slide: Path, corrupt_plan) -> Non
     assert not _reader_threads()
 
 
-def test_small_first_batch(corrupt_jpeg_slide: Path, corrupt_plan) -> None:
-    """A small first batch (time to first result), then full ones; every index once."""
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        # A small first batch (time to first result), then full ones.
+        ({"first_batch_size": 5}, [5] + [32] * 6 + [3]),
+        # The last 64 patches in 8s (several model threads finish together).
+        (
+            {"first_batch_size": 8, "tail_patches": 64, "tail_batch_size": 8},
+            [8] + [32] * 4 + [8] * 8,
+        ),
+    ],
+    ids=["small-first", "fine-tail"],
+)
+def test_batch_plan(corrupt_jpeg_slide: Path, corrupt_plan, kwargs, expected) -> None:
+    """Batches come in the planned sizes; every index exactly once."""
     grid = corrupt_plan.grid
     wanted = list(range(0, 200))
     reader = PatchReader(
-        corrupt_jpeg_slide,
-        grid,
-        batch_size=32,
-        num_workers=1,
-        max_failed_fraction=1.0,
-        first_batch_size=5,
-    )
-    sizes = [len(b) + len(b.failed) for b in reader.iter_batches(wanted)]
-    assert sizes[0] == 5 and sizes[1:] == [32] * 6 + [3]
-    with pytest.raises(InvalidOptionsError):
-        PatchReader(corrupt_jpeg_slide, grid, first_batch_size=0)
-
-
-def test_fine_tail_batches(corrupt_jpeg_slide: Path, corrupt_plan) -> None:
-    """The last patches come in small batches (model threads finish together)."""
-    grid = corrupt_plan.grid
-    wanted = list(range(0, 200))
-    reader = PatchReader(
-        corrupt_jpeg_slide,
-        grid,
-        batch_size=32,
-        num_workers=1,
-        max_failed_fraction=1.0,
-        first_batch_size=8,
-        tail_patches=64,
-        tail_batch_size=8,
+        corrupt_jpeg_slide, grid, batch_size=32, num_workers=1, max_failed_fraction=1.0, **kwargs
     )
     batches = list(reader.iter_batches(wanted))
-    sizes = [len(b) + len(b.failed) for b in batches]
-    # 8 first, 128 in 32s, the remaining 64 in 8s.
-    assert sizes == [8] + [32] * 4 + [8] * 8
+    assert [len(b) + len(b.failed) for b in batches] == expected
     got = sorted(i for b in batches for i in b.indices.tolist() + b.failed.tolist())
     assert got == wanted
+
+
+@pytest.mark.parametrize("bad", [{"first_batch_size": 0}, {"tail_batch_size": 0}])
+def test_bad_batch_sizes_raise(corrupt_jpeg_slide: Path, corrupt_plan, bad) -> None:
     with pytest.raises(InvalidOptionsError):
-        PatchReader(corrupt_jpeg_slide, grid, tail_batch_size=0)
+        PatchReader(corrupt_jpeg_slide, corrupt_plan.grid, **bad)
 
 
 @pytest.mark.parametrize(
