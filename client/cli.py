@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +112,21 @@ def add_subcommands(subparsers: Any) -> None:
         help="bootstrap resamples (default 1000)",
     )
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    grouping = evaluate.add_mutually_exclusive_group()
+    grouping.add_argument(
+        "--group-by",
+        choices=("patch", "subfolder"),
+        default="patch",
+        help="bootstrap unit: each patch (default), or the first folder below the class "
+        "folder (DIR/<class>/<slide or patient>/...): whole groups are resampled, since "
+        "patches of one slide are correlated",
+    )
+    grouping.add_argument(
+        "--group-regex",
+        metavar="REGEX",
+        help="bootstrap unit: the first capture group (else the match) of REGEX searched "
+        r"in each path below the class folder, e.g. '(TCGA-\w\w-\w{4})'",
+    )
     evaluate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=run_evaluate)
 
@@ -330,12 +346,24 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise _UsageError("--batch-size must be in [1, 1024]")
     if args.bootstrap < 0:
         raise _UsageError("--bootstrap must be >= 0")
+    group_by: str | re.Pattern[str] = args.group_by
+    if args.group_regex is not None:
+        try:
+            group_by = re.compile(args.group_regex)
+        except re.error as exc:
+            raise _UsageError(f"--group-regex is not a regular expression: {exc}") from None
     from tqdm import tqdm
 
-    from histohelper.client.evaluate import EvaluationError, evaluate_folder, scan_patch_folder
+    from histohelper.client.evaluate import (
+        EvaluationError,
+        evaluate_folder,
+        patch_groups,
+        scan_patch_folder,
+    )
 
     try:
         folder = scan_patch_folder(args.folder)
+        patch_groups(folder, group_by)  # fail before any image is sent
     except EvaluationError as exc:
         raise _UsageError(str(exc)) from None
     if args.out is not None:
@@ -358,6 +386,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 n_bootstrap=args.bootstrap,
                 seed=args.seed,
                 on_progress=lambda done, _total: bar.update(done - bar.n),
+                group_by=group_by,
             )
         except EvaluationError as exc:
             raise _UsageError(str(exc)) from None

@@ -13,8 +13,13 @@ folder labels with scikit-learn:
   ROC AUC of the positive-class probability;
 - per-class recall;
 - a 95 % percentile bootstrap confidence interval for each figure (Efron & Tibshirani,
-  *An Introduction to the Bootstrap*, 1993, ch. 13): patches are resampled with
-  replacement ``n_bootstrap`` times with a seeded ``numpy.random.Generator``.
+  *An Introduction to the Bootstrap*, 1993, ch. 13), ``n_bootstrap`` resamples with a
+  seeded ``numpy.random.Generator``. Patches of one slide are correlated, so when the
+  folder says which slide (or patient) each patch comes from (``group_by``), whole
+  groups are resampled with replacement (the cluster bootstrap: Davison & Hinkley,
+  *Bootstrap Methods and their Application*, 1997, sec. 3.8); otherwise single
+  patches are, and the report warns that the intervals are too narrow when several
+  patches share a slide.
 
 Unreadable files (the client cannot read them, or the server cannot decode them) are
 listed and skipped, never fatal. Folder classes the model does not know raise
@@ -27,6 +32,7 @@ only, so importing this module needs neither scikit-learn nor OpenCV.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +66,12 @@ METRIC_LABELS: dict[str, tuple[str, bool]] = {
 }
 
 ProgressFn = Callable[[int, int], Any]
+
+#: How patches are grouped into bootstrap units: ``"patch"`` (each patch alone),
+#: ``"subfolder"`` (the first folder below the class folder, e.g.
+#: ``tumour/<slide id>/x.png``) or a compiled regular expression searched in the path
+#: below the class folder (its first capture group, else the whole match).
+GroupBy = str | re.Pattern[str]
 
 
 class EvaluationError(ValueError):
@@ -97,6 +109,46 @@ class PatchFolder:
     def count(self, class_name: str) -> int:
         """Image files under ``class_name``."""
         return sum(p.label == class_name for p in self.patches)
+
+
+def patch_groups(folder: PatchFolder, group_by: GroupBy) -> list[str]:
+    """The bootstrap group (slide, patient) of each patch of ``folder``, in order.
+
+    Args:
+        folder: a scanned folder.
+        group_by: see :data:`GroupBy`. The same group name under two class folders
+            is one group (a slide with tumour and normal patches).
+
+    Returns:
+        One group name per patch (``"patch"``: the patch's own path).
+
+    Raises:
+        EvaluationError: an unknown ``group_by``; with ``"subfolder"``, a patch lying
+            directly in its class folder; with a regex, a path it does not match.
+    """
+    below = [p.rel_path.split("/", 1)[1] for p in folder.patches]
+    if isinstance(group_by, re.Pattern):
+        groups: list[str] = []
+        for rel, path in zip(below, folder.patches, strict=True):
+            m = group_by.search(rel)
+            if m is None:
+                raise EvaluationError(
+                    f"the group pattern {group_by.pattern!r} does not match {path.rel_path} "
+                    "(it is searched in the path below the class folder)"
+                )
+            groups.append(m.group(1) if group_by.groups else m.group(0))
+        return groups
+    if group_by == "patch":
+        return [p.rel_path for p in folder.patches]
+    if group_by == "subfolder":
+        flat = [p.rel_path for p, rel in zip(folder.patches, below, strict=True) if "/" not in rel]
+        if flat:
+            raise EvaluationError(
+                f"grouping by subfolder, but {len(flat)} patch(es) lie directly in a class "
+                f"folder, e.g. {flat[0]} (expected DIR/<class>/<group>/<patch files>)"
+            )
+        return [rel.split("/", 1)[0] for rel in below]
+    raise EvaluationError(f"unknown grouping {group_by!r} (patch, subfolder or a regex)")
 
 
 def scan_patch_folder(root: str | os.PathLike[str]) -> PatchFolder:
@@ -167,6 +219,9 @@ class Metrics:
             ``f1``, ``roc_auc`` (fractions in [0, 1]).
         per_class_recall: recall of each class in ``class_names``.
         n_bootstrap, seed, confidence: bootstrap settings (percentile intervals).
+        n_groups: bootstrap units: groups when the patches were grouped (cluster
+            bootstrap), else the number of patches.
+        grouped: whether whole groups were resampled.
     """
 
     class_names: tuple[str, ...]
@@ -181,6 +236,8 @@ class Metrics:
     n_bootstrap: int
     seed: int
     confidence: float
+    n_groups: int = 0
+    grouped: bool = False
 
     @property
     def n(self) -> int:
@@ -231,6 +288,7 @@ def compute_metrics(
     n_bootstrap: int = DEFAULT_BOOTSTRAP,
     seed: int = DEFAULT_SEED,
     confidence: float = 0.95,
+    groups: Sequence[str] | None = None,
 ) -> Metrics:
     """Score predictions against labels with scikit-learn, with bootstrap intervals.
 
@@ -243,12 +301,16 @@ def compute_metrics(
         n_bootstrap: resamples for the intervals (0: no intervals).
         seed: seed of ``numpy.random.default_rng`` for the resampling.
         confidence: interval coverage (percentile method), in (0, 1).
+        groups: ``[n]`` group (slide, patient) of each patch: each resample draws
+            whole groups with replacement (cluster bootstrap). Default: each patch
+            is its own group.
 
     Returns:
         :class:`Metrics`.
 
     Raises:
-        EvaluationError: no patches, shapes disagree, or ``positive`` unknown.
+        EvaluationError: no patches, shapes disagree (``groups`` included), or
+            ``positive`` unknown.
         ImportError: scikit-learn is missing (``pip install "histohelper[evaluate]"``).
     """
     from sklearn.metrics import confusion_matrix
@@ -268,6 +330,16 @@ def compute_metrics(
         raise EvaluationError("true class indices out of range")
     if not 0.0 < confidence < 1.0:
         raise EvaluationError("confidence must be in (0, 1)")
+    if groups is not None and len(groups) != y.size:
+        raise EvaluationError(f"{len(groups)} groups given for {y.size} patches")
+    # members[g]: the patch indices of group g (first-appearance order).
+    if groups is None:
+        members = [np.array([i]) for i in range(y.size)]
+    else:
+        code_of: dict[str, int] = {}
+        codes = np.array([code_of.setdefault(str(g), len(code_of)) for g in groups])
+        order = np.argsort(codes, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(codes))[:-1])
     pos = names.index(positive)
     y_pred = probs.argmax(axis=1).astype(np.int64)
     scores = probs[:, pos]
@@ -286,7 +358,8 @@ def compute_metrics(
         samples = np.full((max(n_bootstrap, 0), k), np.nan)
         rng = np.random.default_rng(seed)
         for b in range(samples.shape[0]):
-            idx = rng.integers(0, y.size, y.size)
+            draw = rng.integers(0, len(members), len(members))
+            idx = draw if groups is None else np.concatenate([members[g] for g in draw])
             samples[b] = _figures(y[idx], y_pred[idx], scores[idx], pos, n_classes, multi)
         alpha = (1.0 - confidence) / 2.0
         if samples.shape[0]:
@@ -310,7 +383,20 @@ def compute_metrics(
             for i, name in enumerate(names)
         }
     return Metrics(
-        names, positive, cm, tp, fn, tn, fp, estimates, per_class, n_bootstrap, seed, confidence
+        names,
+        positive,
+        cm,
+        tp,
+        fn,
+        tn,
+        fp,
+        estimates,
+        per_class,
+        n_bootstrap,
+        seed,
+        confidence,
+        n_groups=len(members),
+        grouped=groups is not None,
     )
 
 
@@ -384,6 +470,8 @@ class EvaluationReport:
                 "seed": m.seed,
                 "confidence": m.confidence,
                 "method": "percentile",
+                "unit": "group" if m.grouped else "patch",
+                "units": m.n_groups,
             },
             "skipped": [{"file": f.file, "reason": f.reason} for f in self.skipped],
             "ignored": list(self.ignored),
@@ -438,10 +526,18 @@ def format_metrics(m: Metrics) -> list[str]:
             )
             lines.append(f"  {name:<{width}}{_fmt(e.value, True):>8} %  {ci}")
     lines.append("")
+    units = f"the {m.n_groups} groups of the {m.n} patches" if m.grouped else f"the {m.n} patches"
     lines.append(
         f"positive class: {m.positive}; intervals: percentile bootstrap, "
-        f"{m.n_bootstrap} resamples of the {m.n} patches, seed {m.seed}"
+        f"{m.n_bootstrap} resamples of {units}, seed {m.seed}"
     )
+    if not m.grouped and m.n_bootstrap:
+        lines.append(
+            "note: patches were resampled one by one; if several come from one slide the "
+            "intervals are too narrow (group them: --group-by subfolder or --group-regex)"
+        )
+    elif m.grouped and m.n_bootstrap and m.n_groups < 10:
+        lines.append(f"note: only {m.n_groups} groups: the intervals are rough")
     return lines
 
 
@@ -502,6 +598,7 @@ def evaluate_folder(
     seed: int = DEFAULT_SEED,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     on_progress: ProgressFn | None = None,
+    group_by: GroupBy = "patch",
 ) -> EvaluationReport:
     """Classify every patch of a labelled folder on the server and score the results.
 
@@ -516,14 +613,15 @@ def evaluate_folder(
         n_bootstrap, seed: bootstrap resamples and seed.
         max_image_bytes: larger files are skipped.
         on_progress: called with ``(done, total)`` after each answered image.
+        group_by: bootstrap units (:func:`patch_groups`); default each patch.
 
     Returns:
         :class:`EvaluationReport`.
 
     Raises:
         EvaluationError: folder class names the model does not know, unknown
-            ``positive``, an empty folder, or no patch classified (raised before any
-            image is sent, except the last).
+            ``positive``, an empty folder, a patch without a group, or no patch
+            classified (raised before any image is sent, except the last).
         HistoHelperError: the server call failed.
     """
     scanned = folder if isinstance(folder, PatchFolder) else scan_patch_folder(folder)
@@ -541,6 +639,7 @@ def evaluate_folder(
             f"positive class {positive!r} is not a class of the served model "
             f"(its patch classes: {', '.join(classes)})"
         )
+    groups = patch_groups(scanned, group_by)
 
     skipped: dict[int, SkippedFile] = {}
     kept: list[int] = []
@@ -572,7 +671,15 @@ def evaluate_folder(
         raise EvaluationError(f"none of the {total} patches could be classified")
     y_true = np.array([classes.index(scanned.patches[i].label) for i in kept], dtype=np.int64)
     probs = np.stack(rows).astype(np.float32)
-    metrics = compute_metrics(y_true, probs, classes, positive, n_bootstrap=n_bootstrap, seed=seed)
+    metrics = compute_metrics(
+        y_true,
+        probs,
+        classes,
+        positive,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        groups=None if group_by == "patch" else [groups[i] for i in kept],
+    )
     return EvaluationReport(
         folder=scanned.root,
         model=model,

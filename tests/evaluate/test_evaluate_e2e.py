@@ -98,6 +98,8 @@ def test_evaluate_cli_matches_in_process(
         "seed": 0,
         "confidence": 0.95,
         "method": "percentile",
+        "unit": "patch",
+        "units": n_regions,
     }
 
     # The same figures in-process: same artifact, same decode + resize, same labels.
@@ -147,3 +149,37 @@ def test_evaluate_unknown_class_is_a_clear_error(
     assert rc == 2
     assert "'tumour'" in err and "benign, malignant" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--group-by", "subfolder"], "directly in a class folder"),
+        (["--group-regex", "("], "--group-regex is not a regular expression"),
+        (["--group-regex", "TCGA-(\\d+)"], "does not match"),
+    ],
+    ids=["flat-folder", "bad-regex", "no-match"],
+)
+def test_evaluate_grouping_errors_come_before_any_call(
+    patch_folder: Path, tmp_path: Path, capsys, flags: list[str], says: str
+) -> None:
+    # No server listens on port 9: the error must come from the folder check first.
+    rc = main(["evaluate", str(patch_folder), "--server", "127.0.0.1:9", "--quiet", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and says in err and "Traceback" not in err, err
+
+
+def test_evaluate_cli_groups_by_subfolder(analysis_server, patch_folder: Path, tmp_path: Path):
+    root = tmp_path / "grouped"
+    files = sorted(p for p in patch_folder.rglob("*.png") if p.name != "broken.png")
+    for k, src in enumerate(files):
+        rel = src.relative_to(patch_folder)
+        dst = root / rel.parts[0] / f"slide-{k % 3}" / rel.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+    out = tmp_path / "g.json"
+    argv = ["evaluate", str(root), "--server", analysis_server.target, "--quiet"]
+    assert main([*argv, "--group-by", "subfolder", "--bootstrap", "50", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["bootstrap"]["unit"] == "group" and doc["bootstrap"]["units"] == 3
+    assert doc["n_classified"] == len(files)

@@ -3,6 +3,7 @@ the folder scan, and the evaluation flow over a fake client (no server)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from histohelper.client.evaluate import (
     compute_metrics,
     evaluate_folder,
     format_metrics,
+    patch_groups,
     scan_patch_folder,
 )
 from histohelper.client.events import ModelSummary
@@ -229,3 +231,76 @@ def test_evaluate_module_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_cluster_bootstrap_widens_intervals_of_correlated_patches() -> None:
+    """Four slides of 25 patches, each slide all right or all wrong: accuracy 0.5.
+
+    Resampling patches one by one pretends there are 100 independent answers (a
+    narrow interval); resampling slides knows there are four.
+    """
+    y = np.array([1] * 50 + [0] * 50)
+    right = np.array([True] * 25 + [False] * 25 + [True] * 25 + [False] * 25)
+    pred = np.where(right, y, 1 - y)
+    probs = np.where(pred[:, None] == np.arange(2), 0.9, 0.1)
+    slides = [f"slide-{i // 25}" for i in range(100)]
+    per_patch = compute_metrics(y, probs, CLASSES, "malignant", n_bootstrap=400, seed=3)
+    per_slide = compute_metrics(
+        y, probs, CLASSES, "malignant", n_bootstrap=400, seed=3, groups=slides
+    )
+    a, b = per_patch.estimates["accuracy"], per_slide.estimates["accuracy"]
+    assert a.value == b.value == 0.5
+    assert (b.ci_high - b.ci_low) > 2.5 * (a.ci_high - a.ci_low)
+    assert b.ci_low <= 0.25 and b.ci_high >= 0.75  # draws of 4 slides: k/4 right
+    assert (per_slide.n_groups, per_slide.grouped) == (4, True)
+    assert (per_patch.n_groups, per_patch.grouped) == (100, False)
+    text = "\n".join(format_metrics(per_slide))
+    assert "the 4 groups of the 100 patches" in text and "rough" in text
+    assert "too narrow" in "\n".join(format_metrics(per_patch))
+
+
+def test_singleton_groups_resample_like_patches() -> None:
+    y, probs = _binary(30, 10, 40, 20)
+    plain = compute_metrics(y, probs, CLASSES, "malignant", n_bootstrap=50, seed=9)
+    single = compute_metrics(
+        y, probs, CLASSES, "malignant", n_bootstrap=50, seed=9, groups=[str(i) for i in range(100)]
+    )
+    assert plain.estimates == single.estimates
+    with pytest.raises(EvaluationError, match="3 groups given for 100 patches"):
+        compute_metrics(y, probs, CLASSES, "malignant", groups=["a", "b", "c"])
+
+
+def test_patch_groups(tmp_path: Path) -> None:
+    root = tmp_path / "f"
+    for rel in ["benign/s1/a.png", "benign/s2/b.png", "malignant/s1/c.png", "malignant/s3/x/d.png"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    folder = scan_patch_folder(root)
+    assert patch_groups(folder, "subfolder") == ["s1", "s2", "s1", "s3"]
+    assert patch_groups(folder, "patch") == [p.rel_path for p in folder.patches]
+    assert patch_groups(folder, re.compile(r"s(\d)")) == ["1", "2", "1", "3"]
+    assert patch_groups(folder, re.compile(r"s\d")) == ["s1", "s2", "s1", "s3"]
+    with pytest.raises(EvaluationError, match=re.escape("does not match benign/s1/a.png")):
+        patch_groups(folder, re.compile("TCGA"))
+    with pytest.raises(EvaluationError, match="unknown grouping"):
+        patch_groups(folder, "slide")
+    (root / "benign" / "flat.png").write_bytes(b"x")
+    with pytest.raises(
+        EvaluationError, match=re.escape("directly in a class folder, e.g. benign/flat.png")
+    ):
+        patch_groups(scan_patch_folder(root), "subfolder")
+
+
+def test_flow_groups_by_subfolder(tmp_path: Path) -> None:
+    for rel, data in [
+        ("benign/s1/a.png", b"b"),
+        ("benign/s2/b.png", b"m"),
+        ("malignant/s1/c.png", b"m"),
+        ("malignant/s3/d.png", b"bad"),
+    ]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    report = evaluate_folder(FakeClient(), tmp_path, n_bootstrap=20, group_by="subfolder")
+    # s3's only patch is undecodable: two groups remain over three patches.
+    assert report.metrics.n == 3 and report.metrics.n_groups == 2 and report.metrics.grouped
+    assert report.to_dict()["bootstrap"]["unit"] == "group"
