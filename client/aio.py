@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import PurePath
 from types import TracebackType
 from typing import Any
@@ -24,6 +24,12 @@ from histohelper.client.errors import error_from_rpc
 from histohelper.client.events import Event, ModelInfo, Progress, Started, event_from_proto
 from histohelper.client.explain import PatchExplanation, explain_request
 from histohelper.client.options import AnalysisOptions, analyze_request
+from histohelper.client.patches import (
+    PatchInput,
+    PatchInputs,
+    PatchPrediction,
+    aclassify_stream,
+)
 from histohelper.client.result import ResultCollector, SlideResult
 from histohelper.client.sync import DEFAULT_UNARY_TIMEOUT_S
 from histohelper.client.uploads import UploadedSlide, upload_requests
@@ -215,3 +221,36 @@ class AsyncSlideClient:
             return [PatchExplanation.from_proto(m.explanation) async for m in call]
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
+
+    def classify(
+        self,
+        images: PatchInputs | AsyncIterable[PatchInput],
+        *,
+        batch_size: int = 32,
+        max_in_flight: int = 2,
+        return_embeddings: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[PatchPrediction]:
+        """Classify client-supplied patch images (``ClassifyPatches``); ``async for``.
+
+        As :meth:`SlideClient.classify
+        <histohelper.client.sync.SlideClient.classify>`; ``images`` may also be an
+        async iterable. At most ``max_in_flight`` requests are unanswered at a time.
+
+        Yields:
+            One :class:`~histohelper.client.patches.PatchPrediction` per image, in
+            order; an undecodable image carries ``error`` instead of probabilities.
+
+        Raises:
+            ValueError: ``batch_size`` or ``max_in_flight`` out of range.
+            HistoHelperError: a subclass matching the server's error.
+        """
+        return aclassify_stream(
+            self._stub.ClassifyPatches,
+            images,
+            batch_size=batch_size,
+            max_in_flight=max_in_flight,
+            return_embeddings=return_embeddings,
+            timeout=timeout if timeout is not None else self.timeout,
+            metadata=self._metadata,
+        )

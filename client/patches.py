@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import grpc.aio
 import numpy as np
 import numpy.typing as npt
 
@@ -103,22 +104,60 @@ def _size(data: bytes | npt.NDArray[np.uint8]) -> int:
     return len(data) if isinstance(data, bytes | bytearray | memoryview) else int(data.nbytes)
 
 
+class _Packer:
+    """Groups images into request-sized lists (at most ``batch_size`` images and, unless
+    one image alone exceeds it, ``max_request_bytes`` bytes of image data)."""
+
+    def __init__(self, batch_size: int, max_request_bytes: int) -> None:
+        self.batch_size = batch_size
+        self.max_request_bytes = max_request_bytes
+        self._batch: list[pb.PatchImage] = []
+        self._nbytes = 0
+
+    def add(self, image_id: str, data: bytes | npt.NDArray[np.uint8]) -> list[pb.PatchImage]:
+        """Take one image; return the batch it closed (empty list: none closed)."""
+        size = _size(data)
+        closed: list[pb.PatchImage] = []
+        if self._batch and (
+            len(self._batch) >= self.batch_size or self._nbytes + size > self.max_request_bytes
+        ):
+            closed, self._batch, self._nbytes = self._batch, [], 0
+        self._batch.append(patch_image(image_id, data))
+        self._nbytes += size
+        return closed
+
+    def flush(self) -> list[pb.PatchImage]:
+        """The last, partly filled batch (empty list: none)."""
+        closed, self._batch, self._nbytes = self._batch, [], 0
+        return closed
+
+
 def _requests(
     images: Iterable[PatchInput], batch_size: int, max_request_bytes: int
 ) -> Iterator[list[pb.PatchImage]]:
-    """Group images into request-sized lists (at most ``batch_size`` images and, unless
-    one image alone exceeds it, ``max_request_bytes`` bytes of image data)."""
-    batch: list[pb.PatchImage] = []
-    nbytes = 0
+    """Request-sized lists of ``images`` (see :class:`_Packer`)."""
+    packer = _Packer(batch_size, max_request_bytes)
     for image_id, data in images:
-        size = _size(data)
-        if batch and (len(batch) >= batch_size or nbytes + size > max_request_bytes):
+        if batch := packer.add(image_id, data):
             yield batch
-            batch, nbytes = [], 0
-        batch.append(patch_image(image_id, data))
-        nbytes += size
-    if batch:
+    if batch := packer.flush():
         yield batch
+
+
+def _check_stream_args(batch_size: int, max_in_flight: int) -> None:
+    if not 1 <= batch_size <= MAX_IMAGES_PER_REQUEST:
+        raise ValueError(f"batch_size must be in [1, {MAX_IMAGES_PER_REQUEST}]")
+    if max_in_flight < 1:
+        raise ValueError("max_in_flight must be >= 1")
+
+
+def _answers(reply: pb.ClassifyPatchesResponse, expected: int) -> list[PatchPrediction]:
+    """The predictions of one reply, checked against the request's image count."""
+    if len(reply.predictions) != expected:
+        raise InternalError(
+            f"ClassifyPatches answered {len(reply.predictions)} images for a request of {expected}"
+        )
+    return [PatchPrediction.from_proto(msg) for msg in reply.predictions]
 
 
 def classify_stream(
@@ -155,10 +194,7 @@ def classify_stream(
         Exception: whatever iterating ``images`` raised, after the answers to the
             requests already sent.
     """
-    if not 1 <= batch_size <= MAX_IMAGES_PER_REQUEST:
-        raise ValueError(f"batch_size must be in [1, {MAX_IMAGES_PER_REQUEST}]")
-    if max_in_flight < 1:
-        raise ValueError("max_in_flight must be >= 1")
+    _check_stream_args(batch_size, max_in_flight)
     slots = threading.Semaphore(max_in_flight)
     closed = threading.Event()
     sent: deque[int] = deque()  # images per request sent and not yet answered
@@ -181,13 +217,7 @@ def classify_stream(
         for reply in responses:
             expected = sent.popleft() if sent else -1
             slots.release()
-            if len(reply.predictions) != expected:
-                raise InternalError(
-                    f"ClassifyPatches answered {len(reply.predictions)} images "
-                    f"for a request of {expected}"
-                )
-            for msg in reply.predictions:
-                yield PatchPrediction.from_proto(msg)
+            yield from _answers(reply, expected)
     except grpc.RpcError as err:
         raise error_from_rpc(err) from err
     finally:
@@ -196,3 +226,88 @@ def classify_stream(
         responses.cancel()  # no-op after the call has finished
     if failure:
         raise failure[0]
+
+
+async def aclassify_stream(
+    call: Callable[..., Any],
+    images: PatchInputs | AsyncIterable[PatchInput],
+    *,
+    batch_size: int = 32,
+    max_in_flight: int = 2,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    return_embeddings: bool = False,
+    timeout: float | None = None,
+    metadata: Any = None,
+) -> AsyncIterator[PatchPrediction]:
+    """asyncio form of :func:`classify_stream` over a ``grpc.aio`` stub.
+
+    Args:
+        call: the ``grpc.aio`` stub's ``ClassifyPatches`` multi-callable.
+        images: ``(id, data)`` pairs, a plain or an async iterable, consumed lazily.
+        batch_size, max_in_flight, max_request_bytes, return_embeddings, timeout,
+            metadata: as :func:`classify_stream`.
+
+    Yields:
+        :class:`PatchPrediction` per image, in input order. Closing the generator
+        early, or cancelling its task, cancels the call.
+
+    Raises:
+        As :func:`classify_stream`.
+    """
+    _check_stream_args(batch_size, max_in_flight)
+    stream = call(timeout=timeout, metadata=metadata)
+    sent: deque[int] = deque()
+    packer = _Packer(batch_size, max_request_bytes)
+    failure: Exception | None = None
+
+    async def pairs() -> AsyncIterator[PatchInput]:
+        if isinstance(images, AsyncIterable):
+            async for item in images:
+                yield item
+        else:
+            for item in images:
+                yield item
+
+    async def answer() -> list[PatchPrediction]:
+        reply = await stream.read()
+        if reply is grpc.aio.EOF:
+            raise InternalError("ClassifyPatches ended before answering every request")
+        return _answers(reply, sent.popleft())
+
+    async def send(batch: list[pb.PatchImage]) -> AsyncIterator[PatchPrediction]:
+        while len(sent) >= max_in_flight:  # wait for a slot, yielding the answers
+            for pred in await answer():
+                yield pred
+        await stream.write(
+            pb.ClassifyPatchesRequest(images=batch, return_embeddings=return_embeddings)
+        )
+        sent.append(len(batch))
+
+    items = pairs()
+    try:
+        while True:
+            try:  # the caller's iterable: its errors come after the answers so far
+                image_id, data = await anext(items)
+                batch = packer.add(image_id, data)
+            except StopAsyncIteration:
+                batch = packer.flush()
+                if batch:
+                    async for pred in send(batch):
+                        yield pred
+                break
+            except Exception as exc:
+                failure = exc
+                break
+            if batch:
+                async for pred in send(batch):
+                    yield pred
+        await stream.done_writing()
+        while sent:
+            for pred in await answer():
+                yield pred
+    except grpc.RpcError as err:
+        raise error_from_rpc(err) from err
+    finally:
+        stream.cancel()  # no-op after the call has finished
+    if failure is not None:
+        raise failure

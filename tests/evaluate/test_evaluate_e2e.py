@@ -3,6 +3,7 @@ artifact in-process on the same decoded + resized pixels."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import openslide
 import pytest
 
 from histohelper.cli import main
-from histohelper.client import SlideClient
+from histohelper.client import AsyncSlideClient, SlideClient
 from histohelper.client.evaluate import evaluate_folder
 from histohelper.v1 import slide_analysis_pb2 as pb
 
@@ -183,3 +184,46 @@ def test_evaluate_cli_groups_by_subfolder(analysis_server, patch_folder: Path, t
     doc = json.loads(out.read_text())
     assert doc["bootstrap"]["unit"] == "group" and doc["bootstrap"]["units"] == 3
     assert doc["n_classified"] == len(files)
+
+
+def test_async_classify_matches_sync(analysis_server, patch_folder: Path) -> None:
+    """AsyncSlideClient.classify: same answers as SlideClient.classify, plain or async
+    input, in order; an error raised by the input comes after the answers so far."""
+    files = sorted(p for p in patch_folder.rglob("*") if p.suffix != ".txt" and p.is_file())
+    images = [(p.name, p.read_bytes()) for p in files]
+    assert any(name == "broken.png" for name, _ in images)
+    with SlideClient(analysis_server.target) as client:
+        want = list(client.classify(images, batch_size=4))
+
+    class InputBrokeError(RuntimeError):
+        pass
+
+    async def agen():
+        for item in images:
+            await asyncio.sleep(0)
+            yield item
+
+    def breaking():
+        yield from images[:9]
+        raise InputBrokeError("the folder went away")
+
+    async def run():
+        async with AsyncSlideClient(analysis_server.target, timeout=120) as client:
+            plain = [p async for p in client.classify(images, batch_size=4)]
+            streamed = [p async for p in client.classify(agen(), batch_size=3, max_in_flight=1)]
+            partial = []
+            with pytest.raises(InputBrokeError):
+                async for p in client.classify(breaking(), batch_size=4):
+                    partial.append(p)
+            return plain, streamed, partial
+
+    plain, streamed, partial = asyncio.run(run())
+    for got in (plain, streamed):
+        assert [p.id for p in got] == [p.id for p in want]
+        assert [bool(p.error) for p in got] == [bool(p.error) for p in want]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-6)
+    assert any(p.error for p in plain)
+    # 9 images were read before the failure: the two full requests (8 images) were
+    # sent and answered; the ninth, in a request not yet full, was not sent.
+    assert [p.id for p in partial] == [p.id for p in want[:8]]
