@@ -66,10 +66,15 @@ class RunningServer:
         """``host:port`` for clients."""
         return f"{self.config.host}:{self.port}"
 
-    def stop(self, grace: float | None = None) -> None:
-        """Flip health to NOT_SERVING, stop accepting, let in-flight calls finish for
+    def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Flip health to NOT_SERVING, keep accepting calls for ``drain`` seconds
+        (default: config.drain_s), stop accepting, let in-flight calls finish for
         ``grace`` seconds (default: config.grace_s), then cancel them."""
         self.health.enter_graceful_shutdown()
+        drain_s = self.config.drain_s if drain is None else drain
+        if drain_s > 0:
+            log.info("draining: health NOT_SERVING, still accepting", extra={"seconds": drain_s})
+            time.sleep(drain_s)
         self.server.stop(self.config.grace_s if grace is None else grace).wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()

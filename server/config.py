@@ -35,7 +35,11 @@ class ServerConfig:
             RESOURCE_EXHAUSTED at once.
         max_patches_per_slide: larger grids are refused (RESOURCE_EXHAUSTED).
         max_message_bytes: gRPC send/receive limit per message, both directions.
-        grace_s: on SIGTERM, seconds in-flight calls get to finish before cancellation.
+        drain_s: on SIGTERM, seconds health reports NOT_SERVING while new calls are
+            still accepted, so load balancers and readiness probes turn traffic away
+            before the port closes (default 0: close at once).
+        grace_s: on SIGTERM, after ``drain_s``, seconds in-flight calls get to finish
+            before cancellation.
         num_threads: torch intra-op threads (None: the runtime's choice).
         ready_file: if set, JSON ``{"host", "port"}`` is written there once serving.
         max_failed_fraction: share of patches that may fail to read before the slide
@@ -76,6 +80,7 @@ class ServerConfig:
     max_concurrent_analyses: int = 2
     max_patches_per_slide: int = 1_000_000
     max_message_bytes: int = 16 * MIB
+    drain_s: float = 0.0
     grace_s: float = 10.0
     num_threads: int | None = None
     ready_file: Path | None = None
@@ -119,6 +124,8 @@ class ServerConfig:
             raise ValueError("default_deadline_s must be >= 0 (0 disables)")
         if self.max_images_per_request < 1:
             raise ValueError("max_images_per_request must be >= 1")
+        if self.drain_s < 0 or self.grace_s < 0:
+            raise ValueError("drain_s and grace_s must be >= 0")
         if self.keepalive_time_s <= 0 or self.keepalive_timeout_s <= 0:
             raise ValueError("keepalive times must be > 0")
 

@@ -149,7 +149,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
             "Serve an exported model over gRPC (histohelper.v1.SlideAnalysisService, "
             "grpc.health.v1 and server reflection). Slides are read from paths relative to "
             "--slide-root. Logs are JSON lines on stderr with request ids, never slide names. "
-            "SIGTERM stops accepting calls and lets in-flight analyses finish within --grace-s."
+            "SIGTERM flips health to NOT_SERVING, keeps accepting calls for --drain-s, then "
+            "stops accepting and lets in-flight analyses finish within --grace-s."
         ),
     )
     p.add_argument(
@@ -231,6 +232,14 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         help="torch intra-op threads (default: the runtime's choice) [HISTOHELPER_THREADS]",
     )
     p.add_argument(
+        "--drain-s",
+        type=float,
+        default=float(env_default("DRAIN_S", "0") or 0),
+        help="seconds after SIGTERM during which health says NOT_SERVING but new calls are "
+        "still accepted, so load balancers move traffic first (default 0) "
+        "[HISTOHELPER_DRAIN_S]",
+    )
+    p.add_argument(
         "--grace-s",
         type=float,
         default=float(env_default("GRACE_S", "10") or 10),
@@ -294,6 +303,7 @@ def _config(args: argparse.Namespace, slide_root: Path) -> ServerConfig:
         max_concurrent_analyses=args.max_concurrent,
         max_patches_per_slide=args.max_patches,
         num_threads=args.threads,
+        drain_s=args.drain_s,
         grace_s=args.grace_s,
         ready_file=args.ready_file,
         health_port=args.health_port,

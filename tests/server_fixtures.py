@@ -133,7 +133,7 @@ def start_inprocess_server(
 
     yield start
     for running in started:
-        running.stop(grace=0)
+        running.stop(grace=0, drain=0)
 
 
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import grpc
 import pytest
@@ -145,3 +146,28 @@ def test_health_port_serves_health_only_on_loopback(start_inprocess_server) -> N
                 pb.GetModelInfoRequest(), timeout=10
             )
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_drain_reports_not_serving_while_still_accepting(start_inprocess_server) -> None:
+    """With drain_s, stopping flips health to NOT_SERVING on the main port first and
+    keeps answering calls for drain_s (load balancers move traffic), then closes."""
+    running = start_inprocess_server(drain_s=3.0)
+    stopper = threading.Thread(target=running.stop, kwargs={"grace": 0})
+    with grpc.insecure_channel(running.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="histohelper.v1.SlideAnalysisService")
+        assert health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        t0 = time.monotonic()
+        stopper.start()
+        status = health_pb2.HealthCheckResponse.SERVING
+        while status == health_pb2.HealthCheckResponse.SERVING and time.monotonic() - t0 < 2:
+            status = health.Check(request, timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        info = pb_grpc.SlideAnalysisServiceStub(channel).GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=5
+        )
+        assert info.model.patch_classes and time.monotonic() - t0 < 3.0
+        stopper.join(30)
+        assert time.monotonic() - t0 >= 3.0
+        with pytest.raises(grpc.RpcError):
+            health.Check(request, timeout=2)
