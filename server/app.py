@@ -19,16 +19,18 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from histohelper.errors import ModelArtifactError
+from histohelper.errors import HistoHelperError, ModelArtifactError
 from histohelper.server.audit import AuditLog
 from histohelper.server.auth import Authenticator, SecurityInterceptor, TokenStore
 from histohelper.server.config import ServerConfig
@@ -213,7 +215,14 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
 
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and structured extras
-    (request_id, port, ...). Slide names never reach it: callers log ids only."""
+    (request_id, port, ...). Slide names never reach it: callers log ids only.
+
+    Tracebacks keep their frames (file, line, function, source line) and exception
+    types, but withhold the messages of exceptions from outside this project: an
+    ``OSError`` or a library error may quote a file name, and slide file names may
+    carry patient identifiers. :class:`~histohelper.errors.HistoHelperError`
+    messages never name a slide and are kept.
+    """
 
     _STANDARD = frozenset(vars(logging.makeLogRecord({})))
 
@@ -231,6 +240,24 @@ class JsonLogFormatter(logging.Formatter):
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        """The exception chain, oldest first, messages withheld (see the class)."""
+        exc = ei[1]
+        chain: list[BaseException] = []
+        while exc is not None and all(exc is not seen for seen in chain):
+            chain.append(exc)
+            exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        parts = []
+        for e in reversed(chain):
+            kind = f"{type(e).__module__}.{type(e).__qualname__}"
+            message = str(e) if isinstance(e, HistoHelperError) else "<message withheld>"
+            parts.append(
+                "Traceback (most recent call last):\n"
+                + "".join(traceback.format_tb(e.__traceback__))
+                + f"{kind}: {message}"
+            )
+        return "\n\nDuring handling, or as the cause:\n".join(parts)
 
 
 def configure_logging(level: str = "INFO") -> None:

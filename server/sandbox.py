@@ -16,6 +16,8 @@ from pathlib import Path, PurePosixPath
 from histohelper.errors import SlideNotFoundError, SlidePathDeniedError, SlidePathError
 
 MAX_REFERENCE_CHARS = 4096
+#: Longest path component, in UTF-8 bytes (NAME_MAX of Linux and macOS file systems).
+MAX_COMPONENT_BYTES = 255
 
 
 def resolve_slide_path(root: Path, reference: str) -> Path:
@@ -29,7 +31,9 @@ def resolve_slide_path(root: Path, reference: str) -> Path:
         The fully resolved path of an existing regular file inside ``root``.
 
     Raises:
-        SlidePathError: empty, too long, absolute, NUL byte, backslash-absolute, or ``..``.
+        SlidePathError: empty, too long (or a component over
+            :data:`MAX_COMPONENT_BYTES`), absolute, NUL byte, backslash-absolute,
+            ``..``, or a name the file system refuses.
         SlidePathDeniedError: resolves outside ``root`` (e.g. through a symlink).
         SlideNotFoundError: nothing (or no regular file) at that path.
     """
@@ -43,11 +47,19 @@ def resolve_slide_path(root: Path, reference: str) -> Path:
         raise SlidePathError("slide path must be relative to the slide root")
     if any(part == ".." for part in pure.parts):
         raise SlidePathError("slide path must not contain '..'")
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES for part in pure.parts):
+        raise SlidePathError(f"a slide path component is longer than {MAX_COMPONENT_BYTES} bytes")
     real_root = root.resolve(strict=True)
-    candidate = (real_root / Path(*pure.parts)).resolve(strict=False)
-    if not candidate.is_relative_to(real_root):
-        raise SlidePathDeniedError("slide path leads outside the slide root")
-    if not candidate.is_file():
+    try:
+        candidate = (real_root / Path(*pure.parts)).resolve(strict=False)
+        if not candidate.is_relative_to(real_root):
+            raise SlidePathDeniedError("slide path leads outside the slide root")
+        is_file = candidate.is_file()
+    except PermissionError:  # a directory on the way is not searchable
+        raise SlidePathDeniedError("the slide is not readable by the server") from None
+    except (OSError, RuntimeError, ValueError, UnicodeError):  # ENAMETOOLONG, symlink loop
+        raise SlidePathError("the file system refused the slide path") from None
+    if not is_file:
         raise SlideNotFoundError("no slide at that path under the slide root")
     if not os.access(candidate, os.R_OK):
         raise SlidePathDeniedError("the slide is not readable by the server")

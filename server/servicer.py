@@ -522,6 +522,10 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             log.info("explanation refused: %s", exc.reason, extra=extra)
             self._abort(context, exc, request_id)
             return
+        except Exception:
+            log.exception("explanation request crashed", extra=extra)
+            self._abort_internal(context, request_id)
+            return
         if not self._admit(context, request_id):
             return
         stop = threading.Event()

@@ -22,6 +22,8 @@ def root(tmp_path: Path) -> Path:
     os.symlink(outside / "secret.svs", root / "escape.svs")
     os.symlink(outside, root / "escape_dir")
     os.symlink(root / "cohort" / "a.svs", root / "inside_link.svs")
+    os.symlink(root / "loop_b", root / "loop")
+    os.symlink(root / "loop", root / "loop_b")
     return root
 
 
@@ -44,13 +46,31 @@ def test_symlink_inside_root_is_allowed(root: Path) -> None:
         "C:/x.svs",
         "\\\\server\\share\\x.svs",
         "cohort/..\\..\\x",
+        "a" * 256,
+        "\u00e9" * 130,
+        "/".join(["b" * 203] * 20),  # 4,079 chars: with the root, over PATH_MAX
+        "loop/x.svs",
     ],
-    ids=["empty", "absolute", "dotdot", "nested-dotdot", "nul", "drive", "unc", "backslash-dotdot"],
+    ids=[
+        "empty",
+        "absolute",
+        "dotdot",
+        "nested-dotdot",
+        "nul",
+        "drive",
+        "unc",
+        "backslash-dotdot",
+        "component-256-bytes",
+        "component-260-utf8-bytes",
+        "path-over-path-max",
+        "symlink-loop",
+    ],
 )
 def test_malformed_references_are_invalid(root: Path, reference: str) -> None:
     with pytest.raises(SlidePathError) as info:
         resolve_slide_path(root, reference)
     assert str(root) not in str(info.value)
+    assert not reference or reference[:20] not in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -149,13 +149,20 @@ def test_error_sequence_server_keeps_serving(analysis_server) -> None:
         ("/etc/passwd", grpc.StatusCode.INVALID_ARGUMENT, "SLIDE_PATH_INVALID"),
         ("", grpc.StatusCode.INVALID_ARGUMENT, "SLIDE_PATH_INVALID"),
         ("bad/unsupported-compression.tiff", grpc.StatusCode.INVALID_ARGUMENT, "SLIDE_UNSUPPORTED"),
+        ("real/" + "a" * 256, grpc.StatusCode.INVALID_ARGUMENT, "SLIDE_PATH_INVALID"),
     ],
-    ids=["missing", "absolute", "empty", "unsupported-compression"],
+    ids=["missing", "absolute", "empty", "unsupported-compression", "name-too-long"],
 )
 def test_error_statuses(analysis_server, path: str, code, reason: str) -> None:
     got_code, got_reason, message = error_of(analysis_server.target, path)
     assert (got_code, got_reason) == (code, reason)
     assert str(analysis_server.slide_root) not in message
+    # ExplainPatches validates the same way before admission.
+    request = pb.ExplainPatchesRequest(slide_path=path)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub_for(analysis_server.target).ExplainPatches(request, timeout=60))
+    assert info.value.code() == code, info.value.details()
+    assert str(analysis_server.slide_root) not in info.value.details()
 
 
 def test_server_log_has_request_ids_not_slide_names(analysis_server, cmu_events) -> None:
