@@ -14,7 +14,9 @@ doubt) keeps OpenSlide: :func:`level_reader_for` returns None.
 
 Pixels match OpenSlide's decode of the same tiles (tested on CMU-1-Small-Region.svs
 and on synthetic JPEG pyramids); outside the image the region is white, as OpenSlide's
-transparent pixels composited on white are.
+transparent pixels composited on white are. So is a tile stored empty (byte count 0:
+sparse TIFFs leave tiles outside the scanned area unwritten, and OpenSlide reads them
+as transparent); it is never decoded.
 """
 
 from __future__ import annotations
@@ -110,6 +112,15 @@ class TiffLevelReader:
         self._counts = page.databytecounts  # type: ignore[attr-defined]
         self._jpegtables = page.jpegtables  # type: ignore[attr-defined]
         self._jpegheader = getattr(page, "jpegheader", None)
+        self._blank: npt.NDArray[np.uint8] | None = None
+
+    def _empty_tile(self) -> npt.NDArray[np.uint8]:
+        """The white ``[tile_h, tile_w, 3]`` tile of an empty (0-byte) tile, read-only."""
+        if self._blank is None:
+            blank = np.full((self.tile_h, self.tile_w, 3), 255, dtype=np.uint8)
+            blank.flags.writeable = False
+            self._blank = blank
+        return self._blank
 
     def _tile(self, tx: int, ty: int) -> npt.NDArray[np.uint8]:
         index = ty * self._tiles_x + tx
@@ -118,8 +129,8 @@ class TiffLevelReader:
         if tile is not None:
             return tile
         count = int(self._counts[index])
-        if count <= 0:
-            raise CorruptSlideError("a region of the slide could not be decoded: empty tile")
+        if count <= 0:  # not written (sparse TIFF): transparent, i.e. white here
+            return self._empty_tile()
         data = os.pread(self._fd, count, int(self._offsets[index]))
         try:
             segment, _, _ = self._page.decode(  # type: ignore[attr-defined]
@@ -149,7 +160,8 @@ class TiffLevelReader:
             ``[height, width, 3]`` uint8 RGB; white where the region leaves the image.
 
         Raises:
-            CorruptSlideError: a tile could not be read or decoded.
+            CorruptSlideError: a stored tile could not be read or decoded (an empty
+                tile is white, not an error).
         """
         out = np.full((height, width, 3), 255, dtype=np.uint8)
         x0, y0 = max(x, 0), max(y, 0)

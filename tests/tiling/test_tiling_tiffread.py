@@ -138,3 +138,61 @@ def test_corrupt_jpeg_tile_is_a_clear_error(tmp_path: Path, jpeg_pyramid: Path) 
         assert "bad.tiff" not in str(info.value)
         assert slide.failed_reads == 1
         assert slide.read_level_rgb(0, 300, 300, 64, 64).shape == (64, 64, 3)  # still reads
+
+
+@pytest.fixture(scope="module")
+def sparse_jpeg_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2048 x 1536 px JPEG pyramid (level 512 x 384), tissue at (512, 512, 600, 400)
+    (on tile seams, so patches half over tissue reach into empty tiles);
+    every tile that does not touch it, but the first, is stored empty (0 bytes)."""
+    path = tmp_path_factory.mktemp("sparse") / "sparse.tiff"
+    return ss.write_sparse_slide(
+        path, 2048, 1536, [(512, 512, 600, 400)], mpp=0.5, downsamples=(4,)
+    )
+
+
+@pytest.mark.parametrize(
+    ("level", "region", "empty_tile"),
+    [(0, (1000, 700, 300, 200), (5, 2)), (1, (100, 200, 200, 100), (0, 1))],
+    ids=["level0-stored-then-empty-x", "level1-stored-then-empty-y"],
+)
+def test_empty_tiles_read_white_like_openslide(
+    sparse_jpeg_slide: Path, level: int, region: tuple[int, int, int, int], empty_tile: tuple
+) -> None:
+    """A 0-byte tile is white, as OpenSlide's transparent pixels composited on white;
+    the stored tile beside it is pixel-exact."""
+    page = tifffile.TiffFile(sparse_jpeg_slide).pages[level]
+    tiles_x = -(-page.imagewidth // page.tilewidth)
+    assert page.databytecounts[empty_tile[1] * tiles_x + empty_tile[0]] == 0
+    x, y, w, h = region
+    with open_slide(sparse_jpeg_slide) as slide:
+        assert slide.reads_directly(level)
+        ds = slide.metadata.openslide_downsamples[level]
+        got = slide.read_level_rgb(level, x, y, w, h)
+        x_l0, y_l0 = round(x * ds), round(y * ds)
+        alpha = slide.read_region_rgba(x_l0, y_l0, level, w, h)[..., 3]
+        ref = slide.read_region_rgb(x_l0, y_l0, level, w, h)
+    empty = alpha == 0
+    assert empty.any() and (alpha[~empty] == 255).all() and (~empty).any()
+    assert (got[empty] == 255).all()
+    np.testing.assert_array_equal(got[~empty], ref[~empty])
+    assert (got[~empty] < 250).any()  # the stored part is not white itself
+
+
+@pytest.mark.parametrize("min_tissue", [0.5, 0.0], ids=["default", "every-cell"])
+def test_sparse_slide_patches_all_read(sparse_jpeg_slide: Path, min_tissue: float) -> None:
+    """Patches over empty tiles read (white where empty), none fails."""
+    with open_slide(sparse_jpeg_slide) as slide:
+        grid = plan_tiling(slide, TilingOptions(min_tissue_fraction=min_tissue)).grid
+        assert slide.reads_directly(grid.level)
+    reader = PatchReader(sparse_jpeg_slide, grid, batch_size=8, max_failed_fraction=0.0)
+    seen: list[int] = []
+    white = 0
+    for batch in reader.iter_batches():
+        assert batch.failed.size == 0
+        seen += batch.indices.tolist()
+        white += int((batch.images == 255).all(axis=(1, 2, 3)).sum())
+    assert sorted(seen) == list(range(len(grid))) and len(grid) > 0
+    assert reader.failed_indices == []
+    if min_tissue == 0.0:
+        assert white > 0  # cells wholly over empty tiles
