@@ -68,7 +68,10 @@ def axis_cell_count(
     Cell ``i`` starts at ``i * stride_l0``. In ``"pad"`` mode every cell that starts
     inside the slide and is needed to cover it is kept (the last one may overhang the
     edge; it is read white-padded). In ``"drop"`` mode only cells lying wholly inside
-    the slide are counted.
+    the slide are counted. In both modes no cell starts at or past the edge, so the
+    count is at most ``ceil(size_l0 / stride_l0)``: that bounds ``"pad"`` grids whose
+    stride exceeds the footprint (the cell after the last one that starts inside
+    would start outside) and ``"drop"`` grids of footprints within the float slack.
 
     Args:
         size_l0: slide extent along the axis (level-0 px).
@@ -82,13 +85,18 @@ def axis_cell_count(
     if size_l0 <= 0:
         return 0
     slack = _EPS * max(1.0, size_l0)
+    # Origins i * stride_l0 < size_l0 - slack. Binds only on a "pad" stride longer
+    # than the footprint or a "drop" footprint within 2 * slack.
+    starts_inside = max(1, math.ceil((size_l0 - slack) / stride_l0))
     if edge_mode == "drop":
         if footprint_l0 > size_l0 + slack:
             return 0
-        return math.floor((size_l0 - footprint_l0 + slack) / stride_l0) + 1
+        fitting = math.floor((size_l0 - footprint_l0 + slack) / stride_l0) + 1
+        return min(fitting, starts_inside)
     if footprint_l0 >= size_l0 - slack:
         return 1
-    return math.ceil((size_l0 - footprint_l0 - slack) / stride_l0) + 1
+    covering = math.ceil((size_l0 - footprint_l0 - slack) / stride_l0) + 1
+    return min(covering, starts_inside)
 
 
 def integral_image(mask: npt.NDArray[np.generic]) -> npt.NDArray[np.float64]:

@@ -44,10 +44,40 @@ def test_choose_level_is_per_axis() -> None:
         (100, 224, 224, "drop", 0),
         (1000, 224, 112, "pad", 8),
         (1000, 456.03, 456.03, "pad", 3),
+        # Stride longer than the footprint: no cell may start at or past the edge.
+        (1000, 224, 500, "pad", 2),
+        (1000, 224, 600, "pad", 2),
+        (16, 8, 100, "pad", 1),
+        (2967, 224.449, 3006.01, "pad", 1),
+        (1000, 224, 500, "drop", 2),
     ],
 )
 def test_axis_cell_count(size: float, fp: float, stride: float, mode: str, n: int) -> None:
     assert axis_cell_count(size, fp, stride, mode) == n  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(1, 1e5),
+    st.floats(0.0625, 8192),
+    st.floats(0.0625, 8192),
+    st.sampled_from(["pad", "drop"]),
+)
+def test_axis_cells_start_inside_and_cover(
+    size: float, fp: float, stride: float, mode: str
+) -> None:
+    """Every cell starts inside the slide; "drop" cells end inside it; "pad" cells
+    cover it as far as the stride allows (one more would start past the edge)."""
+    n = axis_cell_count(size, fp, stride, mode)  # type: ignore[arg-type]
+    slack = 1e-6 * size
+    assert n >= (1 if mode == "pad" else 0)
+    if n:
+        assert (n - 1) * stride < size
+    if mode == "drop":
+        assert n == 0 or (n - 1) * stride + fp <= size + slack
+        assert n * stride + fp > size - slack
+    else:
+        assert (n - 1) * stride + fp >= size - slack or n * stride >= size - slack
 
 
 def test_level_read_size_never_rounds_downsample() -> None:
