@@ -239,8 +239,10 @@ def build_grid(
         :class:`PatchGrid`.
 
     Raises:
-        SlideTooLargeError: the grid exceeds :data:`MAX_GRID_CELLS` cells or
-            ``options.max_patches`` kept patches.
+        SlideTooLargeError: the grid exceeds :data:`MAX_GRID_CELLS` cells (so each
+            of ``n_rows`` and ``n_cols`` is at most that, well inside int32) or
+            ``options.max_patches`` kept patches. A grid with no cell along one axis
+            is empty (``n_rows == n_cols == 0``), not an error.
     """
     size = options.patch_size_px
     stride = options.effective_stride_px
@@ -248,9 +250,15 @@ def build_grid(
     sx, sy = stride * ds_x, stride * ds_y
     n_cols = axis_cell_count(md.width_l0, fw, sx, options.edge_mode)
     n_rows = axis_cell_count(md.height_l0, fh, sy, options.edge_mode)
+    if n_rows == 0 or n_cols == 0:
+        # No cell fits along one axis ("drop" mode, a slide narrower than one
+        # footprint): the grid is empty, however many cells the other axis holds.
+        n_rows = n_cols = 0
+    # Both counts are now 0, or both >= 1: so this also keeps each one at most
+    # MAX_GRID_CELLS (they go out as int32).
     if n_rows * n_cols > MAX_GRID_CELLS:
         raise SlideTooLargeError(
-            f"the patch grid would have {n_rows * n_cols} cells (limit {MAX_GRID_CELLS})"
+            f"the patch grid would have {n_rows} x {n_cols} cells (limit {MAX_GRID_CELLS})"
         )
     lds_x, lds_y = md.level_downsamples[level]
     read_w, read_h = level_read_size(fw, lds_x), level_read_size(fh, lds_y)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +127,39 @@ def small_slide(synth_dir: Path) -> Path:
     """100 x 80 px of tissue: smaller than one patch."""
     img = ss.tissue_rgb(80, 100, seed=14)
     return ss.write_slide(synth_dir / "small.tiff", img, mpp=0.5)
+
+
+@pytest.fixture(scope="session")
+def tall_narrow_slide(synth_dir: Path) -> Path:
+    """16 x 4,194,304 px at 0.16 um/px, every tile but the first empty (5 KB on disk).
+
+    Level 1 is 16 x 65,536 px (downsample 1 x 64), so the tissue mask reads 1 Mpx.
+    At a 0.01 um/px target (downsample 1/16) a 1-px stride puts 16 rows in each
+    level-0 px: about 6.7e7 grid rows, more than ``MAX_GRID_CELLS`` on one axis.
+    """
+    import tifffile
+
+    height, width, tile_h = 4 * 2**20, 16, 16_384
+
+    def tiles(h: int, th: int) -> Iterator[np.ndarray | None]:
+        for i in range(-(-h // th)):
+            yield np.full((th, width, 3), 240, np.uint8) if i == 0 else None
+
+    path = synth_dir / "tall_narrow.tiff"
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for k, (h, th, mpp_y) in enumerate(
+            [(height, tile_h, 0.16), (height // 64, 1024, 0.16 * 64)]
+        ):
+            tw.write(
+                tiles(h, th),
+                shape=(h, width, 3),
+                dtype=np.uint8,
+                photometric="rgb",
+                tile=(th, width),
+                compression="zlib",
+                subfiletype=1 if k else 0,
+                resolution=(1e4 / 0.16, 1e4 / mpp_y),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+            )
+    return path
