@@ -21,7 +21,12 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from histohelper.errors import CorruptSlideError, HistoHelperError, InvalidOptionsError
+from histohelper.errors import (
+    CorruptSlideError,
+    HistoHelperError,
+    InvalidOptionsError,
+    RegionOutOfBoundsError,
+)
 
 from .plan import PatchGrid
 from .slide import Slide, SlideCache, open_slide
@@ -56,6 +61,10 @@ def read_patch(slide: Slide, grid: PatchGrid, index: int) -> npt.NDArray[np.uint
     ``patch_size_px`` (INTER_AREA when shrinking, bilinear when enlarging) when the
     level does not match the target exactly.
 
+    A cell whose footprint starts inside the slide but whose read, rounded to the
+    level's px, starts at or past the edge (less than half a level px of slide in it)
+    is white.
+
     Args:
         slide: an open slide (the grid's slide).
         grid: the patch grid.
@@ -66,14 +75,23 @@ def read_patch(slide: Slide, grid: PatchGrid, index: int) -> npt.NDArray[np.uint
 
     Raises:
         CorruptSlideError: the region could not be decoded (handle already reopened).
+        RegionOutOfBoundsError: the patch's origin lies outside the slide (a grid of
+            another slide).
     """
+    s = grid.patch_size_px
+    x_l0, y_l0 = float(grid.x_l0[index]), float(grid.y_l0[index])
     # Exact per-axis level position (the slide rounds it, or converts it to OpenSlide's
     # level-0 convention when OpenSlide reads the region).
-    x_lv = float(grid.x_l0[index]) / grid.level_downsample_x
-    y_lv = float(grid.y_l0[index]) / grid.level_downsample_y
+    x_lv = x_l0 / grid.level_downsample_x
+    y_lv = y_l0 / grid.level_downsample_y
     rw, rh = grid.read_width_px, grid.read_height_px
-    rgb = slide.read_level_rgb(grid.level, x_lv, y_lv, rw, rh)
-    s = grid.patch_size_px
+    try:
+        rgb = slide.read_level_rgb(grid.level, x_lv, y_lv, rw, rh)
+    except RegionOutOfBoundsError:
+        md = slide.metadata
+        if not (0 <= x_l0 < md.width_l0 and 0 <= y_l0 < md.height_l0):
+            raise
+        return np.full((s, s, 3), 255, dtype=np.uint8)
     if (rw, rh) != (s, s):
         interp = cv2.INTER_AREA if rw >= s and rh >= s else cv2.INTER_LINEAR
         rgb = np.asarray(cv2.resize(rgb, (s, s), interpolation=interp), dtype=np.uint8)

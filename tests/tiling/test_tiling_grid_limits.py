@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from histohelper.errors import SlideTooLargeError
@@ -79,3 +80,42 @@ def test_pad_cells_never_start_past_the_edge(
         assert batch.failed.size == 0
         seen += batch.indices.tolist()
     assert sorted(seen) == list(range(len(grid)))
+
+
+@pytest.mark.parametrize(
+    ("name", "mpp_override", "target_mpp", "n_cells"),
+    [
+        ("tiny-16px.svs", 0.1, 0.785, (3, 3)),  # OpenSlide reads it; origins 0, 7.85, 15.7
+        ("CMU-1-Small-Region.svs", 0.01, 7.399, (5, 4)),  # fast path; last x 2219.7
+    ],
+    ids=["openslide", "tifffile"],
+)
+def test_cell_whose_read_rounds_past_the_edge_is_white(
+    slides_dir: Path,
+    name: str,
+    mpp_override: float,
+    target_mpp: float,
+    n_cells: tuple[int, int],
+) -> None:
+    """The last column starts less than half a px inside the slide: its read, rounded
+    to whole px, starts at the edge. That cell is white, not a failed analysis."""
+    path = slides_dir / "real" / name
+    options = TilingOptions(
+        patch_size_px=1,
+        stride_px=1,
+        min_tissue_fraction=0.0,
+        mpp_override=mpp_override,
+        target=Resolution(target_mpp),
+    )
+    with open_slide(path) as slide:
+        width = slide.metadata.width_l0
+        grid = plan_tiling(slide, options).grid
+    assert (grid.n_rows, grid.n_cols) == n_cells
+    last = grid.col == grid.n_cols - 1
+    assert (width - 0.5 < grid.x_l0[last]).all() and (grid.x_l0[last] < width).all()
+    got = {}
+    for batch in PatchReader(path, grid, max_failed_fraction=0.0).iter_batches():
+        got.update(zip(batch.indices.tolist(), batch.images, strict=True))
+    assert sorted(got) == list(range(len(grid)))
+    assert all((got[i] == 255).all() for i in np.flatnonzero(last))
+    assert any((got[i] < 250).any() for i in np.flatnonzero(~last))
