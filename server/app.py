@@ -34,6 +34,7 @@ from histohelper.errors import HistoHelperError, ModelArtifactError
 from histohelper.server.audit import AuditLog
 from histohelper.server.auth import Authenticator, SecurityInterceptor, TokenStore
 from histohelper.server.config import ServerConfig
+from histohelper.server.limits import StreamLimiter
 from histohelper.server.pipeline import FIRST_BATCH_SIZE, Analyzer
 from histohelper.server.runtime import ModelRuntime, load_runtime
 from histohelper.server.servicer import SlideAnalysisServicer
@@ -160,12 +161,24 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
     interceptor = SecurityInterceptor(
         Authenticator(tokens), audit_log, runtime.manifest.model_version
     )
-    # Analyses each hold a thread; leave room for health, info and ClassifyPatches.
+    # Every call that can hold a thread for long is capped (analyses and explanations
+    # by their slots, uploads, ClassifyPatches and reflection streams by theirs); the
+    # pool has a thread for each plus 8 for health, GetModelInfo and refusals.
     pool = futures.ThreadPoolExecutor(
-        max_workers=config.max_concurrent_analyses + config.max_concurrent_uploads + 8,
+        max_workers=config.max_concurrent_analyses
+        + config.max_concurrent_uploads
+        + config.max_classify_streams
+        + config.max_reflection_streams
+        + 8,
         thread_name_prefix="grpc",
     )
-    server = grpc.server(pool, interceptors=[interceptor], options=grpc_options(config))
+    limiter = StreamLimiter(
+        {
+            f"/{SERVICE_NAME}/ClassifyPatches": config.max_classify_streams,
+            f"/{reflection.SERVICE_NAME}/ServerReflectionInfo": config.max_reflection_streams,
+        }
+    )
+    server = grpc.server(pool, interceptors=[interceptor, limiter], options=grpc_options(config))
     pb_grpc.add_SlideAnalysisServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

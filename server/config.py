@@ -57,6 +57,9 @@ class ServerConfig:
         upload_quota_bytes: bytes all stored and in-flight uploads may take together.
         upload_ttl_s: seconds an upload lives after its last use.
         max_concurrent_uploads: UploadSlide calls in flight.
+        max_classify_streams: ClassifyPatches streams open at once; one more gets
+            RESOURCE_EXHAUSTED at once (each open stream holds a server thread).
+        max_reflection_streams: server-reflection streams open at once, likewise.
         default_deadline_s: deadline of AnalyzeSlide and UploadSlide calls whose client
             set none (DEADLINE_EXCEEDED after it); 0 disables.
         max_images_per_request: images per ClassifyPatches request.
@@ -95,6 +98,8 @@ class ServerConfig:
     upload_quota_bytes: int = 16 * GIB
     upload_ttl_s: float = 3600.0
     max_concurrent_uploads: int = 4
+    max_classify_streams: int = 4
+    max_reflection_streams: int = 2
     default_deadline_s: float = 3600.0
     max_images_per_request: int = 1024
     keepalive_time_s: float = 60.0
@@ -118,6 +123,8 @@ class ServerConfig:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if not 0 < self.upload_max_bytes <= self.upload_quota_bytes:
             raise ValueError("need 0 < upload_max_bytes <= upload_quota_bytes")
+        if self.max_classify_streams < 1 or self.max_reflection_streams < 1:
+            raise ValueError("max_classify_streams and max_reflection_streams must be >= 1")
         if self.upload_ttl_s <= 0 or self.max_concurrent_uploads < 1:
             raise ValueError("upload_ttl_s must be > 0 and max_concurrent_uploads >= 1")
         if self.default_deadline_s < 0:

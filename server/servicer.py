@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -34,6 +34,7 @@ from histohelper.errors import (
 from histohelper.server import audit
 from histohelper.server.config import ServerConfig
 from histohelper.server.explain import Explainer, Explanation, Selection, encode_jpeg
+from histohelper.server.images import patch_pixels
 from histohelper.server.limits import DefaultDeadline
 from histohelper.server.pipeline import (
     AnalysisSpec,
@@ -77,30 +78,18 @@ def _encode_png(image: npt.NDArray[np.uint8]) -> bytes:
 def decode_patch_image(image: pb.PatchImage, size_px: int) -> npt.NDArray[np.uint8]:
     """Decode a client-supplied patch to RGB uint8 [size_px, size_px, 3].
 
-    Encoded images (PNG, JPEG, TIFF; OpenCV ``imdecode``) of any size, 8 or 16 bit,
-    grey or colour, are converted to 8-bit RGB and resized (stretched) to the model's
-    square input.
+    Encoded PNG, JPEG or TIFF (checked and decoded by :func:`.images.patch_pixels`)
+    or raw RGB, of any size up to :data:`.images.MAX_IMAGE_PX`, resized (stretched)
+    to the model's square input (INTER_AREA when shrinking, bilinear when enlarging).
 
     Raises:
-        InvalidImageError: undecodable bytes, empty image, or raw pixels whose length
-            does not match width x height x 3.
+        InvalidImageError: see :func:`.images.patch_pixels`.
     """
-    which = image.WhichOneof("data")
-    if which == "raw":
-        raw = image.raw
-        w, h = raw.width_px, raw.height_px
-        if w <= 0 or h <= 0 or len(raw.rgb) != w * h * 3:
-            raise InvalidImageError("raw image size does not match width x height x 3")
-        rgb = np.frombuffer(raw.rgb, dtype=np.uint8).reshape(h, w, 3)
-    elif which == "encoded":
-        buf = np.frombuffer(image.encoded, dtype=np.uint8)
-        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
-        if bgr is None or bgr.size == 0:
-            raise InvalidImageError("image bytes are not a decodable PNG, JPEG or TIFF")
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    else:
-        raise InvalidImageError("patch image has no data")
-    return resize_batch(rgb[None], size_px)[0]
+    rgb = patch_pixels(image)
+    try:
+        return resize_batch(rgb[None], size_px)[0]
+    except (cv2.error, MemoryError):
+        raise InvalidImageError("image could not be resized to the model's patch size") from None
 
 
 class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
@@ -576,7 +565,10 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             self.uploads, request_iterator, context, self.config.default_deadline_s
         )
 
-    def _classify(self, request: pb.ClassifyPatchesRequest) -> pb.ClassifyPatchesResponse:
+    def _classify(
+        self, request: pb.ClassifyPatchesRequest, active: Callable[[], bool]
+    ) -> pb.ClassifyPatchesResponse | None:
+        """Decode and classify one request's images; None once ``active()`` is False."""
         if len(request.images) > self.config.max_images_per_request:
             raise InvalidOptionsError(
                 f"at most {self.config.max_images_per_request} images per ClassifyPatches request"
@@ -586,6 +578,8 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         good: list[int] = []
         pixels: list[npt.NDArray[np.uint8]] = []
         for i, image in enumerate(request.images):
+            if not active():
+                return None
             try:
                 pixels.append(decode_patch_image(image, size))
                 good.append(i)
@@ -620,13 +614,30 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
     ) -> Iterator[pb.ClassifyPatchesResponse]:
         request_id = uuid.uuid4().hex[:16]
         audit.note(request_id=request_id)
+        stop = threading.Event()
+        context.add_callback(stop.set)
+        # No client deadline: past the server's default the stream ends (an idle one
+        # at the client's next message; keepalive drops dead peers).
+        deadline = DefaultDeadline(context, self.config.default_deadline_s, stop.set)
+
+        def active() -> bool:
+            return not stop.is_set() and context.is_active()
+
         try:
             for request in request_iterator:
-                if not context.is_active():
-                    return
-                yield self._classify(request)
+                reply = self._classify(request, active) if active() else None
+                if reply is None:
+                    break
+                yield reply
+            if deadline.expired:
+                raise DeadlineExceededError(
+                    "the ClassifyPatches stream passed the server's default deadline of "
+                    f"{self.config.default_deadline_s:g} s (set a deadline to allow more)"
+                )
         except HistoHelperError as exc:
             self._abort(context, exc, request_id)
         except Exception:
             log.exception("ClassifyPatches crashed", extra={"request_id": request_id})
             self._abort_internal(context, request_id)
+        finally:
+            deadline.cancel()

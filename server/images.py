@@ -1,0 +1,120 @@
+"""Decode client-supplied patch images (``ClassifyPatches``) safely.
+
+A request may carry up to 1,024 images from an untrusted caller, so every image is
+checked before it is decoded:
+
+- only PNG, JPEG and TIFF (what the API promises) are accepted, recognised by their
+  magic bytes; OpenCV would otherwise also decode BMP, PPM, HDR, Sun raster, JPEG
+  2000, WebP, ... with their own parsers;
+- the pixel count is read from the header (Pillow's lazy ``Image.open``) and images
+  above :data:`MAX_IMAGE_PX` are refused before any pixel is decoded: a truncated
+  700-byte JPEG may announce 32,767 x 32,767 px (3 GB decoded);
+- decoder errors (OpenCV's ``cv2.error``, ``MemoryError``) become
+  :class:`~histohelper.errors.InvalidImageError` for that image alone.
+
+Decoding and colour conversion: OpenCV ``imdecode`` (``IMREAD_COLOR``: 8 or 16 bit,
+grey or colour, first page of a TIFF) to 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from histohelper.errors import InvalidImageError
+from histohelper.v1 import slide_analysis_pb2 as pb
+
+#: Largest decoded image accepted (px): 8,192 x 8,192, 192 MiB as 8-bit RGB.
+MAX_IMAGE_PX = 8192 * 8192
+#: Leading bytes of the accepted formats.
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "BigTIFF"),
+    (b"MM\x00+", "BigTIFF"),
+)
+
+
+def image_format(data: bytes) -> str:
+    """``"PNG"``, ``"JPEG"``, ``"TIFF"`` or ``"BigTIFF"`` from the magic bytes.
+
+    Raises:
+        InvalidImageError: none of them.
+    """
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    raise InvalidImageError("image bytes are not a PNG, JPEG or TIFF file")
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` in px from the image header, without decoding pixels.
+
+    Raises:
+        InvalidImageError: the header cannot be parsed.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+    except Image.DecompressionBombError:
+        raise InvalidImageError(
+            f"image is larger than {MAX_IMAGE_PX} px; send patches, not slides"
+        ) from None
+    except Exception:  # Pillow raises many types for malformed headers
+        raise InvalidImageError("image header cannot be read") from None
+    return int(width), int(height)
+
+
+def decode_image(data: bytes) -> npt.NDArray[np.uint8]:
+    """Decode PNG/JPEG/TIFF bytes to RGB uint8 ``[h, w, 3]``.
+
+    Raises:
+        InvalidImageError: another format, an unreadable header, more than
+            :data:`MAX_IMAGE_PX` px, or bytes the decoder rejects.
+    """
+    image_format(data)
+    width, height = header_size(data)
+    if width <= 0 or height <= 0:
+        raise InvalidImageError("image has no pixels")
+    if width * height > MAX_IMAGE_PX:
+        raise InvalidImageError(
+            f"image of {width} x {height} px is larger than {MAX_IMAGE_PX} px; "
+            "send patches, not slides"
+        )
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if bgr is None or bgr.size == 0:
+            raise InvalidImageError("image bytes are not a decodable PNG, JPEG or TIFF")
+        return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
+    except (cv2.error, MemoryError, ValueError):
+        raise InvalidImageError("image bytes are not a decodable PNG, JPEG or TIFF") from None
+
+
+def patch_pixels(image: pb.PatchImage) -> npt.NDArray[np.uint8]:
+    """RGB uint8 ``[h, w, 3]`` of one ``PatchImage`` (encoded bytes or raw RGB).
+
+    Raises:
+        InvalidImageError: as :func:`decode_image`; raw pixels whose length does not
+            match width x height x 3; no data.
+    """
+    which = image.WhichOneof("data")
+    if which == "raw":
+        raw = image.raw
+        w, h = raw.width_px, raw.height_px
+        if w <= 0 or h <= 0 or len(raw.rgb) != w * h * 3:
+            raise InvalidImageError("raw image size does not match width x height x 3")
+        return np.frombuffer(raw.rgb, dtype=np.uint8).reshape(h, w, 3)
+    if which == "encoded":
+        if not image.encoded:
+            raise InvalidImageError("image bytes are empty")
+        return decode_image(image.encoded)
+    raise InvalidImageError("patch image has no data")
