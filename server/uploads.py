@@ -57,13 +57,25 @@ from histohelper.v1 import slide_analysis_pb2 as pb
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_BYTES = 1024 * 1024
-#: Single-file slide formats OpenSlide reads (multi-file formats cannot be uploaded).
-ALLOWED_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".svslide", ".bif", ".dcm", ".vms"}
-)
+#: Single-file slide formats OpenSlide reads. Multi-file formats cannot be uploaded:
+#: a Hamamatsu ``.vms`` index names its image files by path (``ImageFile=../x.jpg``),
+#: so an uploaded one could make OpenSlide read files outside the upload area. Each
+#: upload lives alone in its own directory, because OpenSlide's DICOM driver also
+#: opens the other DICOM files of a series found beside the one it is given.
+ALLOWED_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".svslide", ".bif", ".dcm"})
 _ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _OWN_FILE = re.compile(r"^(?:[A-Za-z0-9_-]{32}\.[a-z]{3,7}|tmp-[A-Za-z0-9_-]{16,}\.part)$")
+_OWN_DIR = re.compile(r"^[A-Za-z0-9_-]{32}$")
+#: File name of a stored upload inside its own directory (``<root>/<id>/slide.svs``).
+_STORED_STEM = "slide"
+
+
+def _remove_stored(path: Path) -> None:
+    """Delete a stored upload and its directory (missing ones are fine)."""
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
 
 
 @dataclass
@@ -145,7 +157,9 @@ class UploadWriter:
             os.close(self._fd)
             self._fd = None
             upload_id = secrets.token_urlsafe(24)
-            final = self.store.root / f"{upload_id}{self.suffix}"
+            folder = self.store.root / upload_id
+            folder.mkdir(mode=0o700)
+            final = folder / f"{_STORED_STEM}{self.suffix}"
             os.replace(self.part_path, final)
             self.store._fsync_dir()
             self._state = "committed"
@@ -224,6 +238,9 @@ class UploadStore:
         for entry in os.scandir(self.root):
             if entry.is_file(follow_symlinks=False) and _OWN_FILE.match(entry.name):
                 Path(entry.path).unlink(missing_ok=True)
+            elif entry.is_dir(follow_symlinks=False) and _OWN_DIR.match(entry.name):
+                for suffix in ALLOWED_SUFFIXES:
+                    _remove_stored(Path(entry.path) / f"{_STORED_STEM}{suffix}")
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.root, os.O_RDONLY)
@@ -267,7 +284,7 @@ class UploadStore:
                 del self._uploads[u.upload_id]
                 self._stored_bytes -= u.size_bytes
         for u in expired:
-            u.path.unlink(missing_ok=True)
+            _remove_stored(u.path)
         if expired:
             log.info("uploads expired", extra={"count": len(expired)})
         return len(expired)
@@ -369,7 +386,7 @@ class UploadStore:
         for writer in writers:
             writer.abort()
         for u in uploads:
-            u.path.unlink(missing_ok=True)
+            _remove_stored(u.path)
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
         else:

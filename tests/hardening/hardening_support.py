@@ -198,5 +198,7 @@ def read_audit(path: Path) -> list[dict[str, object]]:
 
 
 def own_files(directory: Path) -> list[str]:
-    """Names of the files in an upload area (partial or stored)."""
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    """Relative paths of the files and folders in an upload area (partial or stored)."""
+    if not directory.exists():
+        return []
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*"))

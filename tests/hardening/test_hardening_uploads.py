@@ -91,9 +91,11 @@ def test_upload_then_analyze_matches_the_path_analysis(upload_server, real_slide
     for a, b in zip(explained, explained_by_path, strict=True):
         assert a.patch_index == b.patch_index
         np.testing.assert_allclose(a.grad_cam, b.grad_cam, atol=1e-6)
-    (stored,) = own_files(area)
-    assert stored == f"{uploaded.upload_id}.svs"
-    assert (area / stored).stat().st_mode & 0o777 == 0o600
+    # Each upload alone in its own 0700 directory (OpenSlide's DICOM driver reads the
+    # other files of a series beside the one it opens).
+    assert own_files(area) == [uploaded.upload_id, f"{uploaded.upload_id}/slide.svs"]
+    assert (area / uploaded.upload_id).stat().st_mode & 0o777 == 0o700
+    assert (area / uploaded.upload_id / "slide.svs").stat().st_mode & 0o777 == 0o600
     running.stop(grace=0)
     assert own_files(area) == []  # uploads do not outlive the server
 
@@ -133,6 +135,7 @@ def test_oversized_uploads_are_refused_without_leftovers(upload_server) -> None:
         ("no-metadata", grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_INVALID"),
         ("twice-metadata", grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_INVALID"),
         ("suffix", grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_INVALID"),
+        ("multi-file-vms", grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_INVALID"),
         ("file-name-suffix", grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_INVALID"),
         ("bad-sha", grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_INVALID"),
         ("zero-size", grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_INVALID"),
@@ -150,6 +153,7 @@ def test_malformed_uploads(upload_server, case: str, code, reason: str) -> None:
         "no-metadata": chunks(data),
         "twice-metadata": [metadata(data), metadata(data)],
         "suffix": [metadata(data, suffix=".exe"), *chunks(data)],
+        "multi-file-vms": [metadata(data, suffix=".vms"), *chunks(data)],
         "file-name-suffix": [metadata(data, suffix="patient-smith.svs"), *chunks(data)],
         "bad-sha": [metadata(data, sha="xyz"), *chunks(data)],
         "zero-size": [metadata(b""), pb.UploadSlideRequest(chunk=b"a")],
@@ -295,6 +299,8 @@ def test_store_start_purges_only_its_own_files(tmp_path: Path) -> None:
     from histohelper.server.uploads import UploadStore
 
     (tmp_path / ("A" * 32 + ".svs")).write_bytes(b"old upload")
+    (tmp_path / ("B" * 32)).mkdir()
+    (tmp_path / ("B" * 32) / "slide.dcm").write_bytes(b"old upload in its directory")
     (tmp_path / "tmp-abcdefghijklmnopqrstuv.part").write_bytes(b"crashed")
     (tmp_path / "keep-me.svs").write_bytes(b"not ours")
     store = UploadStore(tmp_path, max_bytes=10, quota_bytes=10, ttl_s=1, sweep_interval_s=0)
@@ -325,4 +331,4 @@ def test_async_client_uploads_and_analyzes(upload_server, slides_dir: Path) -> N
 
     uploaded, outcome = asyncio.run(main())
     assert outcome in {"completed", "no_tissue"}
-    assert own_files(area) == [f"{uploaded.upload_id}.svs"]
+    assert own_files(area) == [uploaded.upload_id, f"{uploaded.upload_id}/slide.svs"]
