@@ -144,7 +144,10 @@ Event = Started | PatchesDone | Progress | AttentionDone | Completed
 def resize_batch(images: npt.NDArray[np.uint8], size_px: int) -> npt.NDArray[np.uint8]:
     """Resize a batch [B, H, W, 3] uint8 to [B, size_px, size_px, 3] (OpenCV INTER_AREA
     when the image's area shrinks, INTER_LINEAR when it grows; non-square images are
-    stretched to the square)."""
+    stretched to the square).
+
+    :class:`Analyzer` does not use it: it reads slide patches at the model's size
+    directly (``PatchReader(output_size_px=...)``), without a full-size intermediate."""
     if images.shape[1] == size_px and images.shape[2] == size_px:
         return images
     shrink = images.shape[1] * images.shape[2] > size_px * size_px
@@ -304,6 +307,9 @@ class Analyzer:
             if self.worker.concurrency > 1
             else 0,
             tail_batch_size=min(FIRST_BATCH_SIZE, spec.batch_size),
+            # Each read is resized straight to the model's input: a large grid patch
+            # (up to 8192 px) never exists at full size in a batch.
+            output_size_px=model_px,
         )
         batches = reader.iter_batches(stop=stop)
         # One batch per worker thread plus one more, so every thread has its next
@@ -333,8 +339,7 @@ class Analyzer:
                         batch.indices.astype(np.int64), empty, None, batch.failed.astype(np.int64)
                     )
                     continue
-                images = resize_batch(batch.images, model_px)
-                future = self.worker.predict_patches(images, want_cams=spec.return_cams)
+                future = self.worker.predict_patches(batch.images, want_cams=spec.return_cams)
                 pending.append((batch, future))
                 yield from announce()
                 while len(pending) >= in_flight and not stop.is_set():

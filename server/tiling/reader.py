@@ -4,7 +4,9 @@ OpenSlide releases the GIL while decoding, so threads give real parallelism. Eac
 worker owns its own :class:`Slide` handle (never shared); a failed read closes and
 reopens that handle (OpenSlide errors latch) and records the patch as failed.
 Memory is bounded: at most ``queue_depth`` finished batches wait in the queue, plus
-one batch being filled per worker.
+one batch being filled per worker, each of at most ``max_batch_bytes``; patches are
+resized from the read straight to the output size (the model's input), so a large
+grid patch never exists at full size in a batch.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from histohelper.errors import (
     HistoHelperError,
     InvalidOptionsError,
     RegionOutOfBoundsError,
+    SlideTooLargeError,
 )
 
 from .plan import PatchGrid
@@ -40,8 +43,8 @@ class PatchBatch:
 
     Attributes:
         indices: ``[B]`` int64 indices into the grid arrays of the patches in ``images``.
-        images: ``[B, S, S, 3]`` uint8 RGB (S = ``grid.patch_size_px``), white-padded
-            past the slide edge.
+        images: ``[B, S, S, 3]`` uint8 RGB (S = the reader's ``output_size_px``,
+            by default ``grid.patch_size_px``), white-padded past the slide edge.
         failed: ``[F]`` int64 grid indices whose read failed in this batch.
     """
 
@@ -53,13 +56,17 @@ class PatchBatch:
         return int(self.indices.shape[0])
 
 
-def read_patch(slide: Slide, grid: PatchGrid, index: int) -> npt.NDArray[np.uint8]:
-    """Read one grid patch at the output resolution.
+def read_patch(
+    slide: Slide, grid: PatchGrid, index: int, output_size_px: int | None = None
+) -> npt.NDArray[np.uint8]:
+    """Read one grid patch and resize it straight to the output size.
 
     Reads ``grid.read_width_px x grid.read_height_px`` px at ``grid.level`` starting
-    at the patch's level-0 origin, composites on white, and resizes to
-    ``patch_size_px`` (INTER_AREA when shrinking, bilinear when enlarging) when the
-    level does not match the target exactly.
+    at the patch's level-0 origin, composites on white, and resizes once, from the
+    read to ``output_size_px`` (OpenCV INTER_AREA when shrinking on both axes,
+    INTER_LINEAR otherwise), so an 8192 px grid patch served to a 224 px model never
+    exists at 8192 px. No resize when the read already has the output size (the usual
+    case: the level matches the target and the output is the grid's patch size).
 
     A cell whose footprint starts inside the slide but whose read, rounded to the
     level's px, starts at or past the edge (less than half a level px of slide in it)
@@ -69,16 +76,18 @@ def read_patch(slide: Slide, grid: PatchGrid, index: int) -> npt.NDArray[np.uint
         slide: an open slide (the grid's slide).
         grid: the patch grid.
         index: index into the grid arrays.
+        output_size_px: side of the returned patch (px, >= 1); default
+            ``grid.patch_size_px``.
 
     Returns:
-        ``[S, S, 3]`` uint8 RGB.
+        ``[S, S, 3]`` uint8 RGB, S = ``output_size_px``.
 
     Raises:
         CorruptSlideError: the region could not be decoded (handle already reopened).
         RegionOutOfBoundsError: the patch's origin lies outside the slide (a grid of
             another slide).
     """
-    s = grid.patch_size_px
+    s = grid.patch_size_px if output_size_px is None else output_size_px
     x_l0, y_l0 = float(grid.x_l0[index]), float(grid.y_l0[index])
     # Exact per-axis level position (the slide rounds it, or converts it to OpenSlide's
     # level-0 convention when OpenSlide reads the region).
@@ -98,7 +107,18 @@ def read_patch(slide: Slide, grid: PatchGrid, index: int) -> npt.NDArray[np.uint
     return rgb
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: Python's (numpy's) MemoryError, or
+    OpenCV's ``cv2.error`` with code ``StsNoMem`` ("Insufficient memory")."""
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, cv2.error) and getattr(exc, "code", None) == cv2.Error.StsNoMem
+
+
 _DONE = object()
+#: Default most bytes of one batch's images (256 MiB: 1,783 patches of 224 px, one of
+#: 8192 px).
+MAX_BATCH_BYTES = 256 * 1024 * 1024
 
 
 def batch_sizes(
@@ -144,6 +164,12 @@ def batch_sizes(
 class PatchReader:
     """Threaded, bounded-memory reader of a grid's patches.
 
+    One batch's images take at most ``max_batch_bytes``: batch sizes (body, first and
+    tail) are cut to ``max_batch_bytes // (3 * output_size_px**2)`` patches when
+    larger, so a big output size gives smaller batches, never a huge allocation. At
+    most ``queue_depth + num_workers + 1`` batches exist at once. Each worker also
+    holds one read region (at most :data:`~.slide.MAX_REGION_PX` px) while reading.
+
     Args:
         path: slide file (each worker opens its own handle).
         grid: the :class:`PatchGrid` to read.
@@ -158,9 +184,15 @@ class PatchReader:
         tail_patches: the last this many patches are read in batches of
             ``tail_batch_size`` (see :func:`batch_sizes`; default 0: none).
         tail_batch_size: batch size of the tail (default ``batch_size``).
+        output_size_px: side of the patches in the batches (px, >= 1; default
+            ``grid.patch_size_px``). Each read is resized straight to it (see
+            :func:`read_patch`): pass the model's input size.
+        max_batch_bytes: most bytes of one batch's images (default
+            :data:`MAX_BATCH_BYTES`).
 
     Raises:
         InvalidOptionsError: a parameter out of range.
+        SlideTooLargeError: one patch at ``output_size_px`` exceeds ``max_batch_bytes``.
     """
 
     def __init__(
@@ -176,6 +208,8 @@ class PatchReader:
         first_batch_size: int | None = None,
         tail_patches: int = 0,
         tail_batch_size: int | None = None,
+        output_size_px: int | None = None,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
     ) -> None:
         if batch_size < 1 or num_workers < 1 or queue_depth < 1:
             raise InvalidOptionsError("batch_size, num_workers and queue_depth must be >= 1")
@@ -185,12 +219,26 @@ class PatchReader:
             raise InvalidOptionsError("tail_batch_size must be >= 1")
         if not 0.0 <= max_failed_fraction <= 1.0:
             raise InvalidOptionsError("max_failed_fraction must be in [0, 1]")
+        if output_size_px is not None and output_size_px < 1:
+            raise InvalidOptionsError("output_size_px must be >= 1")
         self._path = os.fspath(path)
         self.grid = grid
-        self.batch_size = batch_size
-        self.first_batch_size = batch_size if first_batch_size is None else first_batch_size
+        self.output_size_px = grid.patch_size_px if output_size_px is None else output_size_px
+        patch_bytes = 3 * self.output_size_px**2
+        fit = max_batch_bytes // patch_bytes
+        if fit < 1:
+            raise SlideTooLargeError(
+                f"one {self.output_size_px} px patch takes {patch_bytes} bytes, more than "
+                f"the {max_batch_bytes} bytes allowed per batch",
+                limit=str(max_batch_bytes),
+            )
+        self.max_batch_bytes = max_batch_bytes
+        self.batch_size = min(batch_size, fit)
+        first = batch_size if first_batch_size is None else first_batch_size
+        self.first_batch_size = min(first, fit)
         self.tail_patches = max(0, int(tail_patches))
-        self.tail_batch_size = batch_size if tail_batch_size is None else tail_batch_size
+        tail = batch_size if tail_batch_size is None else tail_batch_size
+        self.tail_batch_size = min(tail, fit)
         self.num_workers = num_workers
         self.queue_depth = queue_depth
         self.max_failed_fraction = max_failed_fraction
@@ -229,6 +277,8 @@ class PatchReader:
         Raises:
             CorruptSlideError: failed reads exceed ``max_failed_fraction`` of the
                 requested patches (raised as soon as that happens).
+            SlideTooLargeError: a worker ran out of memory (MemoryError, or OpenCV's
+                out-of-memory error).
             SlideNotFoundError, UnsupportedSlideError: a worker could not open the slide.
         """
         idx = (
@@ -270,7 +320,7 @@ class PatchReader:
             slide: Slide | None = None
             try:
                 slide = self._open()
-                size = self.grid.patch_size_px
+                size = self.output_size_px
                 while not halted():
                     try:
                         chunk = tasks.get_nowait()
@@ -283,7 +333,7 @@ class PatchReader:
                         if halted():
                             return
                         try:
-                            images[len(ok)] = read_patch(slide, self.grid, i)
+                            images[len(ok)] = read_patch(slide, self.grid, i, size)
                             ok.append(i)
                         except CorruptSlideError:
                             failed.append(i)
@@ -297,8 +347,17 @@ class PatchReader:
             except HistoHelperError as exc:
                 put(exc)
             except Exception as exc:  # never lose an error in a thread
-                logger.exception("patch reader worker failed")
-                put(CorruptSlideError(f"patch reading failed: {type(exc).__name__}"))
+                if _out_of_memory(exc):  # a size problem, not a corrupt slide (DATA_LOSS)
+                    logger.warning("patch reader worker ran out of memory")
+                    put(
+                        SlideTooLargeError(
+                            "the server ran out of memory reading patches: use a smaller "
+                            "batch, patch size or target resolution"
+                        )
+                    )
+                else:
+                    logger.exception("patch reader worker failed")
+                    put(CorruptSlideError(f"patch reading failed: {type(exc).__name__}"))
             finally:
                 if slide is not None:
                     self._release(slide)

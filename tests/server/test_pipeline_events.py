@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import synthetic_slides as ss
 
@@ -17,7 +19,7 @@ from histohelper.server.pipeline import (
     Progress,
     Started,
 )
-from histohelper.server.tiling import TilingOptions
+from histohelper.server.tiling import TilingOptions, open_slide
 from histohelper.server.worker import ModelWorker
 
 
@@ -53,3 +55,26 @@ def test_started_precedes_a_reading_error(worker, tmp_path: Path) -> None:
             events.append(ev)
     assert events and isinstance(events[0], Started)
     assert sum(isinstance(e, Started) for e in events) == 1
+
+
+def test_large_patches_are_read_at_the_model_size(worker, real_slide: Path) -> None:
+    """patch_size_px 4096 with a 224 px model: the one patch is resized once, from the
+    read straight to 224 px (a 4096 px intermediate was 48 MiB per patch and a
+    different INTER_AREA result)."""
+    spec = _spec(real_slide, patch_size_px=4096, min_tissue_fraction=0.0)
+    events = list(Analyzer(worker).run(spec, threading.Event()))
+    grid = events[0].plan.grid
+    done = [e for e in events if isinstance(e, PatchesDone)]
+    assert len(grid) == 1 and [len(e.indices) for e in done] == [1]
+    model_px = worker.runtime.manifest.patch_size_px
+    with open_slide(real_slide) as slide:
+        read = slide.read_level_rgb(0, 0.0, 0.0, grid.read_width_px, grid.read_height_px)
+    direct = cv2.resize(read, (model_px, model_px), interpolation=cv2.INTER_AREA)
+    via_full = cv2.resize(
+        cv2.resize(read, (4096, 4096), interpolation=cv2.INTER_AREA),
+        (model_px, model_px),
+        interpolation=cv2.INTER_AREA,
+    )
+    assert (direct != via_full).any()  # the two routes are told apart
+    want = worker.predict_patches(direct[None]).result().probabilities
+    np.testing.assert_array_equal(done[0].probabilities, want)
