@@ -106,6 +106,20 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
     )
     lim = p.add_argument_group("limits")
     lim.add_argument(
+        "--max-classify-streams",
+        type=int,
+        default=_env_int("MAX_CLASSIFY_STREAMS", 4),
+        help="ClassifyPatches streams open at once; one more is refused with "
+        "RESOURCE_EXHAUSTED (default 4) [HISTOHELPER_MAX_CLASSIFY_STREAMS]",
+    )
+    lim.add_argument(
+        "--max-reflection-streams",
+        type=int,
+        default=_env_int("MAX_REFLECTION_STREAMS", 2),
+        help="server-reflection streams open at once (default 2) "
+        "[HISTOHELPER_MAX_REFLECTION_STREAMS]",
+    )
+    lim.add_argument(
         "--default-deadline-s",
         type=float,
         default=_env_float("DEFAULT_DEADLINE_S", 3600),
@@ -318,6 +332,8 @@ def _config(args: argparse.Namespace, slide_root: Path) -> ServerConfig:
         upload_quota_bytes=int(args.upload_quota_mib * MIB),
         upload_ttl_s=args.upload_ttl_s,
         max_concurrent_uploads=args.max_concurrent_uploads,
+        max_classify_streams=args.max_classify_streams,
+        max_reflection_streams=args.max_reflection_streams,
         default_deadline_s=args.default_deadline_s,
         max_images_per_request=args.max_images_per_request,
         max_message_bytes=int(args.max_message_mib * MIB),

@@ -86,6 +86,8 @@ class SlideAnalysisServiceServicer:
     def ClassifyPatches(self, request_iterator, context):
         """Classifies client-supplied patch images (for pipelines that tile themselves).
         Each request carries a batch of images; each response answers one request, in order.
+        The server keeps a few such streams open at once (RESOURCE_EXHAUSTED beyond them):
+        close a stream when done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
