@@ -30,7 +30,6 @@ from histohelper.server.pipeline import (
     Analyzer,
     AttentionDone,
     PatchesDone,
-    resize_batch,
 )
 from histohelper.server.runtime import PatchOutput
 from histohelper.server.tiling import PatchBatch, PatchReader, TilingPlan
@@ -209,6 +208,7 @@ class Explainer:
             num_workers=self.analyzer.num_readers,
             max_failed_fraction=1.0,
             cache=self.analyzer.slide_cache,
+            output_size_px=model_px,  # each read resized once, straight to the model input
         )
         batches = reader.iter_batches(indices=sorted(set(indices)), stop=stop)
         worker = self.analyzer.worker
@@ -220,7 +220,7 @@ class Explainer:
             for batch in batches:
                 if stop.is_set() or not len(batch.indices):
                     continue
-                images = resize_batch(batch.images, model_px)
+                images = batch.images
                 pending.append((batch, images, worker.predict_patches(images, want_cams=True)))
                 if len(pending) >= worker.concurrency:
                     yield pending.popleft()

@@ -103,14 +103,21 @@ def _float_prop(props: dict[str, str] | object, key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+#: An absolute POSIX path or a Windows drive path inside a library message.
+_PATH_IN_MESSAGE = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[/\\][^\s'\"():,]+")
+
+
 def _scrub(message: str, path: str) -> str:
-    """Remove the path and file name from a library message."""
+    """Remove the slide's path, file name and stem, and any other absolute path (a
+    multi-file slide's companion files), from a library message."""
+    base = os.path.basename(path)
+    stem = os.path.splitext(base)[0]
     for token in sorted(
-        {path, os.path.abspath(path), os.path.basename(path)}, key=len, reverse=True
+        {path, os.path.abspath(path), base, stem if len(stem) >= 4 else ""}, key=len, reverse=True
     ):
         if token:
             message = message.replace(token, "<slide>")
-    return message[:200]
+    return _PATH_IN_MESSAGE.sub("<path>", message)[:200]
 
 
 def _metadata_from(handle: openslide.AbstractSlide, is_plain: bool) -> SlideMetadata:
