@@ -89,8 +89,8 @@ class RunningServer:
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """Channel arguments set deliberately: message sizes and keepalive."""
-    return [
+    """Channel arguments set deliberately: message sizes, keepalive, connection age."""
+    options = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
@@ -98,6 +98,13 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+    if config.max_connection_age_s > 0:
+        age_ms = max(1, int(config.max_connection_age_s * 1000))
+        options += [
+            ("grpc.max_connection_age_ms", age_ms),
+            ("grpc.max_connection_age_grace_ms", age_ms),
+        ]
+    return options
 
 
 def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> RunningServer:

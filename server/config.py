@@ -65,6 +65,11 @@ class ServerConfig:
         max_images_per_request: images per ClassifyPatches request.
         keepalive_time_s, keepalive_timeout_s: HTTP/2 keepalive ping interval and how long
             to wait for its ack before dropping the connection.
+        max_connection_age_s: a connection gets GOAWAY after this long (clients
+            reconnect by themselves), and its calls then get as long again to finish
+            before they are cancelled. This is what frees the thread of a call whose
+            client stopped sending without closing (the sync gRPC server cannot time
+            out a wait for the next message); 0 disables.
         audit_log: JSON-lines audit file (appended, mode 0600); None: the
             ``histohelper.audit`` logger.
         health_port: if set, a second, plaintext port on 127.0.0.1 serving only
@@ -104,6 +109,7 @@ class ServerConfig:
     max_images_per_request: int = 1024
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
+    max_connection_age_s: float = 7200.0
     audit_log: Path | None = None
     health_port: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
@@ -133,6 +139,8 @@ class ServerConfig:
             raise ValueError("max_images_per_request must be >= 1")
         if self.drain_s < 0 or self.grace_s < 0:
             raise ValueError("drain_s and grace_s must be >= 0")
+        if self.max_connection_age_s < 0:
+            raise ValueError("max_connection_age_s must be >= 0 (0 disables)")
         if self.keepalive_time_s <= 0 or self.keepalive_timeout_s <= 0:
             raise ValueError("keepalive times must be > 0")
 

@@ -29,8 +29,12 @@ from PIL import Image
 from histohelper.errors import InvalidImageError
 from histohelper.v1 import slide_analysis_pb2 as pb
 
-#: Largest decoded image accepted (px): 8,192 x 8,192, 192 MiB as 8-bit RGB.
+#: Largest decoded image accepted (px): 8,192 x 8,192 (192 MiB as 8-bit RGB; up to
+#: 512 MiB while a 16-bit RGBA PNG decodes).
 MAX_IMAGE_PX = 8192 * 8192
+#: Largest TIFF tile or strip buffer the decoder may allocate (bytes): a 1 x 1 px TIFF
+#: can declare an 11,584 px square 16-bit RGBA tile, which libtiff allocates whole.
+MAX_TIFF_BLOCK_BYTES = 256 * 1024 * 1024
 #: Leading bytes of the accepted formats.
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -54,23 +58,51 @@ def image_format(data: bytes) -> str:
     raise InvalidImageError("image bytes are not a PNG, JPEG or TIFF file")
 
 
+def _tiff_block_bytes(im: Image.Image) -> int:
+    """Bytes of the largest tile or strip a TIFF page declares (0 if not a TIFF)."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return 0
+    width, height = im.size
+
+    def first(tag: int, default: int) -> int:
+        value = tags.get(tag, default)
+        if isinstance(value, tuple):
+            value = max(value) if value else default
+        return int(value)
+
+    samples = first(277, 1)  # SamplesPerPixel
+    bits = first(258, 8)  # BitsPerSample
+    if 322 in tags and 323 in tags:  # TileWidth, TileLength
+        px = first(322, 1) * first(323, 1)
+    else:
+        px = width * min(first(278, height), max(height, 1))  # RowsPerStrip
+    return px * max(samples, 1) * max(bits, 1) // 8
+
+
 def header_size(data: bytes) -> tuple[int, int]:
     """``(width, height)`` in px from the image header, without decoding pixels.
 
     Raises:
-        InvalidImageError: the header cannot be parsed.
+        InvalidImageError: the header cannot be parsed, or a TIFF declares tiles or
+            strips over :data:`MAX_TIFF_BLOCK_BYTES`.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size
+                block = _tiff_block_bytes(im)
     except Image.DecompressionBombError:
         raise InvalidImageError(
             f"image is larger than {MAX_IMAGE_PX} px; send patches, not slides"
         ) from None
     except Exception:  # Pillow raises many types for malformed headers
         raise InvalidImageError("image header cannot be read") from None
+    if block > MAX_TIFF_BLOCK_BYTES:
+        raise InvalidImageError(
+            f"TIFF tiles or strips of {block} bytes exceed {MAX_TIFF_BLOCK_BYTES}"
+        )
     return int(width), int(height)
 
 

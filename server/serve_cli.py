@@ -8,6 +8,9 @@ happen only when the command runs.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 from pathlib import Path
 
 from histohelper.server.config import MIB, ServerConfig, env_default
@@ -105,6 +108,14 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
         help="UploadSlide calls in flight (default 4) [HISTOHELPER_MAX_CONCURRENT_UPLOADS]",
     )
     lim = p.add_argument_group("limits")
+    lim.add_argument(
+        "--max-connection-age-s",
+        type=float,
+        default=_env_float("MAX_CONNECTION_AGE_S", 7200),
+        help="connections get GOAWAY after this long and their calls as long again to "
+        "finish; frees threads held by clients that stop sending without closing; 0 "
+        "disables (default 7200) [HISTOHELPER_MAX_CONNECTION_AGE_S]",
+    )
     lim.add_argument(
         "--max-classify-streams",
         type=int,
@@ -300,7 +311,15 @@ def run(args: argparse.Namespace) -> int:
             TokenStore.load(config.tokens_file)
     except (ValueError, TransportPolicyError, TokensFileError) as exc:
         raise SystemExit(f"histohelper serve: {exc}") from None
-    return serve(config)
+    code = serve(config)
+    # Everything is stopped, flushed and closed by now. Leave without running native
+    # libraries' exit-time destructors: one of them (gRPC, OpenCV or torch thread
+    # pools) rarely aborted the process after a clean shutdown ("terminate called
+    # without an active exception", exit -6), which an orchestrator reads as a crash.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _config(args: argparse.Namespace, slide_root: Path) -> ServerConfig:
@@ -333,6 +352,7 @@ def _config(args: argparse.Namespace, slide_root: Path) -> ServerConfig:
         upload_ttl_s=args.upload_ttl_s,
         max_concurrent_uploads=args.max_concurrent_uploads,
         max_classify_streams=args.max_classify_streams,
+        max_connection_age_s=args.max_connection_age_s,
         max_reflection_streams=args.max_reflection_streams,
         default_deadline_s=args.default_deadline_s,
         max_images_per_request=args.max_images_per_request,

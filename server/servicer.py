@@ -636,6 +636,8 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
                 )
         except HistoHelperError as exc:
             self._abort(context, exc, request_id)
+        except grpc.RpcError:  # the request stream broke: client cancelled or went away
+            log.info("ClassifyPatches stream ended by the client", extra={"request_id": request_id})
         except Exception:
             log.exception("ClassifyPatches crashed", extra={"request_id": request_id})
             self._abort_internal(context, request_id)

@@ -399,21 +399,31 @@ def _receive(
     context: grpc.ServicerContext,
     default_deadline_s: float,
 ) -> StoredUpload:
-    first = next(requests, None)
-    if first is None or first.WhichOneof("part") != "metadata":
-        raise UploadError("the first UploadSlideRequest must carry metadata")
-    md = first.metadata
-    writer = store.begin(
-        md.size_bytes, md.sha256_hex.lower(), md.suffix.lower(), audit.current_caller()
-    )
-    # Cancelled or broken: the callback deletes the partial file even if this thread is
-    # still blocked waiting for the next chunk.
-    context.add_callback(writer.abort)
+    writers: list[UploadWriter] = []
+
+    def expire() -> None:
+        for w in writers:
+            w.abort()
+
     # No client deadline: past the server's default, the partial file and its quota are
     # freed at once; the stalled handler then fails at the client's next message (its
-    # upload slot stays taken until then; keepalive drops dead peers).
-    guard = DefaultDeadline(context, default_deadline_s, writer.abort)
+    # upload slot stays taken until then, or until the connection reaches its maximum
+    # age; keepalive drops dead peers). Armed before the metadata, which may stall too.
+    guard = DefaultDeadline(context, default_deadline_s, expire)
     try:
+        first = next(requests, None)
+        if guard.expired:
+            raise DeadlineExceededError("the upload took longer than the server allows")
+        if first is None or first.WhichOneof("part") != "metadata":
+            raise UploadError("the first UploadSlideRequest must carry metadata")
+        md = first.metadata
+        writer = store.begin(
+            md.size_bytes, md.sha256_hex.lower(), md.suffix.lower(), audit.current_caller()
+        )
+        writers.append(writer)
+        # Cancelled or broken: the callback deletes the partial file even if this thread
+        # is still blocked waiting for the next chunk.
+        context.add_callback(writer.abort)
         for msg in requests:
             if guard.expired:
                 raise DeadlineExceededError("the upload took longer than the server allows")
@@ -427,7 +437,7 @@ def _receive(
         return writer.commit()
     finally:
         guard.cancel()
-        writer.abort()  # no-op after a commit
+        expire()  # no-op after a commit
 
 
 def handle_upload(

@@ -112,6 +112,11 @@ def _scrub(message: str, path: str) -> str:
     multi-file slide's companion files), from a library message."""
     base = os.path.basename(path)
     stem = os.path.splitext(base)[0]
+    # Anything under the slide's folder (companion files, names with spaces) up to the
+    # next ": " separator of the library's message.
+    for folder in sorted({os.path.dirname(path), os.path.dirname(os.path.abspath(path))}):
+        if folder and folder != os.sep:
+            message = re.sub(re.escape(folder) + r"[^:\n]*", "<path>", message)
     for token in sorted(
         {path, os.path.abspath(path), base, stem if len(stem) >= 4 else ""}, key=len, reverse=True
     ):

@@ -27,6 +27,7 @@ from histohelper.errors import (
     UploadQuotaError,
 )
 from histohelper.v1 import slide_analysis_pb2 as pb
+from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
 
 MIB = 1024 * 1024
 
@@ -332,3 +333,34 @@ def test_async_client_uploads_and_analyzes(upload_server, slides_dir: Path) -> N
     uploaded, outcome = asyncio.run(main())
     assert outcome in {"completed", "no_tissue"}
     assert own_files(area) == [uploaded.upload_id, f"{uploaded.upload_id}/slide.svs"]
+
+
+def test_connection_age_frees_a_slot_held_by_a_silent_stream(upload_server) -> None:
+    """A client that opens UploadSlide and never sends holds the only upload slot;
+    the connection's maximum age (then its grace) closes it and frees the slot."""
+    running, _ = upload_server(max_concurrent_uploads=1, max_connection_age_s=1.0)
+    silent = threading.Event()
+
+    def nothing() -> Iterator[pb.UploadSlideRequest]:
+        silent.wait(60)
+        return
+        yield  # a stream that sends nothing
+
+    channel = grpc.insecure_channel(running.target)
+    held = pb_grpc.SlideAnalysisServiceStub(channel).UploadSlide.future(nothing())
+    data = bytes(range(256)) * 8
+    t0 = time.monotonic()
+    time.sleep(0.3)  # the silent call takes the slot first
+    with SlideClient(running.target, timeout=30, retry=None) as client:
+        while True:
+            try:
+                uploaded = client.upload(data, suffix=".svs")
+                break
+            except UploadQuotaError as err:  # while the silent call holds the slot
+                assert "in flight" in str(err), err
+                assert time.monotonic() - t0 < 20, "the silent stream was never closed"
+                time.sleep(0.2)
+    assert uploaded.size_bytes == len(data)
+    assert held.done() or wait_for(held.done)
+    silent.set()
+    channel.close()

@@ -44,7 +44,29 @@ def _truncated_jpeg_bomb() -> bytes:
     return bytes(data[:700])
 
 
+def _tiff(pixels: np.ndarray, **kwargs: object) -> bytes:
+    import io
+
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, pixels, **kwargs)
+    return buf.getvalue()
+
+
+def _tiff_tile_bomb() -> bytes:
+    """A 1 x 1 px 16-bit RGBA TIFF declaring one 11,584 px square tile (~1 GiB)."""
+    return _tiff(
+        np.zeros((1, 1, 4), np.uint16),
+        tile=(11584, 11584),
+        compression="zlib",
+        photometric="rgb",
+        extrasamples=[2],
+    )
+
+
 BOMBS = {
+    "tiff-tile-11584": _tiff_tile_bomb(),
     "ppm-width-2^20": b"P6\n1048577 1\n255\n" + bytes(30),
     "bmp": cv2.imencode(".bmp", np.zeros((4, 4, 3), np.uint8))[1].tobytes(),
     "png-header-8193x8192": _png_header_only(8193, 8192),
@@ -71,6 +93,8 @@ def test_accepted_images_decode_to_rgb() -> None:
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     tiff = cv2.imencode(".tiff", np.zeros((10, 12, 3), np.uint8))[1].tobytes()
     assert decode_image(tiff).shape == (10, 12, 3)
+    tiled = _tiff(np.full((300, 500, 3), 7, np.uint8), tile=(256, 256), photometric="rgb")
+    assert decode_image(tiled).shape == (300, 500, 3)
     assert header_size(_png_header_only(8192, 8192)) == (8192, 8192)
     assert 8192 * 8192 <= MAX_IMAGE_PX < 8193 * 8192
 

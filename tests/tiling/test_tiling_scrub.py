@@ -14,7 +14,11 @@ SLIDE = "/data/cohort1/TCGA-AB-1234.mrxs"
     [
         (
             f"Can't open {SLIDE}/Data0001.dat: No such file",
-            "Can't open <slide><path>: No such file",
+            "Can't open <path>: No such file",
+        ),
+        (
+            "Short read of file /data/cohort1/Smith John 1961.jpg: 1 < 2",
+            "Short read of file <path>: 1 < 2",
         ),
         ("Missing image file C:\\slides\\TCGA-AB-9999.jpg", "Missing image file <path>"),
         ("Bad header in TCGA-AB-1234.mrxs", "Bad header in <slide>"),
