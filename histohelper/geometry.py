@@ -109,14 +109,6 @@ def integral_image(mask: npt.NDArray[np.generic]) -> npt.NDArray[np.float64]:
         ``[h + 1, w + 1]`` float64 with ``out[j, i] = mask[:j, :i].sum()``.
     """
     out = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.float64)
-    if mask.dtype == np.bool_:
-        # Integer sums are exact and twice as fast as float64 ones (16 vs 8 ms at
-        # 1,100 px square); int32 holds any count below 2**31 pixels.
-        acc = np.int32 if mask.size < 2**31 else np.int64
-        counts = np.cumsum(mask, axis=0, dtype=acc)
-        np.cumsum(counts, axis=1, out=counts)
-        out[1:, 1:] = counts
-        return out
     np.cumsum(mask, axis=0, dtype=np.float64, out=out[1:, 1:])
     np.cumsum(out[1:, 1:], axis=1, out=out[1:, 1:])
     return out

@@ -66,7 +66,6 @@ ALLOWED_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".svslid
 _ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _OWN_FILE = re.compile(r"^(?:[A-Za-z0-9_-]{32}\.[a-z]{3,7}|tmp-[A-Za-z0-9_-]{16,}\.part)$")
-_OWN_DIR = re.compile(r"^[A-Za-z0-9_-]{32}$")
 #: File name of a stored upload inside its own directory (``<root>/<id>/slide.svs``).
 _STORED_STEM = "slide"
 
@@ -238,7 +237,7 @@ class UploadStore:
         for entry in os.scandir(self.root):
             if entry.is_file(follow_symlinks=False) and _OWN_FILE.match(entry.name):
                 Path(entry.path).unlink(missing_ok=True)
-            elif entry.is_dir(follow_symlinks=False) and _OWN_DIR.match(entry.name):
+            elif entry.is_dir(follow_symlinks=False) and _ID.match(entry.name):
                 for suffix in ALLOWED_SUFFIXES:
                     _remove_stored(Path(entry.path) / f"{_STORED_STEM}{suffix}")
 

@@ -17,6 +17,13 @@ from histohelper.errors import InvalidOptionsError
 #: Metadata outside it is treated as missing; an override outside it is refused.
 PLAUSIBLE_MPP_RANGE = (0.01, 100.0)
 
+
+def plausible_mpp(value: object) -> bool:
+    """Whether ``value`` is a number of um/px within :data:`PLAUSIBLE_MPP_RANGE`."""
+    lo, hi = PLAUSIBLE_MPP_RANGE
+    return isinstance(value, int | float) and lo <= value <= hi
+
+
 ResolutionUnit = Literal["mpp", "magnification", "level"]
 EdgeMode = Literal["pad", "drop"]
 MaskMethod = Literal["saturation", "gray"]
@@ -50,8 +57,8 @@ class Resolution:
             if self.value < 0 or int(self.value) != self.value:
                 raise InvalidOptionsError("a level resolution must be a non-negative integer")
         elif self.unit == "mpp":
-            lo, hi = PLAUSIBLE_MPP_RANGE
-            if not (lo <= self.value <= hi):
+            if not plausible_mpp(self.value):
+                lo, hi = PLAUSIBLE_MPP_RANGE
                 raise InvalidOptionsError(f"a target mpp must be in [{lo:g}, {hi:g}] um/px")
         else:
             lo, hi = 10.0 / PLAUSIBLE_MPP_RANGE[1], 10.0 / PLAUSIBLE_MPP_RANGE[0]
@@ -132,10 +139,8 @@ class TilingOptions:
             raise bad("min_tissue_fraction must be in [0, 1]")
         if self.edge_mode not in ("pad", "drop"):
             raise bad("edge_mode must be 'pad' or 'drop'")
-        lo, hi = PLAUSIBLE_MPP_RANGE
-        if self.mpp_override is not None and not (
-            isinstance(self.mpp_override, int | float) and lo <= self.mpp_override <= hi
-        ):
+        if self.mpp_override is not None and not plausible_mpp(self.mpp_override):
+            lo, hi = PLAUSIBLE_MPP_RANGE
             raise bad(f"mpp_override must be a number of um/px in [{lo:g}, {hi:g}]")
         if not (16 <= self.mask_target_side_px <= 16384):
             raise bad("mask_target_side_px must be in [16, 16384]")

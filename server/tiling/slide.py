@@ -41,7 +41,7 @@ from histohelper.errors import (
     UnsupportedSlideError,
 )
 
-from .options import PLAUSIBLE_MPP_RANGE
+from .options import plausible_mpp
 from .tiffread import TiffLevelReader, TiffPyramid, TileCache
 
 logger = logging.getLogger(__name__)
@@ -134,12 +134,10 @@ def _metadata_from(handle: openslide.AbstractSlide, is_plain: bool) -> SlideMeta
     mpp_x = _float_prop(props, openslide.PROPERTY_NAME_MPP_X)
     mpp_y = _float_prop(props, openslide.PROPERTY_NAME_MPP_Y)
     for name, value in (("mpp-x", mpp_x), ("mpp-y", mpp_y)):
-        if value is not None and not (PLAUSIBLE_MPP_RANGE[0] <= value <= PLAUSIBLE_MPP_RANGE[1]):
+        if value is not None and not plausible_mpp(value):
             warnings.append(f"implausible {name} {value!r} in slide metadata ignored")
-    if mpp_x is not None and not (PLAUSIBLE_MPP_RANGE[0] <= mpp_x <= PLAUSIBLE_MPP_RANGE[1]):
-        mpp_x = None
-    if mpp_y is not None and not (PLAUSIBLE_MPP_RANGE[0] <= mpp_y <= PLAUSIBLE_MPP_RANGE[1]):
-        mpp_y = None
+    mpp_x = mpp_x if plausible_mpp(mpp_x) else None
+    mpp_y = mpp_y if plausible_mpp(mpp_y) else None
     if mpp_x is None or mpp_y is None:  # one axis only: assume square pixels
         mpp_x = mpp_y = mpp_x if mpp_x is not None else mpp_y
     power = _float_prop(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
