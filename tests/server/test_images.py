@@ -4,7 +4,6 @@ decoding, decoder failures per image (never a failed call)."""
 from __future__ import annotations
 
 import struct
-import time
 import zlib
 
 import cv2
@@ -65,23 +64,25 @@ def _tiff_tile_bomb() -> bytes:
     )
 
 
+# name -> (bytes, what refuses it). Every hostile size is refused from the header,
+# before any pixel is decoded: the refusal names the header check, not the decoder.
 BOMBS = {
-    "tiff-tile-11584": _tiff_tile_bomb(),
-    "ppm-width-2^20": b"P6\n1048577 1\n255\n" + bytes(30),
-    "bmp": cv2.imencode(".bmp", np.zeros((4, 4, 3), np.uint8))[1].tobytes(),
-    "png-header-8193x8192": _png_header_only(8193, 8192),
-    "jpeg-32767-truncated": _truncated_jpeg_bomb(),
-    "png-bad-data": _png_header_only(64, 64),
-    "empty-ish": b"\xff\xd8\xff",
+    "tiff-tile-11584": (_tiff_tile_bomb(), "TIFF tiles or strips of"),
+    "ppm-width-2^20": (b"P6\n1048577 1\n255\n" + bytes(30), "not a PNG, JPEG or TIFF"),
+    "bmp": (cv2.imencode(".bmp", np.zeros((4, 4, 3), np.uint8))[1].tobytes(), "not a PNG"),
+    "png-header-8193x8192": (_png_header_only(8193, 8192), "is larger than 67108864 px"),
+    "jpeg-32767-truncated": (_truncated_jpeg_bomb(), "is larger than 67108864 px"),
+    "png-bad-data": (_png_header_only(64, 64), "not a decodable PNG"),
+    "empty-ish": (b"\xff\xd8\xff", "header cannot be read"),
 }
 
 
 @pytest.mark.parametrize("name", list(BOMBS))
-def test_hostile_images_are_refused_quickly(name: str) -> None:
-    t0 = time.perf_counter()
-    with pytest.raises(InvalidImageError):
-        decode_image(BOMBS[name])
-    assert time.perf_counter() - t0 < 2.0  # refused from the header, not decoded
+def test_hostile_images_are_refused_by_the_right_check(name: str) -> None:
+    data, refused_by = BOMBS[name]
+    with pytest.raises(InvalidImageError) as info:
+        decode_image(data)
+    assert refused_by in str(info.value)
 
 
 def test_accepted_images_decode_to_rgb() -> None:
@@ -103,7 +104,7 @@ def test_classify_patches_answers_bombs_per_image(analysis_server) -> None:
     """Hostile images get an error each; the good ones around them are classified."""
     good = _jpeg(224, 224)
     images = [pb.PatchImage(id="good-0", encoded=good)]
-    images += [pb.PatchImage(id=name, encoded=data) for name, data in BOMBS.items()]
+    images += [pb.PatchImage(id=name, encoded=data) for name, (data, _) in BOMBS.items()]
     images.append(pb.PatchImage(id="good-1", encoded=good))
     with grpc.insecure_channel(analysis_server.target) as channel:
         stub = pb_grpc.SlideAnalysisServiceStub(channel)
