@@ -243,3 +243,28 @@ def test_classify_patches_over_grpc_with_openvino_streams(
         np.testing.assert_allclose(got, want, atol=1e-4)
     finally:
         running.stop(grace=0)
+
+
+def test_auto_backend_on_a_cpu_only_machine_never_imports_torch(
+    int8_export: tuple[Path, Manifest],
+) -> None:
+    """Where no GPU device node exists, serving the int8 model with ``device="auto"``
+    leaves torch (and its ~450 MiB of CUDA libraries) unloaded."""
+    import subprocess
+    import sys
+
+    from histohelper.server.runtime import accelerator_possible
+
+    if accelerator_possible():
+        pytest.skip("this machine could have a GPU: torch is asked, as it should be")
+    path, _ = int8_export
+    code = (
+        "import sys\n"
+        "from histohelper.server.runtime import load_runtime\n"
+        f"rt = load_runtime({str(path)!r}, device='auto', backend='auto')\n"
+        "print(rt.precision, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    precision, torch_loaded = out.stdout.split()
+    assert torch_loaded == "False", out.stdout
+    assert precision.startswith("int8") == cpu_has_vnni()
