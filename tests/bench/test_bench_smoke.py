@@ -53,3 +53,9 @@ def test_bench_tiny_runs(model_artifact: Path, tmp_path: Path) -> None:
     assert r["e2e"]["patches"] > 0 and r["bench_patches"] > 0
     assert r["model"]["ts-fp32-cl"]["patches_per_s"] > 0
     assert "(c)/(a)" in res.stdout
+    # (c)/best (b): each (c) run over the mean of the (b) runs bracketing it
+    assert len(r["model_best_runs"]) == len(r["e2e_runs"]) + 1
+    pairs = r["ratio_e2e_over_best_model_runs"]
+    assert len(pairs) == len(r["e2e_runs"])
+    want = r["e2e_runs"][0]["patches_per_s"] * 2 / sum(r["model_best_runs"][:2])
+    assert abs(pairs[0] - want) < 1e-3
