@@ -161,7 +161,7 @@ class Explainer:
             InvalidOptionsError: k or indices out of range, too many patches.
             SlideError subclasses from tiling and reading.
         """
-        plan = self.analyzer.plan(spec)
+        plan = self.analyzer.plan(spec, stop)
         n = len(plan.grid)
         attention: dict[int, float] = {}
         if selection.kind == "indices":

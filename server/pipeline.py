@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from histohelper.errors import CorruptSlideError, SlideTooLargeError
+from histohelper.errors import AnalysisCancelledError, CorruptSlideError, SlideTooLargeError
 from histohelper.server.runtime import PatchOutput, SlideOutput
 from histohelper.server.tiling import (
     PatchBatch,
@@ -211,15 +211,21 @@ class Analyzer:
         self.slide_cache = slide_cache
         limit_heap_retention()
 
-    def plan(self, spec: AnalysisSpec) -> TilingPlan:
+    def plan(self, spec: AnalysisSpec, stop: threading.Event | None = None) -> TilingPlan:
         """Open the slide and compute its tissue mask and patch grid.
+
+        Args:
+            spec: the request.
+            stop: when set, tiling ends between reads of the low-resolution image.
 
         Raises:
             SlideNotFoundError, UnsupportedSlideError, CorruptSlideError: from the tiler.
-            SlideTooLargeError: more patches than ``max_patches_per_slide``.
+            SlideTooLargeError: more patches than ``max_patches_per_slide``, or a
+                slide too costly to build a tissue mask of.
+            AnalysisCancelledError: ``stop`` was set.
         """
         with open_slide(spec.slide_path, cache=self.slide_cache) as slide:
-            plan = plan_tiling(slide, spec.tiling)
+            plan = plan_tiling(slide, spec.tiling, stop)
         if len(plan.grid) > self.max_patches_per_slide:
             raise SlideTooLargeError(
                 f"the slide has {len(plan.grid)} tissue patches; this server accepts at most "
@@ -254,7 +260,11 @@ class Analyzer:
             CorruptSlideError when too many patches fail to read.
         """
         t0 = time.perf_counter() if t0 is None else t0
-        plan = self.plan(spec) if plan is None else plan
+        if plan is None:
+            try:
+                plan = self.plan(spec, stop)
+            except AnalysisCancelledError:
+                return  # stopped during tiling: nothing after stop is set
         tiling_s = time.perf_counter() - t0
         started = Started(spec.request_id, plan, tiling_s)
         grid = plan.grid

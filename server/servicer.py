@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from histohelper.errors import (
+    AnalysisCancelledError,
     DeadlineExceededError,
     HistoHelperError,
     InternalError,
@@ -523,7 +524,12 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
         try:
             log.info("explanation started", extra=extra)
             classes = list(self.runtime.manifest.patch_classes)
-            plan, explanations = self.explainer.explain(spec, selection, class_index, stop)
+            try:
+                plan, explanations = self.explainer.explain(spec, selection, class_index, stop)
+            except AnalysisCancelledError:  # stopped while tiling
+                if not deadline.expired:
+                    raise
+                explanations = iter(())
             for ex in explanations:
                 if stop.is_set():
                     break

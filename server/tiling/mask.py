@@ -29,20 +29,26 @@ The low-resolution image is never a whole level read at once: the chosen level i
 read in blocks of at most 2048 x 2048 px and each block is downscaled as it
 arrives. When even the coarsest level exceeds ``mask_max_read_px`` (one-level
 slides, shallow pyramids), the slide is *sampled*: one thin band of rows per mask
-row, so time and memory stay bounded whatever the slide size.
+row, each band inside one row of the level's tiles. Reads are bounded by
+``mask_max_read_px`` and decoding by ``mask_max_decode_px`` (a band decodes every tile
+it touches, whole: a crafted 300,000 px wide slide of 512 px tiles decodes 154 Mpx per
+band), so memory and time stay bounded whatever the slide size; a slide that cannot
+be sampled in 16 bands within them is refused. A ``stop`` event is checked between
+blocks and bands.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
-from histohelper.errors import CorruptSlideError, SlideTooLargeError
+from histohelper.errors import AnalysisCancelledError, CorruptSlideError, SlideTooLargeError
 from histohelper.geometry import choose_level
 
 from .options import TilingOptions
@@ -52,6 +58,10 @@ logger = logging.getLogger(__name__)
 
 #: Fraction of mask blocks/bands that may fail to decode before the slide is corrupt.
 MASK_MAX_FAILED_FRACTION = 0.25
+#: Fewest bands a sampled mask may have; a slide that needs fewer is refused.
+MIN_MASK_BANDS = 16
+#: Decode cost of one tile counts at least this many px (per-tile overhead of tiny tiles).
+_MIN_TILE_COST_PX = 256 * 256
 _BLOCK_PX = 2048
 _RETRY_BLOCK_PX = 256
 #: OpenCV hue range (0..180) treated as green/blue marker ink (70..236 degrees):
@@ -146,7 +156,9 @@ def _rgb_alpha_block(rgba: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     return out
 
 
-def read_low_res(slide: Slide, options: TilingOptions) -> LowResImage:
+def read_low_res(
+    slide: Slide, options: TilingOptions, stop: threading.Event | None = None
+) -> LowResImage:
     """Build a low-resolution image of the whole slide with bounded memory.
 
     Picks the coarsest level whose downsample does not exceed the one needed for a
@@ -156,14 +168,18 @@ def read_low_res(slide: Slide, options: TilingOptions) -> LowResImage:
 
     Args:
         slide: an open slide.
-        options: uses ``mask_target_side_px``, ``mask_max_read_px``, ``level_tolerance``.
+        options: uses ``mask_target_side_px``, ``mask_max_read_px``,
+            ``mask_max_decode_px``, ``level_tolerance``.
+        stop: when set (checked between blocks and bands), reading ends.
 
     Returns:
         :class:`LowResImage`.
 
     Raises:
         CorruptSlideError: more than :data:`MASK_MAX_FAILED_FRACTION` of the reads failed.
-        SlideTooLargeError: a level so wide that even one-pixel bands exceed the budget.
+        SlideTooLargeError: a level so wide that fewer than 16 bands fit the read or
+            decode budget.
+        AnalysisCancelledError: ``stop`` was set.
     """
     md = slide.metadata
     target_ds = max(md.width_l0, md.height_l0) / options.mask_target_side_px
@@ -171,9 +187,9 @@ def read_low_res(slide: Slide, options: TilingOptions) -> LowResImage:
     w_lv, h_lv = md.level_dimensions[level]
     ds_x, ds_y = md.level_downsamples[level]
     if w_lv * h_lv <= options.mask_max_read_px:
-        out = _read_blocks(slide, level, w_lv, h_lv, options.mask_target_side_px)
+        out = _read_blocks(slide, level, w_lv, h_lv, options.mask_target_side_px, stop)
     else:
-        out = _read_bands(slide, level, w_lv, h_lv, options)
+        out = _read_bands(slide, level, w_lv, h_lv, options, stop)
     rgba, fx, fy, failed, total, sampled = out
     if total and failed / total > MASK_MAX_FAILED_FRACTION:
         raise CorruptSlideError(
@@ -211,8 +227,18 @@ def _place(
     out[ym : ym + small.shape[0], xm : xm + small.shape[1]] = small
 
 
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise AnalysisCancelledError("the analysis was cancelled while the tissue mask was read")
+
+
 def _read_blocks(
-    slide: Slide, level: int, w_lv: int, h_lv: int, target_side: int
+    slide: Slide,
+    level: int,
+    w_lv: int,
+    h_lv: int,
+    target_side: int,
+    stop: threading.Event | None = None,
 ) -> tuple[npt.NDArray[np.uint8], float, float, int, int, bool]:
     f = max(1, round(max(w_lv, h_lv) / target_side))
     w_m, h_m = math.ceil(w_lv / f), math.ceil(h_lv / f)
@@ -223,6 +249,7 @@ def _read_blocks(
     failed = total = 0
     for y_lv in range(0, h_lv, block):
         for x_lv in range(0, w_lv, block):
+            _check_stop(stop)
             bw, bh = min(block, w_lv - x_lv), min(block, h_lv - y_lv)
             total += bw * bh
             rgba = _read_block(slide, level, x_lv, y_lv, bw, bh)
@@ -243,7 +270,12 @@ def _read_blocks(
 
 
 def _read_bands(
-    slide: Slide, level: int, w_lv: int, h_lv: int, options: TilingOptions
+    slide: Slide,
+    level: int,
+    w_lv: int,
+    h_lv: int,
+    options: TilingOptions,
+    stop: threading.Event | None = None,
 ) -> tuple[npt.NDArray[np.uint8], float, float, int, int, bool]:
     budget = options.mask_max_read_px
     step = max(w_lv, h_lv) / options.mask_target_side_px  # level px per mask px
@@ -251,21 +283,41 @@ def _read_bands(
     h_m = max(1, math.ceil(h_lv / step))
     if h_m * w_lv > budget:
         h_m = budget // w_lv
-        if h_m < 16:
+        if h_m < MIN_MASK_BANDS:
             raise SlideTooLargeError(
                 f"the slide's coarsest level is {w_lv} px wide: too large to sample "
                 "within the mask read budget"
             )
+    band_h = int(max(1, min(math.floor(h_lv / h_m), budget // (h_m * w_lv), 64)))
+    tile = slide.level_tile_size(level)
+    if tile is not None:
+        # A band stays inside one row of tiles, so it decodes exactly that row.
+        tw, th = tile
+        band_h = min(band_h, th)
+        per_band = -(-w_lv // tw) * max(tw * th, _MIN_TILE_COST_PX)
+    else:
+        per_band = w_lv * band_h
+    if h_m * per_band > options.mask_max_decode_px:
+        h_m = min(h_m, options.mask_max_decode_px // per_band)
+        if h_m < MIN_MASK_BANDS:
+            raise SlideTooLargeError(
+                f"the slide's coarsest level is {w_lv} px wide in tiles of "
+                f"{tile[0] if tile else 0} x {tile[1] if tile else 0} px: too costly to "
+                "decode even a sampled tissue mask within the mask decode budget"
+            )
     row_step = h_lv / h_m  # level px per mask row
-    band_h = int(max(1, min(math.floor(row_step), budget // (h_m * w_lv), 64)))
     chunk_w = 1 << 16
     out = np.zeros((h_m, w_m, 4), dtype=np.uint8)
     out[..., :3] = 255
     failed = total = 0
     band = np.empty((band_h, w_lv, 4), dtype=np.uint8)
     for j in range(h_m):
+        _check_stop(stop)
         y_lv = round((j + 0.5) * row_step - band_h / 2)
         y_lv = min(max(0, y_lv), h_lv - band_h)
+        if tile is not None and y_lv // tile[1] != (y_lv + band_h - 1) // tile[1]:
+            y_lv = (y_lv + band_h - 1) // tile[1] * tile[1]  # into the next tile row
+            y_lv = min(y_lv, h_lv - band_h)
         total += 1
         ok = True
         for x_lv in range(0, w_lv, chunk_w):

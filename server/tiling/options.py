@@ -99,6 +99,11 @@ class TilingOptions:
         mask_max_read_px: most level pixels read to build the mask; slides whose
             coarsest level is larger are *sampled* in thin bands (bounded time and
             memory) instead of read whole.
+        mask_max_decode_px: most pixels a band-sampled mask may decode, counting
+            every tile a band touches whole (a tile counts at least 256 x 256 px, for
+            the per-tile cost of tiny tiles); fewer bands are taken to stay within it,
+            and a slide that would need fewer than 16 is refused (SlideTooLargeError).
+            The default, 2 Gpx, is about 10 s of JPEG decoding on one core.
         level_tolerance: relative slack when matching level downsamples to the target.
         max_patches: refuse grids with more kept patches than this.
     """
@@ -120,6 +125,7 @@ class TilingOptions:
     min_fragment_area_um2: float = 5_000.0
     min_hole_area_um2: float = 2_000.0
     mask_max_read_px: int = 256 * 1024 * 1024
+    mask_max_decode_px: int = 2 * 1024 * 1024 * 1024
     level_tolerance: float = 0.005
     max_patches: int = 2_000_000
 
@@ -160,6 +166,8 @@ class TilingOptions:
             raise bad("area thresholds must be >= 0")
         if self.mask_max_read_px < 1_000_000:
             raise bad("mask_max_read_px must be >= 1,000,000")
+        if self.mask_max_decode_px < 1_000_000:
+            raise bad("mask_max_decode_px must be >= 1,000,000")
         if not (0.0 <= self.level_tolerance <= 0.1):
             raise bad("level_tolerance must be in [0, 0.1]")
         if self.max_patches < 1:

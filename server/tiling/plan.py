@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -347,7 +348,9 @@ def _thumbnail(
     return img, scale_x * cw / img.shape[1], scale_y * ch / img.shape[0]
 
 
-def plan_tiling(slide: Slide, options: TilingOptions) -> TilingPlan:
+def plan_tiling(
+    slide: Slide, options: TilingOptions, stop: threading.Event | None = None
+) -> TilingPlan:
     """Tissue mask and patch grid of an open slide.
 
     Steps: resolve level-0 mpp (:func:`resolve_mpp`), read a low-resolution image
@@ -359,6 +362,7 @@ def plan_tiling(slide: Slide, options: TilingOptions) -> TilingPlan:
     Args:
         slide: an open :class:`Slide`.
         options: :class:`TilingOptions`.
+        stop: when set, the low-resolution read ends (checked between its blocks).
 
     Returns:
         :class:`TilingPlan`; ``no_tissue`` is True (and the grid empty) when no
@@ -369,6 +373,7 @@ def plan_tiling(slide: Slide, options: TilingOptions) -> TilingPlan:
         SlideTooLargeError: the grid exceeds a limit.
         InvalidOptionsError: a level target beyond the pyramid, or a target
             downsample outside :data:`DOWNSAMPLE_RANGE`.
+        AnalysisCancelledError: ``stop`` was set.
     """
     t0 = time.perf_counter()
     md = slide.metadata
@@ -387,7 +392,7 @@ def plan_tiling(slide: Slide, options: TilingOptions) -> TilingPlan:
     else:
         level = forced_level
     effective_mpp = options.target.value if options.target.unit == "mpp" else mpp_x * ds_x
-    low = read_low_res(slide, options)
+    low = read_low_res(slide, options, stop)
     if low.failed_reads:
         warnings.append(
             f"{100 * low.failed_reads / low.total_reads:.2f}% of the low-resolution image "

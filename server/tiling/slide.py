@@ -373,6 +373,31 @@ class Slide:
             self._pyramid = TiffPyramid(self._path, md.vendor, md.level_dimensions, tiles)
         return self._pyramid.level(level)
 
+    def level_tile_size(self, level: int) -> tuple[int, int] | None:
+        """The ``(width, height)`` in px of the tiles ``level`` is stored in, or None.
+
+        From the tifffile fast path's page, else OpenSlide's
+        ``openslide.level[N].tile-width/-height`` properties; None for untiled
+        storage (strips, plain images) or when the format does not say. A region read
+        decodes every tile it touches whole, so this sizes the cost of a read.
+
+        Raises:
+            RegionOutOfBoundsError: no such level.
+        """
+        self._check_level(level)
+        fast = self._fast_level(level)
+        if fast is not None:
+            return fast.tile_w, fast.tile_h
+        if self._handle is None:
+            return None
+        props = self._handle.properties
+        try:
+            tw = int(props[f"openslide.level[{level}].tile-width"])
+            th = int(props[f"openslide.level[{level}].tile-height"])
+        except (KeyError, ValueError):
+            return None
+        return (tw, th) if tw > 0 and th > 0 else None
+
     def reads_directly(self, level: int) -> bool:
         """Whether :meth:`read_level_rgb` decodes ``level``'s tiles with tifffile
         (tiled 8-bit RGB/YCbCr JPEG page of a generic-tiff or aperio slide) rather than

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import synthetic_slides as ss
 
-from histohelper.errors import CorruptSlideError
+from histohelper.errors import AnalysisCancelledError, CorruptSlideError
 from histohelper.server.pipeline import (
     AnalysisSpec,
     Analyzer,
@@ -78,3 +78,14 @@ def test_large_patches_are_read_at_the_model_size(worker, real_slide: Path) -> N
     assert (direct != via_full).any()  # the two routes are told apart
     want = worker.predict_patches(direct[None]).result().probabilities
     np.testing.assert_array_equal(done[0].probabilities, want)
+
+
+def test_stop_during_tiling_ends_the_run_without_events(worker, real_slide: Path) -> None:
+    """A call cancelled (or past its deadline) while its tissue mask is read yields
+    nothing more and frees its caller: the servicer then reports CANCELLED or
+    DEADLINE_EXCEEDED."""
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(AnalysisCancelledError):
+        Analyzer(worker).plan(_spec(real_slide), stop)
+    assert list(Analyzer(worker).run(_spec(real_slide), stop)) == []

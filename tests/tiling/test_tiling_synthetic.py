@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,12 @@ import pytest
 import synthetic_slides as ss
 import tifffile
 
-from histohelper.errors import HistoHelperError, UnsupportedSlideError
+from histohelper.errors import (
+    AnalysisCancelledError,
+    HistoHelperError,
+    SlideTooLargeError,
+    UnsupportedSlideError,
+)
 from histohelper.server.tiling import (
     Resolution,
     SlideMetadata,
@@ -221,6 +227,39 @@ def test_huge_single_level_is_sampled_with_bounded_reads(sparse_one_level: Path)
     # Full grid over the box area: ~ (3000/224) * (2000/224) patches.
     assert 90 <= len(g) <= 150
     assert max(plan.thumbnail.shape) <= 1024
+
+
+def test_sampled_mask_stays_within_the_decode_budget(sparse_one_level: Path) -> None:
+    """20,000 px wide in 256 px tiles: each band decodes its 79 tiles (5.2 Mpx) whole,
+    so the decode budget sets how many bands are taken, and under 16 it refuses."""
+    with open_slide(sparse_one_level) as slide:
+        assert slide.level_tile_size(0) == (256, 256)
+    per_band = 79 * 256 * 256
+    plan = _plan(sparse_one_level, mask_max_read_px=4_000_000, mask_max_decode_px=80 * per_band)
+    assert plan.mask.sampled and plan.mask.mask.shape[0] == 80
+    box = (8000, 6000, 3000, 2000)
+    assert len(plan.grid) > 0
+    assert all(_box_overlap(plan.grid, i, box) > 0 for i in range(len(plan.grid)))
+    with pytest.raises(SlideTooLargeError, match="decode"):
+        _plan(sparse_one_level, mask_max_read_px=4_000_000, mask_max_decode_px=15 * per_band)
+
+
+def test_crafted_wide_one_level_slide_is_refused_before_decoding(tmp_path: Path) -> None:
+    """200,000 x 20,000 px in 1,024 px tiles (a 40 KB file): every band of a sampled
+    mask would decode 196 Mpx, so even 16 bands exceed the default 2 Gpx budget."""
+    path = ss.write_sparse_slide(tmp_path / "wide.tiff", 200_000, 20_000, [], tile=1024)
+    with pytest.raises(SlideTooLargeError, match="decode budget"):
+        _plan(path)
+
+
+def test_tiling_ends_when_stop_is_set(real_slide: Path, sparse_one_level: Path) -> None:
+    """Both the block read and the band sampling check the stop event."""
+    stop = threading.Event()
+    stop.set()
+    with open_slide(real_slide) as slide, pytest.raises(AnalysisCancelledError):
+        plan_tiling(slide, TilingOptions(), stop)
+    with open_slide(sparse_one_level) as slide, pytest.raises(AnalysisCancelledError):
+        plan_tiling(slide, TilingOptions(mask_max_read_px=4_000_000), stop)
 
 
 # --- edges ---------------------------------------------------------------------------
