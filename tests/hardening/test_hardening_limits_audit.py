@@ -49,6 +49,18 @@ def test_default_deadline_stops_analyses_without_one(start_inprocess_server, tmp
     assert outcomes == [("AnalyzeSlide", "DEADLINE_EXCEEDED"), ("AnalyzeSlide", "OK")]
 
 
+def test_the_tiler_refuses_with_the_servers_patch_limit(start_inprocess_server) -> None:
+    """--max-patches reaches the tiler, which stops counting there (the tiler's own
+    default of 2,000,000 would refuse first, and name itself, above that)."""
+    running = start_inprocess_server(max_patches_per_slide=100)
+    stub = insecure_stub(running.target)
+    req = pb.AnalyzeSlideRequest(slide_path=CMU, options=pb.AnalysisOptions(stride_px=32))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.AnalyzeSlide(req, timeout=60))
+    assert status_of(info.value) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SLIDE_TOO_LARGE")
+    assert "more than 100 patches would be kept" in info.value.details()
+
+
 def test_images_per_request_and_message_size_limits(start_inprocess_server) -> None:
     running = start_inprocess_server(max_images_per_request=4, max_message_bytes=1 * MIB)
     stub = insecure_stub(running.target)
