@@ -14,7 +14,9 @@ mosaicked from real tissue (see ``slides.py``):
     with its defaults, request to completed event. The machine's speed drifts by 5 to
     15 % from one minute to the next (shared host), so (c) runs five times, each with
     a fresh server, alternated with five more runs of the best (b) variant: every (c)
-    run is bracketed by a (b) run just before and just after it. (c)/best (b) is the
+    run is bracketed by a (b) run before and after it (the first one's earlier bracket
+    is the sweep's value of that variant, a minute earlier and, as the sweep's winner,
+    biased upward, which can only lower that ratio). (c)/best (b) is the
     median over the five (c) runs of (c) / the mean of its two brackets, so a slow or
     fast minute moves both sides of each ratio; (c)/(a), first result and tiling use
     the medians of the (c) runs; the ratio of the medians is printed beside it;
