@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,26 +234,33 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
     )
 
 
+#: Loggers whose messages are this project's own (they never name a slide).
+_OWN_LOGGERS = ("histohelper", "py.warnings.histohelper")
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and structured extras
     (request_id, port, ...). Slide names never reach it: callers log ids only.
 
-    Tracebacks keep their frames (file, line, function, source line) and exception
-    types, but withhold the messages of exceptions from outside this project: an
-    ``OSError`` or a library error may quote a file name, and slide file names may
-    carry patient identifiers. :class:`~histohelper.errors.HistoHelperError`
-    messages never name a slide and are kept.
+    Messages of other libraries' loggers (tifffile, PIL, OpenSlide, grpc, ...) are
+    withheld, keeping logger and level: tifffile, for one, quotes the file it reads,
+    and slide file names may carry patient identifiers. Tracebacks keep their frames
+    (file, line, function, source line) and exception types, but withhold the messages
+    of exceptions from outside this project for the same reason.
+    :class:`~histohelper.errors.HistoHelperError` messages never name a slide and are
+    kept.
     """
 
     _STANDARD = frozenset(vars(logging.makeLogRecord({})))
 
     def format(self, record: logging.LogRecord) -> str:
+        own = any(record.name == n or record.name.startswith(n + ".") for n in _OWN_LOGGERS)
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": record.getMessage() if own else "<library message withheld>",
         }
         for key, value in vars(record).items():
             if key not in self._STANDARD and not key.startswith("_"):
@@ -280,13 +288,38 @@ class JsonLogFormatter(logging.Formatter):
         return "\n\nDuring handling, or as the cause:\n".join(parts)
 
 
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """:func:`warnings.showwarning` for the server: a JSON log line, not raw stderr.
+
+    Warnings raised by this project keep their text (logger
+    ``py.warnings.histohelper``); a library's (PIL's "Corrupt EXIF data", ...) is
+    logged by category and source file only (logger ``py.warnings``), since its text
+    may quote a file name.
+    """
+    own = category.__module__.startswith("histohelper")
+    logging.getLogger("py.warnings.histohelper" if own else "py.warnings").warning(
+        "%s: %s",
+        category.__name__,
+        message,
+        extra={"warning": category.__name__, "source": f"{Path(filename).name}:{lineno}"},
+    )
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """JSON-lines logs on stderr; called only from ``main()``."""
+    """JSON-lines logs on stderr, Python warnings included; called only from ``main()``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    warnings.showwarning = _log_warning
 
 
 def serve(config: ServerConfig) -> int:

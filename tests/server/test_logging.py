@@ -43,3 +43,52 @@ def test_tracebacks_withhold_foreign_messages_and_keep_frames() -> None:
     assert "histohelper.errors.CorruptSlideError: a region of the slide could not be decoded" in tb
     assert "test_logging.py" in tb and "_record_of_failure" in tb
     assert tb.index("FileNotFoundError") < tb.index("CorruptSlideError")
+
+
+def test_library_log_messages_are_withheld() -> None:
+    """tifffile quotes the file it reads in its log messages: a library logger's text
+    never reaches the log, its logger and level do; our own messages are kept."""
+    record = logging.makeLogRecord(
+        {
+            "name": "tifffile",
+            "levelno": logging.WARNING,
+            "levelname": "WARNING",
+            "msg": "<tifffile.TiffFile %r> invalid tag",
+            "args": ("TCGA-AB-1234-Smith_John.svs",),
+        }
+    )
+    entry = json.loads(JsonLogFormatter().format(record))
+    assert "Smith" not in json.dumps(entry)
+    assert entry["logger"] == "tifffile" and entry["level"] == "WARNING"
+    assert entry["message"] == "<library message withheld>"
+    own = logging.makeLogRecord({"name": "histohelper.server.pipeline", "msg": "analysis ended"})
+    assert json.loads(JsonLogFormatter().format(own))["message"] == "analysis ended"
+
+
+def test_python_warnings_become_json_lines(capsys) -> None:
+    """A library's warning (PIL's "Corrupt EXIF data" went to stderr as raw text) is a
+    JSON line with its category and source, its text withheld; ours keep their text."""
+    import warnings
+
+    from histohelper.model_export.export import UntrainedModelWarning
+    from histohelper.server.app import configure_logging
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            configure_logging("INFO")
+            warnings.warn(f"Corrupt EXIF data in {SECRET}", UserWarning, stacklevel=1)
+            warnings.warn("weights are untrained", UntrainedModelWarning, stacklevel=1)
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    lines = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
+    assert len(lines) == 2 and "Smith" not in json.dumps(lines)
+    lib, own = lines
+    assert lib["logger"] == "py.warnings" and lib["warning"] == "UserWarning"
+    assert lib["message"] == "<library message withheld>"
+    assert lib["source"].startswith("test_logging.py:")
+    assert own["logger"] == "py.warnings.histohelper"
+    assert own["message"] == "UntrainedModelWarning: weights are untrained"
