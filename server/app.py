@@ -90,8 +90,11 @@ class RunningServer:
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """Channel arguments set deliberately: message sizes, keepalive, connection age."""
+    """Channel arguments set deliberately: message sizes, keepalive, connection age,
+    and no ``SO_REUSEPORT`` (gRPC's default lets a second server bind a port in use and
+    silently take a share of its connections)."""
     options = [
+        ("grpc.so_reuseport", 0),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
@@ -125,7 +128,7 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         TransportPolicyError: plaintext on a non-loopback host without ``allow_insecure``,
             or an unreadable TLS file.
         TokensFileError: the tokens file is unreadable or malformed.
-        RuntimeError: the port cannot be bound.
+        PortBindError: the port cannot be bound (in use, or not allowed).
     """
     check_transport_policy(config)
     credentials = server_credentials(config)
@@ -194,26 +197,35 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{config.host}:{config.port}"
-    if credentials is not None:
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where it used to return 0
+        port = 0
     if port == 0:
         worker.close()
         uploads.close()
         audit_log.close()
-        raise RuntimeError("could not bind the server's port")
+        raise PortBindError(f"could not bind the server's port {config.host}:{config.port}")
     server.start()
     health_server = None
     if config.health_port is not None:
         # Loopback-only, plaintext, health only: what a container probe can reach when
         # the main port needs TLS client certificates or tokens.
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        if health_server.add_insecure_port(f"127.0.0.1:{config.health_port}") == 0:
+        try:
+            health_port = health_server.add_insecure_port(f"127.0.0.1:{config.health_port}")
+        except RuntimeError:
+            health_port = 0
+        if health_port == 0:
             server.stop(0)
             worker.close()
-            raise RuntimeError("could not bind the health port")
+            raise PortBindError(f"could not bind the health port {config.health_port}")
         health_server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -236,6 +248,10 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
 
 #: Loggers whose messages are this project's own (they never name a slide).
 _OWN_LOGGERS = ("histohelper", "py.warnings.histohelper")
+
+
+class PortBindError(RuntimeError):
+    """The main or health port could not be bound (in use, or not allowed)."""
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -296,7 +296,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
 
 def run(args: argparse.Namespace) -> int:
     """Build the configuration from the parsed flags and serve until signalled."""
-    from histohelper.server.app import configure_logging, serve
+    from histohelper.errors import ModelArtifactError
+    from histohelper.server.app import PortBindError, configure_logging, serve
     from histohelper.server.auth import TokensFileError, TokenStore
     from histohelper.server.tls import TransportPolicyError, check_transport_policy
 
@@ -311,7 +312,10 @@ def run(args: argparse.Namespace) -> int:
             TokenStore.load(config.tokens_file)
     except (ValueError, TransportPolicyError, TokensFileError) as exc:
         raise SystemExit(f"histohelper serve: {exc}") from None
-    code = serve(config)
+    try:
+        code = serve(config)
+    except (ModelArtifactError, PortBindError) as exc:  # our messages: no path, no slide
+        raise SystemExit(f"histohelper serve: {exc}") from None
     # Everything is stopped, flushed and closed by now. Leave without running native
     # libraries' exit-time destructors: one of them (gRPC, OpenCV or torch thread
     # pools) rarely aborted the process after a clean shutdown ("terminate called

@@ -95,6 +95,19 @@ def test_grpc_options_follow_the_configuration() -> None:
     assert options["grpc.max_send_message_length"] == 8 * MIB
     assert options["grpc.keepalive_time_ms"] == 30_000
     assert options["grpc.keepalive_timeout_ms"] == 5_000
+    assert options["grpc.so_reuseport"] == 0
+
+
+def test_a_port_in_use_is_refused(start_inprocess_server) -> None:
+    """gRPC's SO_REUSEPORT default let a second server share a port in use."""
+    from histohelper.server.app import PortBindError
+
+    first = start_inprocess_server()
+    with pytest.raises(PortBindError, match="could not bind"):
+        start_inprocess_server(port=first.port)
+    with pytest.raises(PortBindError, match="health port"):
+        start_inprocess_server(health_port=first.port)
+    assert insecure_stub(first.target).GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model.name
 
 
 @pytest.mark.parametrize(

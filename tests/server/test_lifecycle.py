@@ -230,3 +230,19 @@ def test_idle_streams_cannot_starve_the_server(start_inprocess_server) -> None:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         assert reply.predictions[0].probabilities
+
+
+def test_serve_startup_errors_are_one_line(tmp_path) -> None:
+    """A missing model ends `histohelper serve` with one line, not a traceback (a port
+    in use raises PortBindError, which serve reports the same way)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "histohelper.cli", "serve", "--model", str(tmp_path / "no.pt"),
+         "--slide-root", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "histohelper serve: model artifact not found"
