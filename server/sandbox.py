@@ -37,8 +37,10 @@ def resolve_slide_path(root: Path, reference: str) -> Path:
         SlidePathDeniedError: resolves outside ``root`` (e.g. through a symlink).
         SlideNotFoundError: nothing (or no regular file) at that path.
     """
-    if not reference or len(reference) > MAX_REFERENCE_CHARS:
+    if not reference:
         raise SlidePathError("slide path must be a non-empty relative path")
+    if len(reference) > MAX_REFERENCE_CHARS:
+        raise SlidePathError(f"slide path is longer than {MAX_REFERENCE_CHARS} characters")
     if "\x00" in reference:
         raise SlidePathError("slide path contains a NUL byte")
     normalised = reference.replace("\\", "/")

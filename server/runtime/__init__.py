@@ -31,12 +31,13 @@ from .manifest import (
 from .types import ModelRuntime, PatchOutput, SlideOutput
 
 #: Device nodes and driver files present wherever a CUDA (NVIDIA, also in containers
-#: run with the NVIDIA toolkit), ROCm (AMD ``/dev/kfd``) or WSL2 (``/dev/dxg``) GPU can be
-#: used on Linux.
+#: run with the NVIDIA toolkit; Jetson's integrated GPU: ``/dev/nvhost-ctrl-gpu``),
+#: ROCm (AMD ``/dev/kfd``) or WSL2 (``/dev/dxg``) GPU can be used on Linux.
 _GPU_NODES = (
     "/proc/driver/nvidia/version",
     "/dev/nvidiactl",
     "/dev/nvidia0",
+    "/dev/nvhost-ctrl-gpu",
     "/dev/kfd",
     "/dev/dxg",
 )

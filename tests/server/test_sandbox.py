@@ -88,3 +88,12 @@ def test_symlinks_out_of_root_are_denied_whether_or_not_target_exists(
 def test_missing_or_directory_is_not_found(root: Path, reference: str) -> None:
     with pytest.raises(SlideNotFoundError):
         resolve_slide_path(root, reference)
+
+
+def test_empty_and_overlong_references_say_which(root: Path) -> None:
+    from histohelper.server.sandbox import MAX_REFERENCE_CHARS
+
+    with pytest.raises(SlidePathError, match="non-empty"):
+        resolve_slide_path(root, "")
+    with pytest.raises(SlidePathError, match=f"longer than {MAX_REFERENCE_CHARS} characters"):
+        resolve_slide_path(root, "a/" * MAX_REFERENCE_CHARS)
