@@ -33,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 
 from histohelper.errors import HistoHelperError, ModelArtifactError
 from histohelper.server.audit import AuditLog
+from histohelper.server.audit import current as current_call
 from histohelper.server.auth import Authenticator, SecurityInterceptor, TokenStore
 from histohelper.server.config import ServerConfig
 from histohelper.server.limits import StreamLimiter
@@ -256,7 +257,8 @@ class PortBindError(RuntimeError):
 
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and structured extras
-    (request_id, port, ...). Slide names never reach it: callers log ids only.
+    (request_id, port, ...). Slide names never reach it: callers log ids only. A line
+    logged on a call's thread without a request_id (the tiler's, say) gets the call's.
 
     Messages of other libraries' loggers (tifffile, PIL, OpenSlide, grpc, ...) are
     withheld, keeping logger and level: tifffile, for one, quotes the file it reads,
@@ -281,6 +283,9 @@ class JsonLogFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in self._STANDARD and not key.startswith("_"):
                 entry[key] = value
+        call = current_call()  # logged on a call's thread (the tiler knows no request ids)
+        if "request_id" not in entry and call is not None and call.request_id:
+            entry["request_id"] = call.request_id
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

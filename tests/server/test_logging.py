@@ -92,3 +92,20 @@ def test_python_warnings_become_json_lines(capsys) -> None:
     assert lib["source"].startswith("test_logging.py:")
     assert own["logger"] == "py.warnings.histohelper"
     assert own["message"] == "UntrainedModelWarning: weights are untrained"
+
+
+def test_lines_logged_during_a_call_carry_its_request_id() -> None:
+    """The tiler knows no request ids; its lines get the id of the call on its thread."""
+    from histohelper.server import audit
+
+    record = logging.makeLogRecord(
+        {"name": "histohelper.server.tiling.slide", "msg": "validation read failed"}
+    )
+    audit.set_current(audit.CallRecord(rpc="AnalyzeSlide", request_id="r-9"))
+    try:
+        assert json.loads(JsonLogFormatter().format(record))["request_id"] == "r-9"
+        own = logging.makeLogRecord({"name": "histohelper.x", "msg": "m", "request_id": "r-1"})
+        assert json.loads(JsonLogFormatter().format(own))["request_id"] == "r-1"
+    finally:
+        audit.set_current(None)
+    assert "request_id" not in json.loads(JsonLogFormatter().format(record))
