@@ -22,6 +22,7 @@ from histohelper.server.tiling import (
     TilingOptions,
     open_slide,
     plan_tiling,
+    read_low_res,
     read_patch,
     resolve_mpp,
     threshold_tissue,
@@ -235,13 +236,31 @@ def test_sampled_mask_stays_within_the_decode_budget(sparse_one_level: Path) -> 
     with open_slide(sparse_one_level) as slide:
         assert slide.level_tile_size(0) == (256, 256)
     per_band = 79 * 256 * 256
+    opts = TilingOptions(mask_max_read_px=4_000_000, mask_max_decode_px=80 * per_band)
+    with open_slide(sparse_one_level) as slide:
+        assert read_low_res(slide, opts).total_reads == 80  # bands read
     plan = _plan(sparse_one_level, mask_max_read_px=4_000_000, mask_max_decode_px=80 * per_band)
-    assert plan.mask.sampled and plan.mask.mask.shape[0] == 80
+    assert plan.mask.sampled
     box = (8000, 6000, 3000, 2000)
     assert len(plan.grid) > 0
     assert all(_box_overlap(plan.grid, i, box) > 0 for i in range(len(plan.grid)))
     with pytest.raises(SlideTooLargeError, match="decode"):
         _plan(sparse_one_level, mask_max_read_px=4_000_000, mask_max_decode_px=15 * per_band)
+
+
+def test_sparse_bands_keep_a_thin_strip_of_tissue(tmp_path: Path) -> None:
+    """20 bands over 16,000 px rows (one per 800 px) against 1,024 columns (one per
+    19.5 px): rows are interpolated to square mask pixels, so the 7 px median keeps a
+    2,400 px (1.2 mm) tall strip that it erased when it spanned 7 bands."""
+    strip = (2000, 6000, 16000, 2400)
+    path = ss.write_sparse_slide(tmp_path / "strip.tiff", 20_000, 16_000, [strip], mpp=0.5)
+    plan = _plan(path, mask_max_read_px=4_000_000, mask_max_decode_px=20 * 79 * 256 * 256)
+    assert plan.mask.sampled and not plan.no_tissue
+    assert abs(plan.mask.scale_x - plan.mask.scale_y) < 0.05 * plan.mask.scale_x
+    g = plan.grid
+    # The whole-level read finds 755 patches in 11 rows; 3 bands cross the strip.
+    assert len(g) >= 500
+    assert all(_box_overlap(g, i, (2000, 5400, 16000, 3600)) > 0 for i in range(len(g)))
 
 
 def test_crafted_wide_one_level_slide_is_refused_before_decoding(tmp_path: Path) -> None:
