@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from histohelper.errors import AnalysisCancelledError, CorruptSlideError, SlideTooLargeError
+from histohelper.errors import AnalysisCancelledError, CorruptSlideError
 from histohelper.server.runtime import PatchOutput, SlideOutput
 from histohelper.server.tiling import (
     PatchBatch,
@@ -224,15 +224,11 @@ class Analyzer:
                 slide too costly to build a tissue mask of.
             AnalysisCancelledError: ``stop`` was set.
         """
+        # The tiler counts kept patches as it builds the grid and stops at its limit:
+        # give it this server's, so a huge grid is refused before it exists.
+        limit = min(spec.tiling.max_patches, self.max_patches_per_slide)
         with open_slide(spec.slide_path, cache=self.slide_cache) as slide:
-            plan = plan_tiling(slide, spec.tiling, stop)
-        if len(plan.grid) > self.max_patches_per_slide:
-            raise SlideTooLargeError(
-                f"the slide has {len(plan.grid)} tissue patches; this server accepts at most "
-                f"{self.max_patches_per_slide}",
-                patch_count=str(len(plan.grid)),
-            )
-        return plan
+            return plan_tiling(slide, replace(spec.tiling, max_patches=limit), stop)
 
     def run(
         self,

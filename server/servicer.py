@@ -203,9 +203,6 @@ class SlideAnalysisServicer(pb_grpc.SlideAnalysisServiceServicer):
             "target": target,
             "stride_px": opts.stride_px or None,
             "edge_mode": _EDGE_MODES[opts.edge_mode],
-            # The tiler counts kept patches as it builds the grid: give it the server's
-            # limit, so it refuses early with that limit (never its own default).
-            "max_patches": self.config.max_patches_per_slide,
         }
         if opts.HasField("min_tissue_fraction"):
             kwargs["min_tissue_fraction"] = float(opts.min_tissue_fraction)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,16 +32,11 @@ def test_tile_defaults_equal_analyze_slide_defaults(model_artifact: Path, slides
     manifest = read_manifest(model_artifact)
     fake = SimpleNamespace(
         runtime=SimpleNamespace(manifest=manifest),
-        config=SimpleNamespace(
-            batch_size=32, slide_root=slides_dir, max_patches_per_slide=1_000_000
-        ),
+        config=SimpleNamespace(batch_size=32, slide_root=slides_dir),
     )
     spec = SlideAnalysisServicer._spec(fake, pb.AnalyzeSlideRequest(slide_path=SLIDE), "r")  # type: ignore[arg-type]
     assert (manifest.patch_size_px, manifest.target_mpp) == (224, 0.5)
-    # The server's patch limit is its own (--max-patches); it refuses, never changes a grid.
-    assert spec.tiling.max_patches == 1_000_000
-    tile = dataclasses.replace(tiling_options_from_args(args), max_patches=1_000_000)
-    assert tile == spec.tiling
+    assert tiling_options_from_args(args) == spec.tiling
     assert spec.slide_path == (slides_dir / SLIDE).resolve()
 
 
