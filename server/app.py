@@ -90,12 +90,29 @@ class RunningServer:
             self.audit_log.close()
 
 
+#: gRPC's default SO_REUSEPORT lets a second server bind a port in use and silently take
+#: a share of its connections; every server here binds without it.
+_NO_REUSEPORT = ("grpc.so_reuseport", 0)
+
+
+def _bind(
+    server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Add ``address`` to ``server``: the bound port, or 0 where it cannot be bound
+    (grpcio returned 0 and now raises RuntimeError)."""
+    try:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError:
+        return 0
+
+
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """Channel arguments set deliberately: message sizes, keepalive, connection age,
-    and no ``SO_REUSEPORT`` (gRPC's default lets a second server bind a port in use and
-    silently take a share of its connections)."""
+    and no ``SO_REUSEPORT`` (:data:`_NO_REUSEPORT`)."""
     options = [
-        ("grpc.so_reuseport", 0),
+        _NO_REUSEPORT,
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
@@ -198,13 +215,7 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{config.host}:{config.port}"
-    try:
-        if credentials is not None:
-            port = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError:  # grpcio raises where it used to return 0
-        port = 0
+    port = _bind(server, address, credentials)
     if port == 0:
         worker.close()
         uploads.close()
@@ -216,14 +227,10 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         # Loopback-only, plaintext, health only: what a container probe can reach when
         # the main port needs TLS client certificates or tokens.
         health_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)]
+            futures.ThreadPoolExecutor(max_workers=2), options=[_NO_REUSEPORT]
         )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        try:
-            health_port = health_server.add_insecure_port(f"127.0.0.1:{config.health_port}")
-        except RuntimeError:
-            health_port = 0
-        if health_port == 0:
+        if _bind(health_server, f"127.0.0.1:{config.health_port}") == 0:
             server.stop(0)
             worker.close()
             raise PortBindError(f"could not bind the health port {config.health_port}")

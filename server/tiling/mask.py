@@ -312,9 +312,9 @@ def _read_bands(
     if h_m * per_band > options.mask_max_decode_px:
         h_m = min(h_m, options.mask_max_decode_px // per_band)
         if h_m < MIN_MASK_BANDS:
+            stored = f"in tiles of {tile[0]} x {tile[1]} px" if tile else "untiled"
             raise SlideTooLargeError(
-                f"the slide's coarsest level is {w_lv} px wide in tiles of "
-                f"{tile[0] if tile else 0} x {tile[1] if tile else 0} px: too costly to "
+                f"the slide's coarsest level is {w_lv} px wide, {stored}: too costly to "
                 "decode even a sampled tissue mask within the mask decode budget"
             )
     row_step = h_lv / h_m  # level px per mask row
