@@ -216,6 +216,21 @@ class UploadQuotaError(UploadError):
     reason = "UPLOAD_QUOTA_EXCEEDED"
 
 
+class MalformedRequestError(HistoHelperError):
+    """A request message could not be decoded as the RPC's protobuf type."""
+
+    code = "INVALID_ARGUMENT"
+    reason = "MALFORMED_REQUEST"
+
+
+class StreamStalledError(HistoHelperError):
+    """A stream's client neither took nor sent a message for the server's stall limit
+    (``--stalled-stream-s``); the server ended the call and freed its slot."""
+
+    code = "DEADLINE_EXCEEDED"
+    reason = "STREAM_STALLED"
+
+
 class InternalError(HistoHelperError):
     """An unexpected server fault. The message carries a request id, never a traceback."""
 
