@@ -14,9 +14,7 @@ Free of gRPC: :class:`Explainer` yields :class:`Explanation` objects.
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +30,7 @@ from histohelper.server.pipeline import (
     PatchesDone,
 )
 from histohelper.server.runtime import PatchOutput
+from histohelper.server.stage import Predicted, predict_in_order
 from histohelper.server.tiling import PatchBatch, PatchReader, TilingPlan
 
 MAX_EXPLAINED = 256
@@ -210,47 +209,59 @@ class Explainer:
             cache=self.analyzer.slide_cache,
             output_size_px=model_px,  # each read resized once, straight to the model input
         )
-        batches = reader.iter_batches(indices=sorted(set(indices)), stop=stop)
         worker = self.analyzer.worker
-        # One batch per model-worker thread in flight: an OpenVINO call runs on one
-        # stream (its share of the cores), so one call at a time would idle the rest.
-        pending: deque[tuple[PatchBatch, npt.NDArray[np.uint8], Future[PatchOutput]]] = deque()
-
-        def in_order() -> Iterator[tuple[PatchBatch, npt.NDArray[np.uint8], Future[PatchOutput]]]:
-            for batch in batches:
-                if stop.is_set() or not len(batch.indices):
-                    continue
-                images = batch.images
-                pending.append((batch, images, worker.predict_patches(images, want_cams=True)))
-                if len(pending) >= worker.concurrency:
-                    yield pending.popleft()
-            while pending and not stop.is_set():
-                yield pending.popleft()
-
+        stage = predict_in_order(
+            worker,
+            reader.iter_batches(indices=sorted(set(indices)), stop=stop),
+            lambda batch: batch.images,
+            # One batch per model-worker thread in flight: an OpenVINO call runs on one
+            # stream (its share of the cores), so one call at a time would idle the rest.
+            depth=worker.concurrency,
+            stop=stop,
+            want_cams=True,
+        )
         try:
-            for batch, images, future in in_order():
-                out = future.result()
-                assert out.cams is not None
-                cams = grad_cam_from_cams(out.cams[:, class_index])
-                for j, idx in enumerate(batch.indices.tolist()):
-                    rank = rank_of[idx]
-                    prob = out.probabilities[j]
-                    results[idx] = Explanation(
-                        index=idx,
-                        rank=rank,
-                        score=scores[rank] if scores else float(prob[class_index]),
-                        image=images[j],
-                        probabilities=prob,
-                        attention=attention.get(idx),
-                        class_index=class_index,
-                        grad_cam=cams[j],
+            for item in stage:
+                assert isinstance(item, Predicted)
+                if item.output is None:  # none of the batch's patches could be read
+                    continue
+                results.update(
+                    self._explained(
+                        item.batch, item.output, rank_of, scores, attention, class_index
                     )
+                )
         finally:
-            for _, _, future in pending:
-                future.cancel()
-            batches.close()
+            stage.close()
         for idx in indices:
             if stop.is_set():
                 return
             if idx in results:
                 yield results.pop(idx)
+
+    @staticmethod
+    def _explained(
+        batch: PatchBatch,
+        out: PatchOutput,
+        rank_of: dict[int, int],
+        scores: Sequence[float],
+        attention: dict[int, float],
+        class_index: int,
+    ) -> dict[int, Explanation]:
+        """The explanations of one batch's patches, by bag index."""
+        assert out.cams is not None
+        cams = grad_cam_from_cams(out.cams[:, class_index])
+        explained: dict[int, Explanation] = {}
+        for j, idx in enumerate(batch.indices.tolist()):
+            rank = rank_of[idx]
+            prob = out.probabilities[j]
+            explained[idx] = Explanation(
+                index=idx,
+                rank=rank,
+                score=scores[rank] if scores else float(prob[class_index]),
+                image=batch.images[j],
+                probabilities=prob,
+                attention=attention.get(idx),
+                class_index=class_index,
+                grad_cam=cams[j],
+            )
+        return explained

@@ -18,7 +18,6 @@ import ctypes.util
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,9 +28,9 @@ import numpy as np
 import numpy.typing as npt
 
 from histohelper.errors import AnalysisCancelledError, CorruptSlideError
-from histohelper.server.runtime import PatchOutput, SlideOutput
+from histohelper.server.runtime import SlideOutput
+from histohelper.server.stage import Submitted, predict_in_order
 from histohelper.server.tiling import (
-    PatchBatch,
     PatchReader,
     SlideCache,
     TilingOptions,
@@ -230,6 +229,27 @@ class Analyzer:
         with open_slide(spec.slide_path, cache=self.slide_cache) as slide:
             return plan_tiling(slide, replace(spec.tiling, max_patches=limit), stop)
 
+    def _reader(self, spec: AnalysisSpec, plan: TilingPlan) -> PatchReader:
+        """The reader of the whole grid, in batches shaped for the model worker."""
+        return PatchReader(
+            spec.slide_path,
+            plan.grid,
+            batch_size=spec.batch_size,
+            num_workers=self.num_readers,
+            max_failed_fraction=self.max_failed_fraction,
+            cache=self.slide_cache,
+            first_batch_size=min(FIRST_BATCH_SIZE, spec.batch_size),
+            # With several model threads, the last batches are small (and of the
+            # warmed-up first-batch size) so the threads finish together.
+            tail_patches=spec.batch_size * self.worker.concurrency
+            if self.worker.concurrency > 1
+            else 0,
+            tail_batch_size=min(FIRST_BATCH_SIZE, spec.batch_size),
+            # Each read is resized straight to the model's input: a large grid patch
+            # (up to 8192 px) never exists at full size in a batch.
+            output_size_px=self.worker.runtime.manifest.patch_size_px,
+        )
+
     def run(
         self,
         spec: AnalysisSpec,
@@ -273,56 +293,13 @@ class Analyzer:
             return
 
         manifest = self.worker.runtime.manifest
-        model_px = manifest.patch_size_px
         bag = np.zeros((n, manifest.embedding_dim), dtype=np.float32)
         have = np.zeros(n, dtype=bool)
         done = 0
         failed_total = 0
-        pending: deque[tuple[PatchBatch, object]] = deque()
         t_infer = time.perf_counter()
-
-        def finish(batch: PatchBatch, future: object) -> Iterator[Event]:
-            nonlocal done
-            out: PatchOutput = future.result()  # type: ignore[attr-defined]
-            bag[batch.indices] = out.embeddings
-            have[batch.indices] = True
-            done += len(batch.indices) + len(batch.failed)
-            if not timings["first_result_s"]:
-                timings["first_result_s"] = time.perf_counter() - t0
-            yield PatchesDone(
-                batch.indices.astype(np.int64),
-                out.probabilities,
-                out.embeddings if spec.return_embeddings else None,
-                batch.failed.astype(np.int64),
-                out.cams if spec.return_cams else None,
-                out.logits if spec.return_cams else None,
-            )
-            yield Progress(done, n, time.perf_counter() - t0)
-
-        reader = PatchReader(
-            spec.slide_path,
-            grid,
-            batch_size=spec.batch_size,
-            num_workers=self.num_readers,
-            max_failed_fraction=self.max_failed_fraction,
-            cache=self.slide_cache,
-            first_batch_size=min(FIRST_BATCH_SIZE, spec.batch_size),
-            # With several model threads, the last batches are small (and of the
-            # warmed-up first-batch size) so the threads finish together.
-            tail_patches=spec.batch_size * self.worker.concurrency
-            if self.worker.concurrency > 1
-            else 0,
-            tail_batch_size=min(FIRST_BATCH_SIZE, spec.batch_size),
-            # Each read is resized straight to the model's input: a large grid patch
-            # (up to 8192 px) never exists at full size in a batch.
-            output_size_px=model_px,
-        )
-        batches = reader.iter_batches(stop=stop)
-        # One batch per worker thread plus one more, so every thread has its next
-        # batch queued while the oldest result is sent.
-        in_flight = PIPELINE_DEPTH + self.worker.concurrency - 1
         # Started goes out once the first batch is with the model, so that encoding
-        # and sending it (thumbnail PNG: ~45 ms for 1,024 px) overlap the model;
+        # and sending it (thumbnail PNG: ~45 ms for 1,024 px) overlaps the model;
         # it still precedes every other event, errors included.
         announced = False
 
@@ -332,34 +309,50 @@ class Analyzer:
                 announced = True
                 yield started
 
+        stage = predict_in_order(
+            self.worker,
+            self._reader(spec, plan).iter_batches(stop=stop),
+            lambda batch: batch.images,
+            # One batch per worker thread plus one more, so every thread has its next
+            # batch queued while the oldest result is sent.
+            depth=PIPELINE_DEPTH + self.worker.concurrency - 1,
+            stop=stop,
+            want_cams=spec.return_cams,
+            report_submits=True,
+        )
         try:
-            for batch in batches:
-                if stop.is_set():
-                    break
+            for item in stage:
+                yield from announce()
+                if isinstance(item, Submitted):
+                    continue
+                batch, out = item.batch, item.output
                 failed_total += len(batch.failed)
-                if len(batch.indices) == 0:
-                    yield from announce()
-                    done += len(batch.failed)
+                done += len(batch.indices) + len(batch.failed)
+                if out is None:  # every patch of the batch failed to read
                     empty = np.zeros((0, len(manifest.patch_classes)), np.float32)
                     yield PatchesDone(
                         batch.indices.astype(np.int64), empty, None, batch.failed.astype(np.int64)
                     )
                     continue
-                future = self.worker.predict_patches(batch.images, want_cams=spec.return_cams)
-                pending.append((batch, future))
-                yield from announce()
-                while len(pending) >= in_flight and not stop.is_set():
-                    yield from finish(*pending.popleft())
+                bag[batch.indices] = out.embeddings
+                have[batch.indices] = True
+                if not timings["first_result_s"]:
+                    timings["first_result_s"] = time.perf_counter() - t0
+                yield PatchesDone(
+                    batch.indices.astype(np.int64),
+                    out.probabilities,
+                    out.embeddings if spec.return_embeddings else None,
+                    batch.failed.astype(np.int64),
+                    out.cams if spec.return_cams else None,
+                    out.logits if spec.return_cams else None,
+                )
+                yield Progress(done, n, time.perf_counter() - t0)
             yield from announce()
-            while pending and not stop.is_set():
-                yield from finish(*pending.popleft())
         except Exception:
             yield from announce()
             raise
         finally:
-            for _, future in pending:
-                future.cancel()  # type: ignore[attr-defined]
-            batches.close()
+            stage.close()
         if stop.is_set():
             log.info("analysis stopped", extra={"request_id": spec.request_id})
             return
