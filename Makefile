@@ -8,7 +8,7 @@ OUT ?= demo-output
 WEIGHTS ?=
 MIL_WEIGHTS ?=
 
-.PHONY: venv demo test bench protos lint clean
+.PHONY: venv demo test bench protos config-table lint clean
 
 # The stamp depends on what decides the environment; a second run does nothing.
 $(VENV)/.stamp: pyproject.toml constraints.txt
@@ -30,6 +30,10 @@ bench: venv
 
 protos: venv
 	$(PY) scripts/gen_protos.py
+
+# README's configuration table, generated from the settings declared in server/config.py.
+config-table: venv
+	$(PY) -m histohelper.server.config --update README.md
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
