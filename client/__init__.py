@@ -6,10 +6,11 @@ OpenCV either (rendering imports it on first use).
 Example::
 
     from histohelper.client import AnalysisOptions, SlideClient
+    from histohelper.client.exports import save_all
 
     with SlideClient("127.0.0.1:50051") as client:
         result = client.analyze("real/CMU-1-Small-Region.svs", AnalysisOptions())
-    result.save_all("out/")          # overlay.png, heatmap.npz, tiles.geojson, summary.json ...
+    save_all(result, "out/")         # overlay.png, heatmap.npz, tiles.geojson, summary.json ...
     tumor = result.heatmap("tumor")  # float32 [n_rows, n_cols], NaN where no patch
 """
 

@@ -266,9 +266,11 @@ def _analyze(args: argparse.Namespace) -> int:
             )
         finally:
             bar.close()
-    result.save_all(out_dir)
+    from histohelper.client.exports import save_all, save_png
+
+    save_all(result, out_dir)
     if args.overlay_class is not None or args.alpha != 0.5:
-        result.save_png(out_dir / "overlay.png", class_name=args.overlay_class, alpha=args.alpha)
+        save_png(result, out_dir / "overlay.png", class_name=args.overlay_class, alpha=args.alpha)
     print(summary_line(args.slide, result, out_dir))
     return EXIT_OK
 

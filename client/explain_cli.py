@@ -53,7 +53,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     from histohelper.client.explain import render_gallery
     from histohelper.client.options import AnalysisOptions
-    from histohelper.client.render import write_png
+    from histohelper.client.render import cam_heatmap, overlay, write_png
 
     if not 1 <= args.top_k <= 256:
         raise _UsageError("--top-k must be in 1..256")
@@ -87,8 +87,8 @@ def _explain(args: argparse.Namespace) -> int:
         for rank, ex in enumerate(explanations)
     ]
     write_png(args.out / "gallery.png", render_gallery(ranked, untrained=result.model.untrained))
-    write_png(args.out / "cam_overlay.png", result.overlay(class_name, cams=True))
-    heat, l0_per_px = result.cam_heatmap(class_name)
+    write_png(args.out / "cam_overlay.png", overlay(result, class_name, cams=True))
+    heat, l0_per_px = cam_heatmap(result, class_name)
     np.savez_compressed(
         args.out / "cam_heatmap.npz", heatmap=heat, l0_per_px=l0_per_px, class_name=class_name
     )

@@ -1,8 +1,10 @@
-"""Standard files from a :class:`~histohelper.client.result.SlideResult`.
+"""Standard files from a :class:`~histohelper.client.result.SlideResult`: functions that
+take the result (it never writes itself).
 
 - PNG: the overlay (thumbnail size, inset legend).
 - NPZ: heatmaps and the patch table as arrays (no pickles; ``np.load`` reads it).
-- CSV: the patch table, one row per patch.
+- CSV: the patch table, one row per patch; its leading columns are the layout
+  ``histohelper tile`` writes (:mod:`histohelper.patch_csv`).
 - JSON: a summary (prediction with class names, patch count, tissue fraction, model
   version, untrained flag, timings).
 - GeoJSON: one QuPath "tile" feature per patch, polygons in level-0 px, measurements =
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histohelper import __version__
+from histohelper.patch_csv import GEOMETRY_COLUMNS, format_fraction, geometry_cells
 
 if TYPE_CHECKING:
     from histohelper.client.result import SlideResult
@@ -137,10 +140,11 @@ def summary_dict(result: SlideResult) -> dict[str, Any]:
 
 
 def save_png(result: SlideResult, path: StrPath, **overlay_kwargs: Any) -> Path:
-    """Write ``result.overlay(**overlay_kwargs)`` as PNG (the thumbnail's size)."""
-    from histohelper.client.render import write_png
+    """Write :func:`histohelper.client.render.overlay` ``(result, **overlay_kwargs)`` as
+    PNG (the thumbnail's size). Returns the path."""
+    from histohelper.client.render import overlay, write_png
 
-    return write_png(path, result.overlay(**overlay_kwargs))
+    return write_png(path, overlay(result, **overlay_kwargs))
 
 
 def save_npz(result: SlideResult, path: StrPath) -> Path:
@@ -189,22 +193,17 @@ def save_npz(result: SlideResult, path: StrPath) -> Path:
 
 
 def save_csv(result: SlideResult, path: StrPath) -> Path:
-    """Write the patch table as CSV.
+    """Write the patch table as CSV, one row per patch in bag order.
 
-    Columns: ``patch_index, row, col, x_l0, y_l0, width_l0, height_l0, tissue_fraction,
-    is_edge, prob_<class>... , attention`` (attention empty when not requested).
+    Columns: the geometry columns shared with ``histohelper tile``
+    (:data:`histohelper.patch_csv.GEOMETRY_COLUMNS`: ``patch_index, row, col, x_l0,
+    y_l0, width_l0, height_l0, tissue_fraction, is_edge``, in the same number
+    formats), then ``prob_<class>...`` (``%.6g``) and ``attention`` (empty when not
+    requested).
     """
     p = result.patches
     header = [
-        "patch_index",
-        "row",
-        "col",
-        "x_l0",
-        "y_l0",
-        "width_l0",
-        "height_l0",
-        "tissue_fraction",
-        "is_edge",
+        *GEOMETRY_COLUMNS,
         *(probability_column(c) for c in result.class_names),
         "attention",
     ]
@@ -213,22 +212,12 @@ def save_csv(result: SlideResult, path: StrPath) -> Path:
         writer = csv.writer(fh)
         writer.writerow(header)
         for i in range(len(p)):
-            att = float(p.attention[i])
-            writer.writerow(
-                [
-                    int(p.patch_index[i]),
-                    int(p.row[i]),
-                    int(p.col[i]),
-                    repr(float(p.x_l0[i])),
-                    repr(float(p.y_l0[i])),
-                    repr(float(p.width_l0[i])),
-                    repr(float(p.height_l0[i])),
-                    f"{float(p.tissue_fraction[i]):.6g}",
-                    int(bool(p.is_edge[i])),
-                    *(f"{float(v):.6g}" for v in p.probabilities[i]),
-                    f"{att:.6g}" if math.isfinite(att) else "",
-                ]
-            )
+            geometry = geometry_cells(
+                p.patch_index[i], p.row[i], p.col[i], p.x_l0[i], p.y_l0[i],
+                p.width_l0[i], p.height_l0[i], p.tissue_fraction[i], p.is_edge[i],
+            )  # fmt: skip
+            model = [format_fraction(v) for v in p.probabilities[i]]
+            writer.writerow([*geometry, *model, format_fraction(p.attention[i])])
     return out
 
 

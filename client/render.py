@@ -1,7 +1,12 @@
-"""Rendering helper: PNG decode/encode, box painting, JET overlays with an inset legend.
+"""Rendering: PNG decode/encode, box painting, JET overlays with an inset legend.
 
-The only client module that imports OpenCV; the rest of the client imports it lazily,
-so ``import histohelper.client`` stays free of cv2.
+Low-level helpers take arrays (:func:`paint_boxes`, :func:`render_overlay`); the
+result-level functions take a :class:`~histohelper.client.result.SlideResult`
+(:func:`thumbnail_heatmap`, :func:`cam_heatmap`, :func:`overlay`). A result is data;
+it never renders itself.
+
+The only client module that imports OpenCV at import time; the rest of the client
+imports this module lazily, so ``import histohelper.client`` stays free of cv2.
 """
 
 from __future__ import annotations
@@ -10,10 +15,16 @@ import math
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+from histohelper.client.explain import cell_boxes
+
+if TYPE_CHECKING:
+    from histohelper.client.result import SlideResult
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
@@ -267,3 +278,140 @@ def _draw_legend(
             thick,
             cv2.LINE_AA,
         )
+
+
+# --- a result's pictures ------------------------------------------------------------
+
+
+def thumbnail_heatmap(result: SlideResult, values: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """Paint per-patch values onto the thumbnail grid from the exact level-0 boxes.
+
+    Args:
+        result: the analysed slide.
+        values: float ``[n]`` parallel to ``result.patches`` (NaN values are skipped).
+
+    Returns:
+        float32 ``(thumbnail.height_px, thumbnail.width_px)``: the mean of the values
+        of the patches covering each thumbnail pixel, NaN where none does.
+    """
+    t = result.thumbnail
+    p = result.patches
+    return paint_boxes(
+        p.x_l0, p.y_l0, p.width_l0, p.height_l0, np.asarray(values, dtype=np.float64),
+        scale_x=t.scale_x, scale_y=t.scale_y, width_px=t.width_px, height_px=t.height_px,
+    )  # fmt: skip
+
+
+def cam_heatmap(
+    result: SlideResult, class_name: str | int, *, l0_per_px: float | None = None
+) -> tuple[npt.NDArray[np.float32], float]:
+    """Sub-patch-resolution probability map stitched from the per-patch CAMs.
+
+    Each patch's class activation maps (``s x s`` cells, 7 x 7 for 224 px ResNet18
+    patches) plus the fc bias are local logits; their softmax over classes is a
+    local class probability (:func:`histohelper.client.explain.local_probabilities`).
+    Every cell is painted over its exact level-0 box (the patch box split into
+    ``s x s``) and overlapping cells are averaged, so overlapping patches blend.
+
+    Args:
+        result: the analysed slide, requested with ``return_cams``.
+        class_name: patch class (name or index).
+        l0_per_px: level-0 px per output pixel; default: one CAM cell per pixel.
+
+    Returns:
+        (map, l0_per_px): float32 ``[ceil(height_l0 / l0_per_px),
+        ceil(width_l0 / l0_per_px)]`` in [0, 1], NaN where no patch covers; and the
+        scale used.
+
+    Raises:
+        KeyError: unknown class.
+        ValueError: the result carries no CAMs (request ``return_cams``).
+    """
+    p = result.patches
+    if p.cams is None or p.logits is None:
+        raise ValueError("this result carries no CAMs (set return_cams)")
+    idx = result.class_index(class_name)
+    s = p.cams.shape[-1]
+    if l0_per_px is None:
+        l0_per_px = float(np.median(p.width_l0)) / s if len(p) else 1.0
+    x, y, w, h, v = cell_boxes(p, idx)
+    width_px = max(1, int(np.ceil(result.slide.width_l0 / l0_per_px)))
+    height_px = max(1, int(np.ceil(result.slide.height_l0 / l0_per_px)))
+    heat = paint_boxes(
+        x, y, w, h, v,
+        scale_x=l0_per_px, scale_y=l0_per_px, width_px=width_px, height_px=height_px,
+    )  # fmt: skip
+    return heat, l0_per_px
+
+
+def overlay(
+    result: SlideResult,
+    class_name: str | int | None = None,
+    *,
+    attention: bool = False,
+    alpha: float = 0.5,
+    legend: bool = True,
+    cams: bool = False,
+) -> npt.NDArray[np.uint8]:
+    """Blend a COLORMAP_JET heatmap over the thumbnail, with an inset colour bar/legend.
+
+    The image has exactly the thumbnail's size. Probabilities are shown on a fixed
+    0..1 scale; attention relative to its maximum (0..max). Pixels no patch covers
+    keep the thumbnail's colours.
+
+    Args:
+        result: the analysed slide.
+        class_name: patch class (name or index) to show; default
+            ``result.default_class()``.
+        attention: show the attention map instead of a class probability.
+        alpha: heatmap opacity in [0, 1].
+        legend: draw the inset legend (title, colour bar, ticks; "UNTRAINED" when so).
+        cams: paint the sub-patch CAM probability map (:func:`cam_heatmap`) instead
+            of one value per patch (needs ``return_cams``).
+
+    Returns:
+        uint8 ``(thumbnail.height_px, thumbnail.width_px, 3)`` RGB.
+
+    Raises:
+        KeyError: unknown class.
+        ValueError: ``attention=True`` but the result carries no attention, or
+            ``cams=True`` but it carries no CAMs.
+    """
+    t = result.thumbnail
+    if attention:
+        if not result.has_attention:
+            raise ValueError("this result carries no attention (set return_attention)")
+        values = result.patches.attention.astype(np.float64)
+        vmax = float(np.nanmax(values)) if len(values) else 1.0
+        vmax = vmax if vmax > 0 else 1.0
+        title, ticks = "MIL attention", (0.0, vmax / 2, vmax)
+        heat = thumbnail_heatmap(result, values)
+    else:
+        name = result.default_class() if class_name is None else class_name
+        vmax, ticks = 1.0, (0.0, 0.5, 1.0)
+        if name is None:
+            title, heat = "no classes", thumbnail_heatmap(result, np.zeros(0))
+        elif cams:
+            if result.patches.cams is None or result.patches.logits is None:
+                raise ValueError("this result carries no CAMs (set return_cams)")
+            idx = result.class_index(name)
+            x, y, w, h, v = cell_boxes(result.patches, idx)
+            title = f"CAM P({result.class_names[idx]})"
+            heat = paint_boxes(
+                x, y, w, h, v, scale_x=t.scale_x, scale_y=t.scale_y,
+                width_px=t.width_px, height_px=t.height_px,
+            )  # fmt: skip
+        else:
+            idx = result.class_index(name)
+            title = f"P({result.class_names[idx]})"
+            heat = thumbnail_heatmap(result, result.patches.probabilities[:, idx])
+    return render_overlay(
+        result.thumbnail_rgb(),
+        heat,
+        vmin=0.0,
+        vmax=vmax,
+        alpha=alpha,
+        title=title if legend else None,
+        ticks=ticks,
+        warning="UNTRAINED" if result.model.untrained else None,
+    )

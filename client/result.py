@@ -3,6 +3,11 @@
 Arrays are indexed by grid ``[row, col]`` (``row`` down, ``col`` right) and hold NaN
 where the grid has no patch. Patch boxes are the exact level-0 boxes the server sent;
 they are never recomputed from grid indices.
+
+A result is data: pictures come from :mod:`histohelper.client.render` (``overlay``,
+``thumbnail_heatmap``, ``cam_heatmap``) and files from :mod:`histohelper.client.exports`
+(``save_all``, ``save_csv``, ...), functions that take the result. This module imports
+neither at module level.
 """
 
 from __future__ import annotations
@@ -194,203 +199,31 @@ class SlideResult:
 
         return decode_png_gray(self.tissue_mask_png)
 
-    def thumbnail_heatmap(self, values: npt.ArrayLike) -> npt.NDArray[np.float32]:
-        """Paint per-patch values onto the thumbnail grid from the exact level-0 boxes.
-
-        Args:
-            values: float ``[n]`` parallel to :attr:`patches` (NaN values are skipped).
-
-        Returns:
-            float32 ``(thumbnail.height_px, thumbnail.width_px)``: the mean of the values
-            of the patches covering each thumbnail pixel, NaN where none does.
-        """
-        from histohelper.client.render import paint_boxes
-
-        t = self.thumbnail
-        p = self.patches
-        return paint_boxes(
-            p.x_l0,
-            p.y_l0,
-            p.width_l0,
-            p.height_l0,
-            np.asarray(values, dtype=np.float64),
-            scale_x=t.scale_x,
-            scale_y=t.scale_y,
-            width_px=t.width_px,
-            height_px=t.height_px,
-        )
+    # --- documented shortcuts (the functions live in render.py and exports.py) --------
 
     def cam_heatmap(
         self, class_name: str | int, *, l0_per_px: float | None = None
     ) -> tuple[npt.NDArray[np.float32], float]:
-        """Sub-patch-resolution probability map stitched from the per-patch CAMs.
-
-        Each patch's class activation maps (``s x s`` cells, 7 x 7 for 224 px ResNet18
-        patches) plus the fc bias are local logits; their softmax over classes is a
-        local class probability (:func:`histohelper.client.explain.local_probabilities`).
-        Every cell is painted over its exact level-0 box (the patch box split into
-        ``s x s``) and overlapping cells are averaged, so overlapping patches blend.
-
-        Args:
-            class_name: patch class (name or index).
-            l0_per_px: level-0 px per output pixel; default: one CAM cell per pixel.
+        """Sub-patch-resolution probability map: :func:`histohelper.client.render.cam_heatmap`.
 
         Returns:
             (map, l0_per_px): float32 ``[ceil(height_l0 / l0_per_px),
-            ceil(width_l0 / l0_per_px)]`` in [0, 1], NaN where no patch covers; and the
-            scale used.
+            ceil(width_l0 / l0_per_px)]`` in [0, 1], NaN where no patch covers; the scale.
 
         Raises:
             KeyError: unknown class.
             ValueError: the result carries no CAMs (request ``return_cams``).
         """
-        from histohelper.client.explain import cell_boxes
-        from histohelper.client.render import paint_boxes
+        from histohelper.client.render import cam_heatmap
 
-        p = self.patches
-        if p.cams is None or p.logits is None:
-            raise ValueError("this result carries no CAMs (set return_cams)")
-        idx = self.class_index(class_name)
-        s = p.cams.shape[-1]
-        if l0_per_px is None:
-            l0_per_px = float(np.median(p.width_l0)) / s if len(p) else 1.0
-        x, y, w, h, v = cell_boxes(p, idx)
-        width_px = max(1, int(np.ceil(self.slide.width_l0 / l0_per_px)))
-        height_px = max(1, int(np.ceil(self.slide.height_l0 / l0_per_px)))
-        heat = paint_boxes(
-            x, y, w, h, v,
-            scale_x=l0_per_px, scale_y=l0_per_px, width_px=width_px, height_px=height_px,
-        )  # fmt: skip
-        return heat, l0_per_px
-
-    def overlay(
-        self,
-        class_name: str | int | None = None,
-        *,
-        attention: bool = False,
-        alpha: float = 0.5,
-        legend: bool = True,
-        cams: bool = False,
-    ) -> npt.NDArray[np.uint8]:
-        """Blend a COLORMAP_JET heatmap over the thumbnail, with an inset colour bar/legend.
-
-        The image has exactly the thumbnail's size. Probabilities are shown on a fixed
-        0..1 scale; attention relative to its maximum (0..max). Pixels no patch covers
-        keep the thumbnail's colours.
-
-        Args:
-            class_name: patch class (name or index) to show; default :meth:`default_class`.
-            attention: show the attention map instead of a class probability.
-            alpha: heatmap opacity in [0, 1].
-            legend: draw the inset legend (title, colour bar, ticks; "UNTRAINED" when so).
-            cams: paint the sub-patch CAM probability map (:meth:`cam_heatmap`) instead
-                of one value per patch (needs ``return_cams``).
-
-        Returns:
-            uint8 ``(thumbnail.height_px, thumbnail.width_px, 3)`` RGB.
-
-        Raises:
-            KeyError: unknown class.
-            ValueError: ``attention=True`` but the result carries no attention.
-        """
-        from histohelper.client.render import render_overlay
-
-        if attention:
-            if not self.has_attention:
-                raise ValueError("this result carries no attention (set return_attention)")
-            values = self.patches.attention.astype(np.float64)
-            vmax = float(np.nanmax(values)) if len(values) else 1.0
-            vmax = vmax if vmax > 0 else 1.0
-            title = "MIL attention"
-            ticks = (0.0, vmax / 2, vmax)
-        else:
-            name = self.default_class() if class_name is None else class_name
-            if name is None:
-                values = np.zeros(0)
-                title = "no classes"
-            else:
-                idx = self.class_index(name)
-                values = self.patches.probabilities[:, idx].astype(np.float64)
-                title = f"P({self.class_names[idx]})"
-            vmax = 1.0
-            ticks = (0.0, 0.5, 1.0)
-        if cams and not attention and name is not None:
-            from histohelper.client.explain import cell_boxes
-            from histohelper.client.render import paint_boxes
-
-            if self.patches.cams is None:
-                raise ValueError("this result carries no CAMs (set return_cams)")
-            x, y, w, h, v = cell_boxes(self.patches, self.class_index(name))
-            t = self.thumbnail
-            heat = paint_boxes(
-                x, y, w, h, v, scale_x=t.scale_x, scale_y=t.scale_y,
-                width_px=t.width_px, height_px=t.height_px,
-            )  # fmt: skip
-            title = title.replace("P(", "CAM P(", 1)
-        else:
-            heat = self.thumbnail_heatmap(values)
-        return render_overlay(
-            self.thumbnail_rgb(),
-            heat,
-            vmin=0.0,
-            vmax=vmax,
-            alpha=alpha,
-            title=title if legend else None,
-            ticks=ticks,
-            warning="UNTRAINED" if self.model.untrained else None,
-        )
-
-    # --- exports (see histohelper.client.exports) ------------------------------------
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-ready summary (prediction, patch count, tissue fraction, model, timings)."""
-        from histohelper.client.exports import summary_dict
-
-        return summary_dict(self)
-
-    def save_png(self, path: StrPath, **overlay_kwargs: Any) -> Path:
-        """Write :meth:`overlay` (thumbnail size) as PNG. Returns the path."""
-        from histohelper.client.exports import save_png
-
-        return save_png(self, path, **overlay_kwargs)
-
-    def save_npz(self, path: StrPath) -> Path:
-        """Write heatmaps, attention map and the patch table as compressed NPZ."""
-        from histohelper.client.exports import save_npz
-
-        return save_npz(self, path)
-
-    def save_csv(self, path: StrPath) -> Path:
-        """Write the patch table as CSV (one row per patch)."""
-        from histohelper.client.exports import save_csv
-
-        return save_csv(self, path)
-
-    def save_json(self, path: StrPath) -> Path:
-        """Write :meth:`summary` as JSON."""
-        from histohelper.client.exports import save_json
-
-        return save_json(self, path)
+        return cam_heatmap(self, class_name, l0_per_px=l0_per_px)
 
     def save_geojson(self, path: StrPath) -> Path:
-        """Write one QuPath tile feature per patch (level-0 px) as GeoJSON."""
+        """Write one QuPath tile feature per patch (level-0 px) as GeoJSON:
+        :func:`histohelper.client.exports.save_geojson`. Returns the path."""
         from histohelper.client.exports import save_geojson
 
         return save_geojson(self, path)
-
-    def save_all(self, out_dir: StrPath) -> dict[str, Path]:
-        """Write the standard set of files into ``out_dir`` (created if missing).
-
-        Files: ``overlay.png`` (default class, thumbnail size, inset legend),
-        ``attention_overlay.png`` (when attention was returned), ``heatmap.npz``,
-        ``patches.csv``, ``tiles.geojson``, ``summary.json``.
-
-        Returns:
-            ``{file name: path}`` of what was written.
-        """
-        from histohelper.client.exports import save_all
-
-        return save_all(self, out_dir)
 
 
 class ResultCollector:

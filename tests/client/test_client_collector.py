@@ -20,6 +20,7 @@ from histohelper.client import (
     Started,
     event_from_proto,
 )
+from histohelper.client.render import overlay
 from histohelper.errors import InternalError, InvalidOptionsError
 from histohelper.v1 import slide_analysis_pb2 as pb
 
@@ -104,7 +105,7 @@ def test_without_attention() -> None:
     assert not result.has_attention
     assert np.isnan(result.patches.attention).all()
     with pytest.raises(ValueError, match="attention"):
-        result.overlay(attention=True)
+        overlay(result, attention=True)
 
 
 def test_embeddings() -> None:
@@ -256,6 +257,6 @@ def test_partial_result_for_live_rendering() -> None:
     assert partial.outcome == "running" and partial.prediction is None
     assert partial.patch_count == 4
     assert int((~np.isnan(partial.heatmaps[0])).sum()) == 4
-    assert partial.overlay().shape == exp.thumbnail_rgb.shape
+    assert overlay(partial).shape == exp.thumbnail_rgb.shape
     with pytest.raises(InternalError, match="before AnalysisCompleted"):
         collector.result()

@@ -18,6 +18,7 @@ import pytest
 
 from histohelper.client import AnalysisOptions, AsyncSlideClient, SlideClient, SlideResult
 from histohelper.client.cli import main
+from histohelper.client.render import overlay
 from histohelper.errors import SlideNotFoundError, SlidePathError
 
 SLIDE = "real/CMU-1-Small-Region.svs"
@@ -67,7 +68,7 @@ def test_overlay_has_the_thumbnails_size(sdk_result: SlideResult, cli_out: Path)
     png = cv2.imread(str(cli_out / "overlay.png"), cv2.IMREAD_UNCHANGED)
     assert png is not None
     assert png.shape[:2] == thumb.shape[:2]
-    assert sdk_result.overlay().shape == thumb.shape
+    assert overlay(sdk_result).shape == thumb.shape
 
 
 def test_heatmap_nan_exactly_where_grid_has_no_patch(

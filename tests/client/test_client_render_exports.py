@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from histohelper.client import ResultCollector, SlideResult, event_from_proto
-from histohelper.client.render import box_to_pixels, paint_boxes, render_overlay
+from histohelper.client.exports import save_all, save_csv
+from histohelper.client.render import (
+    box_to_pixels,
+    overlay,
+    paint_boxes,
+    render_overlay,
+    thumbnail_heatmap,
+)
 
 
 def make_result(**kw) -> tuple[SlideResult, object]:
@@ -66,7 +73,7 @@ def test_paint_boxes_averages_overlaps_and_leaves_nan() -> None:
 def test_thumbnail_heatmap_covers_exactly_the_patch_boxes() -> None:
     result, exp = make_result()
     t = result.thumbnail
-    heat = result.thumbnail_heatmap(np.ones(result.patch_count))
+    heat = thumbnail_heatmap(result, np.ones(result.patch_count))
     expected = np.zeros((t.height_px, t.width_px), bool)
     for x, y, w, h in exp.boxes:
         x0, x1 = box_to_pixels(np.array([x]), np.array([w]), t.scale_x, t.width_px)
@@ -79,15 +86,15 @@ def test_overlay_is_thumbnail_sized_and_keeps_uncovered_pixels() -> None:
     result, exp = make_result()
     thumb = result.thumbnail_rgb()
     np.testing.assert_array_equal(thumb, exp.thumbnail_rgb)
-    plain = result.overlay(legend=False)
+    plain = overlay(result, legend=False)
     assert plain.shape == thumb.shape and plain.dtype == np.uint8
-    covered = ~np.isnan(result.thumbnail_heatmap(np.ones(result.patch_count)))
+    covered = ~np.isnan(thumbnail_heatmap(result, np.ones(result.patch_count)))
     assert np.array_equal(plain[~covered], thumb[~covered])
     assert np.any(plain[covered] != thumb[covered])
-    with_legend = result.overlay()
+    with_legend = overlay(result)
     assert with_legend.shape == thumb.shape
     assert np.any(with_legend != plain)  # the inset legend was drawn
-    att = result.overlay(attention=True)
+    att = overlay(result, attention=True)
     assert att.shape == thumb.shape
 
 
@@ -105,7 +112,7 @@ def test_overlay_colours_follow_jet() -> None:
 
 def test_save_all_writes_the_standard_files(tmp_path) -> None:
     result, exp = make_result()
-    written = result.save_all(tmp_path / "out")
+    written = save_all(result, tmp_path / "out")
     assert set(written) == {
         "overlay.png",
         "attention_overlay.png",
@@ -162,7 +169,7 @@ def test_geojson_is_qupath_tiles_with_exact_boxes(tmp_path) -> None:
 
 def test_no_tissue_exports(tmp_path) -> None:
     result, _ = make_result(no_tissue=True)
-    written = result.save_all(tmp_path)
+    written = save_all(result, tmp_path)
     assert "attention_overlay.png" not in written
     assert json.loads(written["tiles.geojson"].read_text())["features"] == []
     summary = json.loads(written["summary.json"].read_text())
@@ -175,5 +182,5 @@ def test_without_attention_exports_strict_json(tmp_path) -> None:
     result, _ = make_result(attention=False)
     doc = json.loads(result.save_geojson(tmp_path / "t.geojson").read_text())
     assert "attention" not in doc["features"][0]["properties"]["measurements"]
-    rows = list(csv.DictReader(result.save_csv(tmp_path / "p.csv").open()))
+    rows = list(csv.DictReader(save_csv(result, tmp_path / "p.csv").open()))
     assert rows[0]["attention"] == ""

@@ -13,6 +13,7 @@ from histohelper.cli import main as cli_main
 from histohelper.client import SlideClient
 from histohelper.client.explain import local_probabilities
 from histohelper.client.options import AnalysisOptions
+from histohelper.client.render import overlay
 from histohelper.errors import InvalidOptionsError, SlideNotFoundError
 
 CMU = "real/CMU-1-Small-Region.svs"
@@ -70,8 +71,8 @@ def test_cam_heatmap_is_sub_patch_and_nan_off_tissue(cam_result) -> None:
     assert abs(int(covered.sum()) - 49 * len(p)) <= 49 * len(p) * 0.1
     assert float(np.nanmin(heat)) >= 0.0 and float(np.nanmax(heat)) <= 1.0
     assert not np.isfinite(heat[0, 0]) and not np.isfinite(heat[-1, 0])
-    overlay = cam_result.overlay("malignant", cams=True)
-    assert overlay.shape[:2] == (cam_result.thumbnail.height_px, cam_result.thumbnail.width_px)
+    image = overlay(cam_result, "malignant", cams=True)
+    assert image.shape[:2] == (cam_result.thumbnail.height_px, cam_result.thumbnail.width_px)
 
 
 @pytest.mark.parametrize(
