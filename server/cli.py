@@ -25,7 +25,8 @@ def _add_tile(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="tissue mask and patch grid of one slide (local, no model, no server)",
         description=(
             "Write tissue_mask.png, grid.png (thumbnail with the patch grid), patches.csv "
-            "(row, col, x, y, w, h in level-0 px, tissue fraction) and summary.json."
+            "(patch_index, row, col, x_l0, y_l0, width_l0, height_l0, tissue_fraction, "
+            "is_edge as histohelper analyze writes them, then ink_fraction) and summary.json."
         ),
     )
     p.add_argument(
@@ -53,6 +54,7 @@ def _run_tile(args: argparse.Namespace) -> int:
     import cv2
 
     from histohelper.errors import HistoHelperError
+    from histohelper.patch_csv import GEOMETRY_COLUMNS, format_fraction, geometry_cells
     from histohelper.server.sandbox import resolve_slide_path
     from histohelper.server.tiling import open_slide, plan_tiling, tiling_options_from_args
     from histohelper.server.tiling.render import grid_overlay, mask_image
@@ -79,33 +81,13 @@ def _run_tile(args: argparse.Namespace) -> int:
     g = plan.grid
     with open(out / "patches.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(
-            [
-                "row",
-                "col",
-                "x_l0",
-                "y_l0",
-                "width_l0",
-                "height_l0",
-                "tissue_fraction",
-                "is_edge",
-                "ink_fraction",
-            ]
-        )
+        w.writerow([*GEOMETRY_COLUMNS, "ink_fraction"])  # analyze writes the same prefix
         for i in range(len(g)):
-            w.writerow(
-                [
-                    int(g.row[i]),
-                    int(g.col[i]),
-                    f"{g.x_l0[i]:.3f}",
-                    f"{g.y_l0[i]:.3f}",
-                    f"{g.width_l0[i]:.3f}",
-                    f"{g.height_l0[i]:.3f}",
-                    f"{g.tissue_fraction[i]:.4f}",
-                    int(g.is_edge[i]),
-                    f"{g.ink_fraction[i]:.4f}",
-                ]
-            )
+            geometry = geometry_cells(
+                i, g.row[i], g.col[i], g.x_l0[i], g.y_l0[i], g.width_l0[i],
+                g.height_l0[i], g.tissue_fraction[i], g.is_edge[i],
+            )  # fmt: skip
+            w.writerow([*geometry, format_fraction(g.ink_fraction[i])])
     md = plan.metadata
     summary = {
         "vendor": md.vendor,

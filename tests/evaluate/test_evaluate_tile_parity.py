@@ -1,4 +1,5 @@
-"""``histohelper tile --slide-root`` previews exactly the grid AnalyzeSlide analyses."""
+"""``histohelper tile --slide-root`` previews exactly the grid AnalyzeSlide analyses, and
+writes its ``patches.csv`` in the layout ``histohelper analyze`` writes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from histohelper.cli import main
 from histohelper.client import PatchBatch, SlideClient, Started
+from histohelper.patch_csv import GEOMETRY_COLUMNS
 from histohelper.v1 import slide_analysis_pb2 as pb
 
 SLIDE = "real/CMU-1-Small-Region.svs"
@@ -74,9 +76,35 @@ def test_tile_patches_equal_analyze_slide_grid(
     assert grid.patch_count == len(boxes) == len(rows) == summary["patch_count"] == 43
     assert (grid.n_rows, grid.n_cols) == (summary["grid_rows"], summary["grid_cols"])
     assert (served[:, :2] == tile[:, :2]).all()  # same cells, same (row-major) order
-    max_diff = float(np.abs(served[:, 2:] - tile[:, 2:]).max())
-    assert max_diff <= 5e-4 + 1e-9  # patches.csv rounds to 3 decimals
-    print(f"tile vs AnalyzeSlide: {len(rows)} patches, max |box difference| {max_diff:.2e} px")
+    assert (served[:, 2:] == tile[:, 2:]).all()  # patches.csv boxes are exact (repr)
+
+
+def test_tile_and_analyze_write_one_patches_csv_layout(
+    analysis_server, slides_dir: Path, tmp_path: Path
+) -> None:
+    """Same leading columns, same names, same number formats: on the same slide the
+    geometry cells of the two files are identical strings."""
+    tile_out, analyze_out = tmp_path / "tile", tmp_path / "analyze"
+    assert main(["tile", SLIDE, "--slide-root", str(slides_dir), "--out", str(tile_out)]) == 0
+    argv = ["analyze", SLIDE, "--server", analysis_server.target, "--out", str(analyze_out)]
+    assert main([*argv, "-q"]) == 0
+    with open(tile_out / "patches.csv", newline="") as fh:
+        tile_header, *tile_rows = list(csv.reader(fh))
+    with open(analyze_out / "patches.csv", newline="") as fh:
+        analyze_header, *analyze_rows = list(csv.reader(fh))
+
+    n = len(GEOMETRY_COLUMNS)
+    assert GEOMETRY_COLUMNS[:9] == (
+        "patch_index", "row", "col", "x_l0", "y_l0", "width_l0", "height_l0",
+        "tissue_fraction", "is_edge",
+    )  # fmt: skip
+    assert tile_header[:n] == analyze_header[:n] == list(GEOMETRY_COLUMNS)
+    assert tile_header[n:] == ["ink_fraction"]
+    classes = json.loads((analyze_out / "summary.json").read_text())["model"]["patch_classes"]
+    assert analyze_header[n:] == [*(f"prob_{c}" for c in classes), "attention"]
+    assert len(tile_rows) == len(analyze_rows) == 43
+    assert [r[:n] for r in tile_rows] == [r[:n] for r in analyze_rows]
+    assert [int(r[0]) for r in tile_rows] == list(range(43))  # bag order
 
 
 @pytest.mark.parametrize(
@@ -106,3 +134,28 @@ def test_tile_slide_root_symlink_outside_is_denied(
     rc = main(["tile", "link.svs", "--slide-root", str(root), "--out", str(tmp_path / "o")])
     assert rc == 1
     assert "[SLIDE_PATH_DENIED]" in capsys.readouterr().err
+
+
+def test_tile_patches_csv_has_the_shared_layout_and_exact_boxes(
+    real_slide: Path, tmp_path: Path
+) -> None:
+    """No server: the header is the shared prefix plus ``ink_fraction``, and every box
+    reads back as exactly the tiler's float64 (no rounding)."""
+    from histohelper.server.tiling import TilingOptions, open_slide, plan_tiling
+
+    out = tmp_path / "tile"
+    assert main(["tile", str(real_slide), "--out", str(out)]) == 0
+    with open(out / "patches.csv", newline="") as fh:
+        header, *rows = list(csv.reader(fh))
+    assert header == [*GEOMETRY_COLUMNS, "ink_fraction"]
+    with open_slide(real_slide) as slide:
+        grid = plan_tiling(slide, TilingOptions()).grid
+    assert len(rows) == len(grid) > 0
+    cols = {name: [r[k] for r in rows] for k, name in enumerate(header)}
+    assert cols["patch_index"] == [str(i) for i in range(len(grid))]
+    for name in ("x_l0", "y_l0", "width_l0", "height_l0"):
+        assert [float(v) for v in cols[name]] == getattr(grid, name).tolist()
+    assert [float(v) for v in cols["tissue_fraction"]] == pytest.approx(
+        grid.tissue_fraction.tolist(), abs=5e-7
+    )
+    assert cols["is_edge"] == [str(int(e)) for e in grid.is_edge]
