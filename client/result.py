@@ -28,7 +28,6 @@ from histohelper.client.events import (
     ModelSummary,
     Outcome,
     PatchBatch,
-    Progress,
     QualityControl,
     SlideInfo,
     SlidePrediction,
@@ -244,7 +243,6 @@ class ResultCollector:
         self._attention: list[Attention] = []
         self._completed: Completed | None = None
         self._wall_s: float | None = None
-        self._last_progress: Progress | None = None
 
     @property
     def started(self) -> Started | None:
@@ -271,8 +269,6 @@ class ResultCollector:
             self._batches.append(event)
         elif isinstance(event, Attention):
             self._attention.append(event)
-        elif isinstance(event, Progress):
-            self._last_progress = event
         elif isinstance(event, Completed):
             self._completed = event
             self._wall_s = time.perf_counter() - self._t0

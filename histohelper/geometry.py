@@ -186,8 +186,3 @@ def level_read_size(footprint_l0: float, level_downsample: float) -> int:
         level_downsample: level-0 px per level px along the same axis (exact float).
     """
     return max(1, round(footprint_l0 / level_downsample))
-
-
-def to_frame(value_l0: npt.ArrayLike, scale: float) -> npt.NDArray[np.float64]:
-    """Convert level-0 coordinates to a frame with ``scale`` level-0 px per frame px."""
-    return np.asarray(value_l0, dtype=np.float64) / scale
