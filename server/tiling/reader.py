@@ -1,22 +1,27 @@
-"""Read a grid's patches as uint8 RGB batches from a pool of reader threads.
+"""Read a grid's patches as uint8 RGB batches on a pool of reader threads.
 
 OpenSlide releases the GIL while decoding, so threads give real parallelism. Each
-worker owns its own :class:`Slide` handle (never shared); a failed read closes and
-reopens that handle (OpenSlide errors latch) and records the patch as failed.
-Memory is bounded: at most ``queue_depth`` finished batches wait in the queue, plus
-one batch being filled per worker, each of at most ``max_batch_bytes``; patches are
-resized from the read straight to the output size (the model's input), so a large
-grid patch never exists at full size in a batch.
+batch is one task of a :class:`concurrent.futures.ThreadPoolExecutor`; a reading
+thread borrows a :class:`Slide` handle no other thread holds at that time (one per
+thread at most); a failed read closes and reopens that handle (OpenSlide errors latch)
+and records the patch as failed. Memory is bounded: at most ``queue_depth +
+num_workers`` batches are submitted and not yet handed on (finished ones wait, running
+ones are being filled), each of at most ``max_batch_bytes``; patches are resized from
+the read straight to the output size (the model's input), so a large grid patch never
+exists at full size in a batch. Nothing polls: the consumer blocks until a batch is
+done, and the stop event is checked between patches.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import math
 import os
-import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import cv2
@@ -115,7 +120,6 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, cv2.error) and getattr(exc, "code", None) == cv2.Error.StsNoMem
 
 
-_DONE = object()
 #: Default most bytes of one batch's images (256 MiB: 1,783 patches of 224 px, one of
 #: 8192 px).
 MAX_BATCH_BYTES = 256 * 1024 * 1024
@@ -246,6 +250,166 @@ class PatchReader:
         #: Grid indices that failed in the last iteration.
         self.failed_indices: list[int] = []
 
+    def iter_batches(
+        self, indices: Sequence[int] | None = None, stop: threading.Event | None = None
+    ) -> Iterator[PatchBatch]:
+        """Yield batches until every requested index was read or failed.
+
+        Every requested index appears exactly once, in some batch's ``indices`` or
+        ``failed``; batches arrive as they finish, not necessarily in order. Setting
+        ``stop`` ends the iteration within about one patch read per thread; closing
+        the generator early also stops and joins the reader threads.
+
+        Args:
+            indices: grid indices to read (default: all, in grid order).
+            stop: optional event checked between patches.
+
+        Yields:
+            :class:`PatchBatch`.
+
+        Raises:
+            InvalidOptionsError: an index outside the grid.
+            CorruptSlideError: failed reads exceed ``max_failed_fraction`` of the
+                requested patches (raised with the batch that passes the limit).
+            SlideTooLargeError: a reader ran out of memory (MemoryError, or OpenCV's
+                out-of-memory error).
+            SlideNotFoundError, UnsupportedSlideError: a reader could not open the slide.
+        """
+        idx = self._requested(indices)
+        self.failed_indices = []
+        if idx.size == 0:
+            return
+        chunks = self._chunks(idx)
+        allowed = math.floor(self.max_failed_fraction * idx.size + 1e-9)
+        halt = threading.Event()
+        handles = _HandlePool(self._open, self._release)
+        pool = ThreadPoolExecutor(
+            max_workers=min(self.num_workers, len(chunks)), thread_name_prefix="patch-reader"
+        )
+        # Batches submitted and not yet handed on: read or being read, at most
+        # queue_depth + num_workers (plus the one the consumer holds).
+        window = self.queue_depth + self.num_workers
+        pending: dict[Future[PatchBatch | None], None] = {}  # in submission order
+        todo = iter(chunks)
+
+        def halted() -> bool:
+            return halt.is_set() or (stop is not None and stop.is_set())
+
+        def refill() -> None:
+            for chunk in itertools.islice(todo, window - len(pending)):
+                pending[pool.submit(self._read_batch, chunk, handles, halted)] = None
+
+        try:
+            refill()
+            while pending and not halted():
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in [f for f in pending if f in finished]:  # oldest first
+                    del pending[future]
+                    batch = future.result()
+                    if batch is None or halted():  # stopped while reading
+                        return
+                    self._count_failures(batch, allowed, int(idx.size))
+                    yield batch
+                refill()
+        finally:
+            halt.set()
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
+            handles.close()
+
+    def _requested(self, indices: Sequence[int] | None) -> npt.NDArray[np.int64]:
+        """The requested grid indices as int64 [N] (all of the grid by default)."""
+        idx = (
+            np.arange(len(self.grid), dtype=np.int64)
+            if indices is None
+            else np.asarray(indices, dtype=np.int64).reshape(-1)
+        )
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self.grid)):
+            raise InvalidOptionsError("patch index out of range")
+        return idx
+
+    def _chunks(self, idx: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
+        """``idx`` cut into consecutive batches (see :func:`batch_sizes`)."""
+        sizes = batch_sizes(
+            int(idx.size),
+            self.batch_size,
+            self.first_batch_size,
+            self.tail_patches,
+            self.tail_batch_size,
+        )
+        bounds = np.cumsum([0, *sizes])
+        return [idx[a:b] for a, b in itertools.pairwise(bounds.tolist())]
+
+    def _count_failures(self, batch: PatchBatch, allowed: int, total: int) -> None:
+        """Record the batch's failed reads; raise once more than ``allowed`` failed.
+
+        Raises:
+            CorruptSlideError: more than ``allowed`` of ``total`` patches failed.
+        """
+        if not batch.failed.size:
+            return
+        self.failed_indices.extend(batch.failed.tolist())
+        if len(self.failed_indices) > allowed:
+            raise CorruptSlideError(
+                f"{len(self.failed_indices)} of {total} patches could not be "
+                f"decoded (more than {self.max_failed_fraction:.1%})",
+                failed_patches=str(len(self.failed_indices)),
+                requested_patches=str(total),
+            )
+
+    def _read_batch(
+        self,
+        chunk: npt.NDArray[np.int64],
+        handles: _HandlePool,
+        halted: Callable[[], bool],
+    ) -> PatchBatch | None:
+        """Read one batch on a reader thread with a handle no other thread holds.
+
+        Returns:
+            The batch, or None when ``halted()`` became true between two patches.
+
+        Raises:
+            HistoHelperError: from opening the slide; SlideTooLargeError when memory
+                ran out; CorruptSlideError for any other unexpected failure (logged).
+        """
+        try:
+            with handles.borrow() as slide:
+                return self._read_chunk(slide, chunk, halted)
+        except HistoHelperError:
+            raise
+        except Exception as exc:  # never lose an error in a thread
+            if _out_of_memory(exc):  # a size problem, not a corrupt slide (DATA_LOSS)
+                logger.warning("patch reader ran out of memory")
+                raise SlideTooLargeError(
+                    "the server ran out of memory reading patches: use a smaller "
+                    "batch, patch size or target resolution"
+                ) from None
+            logger.exception("patch reader failed")
+            raise CorruptSlideError(f"patch reading failed: {type(exc).__name__}") from None
+
+    def _read_chunk(
+        self, slide: Slide, chunk: npt.NDArray[np.int64], halted: Callable[[], bool]
+    ) -> PatchBatch | None:
+        """The patches of ``chunk`` read from ``slide``; unreadable ones listed as failed."""
+        size = self.output_size_px
+        images = np.empty((chunk.size, size, size, 3), dtype=np.uint8)
+        ok: list[int] = []
+        failed: list[int] = []
+        for i in chunk.tolist():
+            if halted():
+                return None
+            try:
+                images[len(ok)] = read_patch(slide, self.grid, i, size)
+                ok.append(i)
+            except CorruptSlideError:
+                failed.append(i)
+        return PatchBatch(
+            indices=np.asarray(ok, dtype=np.int64),
+            images=images[: len(ok)],
+            failed=np.asarray(failed, dtype=np.int64),
+        )
+
     def _open(self) -> Slide:
         if self.cache is not None:
             return self.cache.acquire(self._path)
@@ -257,149 +421,32 @@ class PatchReader:
         else:
             slide.close()
 
-    def iter_batches(
-        self, indices: Sequence[int] | None = None, stop: threading.Event | None = None
-    ) -> Iterator[PatchBatch]:
-        """Yield batches until every requested index was read or failed.
 
-        Every requested index appears exactly once, in some batch's ``indices`` or
-        ``failed``; batches may arrive out of order. Setting ``stop`` ends the
-        iteration within about one batch; closing the generator early also stops and
-        joins the worker threads.
+class _HandlePool:
+    """Slide handles of one iteration: each lent to one reader thread at a time, opened
+    on first need (at most one per thread), given back to the reader's cache (or
+    closed) by :meth:`close`."""
 
-        Args:
-            indices: grid indices to read (default: all, in grid order).
-            stop: optional event checked between patches.
+    def __init__(self, open_: Callable[[], Slide], release: Callable[[Slide], None]) -> None:
+        self._open = open_
+        self._release = release
+        self._idle: list[Slide] = []
+        self._lock = threading.Lock()
 
-        Yields:
-            :class:`PatchBatch`.
-
-        Raises:
-            CorruptSlideError: failed reads exceed ``max_failed_fraction`` of the
-                requested patches (raised as soon as that happens).
-            SlideTooLargeError: a worker ran out of memory (MemoryError, or OpenCV's
-                out-of-memory error).
-            SlideNotFoundError, UnsupportedSlideError: a worker could not open the slide.
-        """
-        idx = (
-            np.arange(len(self.grid), dtype=np.int64)
-            if indices is None
-            else np.asarray(indices, dtype=np.int64).reshape(-1)
-        )
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self.grid)):
-            raise InvalidOptionsError("patch index out of range")
-        self.failed_indices = []
-        if idx.size == 0:
-            return
-        total = int(idx.size)
-        allowed = math.floor(self.max_failed_fraction * total + 1e-9)
-        tasks: queue.SimpleQueue[npt.NDArray[np.int64]] = queue.SimpleQueue()
-        start = 0
-        for size in batch_sizes(
-            total, self.batch_size, self.first_batch_size, self.tail_patches, self.tail_batch_size
-        ):
-            tasks.put(idx[start : start + size])
-            start += size
-        out: queue.Queue[object] = queue.Queue(maxsize=self.queue_depth)
-        halt = threading.Event()
-        n_workers = min(self.num_workers, tasks.qsize())
-
-        def halted() -> bool:
-            return halt.is_set() or (stop is not None and stop.is_set())
-
-        def put(item: object) -> bool:
-            while not halted():
-                try:
-                    out.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def worker() -> None:
-            slide: Slide | None = None
-            try:
-                slide = self._open()
-                size = self.output_size_px
-                while not halted():
-                    try:
-                        chunk = tasks.get_nowait()
-                    except queue.Empty:
-                        break
-                    images = np.empty((chunk.size, size, size, 3), dtype=np.uint8)
-                    ok: list[int] = []
-                    failed: list[int] = []
-                    for i in chunk.tolist():
-                        if halted():
-                            return
-                        try:
-                            images[len(ok)] = read_patch(slide, self.grid, i, size)
-                            ok.append(i)
-                        except CorruptSlideError:
-                            failed.append(i)
-                    batch = PatchBatch(
-                        indices=np.asarray(ok, dtype=np.int64),
-                        images=images[: len(ok)],
-                        failed=np.asarray(failed, dtype=np.int64),
-                    )
-                    if not put(batch):
-                        return
-            except HistoHelperError as exc:
-                put(exc)
-            except Exception as exc:  # never lose an error in a thread
-                if _out_of_memory(exc):  # a size problem, not a corrupt slide (DATA_LOSS)
-                    logger.warning("patch reader worker ran out of memory")
-                    put(
-                        SlideTooLargeError(
-                            "the server ran out of memory reading patches: use a smaller "
-                            "batch, patch size or target resolution"
-                        )
-                    )
-                else:
-                    logger.exception("patch reader worker failed")
-                    put(CorruptSlideError(f"patch reading failed: {type(exc).__name__}"))
-            finally:
-                if slide is not None:
-                    self._release(slide)
-                put(_DONE)
-
-        threads = [
-            threading.Thread(target=worker, name=f"patch-reader-{k}", daemon=True)
-            for k in range(n_workers)
-        ]
-        for t in threads:
-            t.start()
-        done = 0
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[Slide]:
+        with self._lock:
+            slide = self._idle.pop() if self._idle else None
+        if slide is None:
+            slide = self._open()
         try:
-            while done < n_workers:
-                if stop is not None and stop.is_set():
-                    break
-                try:
-                    item = out.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                if item is _DONE:
-                    done += 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, PatchBatch)
-                if item.failed.size:
-                    self.failed_indices.extend(item.failed.tolist())
-                    if len(self.failed_indices) > allowed:
-                        raise CorruptSlideError(
-                            f"{len(self.failed_indices)} of {total} patches could not be "
-                            f"decoded (more than {self.max_failed_fraction:.1%})",
-                            failed_patches=str(len(self.failed_indices)),
-                            requested_patches=str(total),
-                        )
-                yield item
+            yield slide
         finally:
-            halt.set()
-            while True:  # unblock workers waiting on a full queue
-                try:
-                    out.get_nowait()
-                except queue.Empty:
-                    break
-            for t in threads:
-                t.join()
+            with self._lock:
+                self._idle.append(slide)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for slide in idle:
+            self._release(slide)
