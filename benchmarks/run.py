@@ -493,6 +493,91 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(f"| {a.ljust(w)} | {b} |" for a, b in rows)
 
 
+def measure(
+    artifact: Path, small: Path, large: Path, n_patches: int, *, tiny: bool
+) -> dict[str, Any]:
+    """Run (a), (b), the bracketed (c) runs and (d) on one set of patches of ``large``.
+
+    Returns:
+        The raw figures: ``naive_*`` from (a), ``model`` (per variant) from (b),
+        ``model_best`` and ``model_best_runs`` (its sweep value, then one run after
+        each (c) run), ``e2e_runs`` (large slide) and ``e2e_small``.
+    """
+    import numpy as np
+
+    r: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        boxes = plan_boxes(large, n_patches)
+        (tmp / "boxes.json").write_text(json.dumps(boxes))
+        np.save(tmp / "patches.npy", read_patches(large, boxes))
+        r["bench_patches"] = len(boxes)
+
+        _log(f"(a) naive over {len(boxes)} patches")
+        r.update(run_child("naive", str(large), str(tmp / "boxes.json")))
+
+        _log("(b) model-only per runtime/precision")
+        r["model"] = run_child(
+            "model", str(artifact), str(tmp / "patches.npy"), json.dumps(MODEL_VARIANTS)
+        )
+
+        measured = {k: v["patches_per_s"] for k, v in r["model"].items() if "patches_per_s" in v}
+        best = max(measured, key=measured.__getitem__)
+        best_runs = [measured[best]]
+        e2e_runs = []
+        for i in range(1 if tiny else E2E_REPEATS):
+            _log(f"(c, d) e2e on the large slide, fresh server ({i + 1}); then (b) {best} again")
+            (tmp / f"large{i}").mkdir()
+            e2e_runs.append(serve_and_analyze(artifact, large, tmp / f"large{i}"))
+            _log(f"e2e large: {e2e_runs[-1]}")
+            again = run_child("model", str(artifact), str(tmp / "patches.npy"), json.dumps([best]))
+            best_runs.append(again[best]["patches_per_s"])
+        _log("(d) RSS on the small slide, fresh server")
+        (tmp / "small").mkdir()
+        e2e_small = serve_and_analyze(artifact, small, tmp / "small")
+        _log(f"e2e small: {e2e_small}")
+    r.update(model_best=best, model_best_runs=best_runs, e2e_runs=e2e_runs, e2e_small=e2e_small)
+    return r
+
+
+def derive_figures(r: dict[str, Any]) -> None:
+    """Add the medians, ratios, roofline fractions and target checks to ``r`` (the
+    output of :func:`measure` and :func:`roofline`), in place."""
+    e2e_runs, best_runs, e2e_small = r["e2e_runs"], r["model_best_runs"], r["e2e_small"]
+    e2e = e2e_runs[0]
+    r["e2e"] = e2e
+    r["model_patches_per_s"] = round(statistics.median(best_runs), 2)
+    r["e2e_patches_per_s"] = round(statistics.median(x["patches_per_s"] for x in e2e_runs), 2)
+    r["first_result_s"] = round(statistics.median(x["first_result_s"] for x in e2e_runs), 3)
+    r["tiling_s"] = round(statistics.median(x["server_tiling_s"] for x in e2e_runs), 3)
+    r["peak_rss_mb_small"] = e2e_small["peak_rss_mb"]
+    r["peak_rss_mb_large"] = e2e["peak_rss_mb"]  # the first large run: same order as small
+    r["rss_growth_pct"] = round(100 * (e2e["peak_rss_mb"] / e2e_small["peak_rss_mb"] - 1), 1)
+    r["ratio_e2e_over_naive"] = round(r["e2e_patches_per_s"] / r["naive_patches_per_s"], 2)
+    # Each (c) run against the mean of the (b) runs just before and just after it.
+    paired = [
+        c["patches_per_s"] / ((best_runs[i] + best_runs[i + 1]) / 2) for i, c in enumerate(e2e_runs)
+    ]
+    r["ratio_e2e_over_best_model_runs"] = [round(x, 3) for x in paired]
+    r["ratio_e2e_over_best_model"] = round(statistics.median(paired), 3)
+    r["ratio_of_medians_e2e_over_best_model"] = round(
+        r["e2e_patches_per_s"] / r["model_patches_per_s"], 3
+    )
+    for v in r["model"].values():
+        if "patches_per_s" not in v:
+            continue
+        for precision in ("bf16", "fp32"):
+            v[f"fraction_of_{precision}_roofline"] = round(
+                v["patches_per_s"] * RESNET18_GFLOP / r[f"roofline_{precision}_gflops"], 3
+            )
+    r["targets"] = {
+        "e2e_ge_5x_naive": r["ratio_e2e_over_naive"] >= 5,
+        "e2e_ge_0.9x_best_model": r["ratio_e2e_over_best_model"] >= 0.9,
+        "rss_growth_le_10pct": r["rss_growth_pct"] <= 10,
+        "first_result_le_1s": r["first_result_s"] <= 1.0,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small slides, few patches")
@@ -520,76 +605,9 @@ def main() -> int:
     r["slide_small_px"], r["slide_large_px"] = small_px, large_px
     artifact = args.artifact or ensure_artifact(cache)
 
-    import numpy as np
-
-    with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
-        boxes = plan_boxes(large, n_patches)
-        (tmp / "boxes.json").write_text(json.dumps(boxes))
-        np.save(tmp / "patches.npy", read_patches(large, boxes))
-        r["bench_patches"] = len(boxes)
-
-        _log(f"(a) naive over {len(boxes)} patches")
-        r.update(run_child("naive", str(large), str(tmp / "boxes.json")))
-
-        _log("(b) model-only per runtime/precision")
-        r["model"] = run_child(
-            "model", str(artifact), str(tmp / "patches.npy"), json.dumps(MODEL_VARIANTS)
-        )
-
-        measured = {k: v["patches_per_s"] for k, v in r["model"].items() if "patches_per_s" in v}
-        best = max(measured, key=measured.__getitem__)
-        best_runs = [measured[best]]
-        e2e_runs = []
-        for i in range(1 if args.tiny else E2E_REPEATS):
-            _log(f"(c, d) e2e on the large slide, fresh server ({i + 1}); then (b) {best} again")
-            (tmp / f"large{i}").mkdir()
-            e2e_runs.append(serve_and_analyze(artifact, large, tmp / f"large{i}"))
-            _log(f"e2e large: {e2e_runs[-1]}")
-            again = run_child("model", str(artifact), str(tmp / "patches.npy"), json.dumps([best]))
-            best_runs.append(again[best]["patches_per_s"])
-        _log("(d) RSS on the small slide, fresh server")
-        (tmp / "small").mkdir()
-        e2e_small = serve_and_analyze(artifact, small, tmp / "small")
-        _log(f"e2e small: {e2e_small}")
-
+    r.update(measure(artifact, small, large, n_patches, tiny=args.tiny))
     r.update(roofline(1.0 if args.tiny else 3.0))
-    e2e = e2e_runs[0]
-    r["e2e"] = e2e
-    r["e2e_runs"] = e2e_runs
-    r["e2e_small"] = e2e_small
-    r["model_best"] = best
-    r["model_best_runs"] = best_runs
-    r["model_patches_per_s"] = round(statistics.median(best_runs), 2)
-    r["e2e_patches_per_s"] = round(statistics.median(x["patches_per_s"] for x in e2e_runs), 2)
-    r["first_result_s"] = round(statistics.median(x["first_result_s"] for x in e2e_runs), 3)
-    r["tiling_s"] = round(statistics.median(x["server_tiling_s"] for x in e2e_runs), 3)
-    r["peak_rss_mb_small"] = e2e_small["peak_rss_mb"]
-    r["peak_rss_mb_large"] = e2e["peak_rss_mb"]  # the first large run: same order as small
-    r["rss_growth_pct"] = round(100 * (e2e["peak_rss_mb"] / e2e_small["peak_rss_mb"] - 1), 1)
-    r["ratio_e2e_over_naive"] = round(r["e2e_patches_per_s"] / r["naive_patches_per_s"], 2)
-    # Each (c) run against the mean of the (b) runs just before and just after it.
-    paired = [
-        c["patches_per_s"] / ((best_runs[i] + best_runs[i + 1]) / 2) for i, c in enumerate(e2e_runs)
-    ]
-    r["ratio_e2e_over_best_model_runs"] = [round(x, 3) for x in paired]
-    r["ratio_e2e_over_best_model"] = round(statistics.median(paired), 3)
-    r["ratio_of_medians_e2e_over_best_model"] = round(
-        r["e2e_patches_per_s"] / r["model_patches_per_s"], 3
-    )
-    for k, v in measured.items():
-        r["model"][k]["fraction_of_bf16_roofline"] = round(
-            v * RESNET18_GFLOP / r["roofline_bf16_gflops"], 3
-        )
-        r["model"][k]["fraction_of_fp32_roofline"] = round(
-            v * RESNET18_GFLOP / r["roofline_fp32_gflops"], 3
-        )
-    r["targets"] = {
-        "e2e_ge_5x_naive": r["ratio_e2e_over_naive"] >= 5,
-        "e2e_ge_0.9x_best_model": r["ratio_e2e_over_best_model"] >= 0.9,
-        "rss_growth_le_10pct": r["rss_growth_pct"] <= 10,
-        "first_result_le_1s": r["first_result_s"] <= 1.0,
-    }
+    derive_figures(r)
     r["machine_info"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     text = table(r)
     print(text)

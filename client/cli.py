@@ -40,6 +40,12 @@ TOKEN_ENV = "HISTOHELPER_TOKEN"
 
 def add_subcommands(subparsers: Any) -> None:
     """Register ``analyze``, ``info`` and ``evaluate`` (each with ``func``) on the subparsers."""
+    _add_analyze(subparsers)
+    _add_info(subparsers)
+    _add_evaluate(subparsers)
+
+
+def _add_analyze(subparsers: Any) -> None:
     analyze = subparsers.add_parser(
         "analyze",
         help="analyse a slide on a server; write overlay, heatmaps, GeoJSON, summary",
@@ -78,6 +84,8 @@ def add_subcommands(subparsers: Any) -> None:
     analyze.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     analyze.set_defaults(func=run_analyze)
 
+
+def _add_info(subparsers: Any) -> None:
     info = subparsers.add_parser(
         "info",
         help="print the served model's manifest",
@@ -87,6 +95,8 @@ def add_subcommands(subparsers: Any) -> None:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=run_info)
 
+
+def _add_evaluate(subparsers: Any) -> None:
     evaluate = subparsers.add_parser(
         "evaluate",
         help="patch-level metrics of the served model on a labelled patch folder",

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,56 +316,22 @@ def compute_metrics(
     from sklearn.metrics import confusion_matrix
 
     names = tuple(class_names)
-    if positive not in names:
-        raise EvaluationError(f"positive class {positive!r} is not one of {', '.join(names)}")
-    y = np.asarray(y_true, dtype=np.int64)
-    probs = np.asarray(probabilities, dtype=np.float64)
-    if y.ndim != 1 or y.size == 0:
-        raise EvaluationError("no patches to score")
-    if probs.shape != (y.size, len(names)):
-        raise EvaluationError(
-            f"probabilities have shape {probs.shape}, expected ({y.size}, {len(names)})"
-        )
-    if y.min() < 0 or y.max() >= len(names):
-        raise EvaluationError("true class indices out of range")
-    if not 0.0 < confidence < 1.0:
-        raise EvaluationError("confidence must be in (0, 1)")
-    if groups is not None and len(groups) != y.size:
-        raise EvaluationError(f"{len(groups)} groups given for {y.size} patches")
-    # members[g]: the patch indices of group g (first-appearance order).
-    if groups is None:
-        members = [np.array([i]) for i in range(y.size)]
-    else:
-        code_of: dict[str, int] = {}
-        codes = np.array([code_of.setdefault(str(g), len(code_of)) for g in groups])
-        order = np.argsort(codes, kind="stable")
-        members = np.split(order, np.cumsum(np.bincount(codes))[:-1])
+    y, probs = _checked_inputs(y_true, probabilities, names, positive, confidence, groups)
+    members = _group_members(groups, y.size)
     pos = names.index(positive)
     y_pred = probs.argmax(axis=1).astype(np.int64)
-    scores = probs[:, pos]
     n_classes = len(names)
     cm = confusion_matrix(y, y_pred, labels=list(range(n_classes))).astype(np.int64)
     tp = int(cm[pos, pos])
     fn = int(cm[pos].sum() - tp)
     fp = int(cm[:, pos].sum() - tp)
     tn = int(cm.sum() - tp - fn - fp)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # undefined metrics in a resample are NaN
-        multi = n_classes > 2  # two classes: per-class recall is sensitivity/specificity
-        point = np.array(_figures(y, y_pred, scores, pos, n_classes, multi))
-        k = len(point)
-        samples = np.full((max(n_bootstrap, 0), k), np.nan)
-        rng = np.random.default_rng(seed)
-        for b in range(samples.shape[0]):
-            draw = rng.integers(0, len(members), len(members))
-            idx = draw if groups is None else np.concatenate([members[g] for g in draw])
-            samples[b] = _figures(y[idx], y_pred[idx], scores[idx], pos, n_classes, multi)
-        alpha = (1.0 - confidence) / 2.0
-        if samples.shape[0]:
-            lo, hi = np.nanpercentile(samples, [100 * alpha, 100 * (1 - alpha)], axis=0)
-        else:
-            lo = hi = np.full(k, np.nan)
+    multi = n_classes > 2  # two classes: per-class recall is sensitivity/specificity
+    point, lo, hi = _bootstrap(
+        y, y_pred, probs[:, pos], pos, n_classes, multi,
+        members=members if groups is not None else None,
+        n_bootstrap=n_bootstrap, seed=seed, confidence=confidence,
+    )  # fmt: skip
 
     def est(i: int) -> Estimate:
         def f(v: float) -> float | None:
@@ -398,6 +364,87 @@ def compute_metrics(
         n_groups=len(members),
         grouped=groups is not None,
     )
+
+
+def _checked_inputs(
+    y_true: Sequence[int] | npt.NDArray[np.integer],
+    probabilities: npt.ArrayLike,
+    names: tuple[str, ...],
+    positive: str,
+    confidence: float,
+    groups: Sequence[str] | None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Labels as int64 ``[n]`` and probabilities as float64 ``[n, C]``, checked.
+
+    Raises:
+        EvaluationError: as :func:`compute_metrics`.
+    """
+    if positive not in names:
+        raise EvaluationError(f"positive class {positive!r} is not one of {', '.join(names)}")
+    y = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if y.ndim != 1 or y.size == 0:
+        raise EvaluationError("no patches to score")
+    if probs.shape != (y.size, len(names)):
+        raise EvaluationError(
+            f"probabilities have shape {probs.shape}, expected ({y.size}, {len(names)})"
+        )
+    if y.min() < 0 or y.max() >= len(names):
+        raise EvaluationError("true class indices out of range")
+    if not 0.0 < confidence < 1.0:
+        raise EvaluationError("confidence must be in (0, 1)")
+    if groups is not None and len(groups) != y.size:
+        raise EvaluationError(f"{len(groups)} groups given for {y.size} patches")
+    return y, probs
+
+
+def _group_members(groups: Sequence[str] | None, n: int) -> list[npt.NDArray[np.intp]]:
+    """``members[g]``: the patch indices of group ``g`` (groups in first-appearance order;
+    each patch its own group when ``groups`` is None)."""
+    if groups is None:
+        return [np.array([i]) for i in range(n)]
+    code_of: dict[str, int] = {}
+    codes = np.array([code_of.setdefault(str(g), len(code_of)) for g in groups])
+    order = np.argsort(codes, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(codes))[:-1])
+
+
+def _bootstrap(
+    y: npt.NDArray[np.int64],
+    y_pred: npt.NDArray[np.int64],
+    scores: npt.NDArray[np.float64],
+    pos: int,
+    n_classes: int,
+    multi: bool,
+    *,
+    members: list[npt.NDArray[np.intp]] | None,
+    n_bootstrap: int,
+    seed: int,
+    confidence: float,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Point figures (:data:`METRIC_LABELS`, then per-class recall when ``multi``) and
+    their percentile-bootstrap interval ``(point, lo, hi)``, each float64 ``[k]``.
+
+    Each resample draws ``len(members)`` groups with replacement (``members`` None:
+    patches one by one); figures undefined in a resample are NaN and left out.
+    """
+    n_units = len(members) if members is not None else y.size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # undefined metrics in a resample are NaN
+        point = np.array(_figures(y, y_pred, scores, pos, n_classes, multi))
+        k = len(point)
+        samples = np.full((max(n_bootstrap, 0), k), np.nan)
+        rng = np.random.default_rng(seed)
+        for b in range(samples.shape[0]):
+            draw = rng.integers(0, n_units, n_units)
+            idx = draw if members is None else np.concatenate([members[g] for g in draw])
+            samples[b] = _figures(y[idx], y_pred[idx], scores[idx], pos, n_classes, multi)
+        alpha = (1.0 - confidence) / 2.0
+        if samples.shape[0]:
+            lo, hi = np.nanpercentile(samples, [100 * alpha, 100 * (1 - alpha)], axis=0)
+        else:
+            lo = hi = np.full(k, np.nan)
+    return point, lo, hi
 
 
 # --- evaluation -------------------------------------------------------------------------
@@ -587,6 +634,66 @@ def _read_inputs(
         yield str(i), data
 
 
+def _served_positive(scanned: PatchFolder, classes: tuple[str, ...], positive: str | None) -> str:
+    """The positive class (default the model's last), once every folder class is one of
+    the model's ``classes``.
+
+    Raises:
+        EvaluationError: a folder class or ``positive`` the model does not know.
+    """
+    unknown = [c for c in scanned.class_names if c not in classes]
+    if unknown:
+        raise EvaluationError(
+            f"class folder(s) {', '.join(repr(c) for c in unknown)} in {scanned.root} "
+            f"are not classes of the served model (its patch classes: {', '.join(classes)})"
+        )
+    positive = classes[-1] if positive is None else positive
+    if positive not in classes:
+        raise EvaluationError(
+            f"positive class {positive!r} is not a class of the served model "
+            f"(its patch classes: {', '.join(classes)})"
+        )
+    return positive
+
+
+def _collect_predictions(
+    predictions: Iterable[Any],
+    scanned: PatchFolder,
+    classes: tuple[str, ...],
+    skipped: dict[int, SkippedFile],
+    on_progress: ProgressFn | None,
+) -> tuple[list[int], list[npt.NDArray[np.float32]]]:
+    """Take the server's answers: ``(kept, rows)``, the patch indices classified and
+    their float32 ``[C]`` probabilities; errors and wrong shapes go to ``skipped``.
+
+    Raises:
+        EvaluationError: no patch was classified.
+    """
+    kept: list[int] = []
+    rows: list[npt.NDArray[np.float32]] = []
+    total = len(scanned.patches)
+    for pred in predictions:
+        i = int(pred.id)
+        if pred.error:
+            skipped[i] = SkippedFile(scanned.patches[i].rel_path, pred.error)
+        elif pred.probabilities.shape != (len(classes),):
+            skipped[i] = SkippedFile(
+                scanned.patches[i].rel_path,
+                f"server returned {pred.probabilities.size} probabilities for "
+                f"{len(classes)} classes",
+            )
+        else:
+            kept.append(i)
+            rows.append(pred.probabilities)
+        if on_progress is not None:
+            on_progress(len(kept) + len(skipped), total)
+    if on_progress is not None:
+        on_progress(len(kept) + len(skipped), total)  # files skipped after the last answer
+    if not kept:
+        raise EvaluationError(f"none of the {total} patches could be classified")
+    return kept, rows
+
+
 def evaluate_folder(
     client: Any,
     folder: str | os.PathLike[str] | PatchFolder,
@@ -627,48 +734,15 @@ def evaluate_folder(
     scanned = folder if isinstance(folder, PatchFolder) else scan_patch_folder(folder)
     model = client.get_model_info().model
     classes = tuple(model.patch_classes)
-    unknown = [c for c in scanned.class_names if c not in classes]
-    if unknown:
-        raise EvaluationError(
-            f"class folder(s) {', '.join(repr(c) for c in unknown)} in {scanned.root} "
-            f"are not classes of the served model (its patch classes: {', '.join(classes)})"
-        )
-    positive = classes[-1] if positive is None else positive
-    if positive not in classes:
-        raise EvaluationError(
-            f"positive class {positive!r} is not a class of the served model "
-            f"(its patch classes: {', '.join(classes)})"
-        )
+    positive = _served_positive(scanned, classes, positive)
     groups = patch_groups(scanned, group_by)
-
-    skipped: dict[int, SkippedFile] = {}
-    kept: list[int] = []
-    rows: list[npt.NDArray[np.float32]] = []
-    total = len(scanned.patches)
+    skipped: dict[int, SkippedFile] = {}  # filled by the reader and by the answers
     predictions = client.classify(
         _read_inputs(scanned, skipped, max_image_bytes),
         batch_size=batch_size,
         max_in_flight=max_in_flight,
     )
-    for pred in predictions:
-        i = int(pred.id)
-        if pred.error:
-            skipped[i] = SkippedFile(scanned.patches[i].rel_path, pred.error)
-        elif pred.probabilities.shape != (len(classes),):
-            skipped[i] = SkippedFile(
-                scanned.patches[i].rel_path,
-                f"server returned {pred.probabilities.size} probabilities for "
-                f"{len(classes)} classes",
-            )
-        else:
-            kept.append(i)
-            rows.append(pred.probabilities)
-        if on_progress is not None:
-            on_progress(len(kept) + len(skipped), total)
-    if on_progress is not None:
-        on_progress(len(kept) + len(skipped), total)  # files skipped after the last answer
-    if not kept:
-        raise EvaluationError(f"none of the {total} patches could be classified")
+    kept, rows = _collect_predictions(predictions, scanned, classes, skipped, on_progress)
     y_true = np.array([classes.index(scanned.patches[i].label) for i in kept], dtype=np.int64)
     probs = np.stack(rows).astype(np.float32)
     metrics = compute_metrics(

@@ -256,9 +256,48 @@ async def aclassify_stream(
     """
     _check_stream_args(batch_size, max_in_flight)
     stream = call(timeout=timeout, metadata=metadata)
-    sent: deque[int] = deque()
-    packer = _Packer(batch_size, max_request_bytes)
-    failure: Exception | None = None
+    sent: deque[int] = deque()  # images per request sent and not yet answered
+    failure: list[Exception] = []
+
+    async def answer() -> list[PatchPrediction]:
+        reply = await stream.read()
+        if reply is grpc.aio.EOF:
+            raise InternalError("ClassifyPatches ended before answering every request")
+        return _answers(reply, sent.popleft())
+
+    try:
+        async for batch in _abatches(images, batch_size, max_request_bytes, failure):
+            while len(sent) >= max_in_flight:  # wait for a slot, yielding the answers
+                for pred in await answer():
+                    yield pred
+            await stream.write(
+                pb.ClassifyPatchesRequest(images=batch, return_embeddings=return_embeddings)
+            )
+            sent.append(len(batch))
+        await stream.done_writing()
+        while sent:
+            for pred in await answer():
+                yield pred
+    except grpc.RpcError as err:
+        raise error_from_rpc(err) from err
+    finally:
+        stream.cancel()  # no-op after the call has finished
+    if failure:
+        raise failure[0]
+
+
+async def _abatches(
+    images: PatchInputs | AsyncIterable[PatchInput],
+    batch_size: int,
+    max_request_bytes: int,
+    failure: list[Exception],
+) -> AsyncIterator[list[pb.PatchImage]]:
+    """Pack the caller's images, a plain or an async iterable, into requests.
+
+    An exception from the caller's iterable (or a bad pair) is appended to ``failure``
+    and ends the requests without the partly packed one: the caller raises it after
+    the answers to the requests already sent.
+    """
 
     async def pairs() -> AsyncIterator[PatchInput]:
         if isinstance(images, AsyncIterable):
@@ -268,46 +307,19 @@ async def aclassify_stream(
             for item in images:
                 yield item
 
-    async def answer() -> list[PatchPrediction]:
-        reply = await stream.read()
-        if reply is grpc.aio.EOF:
-            raise InternalError("ClassifyPatches ended before answering every request")
-        return _answers(reply, sent.popleft())
-
-    async def send(batch: list[pb.PatchImage]) -> AsyncIterator[PatchPrediction]:
-        while len(sent) >= max_in_flight:  # wait for a slot, yielding the answers
-            for pred in await answer():
-                yield pred
-        await stream.write(
-            pb.ClassifyPatchesRequest(images=batch, return_embeddings=return_embeddings)
-        )
-        sent.append(len(batch))
-
+    packer = _Packer(batch_size, max_request_bytes)
     items = pairs()
-    try:
-        while True:
-            try:  # the caller's iterable: its errors come after the answers so far
-                image_id, data = await anext(items)
-                batch = packer.add(image_id, data)
-            except StopAsyncIteration:
-                batch = packer.flush()
-                if batch:
-                    async for pred in send(batch):
-                        yield pred
-                break
-            except Exception as exc:
-                failure = exc
-                break
+    while True:
+        try:
+            image_id, data = await anext(items)
+            batch = packer.add(image_id, data)
+        except StopAsyncIteration:
+            batch = packer.flush()
             if batch:
-                async for pred in send(batch):
-                    yield pred
-        await stream.done_writing()
-        while sent:
-            for pred in await answer():
-                yield pred
-    except grpc.RpcError as err:
-        raise error_from_rpc(err) from err
-    finally:
-        stream.cancel()  # no-op after the call has finished
-    if failure is not None:
-        raise failure
+                yield batch
+            return
+        except Exception as exc:
+            failure.append(exc)
+            return
+        if batch:
+            yield batch
