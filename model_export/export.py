@@ -382,7 +382,7 @@ def gate_openvino_int8(
         The parity figures, or None when OpenVINO is not installed (or bf16 is asked
         on a CPU without it).
     """
-    from histohelper.server.runtime.onnx import cpu_has_bf16
+    from histohelper.server.runtime.cpu import cpu_has_bf16
     from histohelper.server.runtime.openvino import (
         compile_onnx,
         openvino_available,
@@ -655,10 +655,16 @@ def export_model(
                             "int8_file_name": out.with_suffix(".int8.onnx").name
                             if int8_fig.passed
                             else None,
-                            "int8_parity": int8_fig,
                             "int8_calibration": f"{calib.source} (even-indexed patches)",
-                            "int8_parity_openvino": ov_fig,
-                            "int8_parity_openvino_bf16": ov_bf16_fig,
+                            "int8_gates": {
+                                engine: fig
+                                for engine, fig in (
+                                    ("onnxruntime", int8_fig),
+                                    ("openvino", ov_fig),
+                                    ("openvino-bf16", ov_bf16_fig),
+                                )
+                                if fig is not None
+                            },
                         }
                     )
             manifest = Manifest(precisions=precisions, parity=parity, onnx=onnx_info, **base)

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from histohelper.errors import ModelArtifactError
 
@@ -27,8 +27,17 @@ MANIFEST_NAME = "manifest.json"
 #: Name of the MIL-head weights inside the artifact (numpy ``.npz``, float32), so a
 #: runtime without torch (ONNX Runtime) can aggregate.
 MIL_WEIGHTS_NAME = "mil_head.npz"
-#: The manifest format this code writes and reads. A reader rejects other versions.
-FORMAT_VERSION = 1
+#: The manifest format this code writes. 2: the int8 gates are one mapping by engine
+#: (:attr:`OnnxInfo.int8_gates`).
+FORMAT_VERSION = 2
+#: The formats this code reads (1: one int8 parity field per engine); others are refused.
+READABLE_FORMAT_VERSIONS = (1, 2)
+#: Format 1's int8 parity fields -> the engine they gated.
+_FORMAT1_GATES = {
+    "int8_parity": "onnxruntime",
+    "int8_parity_openvino": "openvino",
+    "int8_parity_openvino_bf16": "openvino-bf16",
+}
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -144,17 +153,19 @@ class OnnxInfo(_Frozen):
         checker_passed: ``onnx.checker.check_model`` passed.
         parity: onnxruntime vs eager fp32.
         int8_file_name: base name of the int8 (static QDQ) ``.onnx`` beside it, when
-            one was made and passed its gate; None otherwise.
-        int8_parity: int8 onnxruntime vs eager fp32 on the calibration patches (the
-            reduced-precision gate), also when it failed.
+            one was made and passed its ONNX Runtime gate; None otherwise.
         int8_calibration: what the activation ranges were calibrated on.
-        int8_parity_openvino: the same int8 model run by OpenVINO vs eager fp32 on the
-            same patches (OpenVINO picks its own int8 kernels, so it is gated on its
-            own); None when OpenVINO was not installed at export.
-        int8_parity_openvino_bf16: the same, with the layers left unquantised (first
-            convolution, heads) run in bf16 by OpenVINO; None when OpenVINO was not
-            installed, its f32 gate above did not pass, or the export CPU has no bf16
-            instructions (AVX512-BF16 or AMX).
+        int8_gates: engine -> that engine running the int8 model vs eager fp32 on the
+            calibration patches (the reduced-precision gate), also when it failed.
+            Engines are the backends' ``int8_gate`` names
+            (:mod:`histohelper.server.runtime.registry`): ``"onnxruntime"``,
+            ``"openvino"`` (OpenVINO picks its own int8 kernels, so it is gated on its
+            own; absent when OpenVINO was not installed at export),
+            ``"openvino-bf16"`` (the same with the unquantised layers, first
+            convolution and heads, in bf16; absent unless OpenVINO's f32 gate passed
+            on a CPU with AVX512-BF16 or AMX). Format 1 manifests kept these as the
+            fields ``int8_parity``, ``int8_parity_openvino`` and
+            ``int8_parity_openvino_bf16``; they are read into this mapping.
     """
 
     file_name: str
@@ -164,20 +175,28 @@ class OnnxInfo(_Frozen):
     checker_passed: bool
     parity: ParityFigures
     int8_file_name: str | None = None
-    int8_parity: ParityFigures | None = None
     int8_calibration: str | None = None
-    int8_parity_openvino: ParityFigures | None = None
-    int8_parity_openvino_bf16: ParityFigures | None = None
+    int8_gates: dict[str, ParityFigures] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format1_gates(cls, data: object) -> object:
+        """Read format 1's one field per engine into :attr:`int8_gates`."""
+        if not isinstance(data, dict) or not any(k in data for k in _FORMAT1_GATES):
+            return data
+        data = dict(data)
+        gates = dict(data.get("int8_gates") or {})
+        for key, engine in _FORMAT1_GATES.items():
+            figures = data.pop(key, None)
+            if figures is not None:
+                gates.setdefault(engine, figures)
+        data["int8_gates"] = gates
+        return data
 
     def int8_passed(self, engine: str = "onnxruntime") -> bool:
         """Whether an int8 model exists and passed its parity gate under ``engine``
-        (``"onnxruntime"``, ``"openvino"``, or ``"openvino-bf16"``: OpenVINO with the
-        unquantised layers in bf16)."""
-        fig = {
-            "onnxruntime": self.int8_parity,
-            "openvino": self.int8_parity_openvino,
-            "openvino-bf16": self.int8_parity_openvino_bf16,
-        }[engine]
+        (a key of :attr:`int8_gates`; False for an engine never gated)."""
+        fig = self.int8_gates.get(engine)
         return self.int8_file_name is not None and fig is not None and fig.passed
 
 
@@ -250,6 +269,10 @@ class Manifest(_Frozen):
 def parse_manifest(text: str | bytes) -> Manifest:
     """Parse and validate manifest JSON.
 
+    Any of :data:`READABLE_FORMAT_VERSIONS` is read into the current format
+    (:data:`FORMAT_VERSION`): the returned manifest has the current layout and
+    ``format_version``.
+
     Args:
         text: the JSON document.
 
@@ -266,13 +289,15 @@ def parse_manifest(text: str | bytes) -> Manifest:
     if not isinstance(raw, dict):
         raise ModelArtifactError("model manifest is not a JSON object")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
+        readable = ", ".join(map(str, READABLE_FORMAT_VERSIONS))
         raise ModelArtifactError(
             f"model manifest format_version {version!r} is not supported "
-            f"(this runtime reads {FORMAT_VERSION})"
+            f"(this runtime reads {readable})"
         )
     try:
-        return Manifest.model_validate(raw)
+        # Read as the current format: older layouts are converted by the validators.
+        return Manifest.model_validate({**raw, "format_version": FORMAT_VERSION})
     except ValidationError as exc:
         raise ModelArtifactError(f"model manifest is invalid: {exc}") from None
 

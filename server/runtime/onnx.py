@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from histohelper.errors import ModelArtifactError
 
+from .cpu import cpu_has_vnni
 from .manifest import MIL_WEIGHTS_NAME, Manifest, read_artifact_member, read_manifest
 from .types import PatchOutput, SlideOutput, check_bag, check_images, softmax
 
@@ -154,34 +155,6 @@ class OnnxModel:
         return SlideOutput(
             logits=logits, probabilities=softmax(logits, axis=0), attention=attention
         )
-
-
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo``; empty where that is unreadable."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_has_vnni() -> bool:
-    """True when the CPU has AVX512-VNNI, AVX-VNNI or AMX-INT8 (the fast int8 paths).
-
-    Read from ``/proc/cpuinfo``; False where that is not available.
-    """
-    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16).
-
-    Read from ``/proc/cpuinfo``; False where that is not available.
-    """
-    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def onnx_precisions(manifest: Manifest, engine: str = "onnxruntime") -> tuple[str, ...]:

@@ -10,9 +10,9 @@ Precision is explicit: OpenVINO would otherwise run fp32 layers in bf16 on CPUs 
 AVX512-BF16 (its default ``INFERENCE_PRECISION_HINT``), which the export's parity gates
 never saw. So ``"fp32"`` is the fp32 model at f32, and ``"int8"`` is the int8 model with
 its unquantised layers (first convolution, heads) at f32, served only when the export
-gated that very engine (``manifest.onnx.int8_parity_openvino``), or with those layers
+gated that very engine (``manifest.onnx.int8_gates["openvino"]``), or with those layers
 in bf16 (reported as ``"int8+bf16"``) where the export gated that combination as well
-(``manifest.onnx.int8_parity_openvino_bf16``) and the CPU computes bf16 natively.
+(``manifest.onnx.int8_gates["openvino-bf16"]``) and the CPU computes bf16 natively.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import numpy.typing as npt
 
 from histohelper.errors import ModelArtifactError
 
-from .onnx import OnnxModel, cpu_has_bf16, resolve_onnx
+from .cpu import cpu_has_bf16
+from .onnx import OnnxModel, resolve_onnx
 
 
 def openvino_available() -> bool:
@@ -137,7 +138,7 @@ def load_openvino(
         precision: ``"auto"`` (int8 where the export gated it under OpenVINO and the
             CPU has VNNI, else fp32), ``"fp32"`` or ``"int8"``. int8 runs its
             unquantised layers (first convolution, heads) in bf16 where the export
-            gated that too (``manifest.onnx.int8_parity_openvino_bf16``) and this CPU
+            gated that too (``manifest.onnx.int8_gates["openvino-bf16"]``) and this CPU
             has AVX512-BF16 or AMX, and reports the precision ``"int8+bf16"``; else at
             f32.
         num_threads: inference threads; None: OpenVINO's default (all cores).

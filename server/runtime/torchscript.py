@@ -21,6 +21,7 @@ import torch
 
 from histohelper.errors import EmptyBagError, InvalidImageError, ModelArtifactError
 
+from .cpu import cpu_has_native_bf16
 from .manifest import Manifest, read_manifest
 from .types import PatchOutput, SlideOutput, check_bag, check_images, softmax
 
@@ -58,13 +59,6 @@ def resolve_device(device: str) -> str:
             raise ModelArtifactError(f"device {device!r} does not exist")
         return f"cuda:{idx}"
     raise ModelArtifactError(f"device {device!r} is unknown or not available")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when oneDNN has a native bf16 path here (AVX512-BF16 or AMX)."""
-    return bool(
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
 
 
 def device_precisions(device: str) -> tuple[str, ...]:

@@ -59,6 +59,25 @@ _UNSUPPORTED_PATTERNS = re.compile(
 )
 
 
+#: What identifies the bytes of a file: (st_dev, st_ino, st_size, st_mtime_ns).
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(path: str | os.PathLike[str]) -> FileIdentity | None:
+    """``(st_dev, st_ino, st_size, st_mtime_ns)`` of ``path`` (symlinks followed), or
+    None when it cannot be stat'ed (deleted, no permission).
+
+    A file replaced under the same name (``os.replace``) gets another inode; one
+    rewritten or truncated in place another size or mtime. Either way the identity
+    changes, so a handle opened on the old bytes is never taken for the new ones.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class SlideMetadata:
     """What a slide says about itself (immutable).
@@ -195,6 +214,9 @@ class Slide:
         metadata: :class:`SlideMetadata`.
         failed_reads: number of region reads that failed on this object (each one
             closed and reopened the OpenSlide handle).
+        identity: the file's :func:`file_identity` when it was opened, or None when
+            the file changed (or vanished) while it was being opened; a
+            :class:`SlideCache` pools a handle only while the file still has it.
     """
 
     def __init__(self, path: str, cache: SlideCache | None = None) -> None:
@@ -203,7 +225,10 @@ class Slide:
         self._lock = threading.Lock()
         self.failed_reads = 0
         self._handle: openslide.AbstractSlide | None = None
+        before = file_identity(path)
         self._handle = self._open_handle()
+        # Stat'ed on both sides of the open: equal, the handle holds these bytes.
+        self.identity = before if before == file_identity(path) else None
         self.metadata = _metadata_from(self._handle, self._is_plain)
         self._pyramid: TiffPyramid | None = None  # opened on the first level read
 
@@ -296,6 +321,8 @@ class Slide:
                 self._handle.close()
             self._handle = None
         self._handle = self._open_handle()
+        if file_identity(self._path) != self.identity:  # reopened on other bytes
+            self.identity = None
 
     def read_region_rgba(
         self, x_l0: int, y_l0: int, level: int, width_px: int, height_px: int
@@ -371,6 +398,10 @@ class Slide:
         if self._pyramid is None:
             tiles = self._cache.tile_cache if self._cache is not None else _PRIVATE_TILES
             self._pyramid = TiffPyramid(self._path, md.vendor, md.level_dimensions, tiles)
+            if self._pyramid.file_key not in (None, self.identity):
+                # The file changed since the handle was opened: these are other bytes.
+                # Read through OpenSlide's handle, which still holds the old file.
+                self._pyramid.close()
         return self._pyramid.level(level)
 
     def level_tile_size(self, level: int) -> tuple[int, int] | None:
@@ -535,12 +566,22 @@ class SlideCache:
     and at most ``max_idle_handles`` idle handles stay open (least recently used
     closed first). A handle is lent to one user at a time.
 
+    Idle handles are keyed by file identity (:func:`file_identity`: device, inode,
+    size, mtime), checked on every acquire and release: a file replaced under the same
+    name, rewritten, truncated or deleted never gets its old handle back, and every
+    idle handle whose file changed is closed at the next acquire or release (or by
+    :meth:`prune`), so deleted files do not stay open. The tifffile tile cache is keyed
+    by the same identity (:class:`~.tiffread.TiffPyramid`), OpenSlide's per handle.
+
     Args:
         capacity_bytes: tile cache capacity in bytes (default 64 MiB: patches are read
             in grid (row-major) order, so reuse needs about two tile rows of the slide,
             ~40 MiB for a 20,000 px wide slide of 256 px RGBA tiles; 256 MiB let the
             server's peak RSS grow with slide area, +10 % from 10k to 20k px).
         max_idle_handles: idle handles kept open (default 8).
+
+    Attributes:
+        stale_closed: idle or returned handles closed because their file changed.
 
     Thread-safe.
     """
@@ -551,41 +592,77 @@ class SlideCache:
         self.openslide_cache = openslide.OpenSlideCache(self.capacity_bytes)
         #: Decoded tiles of the tifffile fast path (:mod:`.tiffread`), same capacity.
         self.tile_cache = TileCache(self.capacity_bytes)
-        self._idle: OrderedDict[int, tuple[str, Slide]] = OrderedDict()
+        self._idle: OrderedDict[int, Slide] = OrderedDict()
         self._lock = threading.Lock()
         self._counter = 0
+        self.stale_closed = 0
 
     @staticmethod
     def _key(path: str | os.PathLike[str]) -> str:
         return os.path.realpath(os.fspath(path))
 
+    @staticmethod
+    def _current(slide: Slide) -> bool:
+        """Whether the slide's file still has the identity it was opened with."""
+        return slide.identity is not None and file_identity(slide.path) == slide.identity
+
+    def _take_stale(self) -> list[Slide]:
+        """Remove the idle handles whose file changed; the caller closes them."""
+        stale = [token for token, slide in self._idle.items() if not self._current(slide)]
+        return [self._idle.pop(token) for token in stale]
+
+    def _close_stale(self, slides: list[Slide]) -> None:
+        for slide in slides:
+            slide.close()
+        if slides:
+            with self._lock:
+                self.stale_closed += len(slides)
+
     def acquire(self, path: str | os.PathLike[str]) -> Slide:
-        """Borrow an idle handle for ``path`` or open (and validate) a new one.
+        """Borrow an idle handle on the file now at ``path``, or open (and validate) a
+        new one. Idle handles whose file changed are closed first.
 
         Raises:
             As :func:`open_slide`.
         """
         key = self._key(path)
+        identity = file_identity(key)
+        found: Slide | None = None
         with self._lock:
-            for token, (k, slide) in reversed(self._idle.items()):
-                if k == key:
-                    del self._idle[token]
-                    return slide
-        return open_slide(key, cache=self)
+            stale = self._take_stale()
+            for token, slide in reversed(self._idle.items()):
+                if identity is not None and (slide.path, slide.identity) == (key, identity):
+                    found = self._idle.pop(token)
+                    break
+        self._close_stale(stale)
+        return found if found is not None else open_slide(key, cache=self)
 
     def release(self, slide: Slide) -> None:
-        """Return a borrowed handle; closed handles are dropped, the LRU is trimmed."""
+        """Return a borrowed handle. Closed handles are dropped; a handle whose file
+        changed since it was opened is closed, never pooled; the LRU is trimmed."""
         if slide.closed:
+            return
+        if not self._current(slide):
+            self._close_stale([slide])
             return
         evicted: list[Slide] = []
         with self._lock:
+            stale = self._take_stale()
             self._counter += 1
-            self._idle[self._counter] = (self._key(slide.path), slide)
+            self._idle[self._counter] = slide
             while len(self._idle) > self.max_idle_handles:
-                _, (_, old) = self._idle.popitem(last=False)
+                _, old = self._idle.popitem(last=False)
                 evicted.append(old)
+        self._close_stale(stale)
         for old in evicted:
             old.close()
+
+    def prune(self) -> int:
+        """Close every idle handle whose file changed or vanished; returns how many."""
+        with self._lock:
+            stale = self._take_stale()
+        self._close_stale(stale)
+        return len(stale)
 
     @property
     def idle_count(self) -> int:
@@ -598,5 +675,5 @@ class SlideCache:
         with self._lock:
             items = list(self._idle.values())
             self._idle.clear()
-        for _, slide in items:
+        for slide in items:
             slide.close()

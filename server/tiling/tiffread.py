@@ -221,6 +221,8 @@ class TiffPyramid:
     ) -> None:
         self._tiff: object = None
         self._fd = -1
+        #: (st_dev, st_ino, st_size, st_mtime_ns) of the file read, None if not opened.
+        self.file_key: tuple[int, int, int, int] | None = None
         self._levels: dict[int, TiffLevelReader | None] = {}
         self._pages: dict[tuple[int, int], list[tuple[int, object]]] = {}
         if vendor not in FAST_VENDORS:
@@ -234,7 +236,7 @@ class TiffPyramid:
         self._tiff = tiff
         self._fd = os.open(path, os.O_RDONLY)
         st = os.fstat(self._fd)
-        self._file_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.file_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         for i, page in enumerate(tiff.pages):  # type: ignore[attr-defined]
             size = (int(page.imagewidth), int(page.imagelength))
             if size in level_dimensions:
@@ -251,7 +253,8 @@ class TiffPyramid:
             reader = None
             if len(found) == 1 and _eligible(found[0][1]):
                 index, page = found[0]
-                reader = TiffLevelReader(self._fd, page, self._cache, (*self._file_key, index))
+                assert self.file_key is not None  # set whenever the file is open
+                reader = TiffLevelReader(self._fd, page, self._cache, (*self.file_key, index))
             self._levels[level] = reader
         return self._levels[level]
 

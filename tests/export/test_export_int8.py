@@ -16,7 +16,7 @@ from histohelper.server.runtime import (
     choose_backend,
     load_runtime,
 )
-from histohelper.server.runtime.onnx import cpu_has_bf16, cpu_has_vnni
+from histohelper.server.runtime.cpu import cpu_has_bf16, cpu_has_vnni
 from histohelper.server.runtime.openvino import load_openvino
 
 pytestmark = pytest.mark.slow
@@ -42,19 +42,19 @@ def int8_export(
 
 def test_int8_gate_recorded_and_file_written(int8_export: tuple[Path, Manifest]) -> None:
     path, m = int8_export
-    assert m.onnx is not None and m.onnx.int8_parity is not None
-    fig = m.onnx.int8_parity
+    assert m.onnx is not None and "onnxruntime" in m.onnx.int8_gates
+    fig = m.onnx.int8_gates["onnxruntime"]
     assert fig.passed and fig.max_abs_prob_diff <= 0.02 and fig.argmax_agreement >= 0.99
     assert fig.data.startswith("slide-sha256:") and fig.n_samples == 64
     assert m.onnx.int8_passed() and m.onnx.int8_file_name == "model.int8.onnx"
     assert path.with_suffix(".int8.onnx").is_file()
     assert "even-indexed" in (m.onnx.int8_calibration or "")
     assert m.precision_names() == ("fp32",)  # int8 is an ONNX variant, not a TorchScript one
-    ov = m.onnx.int8_parity_openvino  # openvino is a server dependency: always gated here
+    ov = m.onnx.int8_gates.get("openvino")  # openvino is a server dependency: always gated here
     assert ov is not None and ov.passed and ov.max_abs_prob_diff <= 0.02
     assert ov.checked_on.startswith("cpu, openvino ") and ov.n_samples == 64
     assert m.onnx.int8_passed("openvino")
-    bf16 = m.onnx.int8_parity_openvino_bf16  # gated only where the CPU computes bf16
+    bf16 = m.onnx.int8_gates.get("openvino-bf16")  # gated only where the CPU computes bf16
     if cpu_has_bf16():
         assert bf16 is not None and bf16.passed and bf16.max_abs_prob_diff <= 0.02
         assert bf16.checked_on.endswith("unquantised layers bf16") and bf16.n_samples == 64
@@ -157,9 +157,10 @@ def test_auto_backend_falls_back_to_onnxruntime_without_an_openvino_gate(
 ) -> None:
     """An artifact exported where OpenVINO was missing has no OpenVINO int8 gate: auto
     serves it with ONNX Runtime, and an explicit openvino int8 is refused."""
-    path, _ = int8_export
+    path, m = int8_export
+    assert m.onnx is not None
     copy = _with_onnx_info(
-        path, tmp_path, int8_parity_openvino=None, int8_parity_openvino_bf16=None
+        path, tmp_path, int8_gates={"onnxruntime": m.onnx.int8_gates["onnxruntime"]}
     )
     if cpu_has_vnni():
         assert choose_backend(copy, "cpu", "auto") == "onnx"
@@ -173,11 +174,14 @@ def test_openvino_int8_keeps_f32_rest_without_its_bf16_gate(
 ) -> None:
     """bf16 for the unquantised layers is served only where the export gated it."""
     path, m = int8_export
-    assert m.onnx is not None and m.onnx.int8_parity_openvino is not None
-    failed = m.onnx.int8_parity_openvino.model_copy(update={"passed": False})
+    assert m.onnx is not None and "openvino" in m.onnx.int8_gates
+    failed = m.onnx.int8_gates["openvino"].model_copy(update={"passed": False})
     for i, fig in enumerate((None, failed)):
         (tmp_path / str(i)).mkdir()
-        copy = _with_onnx_info(path, tmp_path / str(i), int8_parity_openvino_bf16=fig)
+        gates = {k: v for k, v in m.onnx.int8_gates.items() if k != "openvino-bf16"}
+        if fig is not None:
+            gates["openvino-bf16"] = fig
+        copy = _with_onnx_info(path, tmp_path / str(i), int8_gates=gates)
         rt = load_runtime(copy, backend="openvino", precision="int8", num_threads=2)
         assert (rt.precision, rt.engine) == ("int8", "openvino")
         with pytest.raises(ModelArtifactError, match="bf16"):

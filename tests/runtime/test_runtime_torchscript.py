@@ -25,7 +25,7 @@ from histohelper.server.runtime import (
     load_runtime,
     read_manifest,
 )
-from histohelper.server.runtime.torchscript import cpu_has_native_bf16
+from histohelper.server.runtime.cpu import cpu_has_native_bf16
 
 
 @pytest.fixture(scope="module")
