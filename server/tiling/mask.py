@@ -42,13 +42,19 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
-from histohelper.errors import AnalysisCancelledError, CorruptSlideError, SlideTooLargeError
+from histohelper.errors import (
+    AnalysisCancelledError,
+    CorruptSlideError,
+    InvalidOptionsError,
+    SlideTooLargeError,
+)
 from histohelper.geometry import choose_level
 
 from .options import TilingOptions
@@ -369,13 +375,157 @@ def _fill_holes(mask: npt.NDArray[np.bool_], max_px: float) -> npt.NDArray[np.bo
     return mask | small[labels]
 
 
+#: A tissue segmentation: ``(rgb, opaque, options, um2_per_px) -> (tissue, ink,
+#: threshold, otsu_threshold)``, the contract of :func:`threshold_tissue`.
+SegmentFn = Callable[
+    [npt.NDArray[np.uint8], npt.NDArray[np.uint8], TilingOptions, float],
+    tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], float, float],
+]
+
+
+@dataclass(frozen=True)
+class MaskMethodSpec:
+    """One tissue-mask method.
+
+    Attributes:
+        name: the ``mask_method`` option's value (``--mask-method``).
+        label: what :attr:`TissueMask.method` reports, e.g. ``"otsu-hsv-saturation"``.
+        segment: the segmentation (see :data:`SegmentFn`).
+    """
+
+    name: str
+    label: str
+    segment: SegmentFn
+
+
+_MASK_METHODS: dict[str, MaskMethodSpec] = {}
+
+
+def register_mask_method(spec: MaskMethodSpec) -> None:
+    """Add a tissue-mask method (or replace one of the same name).
+
+    ``TilingOptions.mask_method`` also checks the name against its own list
+    (:data:`~.options.MaskMethod`), so options can be validated without OpenCV.
+    """
+    _MASK_METHODS[spec.name] = spec
+
+
+def mask_methods() -> tuple[str, ...]:
+    """Names of the registered tissue-mask methods, in registration order."""
+    return tuple(_MASK_METHODS)
+
+
+def get_mask_method(name: str) -> MaskMethodSpec:
+    """The tissue-mask method registered as ``name``.
+
+    Raises:
+        InvalidOptionsError: no method of that name (the message lists the known ones).
+    """
+    try:
+        return _MASK_METHODS[name]
+    except KeyError:
+        known = ", ".join(_MASK_METHODS)
+        raise InvalidOptionsError(f"unknown tissue mask method {name!r} (known: {known})") from None
+
+
+def _saturation_channel(
+    rgb: npt.NDArray[np.uint8], hsv: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint8]:
+    return hsv[..., 1]
+
+
+def _inverted_gray_channel(
+    rgb: npt.NDArray[np.uint8], hsv: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint8]:
+    return np.asarray(255 - cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), dtype=np.uint8)
+
+
+def _otsu_segmenter(
+    channel_of: Callable[[npt.NDArray[np.uint8], npt.NDArray[np.uint8]], npt.NDArray[np.uint8]],
+) -> SegmentFn:
+    """This module's Otsu recipe (see its docstring) on one 0..255 channel.
+
+    ``channel_of(rgb, hsv)`` gives the ``[h, w]`` uint8 channel in which tissue is
+    high; the recipe median-blurs it, excludes dark, ink and outside-scan pixels,
+    thresholds with Otsu and a floor, closes gaps, drops small fragments and fills
+    small holes.
+    """
+
+    def segment(
+        rgb: npt.NDArray[np.uint8],
+        opaque: npt.NDArray[np.uint8],
+        options: TilingOptions,
+        um2_per_px: float,
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], float, float]:
+        valid = opaque >= 128
+        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+        hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+        channel = channel_of(rgb, hsv)
+        k = options.mask_median_ksize
+        if k > 1:
+            channel = cv2.medianBlur(channel, k)
+        dark = val < options.dark_value_max if options.remove_dark else np.zeros_like(valid)
+        if options.remove_ink:
+            ink = (
+                (hue >= _INK_HUE[0])
+                & (hue <= _INK_HUE[1])
+                & (sat > max(options.mask_min_saturation, _INK_MIN_SAT))
+                & valid
+            )
+        else:
+            ink = np.zeros_like(valid)
+        candidates = valid & ~dark & ~ink
+        values = channel[candidates]
+        if values.size < 16:
+            empty = np.zeros_like(valid)
+            return empty, ink, 255.0, 255.0
+        otsu, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        thr = max(float(otsu), float(options.mask_min_saturation))
+        below = values[values <= otsu]
+        if below.size == 0 or float(below.mean()) > 2 * options.mask_min_saturation:
+            # Otsu's lower class is not glass-like: no glass in view (tissue everywhere),
+            # and Otsu split the tissue itself (e.g. eosin vs haematoxylin). Use the floor.
+            thr = float(options.mask_min_saturation)
+        tissue = (channel > thr) & candidates
+        return _clean(tissue, valid & ~ink & ~dark, options, um2_per_px), ink, thr, float(otsu)
+
+    return segment
+
+
+def _clean(
+    tissue: npt.NDArray[np.bool_],
+    allowed: npt.NDArray[np.bool_],
+    options: TilingOptions,
+    um2_per_px: float,
+) -> npt.NDArray[np.bool_]:
+    """Close small gaps, drop small fragments, fill small holes, keep ``allowed``."""
+    if options.mask_close_ksize > 1:
+        kernel = cv2.getStructuringElement(
+            cv2.MORPH_ELLIPSE, (options.mask_close_ksize, options.mask_close_ksize)
+        )
+        tissue = cv2.morphologyEx(tissue.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
+    min_frag_px = options.min_fragment_area_um2 / um2_per_px
+    tissue = _remove_small(tissue, min_frag_px)
+    tissue = _fill_holes(tissue, options.min_hole_area_um2 / um2_per_px)
+    tissue &= allowed
+    return _remove_small(tissue, min_frag_px)
+
+
+register_mask_method(
+    MaskMethodSpec("saturation", "otsu-hsv-saturation", _otsu_segmenter(_saturation_channel))
+)
+register_mask_method(
+    MaskMethodSpec("gray", "otsu-grayscale", _otsu_segmenter(_inverted_gray_channel))
+)
+
+
 def threshold_tissue(
     rgb: npt.NDArray[np.uint8],
     opaque: npt.NDArray[np.uint8],
     options: TilingOptions,
     um2_per_px: float,
 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], float, float]:
-    """Segment tissue in a low-resolution RGB image.
+    """Segment tissue in a low-resolution RGB image with ``options.mask_method``.
 
     Args:
         rgb: ``[h, w, 3]`` uint8, composited on white.
@@ -387,51 +537,12 @@ def threshold_tissue(
     Returns:
         ``(tissue, ink, threshold, otsu_threshold)``: ``[h, w]`` bool masks and the
         thresholds on the 0..255 channel (after / before the floor).
+
+    Raises:
+        InvalidOptionsError: ``options.mask_method`` is not registered
+            (:func:`mask_methods`).
     """
-    valid = opaque >= 128
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    if options.mask_method == "saturation":
-        channel = sat
-    else:
-        channel = 255 - cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    k = options.mask_median_ksize
-    if k > 1:
-        channel = cv2.medianBlur(channel, k)
-    dark = val < options.dark_value_max if options.remove_dark else np.zeros_like(valid)
-    if options.remove_ink:
-        ink = (
-            (hue >= _INK_HUE[0])
-            & (hue <= _INK_HUE[1])
-            & (sat > max(options.mask_min_saturation, _INK_MIN_SAT))
-            & valid
-        )
-    else:
-        ink = np.zeros_like(valid)
-    candidates = valid & ~dark & ~ink
-    values = channel[candidates]
-    if values.size < 16:
-        empty = np.zeros_like(valid)
-        return empty, ink, 255.0, 255.0
-    otsu, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    thr = max(float(otsu), float(options.mask_min_saturation))
-    below = values[values <= otsu]
-    if below.size == 0 or float(below.mean()) > 2 * options.mask_min_saturation:
-        # Otsu's lower class is not glass-like: no glass in view (tissue everywhere),
-        # and Otsu split the tissue itself (e.g. eosin vs haematoxylin). Use the floor.
-        thr = float(options.mask_min_saturation)
-    tissue = (channel > thr) & candidates
-    if options.mask_close_ksize > 1:
-        kernel = cv2.getStructuringElement(
-            cv2.MORPH_ELLIPSE, (options.mask_close_ksize, options.mask_close_ksize)
-        )
-        tissue = cv2.morphologyEx(tissue.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
-    min_frag_px = options.min_fragment_area_um2 / um2_per_px
-    tissue = _remove_small(tissue, min_frag_px)
-    tissue = _fill_holes(tissue, options.min_hole_area_um2 / um2_per_px)
-    tissue &= valid & ~ink & ~dark
-    tissue = _remove_small(tissue, min_frag_px)
-    return tissue, ink, thr, float(otsu)
+    return get_mask_method(options.mask_method).segment(rgb, opaque, options, um2_per_px)
 
 
 def compute_tissue_mask(
@@ -455,11 +566,14 @@ def compute_tissue_mask(
 
     Returns:
         :class:`TissueMask` in the frame of ``low`` (same size and scales).
+
+    Raises:
+        InvalidOptionsError: ``options.mask_method`` is not registered.
     """
+    spec = get_mask_method(options.mask_method)
     um2_per_px = low.scale_x * mpp_x * low.scale_y * mpp_y
-    tissue, ink, thr, otsu = threshold_tissue(low.rgb, low.opaque, options, um2_per_px)
+    tissue, ink, thr, otsu = spec.segment(low.rgb, low.opaque, options, um2_per_px)
     slide_area_m = (width_l0 / low.scale_x) * (height_l0 / low.scale_y)
-    method = "otsu-hsv-saturation" if options.mask_method == "saturation" else "otsu-grayscale"
     tissue.setflags(write=False)
     ink.setflags(write=False)
     return TissueMask(
@@ -467,7 +581,7 @@ def compute_tissue_mask(
         scale_x=low.scale_x,
         scale_y=low.scale_y,
         tissue_fraction=float(min(1.0, tissue.sum() / slide_area_m)),
-        method=method,
+        method=spec.label,
         threshold=thr,
         otsu_threshold=otsu,
         ink=ink,
