@@ -1,26 +1,34 @@
 """Patches for checking exported precisions: from a real slide, or seeded synthetic.
 
-The slide path reads OpenSlide directly with a simple fixed grid (no tissue masking
-beyond a per-patch white test): the serving tiler is deliberately not reused, so the
-export step has no dependency on the server.
+Slide patches are read through the server's tiler (:mod:`histohelper.server.tiling`):
+the same tissue mask, grid, pyramid level, reader and resize the server uses to
+serve that slide, so the int8 ranges and the reduced-precision gates are calibrated
+on the very pixels the model will be given.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from histohelper.errors import InvalidOptionsError
+from histohelper.errors import HistoHelperError, InvalidOptionsError
+from histohelper.server.tiling import (
+    PatchReader,
+    Resolution,
+    TilingOptions,
+    open_slide,
+    plan_tiling,
+)
 
-#: A pixel is "white" (background) when all of R, G, B exceed this value.
-WHITE_LEVEL = 220
-#: Keep a patch when at least this fraction of its pixels is not white.
-MIN_TISSUE_FRACTION = 0.25
+#: Default stride between calibration patches, as a fraction of the patch: half a
+#: patch, which gives about four times the patches of the serving grid on a small
+#: region (the pixels of each are still exactly what the server reads for that cell).
+DEFAULT_OVERLAP = 0.5
 
 
 @dataclass(frozen=True)
@@ -32,12 +40,18 @@ class CalibrationSet:
         source: ``"synthetic(seed=N)"`` or ``"slide-sha256:<16 hex>"``, a fingerprint
             of the slide's first MiB and size, never its name (slide names may carry
             patient identifiers; this goes into the manifest that clients can read).
-        grid_cells: grid cells visited (slide only; 0 for synthetic).
+        grid_cells: kept cells of the slide's grid, of which ``images`` are an even
+            subset (slide only; 0 for synthetic).
+        x_l0: ``[B]`` float64 level-0 left edge of each patch's grid cell (slide
+            only; empty for synthetic).
+        y_l0: ``[B]`` float64 level-0 top edge, as above.
     """
 
     images: npt.NDArray[np.uint8]
     source: str
     grid_cells: int = 0
+    x_l0: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    y_l0: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
 
 def synthetic_patches(n: int, size_px: int, seed: int) -> CalibrationSet:
@@ -70,85 +84,100 @@ def synthetic_patches(n: int, size_px: int, seed: int) -> CalibrationSet:
     return CalibrationSet(np.ascontiguousarray(images), f"synthetic(seed={seed})")
 
 
+def calibration_tiling(
+    size_px: int,
+    target_mpp: float,
+    *,
+    min_tissue_fraction: float | None = None,
+    overlap: float = DEFAULT_OVERLAP,
+) -> TilingOptions:
+    """The server's tiling options for calibration patches of a model.
+
+    The server's defaults (tissue mask, minimum tissue fraction, edge handling) at the
+    model's patch size and target resolution, with a stride of ``size_px * (1 -
+    overlap)`` patch px.
+
+    Args:
+        size_px: S, the model's patch size (px at ``target_mpp``).
+        target_mpp: the model's target resolution (um/px).
+        min_tissue_fraction: 0..1; None: the server's default.
+        overlap: fraction 0..0.9 by which neighbouring cells overlap.
+
+    Raises:
+        InvalidOptionsError: a value the tiler refuses.
+    """
+    stride_px = max(1, round(size_px * (1.0 - min(max(overlap, 0.0), 0.9))))
+    extra = {} if min_tissue_fraction is None else {"min_tissue_fraction": min_tissue_fraction}
+    return TilingOptions(
+        patch_size_px=size_px,
+        target=Resolution(target_mpp, "mpp"),
+        stride_px=stride_px,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
 def slide_patches(
     path: str | os.PathLike[str],
     *,
     size_px: int,
     target_mpp: float,
     max_patches: int = 256,
-    min_tissue_fraction: float = MIN_TISSUE_FRACTION,
-    overlap: float = 0.5,
+    min_tissue_fraction: float | None = None,
+    overlap: float = DEFAULT_OVERLAP,
 ) -> CalibrationSet:
-    """Patches on a fixed grid over a slide, background dropped.
+    """Tissue patches of a slide, read exactly as the server reads them.
 
-    A cell is ``size_px`` at ``target_mpp``, i.e. ``size_l0 = size_px * target_mpp /
-    mpp`` level-0 pixels; the grid step is ``size_l0 * (1 - overlap)`` (default half a
-    patch, which roughly quadruples the patches a small region gives). Each cell is
-    read from the level-0 image with OpenSlide (composited on white), resized to
-    ``size_px`` when the slide's mpp differs from ``target_mpp`` (PIL bilinear), and
-    kept when at least ``min_tissue_fraction`` of its pixels are not white (any
-    channel <= :data:`WHITE_LEVEL`). At most ``max_patches`` cells are kept, spread
-    evenly over the kept ones.
+    The slide is tiled by the server's tiler with :func:`calibration_tiling` (its
+    tissue mask and grid, level-0 frame); at most ``max_patches`` kept cells, spread
+    evenly over the grid order, are read by the server's
+    :class:`~histohelper.server.tiling.PatchReader` at ``output_size_px = size_px``
+    (the model's input): the same level, compositing on white and resize.
 
     Args:
-        path: slide file readable by OpenSlide.
-        size_px: S, patch size at ``target_mpp``.
+        path: slide file the server can open.
+        size_px: S, patch size at ``target_mpp`` (the model's input).
         target_mpp: micrometres per pixel of the patches.
         max_patches: cap on patches returned.
-        min_tissue_fraction: 0..1.
+        min_tissue_fraction: 0..1 share of a cell that must be tissue; None: the
+            server's default.
         overlap: fraction 0..0.9 by which neighbouring cells overlap.
 
     Returns:
-        :class:`CalibrationSet` with ``images`` uint8 ``[B, S, S, 3]``.
+        :class:`CalibrationSet` with ``images`` uint8 ``[B, S, S, 3]`` in grid order
+        and each patch's level-0 cell origin.
 
     Raises:
-        InvalidOptionsError: unreadable slide or no tissue patch on the grid.
+        InvalidOptionsError: unreadable slide, options the tiler refuses, or no tissue
+            patch on the grid.
     """
-    import openslide
-    from PIL import Image
-
     p = Path(path)
+    options = calibration_tiling(
+        size_px, target_mpp, min_tissue_fraction=min_tissue_fraction, overlap=overlap
+    )
     try:
-        slide = openslide.OpenSlide(str(p))
-    except (openslide.OpenSlideError, OSError) as exc:
-        raise InvalidOptionsError(f"calibration slide {p.name} cannot be opened: {exc}") from None
-    try:
-        mpp_raw = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
-        mpp_l0 = float(mpp_raw) if mpp_raw else target_mpp
-        size_l0 = max(1, round(size_px * target_mpp / mpp_l0))
-        step_l0 = max(1, round(size_l0 * (1.0 - min(max(overlap, 0.0), 0.9))))
-        w_l0, h_l0 = slide.dimensions
-        kept: list[npt.NDArray[np.uint8]] = []
-        positions = [
-            (x_l0, y_l0)
-            for y_l0 in range(0, h_l0 - size_l0 + 1, step_l0)
-            for x_l0 in range(0, w_l0 - size_l0 + 1, step_l0)
-        ]
-        # A gigapixel slide has far more cells than needed: visit an even subset.
-        max_cells = 16 * max_patches
-        if len(positions) > max_cells:
-            pick = np.linspace(0, len(positions) - 1, max_cells).round().astype(int)
-            positions = [positions[i] for i in pick]
-        cells = 0
-        for x_l0, y_l0 in positions:
-            cells += 1
-            region = slide.read_region((x_l0, y_l0), 0, (size_l0, size_l0))
-            white = Image.new("RGBA", region.size, (255, 255, 255, 255))
-            rgb = Image.alpha_composite(white, region).convert("RGB")
-            if size_l0 != size_px:
-                rgb = rgb.resize((size_px, size_px), Image.Resampling.BILINEAR)
-            arr = np.asarray(rgb, dtype=np.uint8)
-            tissue = (arr <= WHITE_LEVEL).any(axis=2).mean()
-            if tissue >= min_tissue_fraction:
-                kept.append(arr)
-    finally:
-        slide.close()
-    if not kept:
-        raise InvalidOptionsError(f"calibration slide {p.name} has no tissue patch on the grid")
-    if len(kept) > max_patches:
-        idx = np.linspace(0, len(kept) - 1, max_patches).round().astype(int)
-        kept = [kept[i] for i in idx]
-    return CalibrationSet(np.stack(kept), f"slide-sha256:{_fingerprint(p)}", cells)
+        with open_slide(p) as slide:
+            grid = plan_tiling(slide, options).grid
+        if len(grid) == 0:
+            raise InvalidOptionsError(f"calibration slide {p.name} has no tissue patch on the grid")
+        pick = np.unique(np.linspace(0, len(grid) - 1, min(max_patches, len(grid))).round())
+        indices = pick.astype(np.int64)
+        images = np.empty((len(indices), size_px, size_px, 3), dtype=np.uint8)
+        position = {int(i): k for k, i in enumerate(indices)}
+        reader = PatchReader(p, grid, output_size_px=size_px, max_failed_fraction=0.0)
+        for batch in reader.iter_batches(indices):
+            for i, image in zip(batch.indices, batch.images, strict=True):
+                images[position[int(i)]] = image
+    except InvalidOptionsError:
+        raise
+    except HistoHelperError as exc:
+        raise InvalidOptionsError(f"calibration slide {p.name} cannot be read: {exc}") from None
+    return CalibrationSet(
+        images,
+        f"slide-sha256:{_fingerprint(p)}",
+        len(grid),
+        grid.x_l0[indices].copy(),
+        grid.y_l0[indices].copy(),
+    )
 
 
 def _fingerprint(path: Path) -> str:
