@@ -35,8 +35,9 @@ protos: venv
 config-table: venv
 	$(PY) -m histohelper.server.config --update README.md
 
+# mypy through scripts/typecheck.py: it checks the installed layout (-p histohelper).
 lint: venv
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(PY) scripts/typecheck.py
 
 clean:
 	rm -rf $(VENV) $(OUT) artifacts

@@ -185,19 +185,19 @@ def _make_client(args: argparse.Namespace) -> Any:
     if (args.cert is None) != (args.key is None):
         raise _UsageError("--cert and --key go together")
     retry = RetryPolicy(max_attempts=args.retries) if args.retries > 1 else None
-    pem = {
-        "root_certificates": args.ca.read_bytes() if args.ca else None,
-        "certificate_chain": args.cert.read_bytes() if args.cert else None,
-        "private_key": args.key.read_bytes() if args.key else None,
-    }
-    use_tls = True if (args.tls or any(pem.values())) else None
+    ca = args.ca.read_bytes() if args.ca else None
+    cert = args.cert.read_bytes() if args.cert else None
+    key = args.key.read_bytes() if args.key else None
+    use_tls = True if (args.tls or ca or cert or key) else None
     return SlideClient(
         target,
         tls=use_tls,
         token=os.environ.get(args.token_env) or None,
         timeout=args.timeout,
         retry=retry,
-        **pem,
+        root_certificates=ca,
+        certificate_chain=cert,
+        private_key=key,
     )
 
 

@@ -9,6 +9,7 @@ micrometres per pixel, ``_s`` in seconds).
 from __future__ import annotations
 
 import json
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -354,7 +355,7 @@ class PatchBatch:
     @classmethod
     def from_proto(cls, msg: pb.PatchResults) -> PatchBatch:
         n = len(msg.patch_index)
-        cols = {
+        cols: dict[str, Sized] = {
             "row": msg.row,
             "col": msg.col,
             "x_l0": msg.x_l0,

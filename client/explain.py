@@ -91,7 +91,7 @@ class PatchExplanation:
         bgr = cv2.imdecode(np.frombuffer(self.image_jpeg, np.uint8), cv2.IMREAD_COLOR)
         if bgr is None:
             raise InternalError("the server sent a patch image that does not decode")
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
 
     def grad_cam_normalised(self) -> npt.NDArray[np.float32]:
         """Grad-CAM divided by its maximum, in [0, 1] (all zeros stay zeros)."""

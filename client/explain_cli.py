@@ -60,8 +60,8 @@ def _explain(args: argparse.Namespace) -> int:
     options = AnalysisOptions(return_attention=True, return_cams=True, stride_px=args.stride_px)
     with _make_client(args) as client:
         classes = list(client.get_model_info().model.patch_classes)
-        class_name = args.class_name or (classes[-1] if classes else None)
-        if class_name not in classes:  # check before spending the analysis
+        class_name: str | None = args.class_name or (classes[-1] if classes else None)
+        if class_name is None or class_name not in classes:  # check before the analysis
             raise _UsageError(f"unknown class {class_name!r}; the model's classes: {classes}")
         result = client.analyze(args.slide, options)
         args.out.mkdir(parents=True, exist_ok=True)

@@ -369,11 +369,11 @@ class ResultCollector:
 
         embeddings = None
         if all(b.embeddings is not None for b in batches):
-            embeddings = np.concatenate([b.embeddings for b in batches])[order]  # type: ignore[misc]
+            embeddings = np.concatenate([b.embeddings for b in batches])[order]
         cams = logits = None
         if all(b.cams is not None and b.logits is not None for b in batches):
-            cams = np.concatenate([b.cams for b in batches])[order]  # type: ignore[misc]
-            logits = np.concatenate([b.logits for b in batches])[order]  # type: ignore[misc]
+            cams = np.concatenate([b.cams for b in batches])[order]
+            logits = np.concatenate([b.logits for b in batches])[order]
         return PatchTable(
             patch_index=patch_index,
             row=row,

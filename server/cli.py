@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Register the server's subcommands (``tile``; ``serve`` lives beside it)."""
     _add_tile(subparsers)
 
@@ -17,7 +17,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
 # --- tile -----------------------------------------------------------------------------
 
 
-def _add_tile(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_tile(subparsers: argparse._SubParsersAction) -> None:
     from histohelper.server.tiling.options import add_tiling_arguments
 
     p = subparsers.add_parser(
