@@ -216,6 +216,15 @@ class UploadQuotaError(UploadError):
     reason = "UPLOAD_QUOTA_EXCEEDED"
 
 
+class PixelBudgetExceededError(HistoHelperError):
+    """Client-supplied images would decode to more pixels than the server allows per
+    ClassifyPatches request or per stream (counted from the image headers before any
+    pixel is decoded); send fewer or smaller images."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "PIXEL_BUDGET_EXCEEDED"
+
+
 class MalformedRequestError(HistoHelperError):
     """A request message could not be decoded as the RPC's protobuf type."""
 
