@@ -16,12 +16,18 @@ ones. A failed, cancelled or interrupted upload removes its partial file at once
 (``try/finally`` plus an RPC-termination callback).
 Uploads live in memory only: on start the area is cleared of files this module made
 (``*.part`` and ``<id><suffix>`` names; nothing else is touched), so uploads do not
-survive a restart.
+survive a restart. The default area is ``histohelper-uploads-<uid>-<random>`` in the
+temporary folder, holding ``server.lock`` (the pid, ``flock``-ed for the server's
+life); a server starting with the default area deletes the default areas of the same
+user whose lock nobody holds (their server died, e.g. by ``kill -9``), never a live
+server's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -68,6 +74,8 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _OWN_FILE = re.compile(r"^(?:[A-Za-z0-9_-]{32}\.[a-z]{3,7}|tmp-[A-Za-z0-9_-]{16,}\.part)$")
 #: File name of a stored upload inside its own directory (``<root>/<id>/slide.svs``).
 _STORED_STEM = "slide"
+#: Lock file of a default upload area: its server's pid, ``flock``-ed while it lives.
+LOCK_NAME = "server.lock"
 
 
 def _remove_stored(path: Path) -> None:
@@ -183,7 +191,9 @@ class UploadStore:
 
     Args:
         root: the upload directory (created 0700 if missing); None makes a private
-            temporary directory, removed by :meth:`close`.
+            temporary directory ``histohelper-uploads-<uid>-*`` holding a locked
+            ``server.lock``, removed by :meth:`close`; the default areas of this user's
+            dead servers (lock not held) are deleted first.
         max_bytes: largest single upload.
         quota_bytes: all stored plus in-flight (declared) bytes together.
         ttl_s: seconds an upload lives after its last use.
@@ -205,8 +215,11 @@ class UploadStore:
         sweep_interval_s: float | None = None,
     ) -> None:
         self._owns_root = root is None
+        self._lock_fd: int | None = None
         if root is None:
-            root = Path(tempfile.mkdtemp(prefix="histohelper-uploads-"))
+            root = Path(tempfile.mkdtemp(prefix=self._default_prefix()))
+            self._lock_fd = self._hold_lock(root)
+            self._purge_dead_areas(root)
         else:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root.resolve()
@@ -230,6 +243,70 @@ class UploadStore:
                 target=self._sweep_loop, args=(interval,), name="upload-sweeper", daemon=True
             )
             self._sweeper.start()
+
+    # --- default area -----------------------------------------------------------------
+
+    @staticmethod
+    def _default_prefix() -> str:
+        return f"histohelper-uploads-{os.getuid()}-"
+
+    @staticmethod
+    def _hold_lock(root: Path) -> int:
+        """Create ``root/server.lock`` holding this pid, ``flock``-ed; returns its fd
+        (kept open for the store's life: the kernel drops the lock when the process
+        dies, however it dies). The file is locked under a temporary name and renamed
+        into place, so no other server ever finds it unlocked while this one lives."""
+        tmp = root / f"{LOCK_NAME}.{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.replace(tmp, root / LOCK_NAME)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return fd
+
+    def _purge_dead_areas(self, own: Path) -> int:
+        """Delete this user's default upload areas whose lock nobody holds; returns how
+        many. Areas of other users, of live servers, or without a lock file (one being
+        set up, or made by an older version) are left alone."""
+        removed = 0
+        parent = own.parent
+        for entry in os.scandir(parent):
+            if not entry.name.startswith(self._default_prefix()) or entry.path == str(own):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not entry.is_dir(follow_symlinks=False) or st.st_uid != os.getuid():
+                continue
+            if self._remove_if_dead(Path(entry.path)):
+                removed += 1
+        if removed:
+            log.info("stale upload areas of dead servers removed", extra={"count": removed})
+        return removed
+
+    @staticmethod
+    def _remove_if_dead(area: Path) -> bool:
+        """Remove ``area`` if its ``server.lock`` can be locked (its server is dead)."""
+        try:
+            fd = os.open(area / LOCK_NAME, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return False  # no lock file: not judged
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return False  # a live server holds it
+                raise
+            shutil.rmtree(area, ignore_errors=True)
+            return True
+        finally:
+            os.close(fd)
 
     # --- bookkeeping ------------------------------------------------------------------
 
@@ -390,6 +467,9 @@ class UploadStore:
             shutil.rmtree(self.root, ignore_errors=True)
         else:
             self._purge_own_files()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def _receive(
