@@ -164,9 +164,15 @@ def ensure_artifact(cache: Path) -> Path:
             "calibration_patches": 256,
             "onnx": True,
         }
+        import dataclasses
         import inspect
 
-        if "onnx_int8" in inspect.signature(export_model).parameters:
+        from histohelper.model_export import export as export_mod
+
+        names = set(inspect.signature(export_model).parameters)
+        if hasattr(export_mod, "ExportOptions"):  # its keywords are ExportOptions' fields
+            names |= {f.name for f in dataclasses.fields(export_mod.ExportOptions)}
+        if "onnx_int8" in names:
             kwargs["onnx_int8"] = True
         export_model(out, **kwargs)
     return out

@@ -66,6 +66,15 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         metavar="MODEL",
         help="print the manifest embedded in MODEL as JSON and exit (loads no weights)",
     )
+    _add_weight_flags(p)
+    _add_model_flags(p)
+    _add_check_flags(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="log the parity figures")
+    p.set_defaults(func=run, _parser=p)
+
+
+def _add_weight_flags(p: argparse.ArgumentParser) -> None:
+    """The checkpoint flags of ``histohelper export``."""
     w = p.add_argument_group("weights")
     w.add_argument(
         "--weights",
@@ -86,6 +95,10 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         default=0,
         help="seed of the random init and of the fixed check batches (default: 0)",
     )
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The model-shape flags (classes, patch size, resolution, names)."""
     m = p.add_argument_group("model")
     m.add_argument(
         "--patch-classes",
@@ -128,6 +141,10 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     m.add_argument(
         "--model-version", default="0.1.0", help="model version recorded in the manifest"
     )
+
+
+def _add_check_flags(p: argparse.ArgumentParser) -> None:
+    """The precision-variant, calibration and ONNX flags."""
     c = p.add_argument_group("precision variants and checks")
     c.add_argument(
         "--variants",
@@ -173,8 +190,6 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "EPYC: ~190 patches/s with OpenVINO int8+bf16, ~120 ONNX Runtime int8, ~60 fp32)",
     )
     c.add_argument("--onnx-opset", type=int, default=18, help="ONNX opset, >= 17 (default: 18)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log the parity figures")
-    p.set_defaults(func=run, _parser=p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -201,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from .export import UntrainedModelWarning, export_model
+    from .export import ExportOptions, UntrainedModelWarning, export_model
 
     def show(message: object, category: type[Warning], *_: object, **__: object) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -213,8 +228,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
-            manifest = export_model(
-                args.out,
+            options = ExportOptions(
                 weights=args.weights,
                 mil_weights=args.mil_weights,
                 patch_classes=_names(args.patch_classes) or [],
@@ -233,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
                 onnx_opset=args.onnx_opset,
                 strict_variants=args.strict_variants,
             )
+            manifest = export_model(args.out, options)
         except HistoHelperError as exc:
             print(f"error: {exc}\nno artifact was written.", file=sys.stderr)
             return 1

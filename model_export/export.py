@@ -25,14 +25,17 @@ error instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -416,36 +419,11 @@ def _validate_classes(names: Sequence[str], what: str) -> tuple[str, ...]:
     return out
 
 
-def export_model(
-    out_path: str | os.PathLike[str],
-    *,
-    weights: str | os.PathLike[str] | None = None,
-    mil_weights: str | os.PathLike[str] | None = None,
-    patch_classes: Sequence[str] = ("benign", "malignant"),
-    slide_classes: Sequence[str] | None = None,
-    model_name: str = DEFAULT_MODEL_NAME,
-    model_version: str = "0.1.0",
-    patch_size_px: int = 224,
-    target_mpp: float = 0.5,
-    attention_dim: int = 128,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
-    seed: int = 0,
-    variants: Sequence[str] = ("bf16", "fp16"),
-    calibration_slide: str | os.PathLike[str] | None = None,
-    calibration_patches: int = 256,
-    onnx: bool = False,
-    onnx_int8: bool = False,
-    onnx_opset: int = 18,
-    parity_batch: int = 8,
-    check_served: bool = True,
-    strict_variants: bool = False,
-) -> Manifest:
-    """Export the model to ``out_path`` (TorchScript) and optionally ``.onnx`` beside it.
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export and which gates to run (``histohelper export``'s flags).
 
-    Args:
-        out_path: artifact path (``.pt``); the ONNX file is ``out_path`` with suffix
-            ``.onnx``. Parent directories are created.
+    Attributes:
         weights: torchvision-style resnet18 checkpoint whose ``fc`` has
             ``len(patch_classes)`` outputs (wrappers and ``module.`` prefixes accepted).
             None: seeded random init, ``untrained: true`` and an
@@ -464,17 +442,334 @@ def export_model(
         seed: seed of the random init and of the fixed check batches.
         variants: reduced precisions to check and offer: subset of ``("bf16",
             "fp16")``; ``()`` for fp32 only.
-        calibration_slide: slide for the variant checks (OpenSlide-readable); None:
-            seeded synthetic patches. Recorded in the manifest as ``calibration``.
+        calibration_slide: slide for the variant and int8 checks, read through the
+            server's tiler (:func:`~.calibration.slide_patches`); None: seeded
+            synthetic patches. Recorded in the manifest as ``calibration``.
         calibration_patches: at most this many calibration patches.
         onnx: also export the patch path to ONNX and gate it.
         onnx_int8: also quantise that ONNX model to int8 (static QDQ, calibrated on the
             calibration patches; needs ``onnx``), written as ``<out>.int8.onnx`` when it
-            passes the reduced-precision gate (see :func:`quantize_onnx_int8`).
+            passes the reduced-precision gate (see :func:`quantize_onnx_int8`), then
+            gated under every engine of :data:`INT8_GATES`.
         onnx_opset: ONNX opset (>= 17).
         parity_batch: patches in the fixed fp32 parity batch.
         check_served: also gate the frozen channels-last module the runtime serves.
-        strict_variants: a variant missing its gate fails the export.
+        strict_variants: a variant (or int8) missing its gate fails the export.
+
+    Raises:
+        InvalidOptionsError: inconsistent options (on construction).
+    """
+
+    weights: str | os.PathLike[str] | None = None
+    mil_weights: str | os.PathLike[str] | None = None
+    patch_classes: Sequence[str] = ("benign", "malignant")
+    slide_classes: Sequence[str] | None = None
+    model_name: str = DEFAULT_MODEL_NAME
+    model_version: str = "0.1.0"
+    patch_size_px: int = 224
+    target_mpp: float = 0.5
+    attention_dim: int = 128
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    seed: int = 0
+    variants: Sequence[str] = ("bf16", "fp16")
+    calibration_slide: str | os.PathLike[str] | None = None
+    calibration_patches: int = 256
+    onnx: bool = False
+    onnx_int8: bool = False
+    onnx_opset: int = 18
+    parity_batch: int = 8
+    check_served: bool = True
+    strict_variants: bool = False
+
+    def __post_init__(self) -> None:
+        p_classes = _validate_classes(self.patch_classes, "patch classes")
+        s_classes = _validate_classes(self.slide_classes or p_classes, "slide classes")
+        object.__setattr__(self, "patch_classes", p_classes)
+        object.__setattr__(self, "slide_classes", s_classes)
+        object.__setattr__(self, "variants", tuple(self.variants))
+        if self.patch_size_px < 32 or self.patch_size_px % 32:
+            raise InvalidOptionsError(
+                f"patch size must be a multiple of 32 px, got {self.patch_size_px}"
+            )
+        if self.target_mpp <= 0:
+            raise InvalidOptionsError(f"target mpp must be > 0, got {self.target_mpp}")
+        bad = [v for v in self.variants if v not in ("bf16", "fp16")]
+        if bad:
+            raise InvalidOptionsError(f"unknown precision variants {bad} (choose from bf16, fp16)")
+        if self.onnx_int8 and not self.onnx:
+            raise InvalidOptionsError("onnx_int8 needs onnx=True")
+        if self.onnx and self.onnx_opset < 17:
+            raise InvalidOptionsError(f"ONNX opset must be >= 17, got {self.onnx_opset}")
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether any gate needs calibration patches (variants or int8)."""
+        return bool(self.variants) or self.onnx_int8
+
+
+@dataclass(frozen=True)
+class Int8Gate:
+    """The export gate of one engine that may serve the int8 ONNX model.
+
+    Attributes:
+        engine: key in ``manifest.onnx.int8_gates``; the serving backend's
+            ``int8_gate`` (:mod:`histohelper.server.runtime.registry`).
+        after: engine whose gate must have passed first (None: ONNX Runtime's own,
+            which decides whether the int8 file is written at all).
+        run: ``(int8_path, calib, ref_logits) -> figures``, or None where the engine
+            cannot run here (not installed, or the CPU lacks the instructions).
+    """
+
+    engine: str
+    after: str | None
+    run: Callable[[Path, CalibrationSet, torch.Tensor], ParityFigures | None]
+
+
+#: Gates run on the int8 model after ONNX Runtime's passed, in order; a new backend
+#: serving int8 adds its row here.
+INT8_GATES = (
+    Int8Gate("openvino", None, lambda p, c, r: gate_openvino_int8(p, calib=c, ref_logits=r)),
+    Int8Gate(
+        "openvino-bf16",
+        "openvino",
+        lambda p, c, r: gate_openvino_int8(p, calib=c, ref_logits=r, rest_precision="bf16"),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class _BuiltModel:
+    model: HistoHelperModel
+    weight_files: tuple[WeightFile, ...]
+    untrained_parts: tuple[str, ...]
+
+
+def build_model(opts: ExportOptions) -> _BuiltModel:
+    """The eager model with its checkpoints loaded (random where none), eval mode,
+    patch network channels-last. Nothing is written.
+
+    Raises:
+        WeightsError: a checkpoint is unreadable or does not fit.
+    """
+    p_classes, s_classes = tuple(opts.patch_classes), tuple(opts.slide_classes or ())
+    torch.manual_seed(opts.seed)
+    model = HistoHelperModel(
+        len(p_classes), len(s_classes), opts.attention_dim, opts.mean, opts.std
+    )
+    weight_files: list[WeightFile] = []
+    untrained_parts: list[str] = []
+    if opts.weights is not None:
+        load_strict(
+            model.patch,
+            read_checkpoint(opts.weights),
+            what=f"patch network (torchvision resnet18 with a {len(p_classes)}-class fc)",
+            hint=(
+                f"the patch head has {len(p_classes)} classes ({', '.join(p_classes)}); "
+                "pass --patch-classes with one name per fc output of the checkpoint"
+            ),
+        )
+        weight_files.append(describe_weight_file(opts.weights, "patch"))
+    else:
+        untrained_parts.append("patch")
+    if opts.mil_weights is not None:
+        load_strict(
+            model.mil,
+            read_checkpoint(opts.mil_weights),
+            what=(
+                f"gated attention MIL head (D=512, L={opts.attention_dim}, "
+                f"K={len(s_classes)} slide classes)"
+            ),
+            hint="check --slide-classes and --attention-dim against the MIL checkpoint",
+        )
+        weight_files.append(describe_weight_file(opts.mil_weights, "mil"))
+    else:
+        untrained_parts.append("mil")
+    model.eval()
+    # The uint8 NHWC entry permutes to channels-last strides; weights in channels-last
+    # too keep oneDNN on its fast path (saved strides survive torch.jit.save/load):
+    # measured 16 -> 43 patches/s (batch 64, 2 cores) for the artifact as loaded.
+    model.patch.to(memory_format=torch.channels_last)
+    return _BuiltModel(model, tuple(weight_files), tuple(untrained_parts))
+
+
+def _calibration(opts: ExportOptions) -> CalibrationSet:
+    """The calibration patches: the slide's through the server's tiler, or synthetic
+    (none when no gate needs them)."""
+    if opts.calibration_slide is not None and opts.calibrates:
+        return slide_patches(
+            opts.calibration_slide,
+            size_px=opts.patch_size_px,
+            target_mpp=opts.target_mpp,
+            max_patches=opts.calibration_patches,
+        )
+    n = min(opts.calibration_patches, 64) if opts.calibrates else 0
+    return synthetic_patches(n, opts.patch_size_px, opts.seed)
+
+
+def _manifest_fields(
+    opts: ExportOptions, built: _BuiltModel, calib: CalibrationSet
+) -> dict[str, object]:
+    """The manifest's fields that do not depend on the gates."""
+    untrained = bool(built.untrained_parts)
+    return {
+        "model_name": opts.model_name,
+        "model_version": opts.model_version,
+        "patch_classes": opts.patch_classes,
+        "slide_classes": opts.slide_classes,
+        "patch_size_px": opts.patch_size_px,
+        "target_mpp": opts.target_mpp,
+        "embedding_dim": 512,
+        "attention_dim": opts.attention_dim,
+        "cam_size": opts.patch_size_px // 32,
+        "normalisation": Normalisation(mean=opts.mean, std=opts.std),
+        "input": InputSpec(),
+        "methods": METHODS,
+        "weights": built.weight_files,
+        "untrained": untrained,
+        "untrained_parts": built.untrained_parts,
+        "seed": opts.seed if untrained else None,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "calibration": calib.source if opts.calibrates else "none",
+    }
+
+
+class _Staging:
+    """Temporary files beside the artifact, renamed into place only by :meth:`publish`
+    and removed on exit otherwise (a failed export leaves nothing behind)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self._files: list[Path] = []
+
+    def tmp(self, suffix: str) -> Path:
+        fd, name = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=suffix, dir=self.out.parent)
+        os.close(fd)
+        path = Path(name)
+        self._files.append(path)
+        return path
+
+    def publish(self, tmp: Path, final: Path) -> None:
+        """Give ``tmp`` the umask's file mode and rename it to ``final``."""
+        os.chmod(tmp, _default_file_mode())
+        os.replace(tmp, final)
+
+    def __enter__(self) -> _Staging:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self._files:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def _save_artifact(
+    scripted: torch.jit.ScriptModule, path: Path, manifest: Manifest, mil_npz: bytes
+) -> None:
+    torch.jit.save(
+        scripted,
+        str(path),
+        _extra_files={MANIFEST_NAME: manifest.to_json(), MIL_WEIGHTS_NAME: mil_npz},
+    )
+
+
+def _missed(what: str, fig: ParityFigures, strict: bool, consequence: str) -> None:
+    """A reduced-precision gate was missed: ParityError when ``strict``, else a warning."""
+    msg = (
+        f"{what} missed its gate on {fig.n_samples} patches ({fig.data}): argmax agreement "
+        f"{fig.argmax_agreement:.4f} (>= {VARIANT_MIN_AGREEMENT}), max |Δp| "
+        f"{fig.max_abs_prob_diff:.4f} (<= {VARIANT_PROB_TOL})"
+    )
+    if strict:
+        raise ParityError(msg)
+    warnings.warn(f"{msg}; {consequence}", RuntimeWarning, stacklevel=4)
+
+
+def _export_int8(
+    model: HistoHelperModel,
+    onnx_path: Path,
+    staging: _Staging,
+    calib: CalibrationSet,
+    strict: bool,
+) -> tuple[dict[str, object], Path | None]:
+    """Quantise, gate under ONNX Runtime, then under every :data:`INT8_GATES` engine.
+
+    Returns:
+        ``(OnnxInfo updates, int8 file to publish or None)``.
+    """
+    int8_tmp = staging.tmp(".int8.onnx")
+    ref_calib, _, _ = run_patches(model, calib.images)
+    fig = quantize_onnx_int8(
+        onnx_path, int8_tmp, staging.tmp(".pre.onnx"), calib=calib, ref_logits=ref_calib
+    )
+    gates: dict[str, ParityFigures] = {"onnxruntime": fig}
+    if not fig.passed:
+        _missed("onnx int8", fig, strict, "it is not written")
+    else:
+        for gate in INT8_GATES:
+            passed_before = gate.after is None or (gate.after in gates and gates[gate.after].passed)
+            result = gate.run(int8_tmp, calib, ref_calib) if passed_before else None
+            if result is not None:
+                gates[gate.engine] = result
+    updates: dict[str, object] = {
+        "int8_file_name": staging.out.with_suffix(".int8.onnx").name if fig.passed else None,
+        "int8_calibration": f"{calib.source} (even-indexed patches)",
+        "int8_gates": gates,
+    }
+    return updates, int8_tmp if fig.passed else None
+
+
+def _export_onnx_files(
+    model: HistoHelperModel,
+    opts: ExportOptions,
+    staging: _Staging,
+    fixed: CalibrationSet,
+    calib: CalibrationSet,
+) -> tuple[OnnxInfo, dict[Path, Path]]:
+    """The ONNX export (and int8 when asked), gated.
+
+    Returns:
+        ``(OnnxInfo, {temporary file: final path})`` of the files to publish.
+    """
+    out = staging.out
+    onnx_tmp = staging.tmp(".onnx")
+    info = export_onnx(
+        model,
+        onnx_tmp,
+        patch_size_px=opts.patch_size_px,
+        opset=opts.onnx_opset,
+        check_images=fixed.images,
+        data=fixed.source,
+    )
+    info = info.model_copy(update={"file_name": out.with_suffix(".onnx").name})
+    files = {onnx_tmp: out.with_suffix(".onnx")}
+    if opts.onnx_int8:
+        updates, int8_tmp = _export_int8(model, onnx_tmp, staging, calib, opts.strict_variants)
+        info = info.model_copy(update=updates)
+        if int8_tmp is not None:
+            files[int8_tmp] = out.with_suffix(".int8.onnx")
+    return info, files
+
+
+def export_model(
+    out_path: str | os.PathLike[str], options: ExportOptions | None = None, **fields: Any
+) -> Manifest:
+    """Export the model to ``out_path`` (TorchScript) and optionally ``.onnx`` beside it.
+
+    Steps: :func:`build_model`; calibration patches; the TorchScript artifact with a
+    provisional manifest; the fp32 and variant gates (:func:`_gates`); ONNX and int8
+    with their gates (:func:`_export_onnx_files`); the artifact with the final
+    manifest; then every file is renamed into place.
+
+    Args:
+        out_path: artifact path (``.pt``); the ONNX files are ``out_path`` with suffix
+            ``.onnx`` and ``.int8.onnx``. Parent directories are created.
+        options: what to export (default :class:`ExportOptions`).
+        **fields: :class:`ExportOptions` fields overriding ``options``
+            (``export_model(out, onnx=True, variants=())``).
 
     Returns:
         The manifest embedded in the artifact.
@@ -483,228 +778,62 @@ def export_model(
         WeightsError: a checkpoint is unreadable or does not fit (nothing written).
         ParityError: a gate failed (nothing written).
         InvalidOptionsError: inconsistent options or an unreadable calibration slide.
+        TypeError: a keyword that is not an :class:`ExportOptions` field.
     """
+    opts = dataclasses.replace(options or ExportOptions(), **fields)
     out = Path(out_path)
-    p_classes = _validate_classes(patch_classes, "patch classes")
-    s_classes = _validate_classes(slide_classes or p_classes, "slide classes")
-    if patch_size_px < 32 or patch_size_px % 32:
-        raise InvalidOptionsError(f"patch size must be a multiple of 32 px, got {patch_size_px}")
-    if target_mpp <= 0:
-        raise InvalidOptionsError(f"target mpp must be > 0, got {target_mpp}")
-    bad = [v for v in variants if v not in ("bf16", "fp16")]
-    if bad:
-        raise InvalidOptionsError(f"unknown precision variants {bad} (choose from bf16, fp16)")
-    if onnx_int8 and not onnx:
-        raise InvalidOptionsError("onnx_int8 needs onnx=True")
-    if onnx and onnx_opset < 17:
-        raise InvalidOptionsError(f"ONNX opset must be >= 17, got {onnx_opset}")
-
-    # -- model and weights (errors here happen before anything is written) ----------
-    torch.manual_seed(seed)
-    model = HistoHelperModel(len(p_classes), len(s_classes), attention_dim, mean, std)
-    weight_files: list[WeightFile] = []
-    untrained_parts: list[str] = []
-    if weights is not None:
-        load_strict(
-            model.patch,
-            read_checkpoint(weights),
-            what=f"patch network (torchvision resnet18 with a {len(p_classes)}-class fc)",
-            hint=(
-                f"the patch head has {len(p_classes)} classes ({', '.join(p_classes)}); "
-                "pass --patch-classes with one name per fc output of the checkpoint"
-            ),
-        )
-        weight_files.append(describe_weight_file(weights, "patch"))
-    else:
-        untrained_parts.append("patch")
-    if mil_weights is not None:
-        load_strict(
-            model.mil,
-            read_checkpoint(mil_weights),
-            what=(
-                f"gated attention MIL head (D=512, L={attention_dim}, "
-                f"K={len(s_classes)} slide classes)"
-            ),
-            hint="check --slide-classes and --attention-dim against the MIL checkpoint",
-        )
-        weight_files.append(describe_weight_file(mil_weights, "mil"))
-    else:
-        untrained_parts.append("mil")
-    if untrained_parts:
+    built = build_model(opts)  # errors here happen before anything is written
+    if built.untrained_parts:
         warnings.warn(
-            f"exporting an UNTRAINED model: random weights (seed {seed}) for "
-            f"{' and '.join(untrained_parts)}; its outputs mean nothing and it must not be "
-            "used for diagnosis",
+            f"exporting an UNTRAINED model: random weights (seed {opts.seed}) for "
+            f"{' and '.join(built.untrained_parts)}; its outputs mean nothing and it must "
+            "not be used for diagnosis",
             UntrainedModelWarning,
             stacklevel=2,
         )
-    model.eval()
-    # The uint8 NHWC entry permutes to channels-last strides; weights in channels-last
-    # too keep oneDNN on its fast path (saved strides survive torch.jit.save/load):
-    # measured 16 -> 43 patches/s (batch 64, 2 cores) for the artifact as loaded.
-    model.patch.to(memory_format=torch.channels_last)
-
-    # -- calibration data ---------------------------------------------------------------
-    if calibration_slide is not None and (variants or onnx_int8):
-        calib = slide_patches(
-            calibration_slide,
-            size_px=patch_size_px,
-            target_mpp=target_mpp,
-            max_patches=calibration_patches,
-        )
-    else:
-        calib = synthetic_patches(
-            min(calibration_patches, 64) if variants or onnx_int8 else 0, patch_size_px, seed
-        )
-    fixed = synthetic_patches(parity_batch, patch_size_px, seed + 1)
-    bag = fixed_bag(64, 512, seed)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_files: list[Path] = []
-
-    def tmp(suffix: str) -> Path:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
-        os.close(fd)
-        p = Path(name)
-        tmp_files.append(p)
-        return p
-
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            scripted = torch.jit.script(model)
-            base = {
-                "model_name": model_name,
-                "model_version": model_version,
-                "patch_classes": p_classes,
-                "slide_classes": s_classes,
-                "patch_size_px": patch_size_px,
-                "target_mpp": target_mpp,
-                "embedding_dim": 512,
-                "attention_dim": attention_dim,
-                "cam_size": patch_size_px // 32,
-                "normalisation": Normalisation(mean=mean, std=std),
-                "input": InputSpec(),
-                "methods": METHODS,
-                "weights": tuple(weight_files),
-                "untrained": bool(untrained_parts),
-                "untrained_parts": tuple(untrained_parts),
-                "seed": seed if untrained_parts else None,
-                "torch_version": torch.__version__,
-                "torchvision_version": torchvision.__version__,
-                "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "calibration": calib.source if variants or onnx_int8 else "none",
-            }
-            mil_npz = _mil_npz(model)
-            provisional = Manifest(
-                precisions=(PrecisionVariant(precision="fp32", devices=VARIANT_DEVICES["fp32"]),),
-                **base,
-            )
-            stage1 = tmp(".pt")
-            torch.jit.save(
-                scripted,
-                str(stage1),
-                _extra_files={MANIFEST_NAME: provisional.to_json(), MIL_WEIGHTS_NAME: mil_npz},
-            )
-            parity, precisions = _gates(
-                model, stage1, fixed, bag, calib, variants, check_served, strict_variants
-            )
-            onnx_info = None
-            onnx_tmp = None
-            int8_final: Path | None = None
-            if onnx:
-                onnx_tmp = tmp(".onnx")
-                onnx_info = export_onnx(
-                    model,
-                    onnx_tmp,
-                    patch_size_px=patch_size_px,
-                    opset=onnx_opset,
-                    check_images=fixed.images,
-                    data=fixed.source,
-                )
-                onnx_info = onnx_info.model_copy(
-                    update={"file_name": out.with_suffix(".onnx").name}
-                )
-                if onnx_int8:
-                    int8_tmp = tmp(".int8.onnx")
-                    ref_calib, _, _ = run_patches(model, calib.images)
-                    int8_fig = quantize_onnx_int8(
-                        onnx_tmp, int8_tmp, tmp(".pre.onnx"), calib=calib, ref_logits=ref_calib
-                    )
-                    if not int8_fig.passed:
-                        msg = (
-                            f"onnx int8 missed its gate on {int8_fig.n_samples} patches: "
-                            f"argmax agreement {int8_fig.argmax_agreement:.4f}, "
-                            f"max |Δp| {int8_fig.max_abs_prob_diff:.4f}"
-                        )
-                        if strict_variants:
-                            raise ParityError(msg)
-                        warnings.warn(msg + "; it is not written", RuntimeWarning, stacklevel=2)
-                    else:
-                        int8_final = int8_tmp
-                    ov_fig = ov_bf16_fig = None
-                    if int8_fig.passed:
-                        ov_fig = gate_openvino_int8(int8_tmp, calib=calib, ref_logits=ref_calib)
-                    if ov_fig is not None and ov_fig.passed:  # bf16 rest only on top of it
-                        ov_bf16_fig = gate_openvino_int8(
-                            int8_tmp, calib=calib, ref_logits=ref_calib, rest_precision="bf16"
-                        )
-                    onnx_info = onnx_info.model_copy(
-                        update={
-                            "int8_file_name": out.with_suffix(".int8.onnx").name
-                            if int8_fig.passed
-                            else None,
-                            "int8_calibration": f"{calib.source} (even-indexed patches)",
-                            "int8_gates": {
-                                engine: fig
-                                for engine, fig in (
-                                    ("onnxruntime", int8_fig),
-                                    ("openvino", ov_fig),
-                                    ("openvino-bf16", ov_bf16_fig),
-                                )
-                                if fig is not None
-                            },
-                        }
-                    )
-            manifest = Manifest(precisions=precisions, parity=parity, onnx=onnx_info, **base)
-            final = tmp(".pt")
-            loaded = torch.jit.load(str(stage1))
-            torch.jit.save(
-                loaded,
-                str(final),
-                _extra_files={MANIFEST_NAME: manifest.to_json(), MIL_WEIGHTS_NAME: mil_npz},
-            )
+    model = built.model
+    calib = _calibration(opts)
+    fixed = synthetic_patches(opts.parity_batch, opts.patch_size_px, opts.seed + 1)
+    base = _manifest_fields(opts, built, calib)
+    with _Staging(out) as staging, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        scripted = torch.jit.script(model)
+        mil_npz = _mil_npz(model)
+        fp32_only = (PrecisionVariant(precision="fp32", devices=VARIANT_DEVICES["fp32"]),)
+        stage1 = staging.tmp(".pt")
+        _save_artifact(scripted, stage1, Manifest(precisions=fp32_only, **base), mil_npz)  # type: ignore[arg-type]
+        bag = fixed_bag(64, 512, opts.seed)
+        parity = _fp32_gates(model, stage1, fixed, bag, opts.check_served)
+        precisions = _variant_gates(model, stage1, calib, opts.variants, opts.strict_variants)
+        onnx_info, files = None, {}
+        if opts.onnx:
+            onnx_info, files = _export_onnx_files(model, opts, staging, fixed, calib)
+        manifest = Manifest(precisions=precisions, parity=parity, onnx=onnx_info, **base)  # type: ignore[arg-type]
+        final = staging.tmp(".pt")
+        _save_artifact(torch.jit.load(str(stage1)), final, manifest, mil_npz)
         if read_manifest(final) != manifest:  # pragma: no cover - defensive
             raise ParityError("manifest did not round-trip through the artifact")
-        mode = _default_file_mode()
-        if onnx_tmp is not None:
-            os.chmod(onnx_tmp, mode)
-            os.replace(onnx_tmp, out.with_suffix(".onnx"))
-        if int8_final is not None:
-            os.chmod(int8_final, mode)
-            os.replace(int8_final, out.with_suffix(".int8.onnx"))
-        os.chmod(final, mode)
-        os.replace(final, out)
-    finally:
-        for p in tmp_files:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        for tmp, dest in files.items():
+            staging.publish(tmp, dest)
+        staging.publish(final, out)
     log.info("exported %s (%s)", out.name, ", ".join(manifest.precision_names()))
     return manifest
 
 
-def _gates(
+def _fp32_gates(
     model: HistoHelperModel,
     artifact: Path,
     fixed: CalibrationSet,
     bag: torch.Tensor,
-    calib: CalibrationSet,
-    variants: Sequence[str],
     check_served: bool,
-    strict_variants: bool,
-) -> tuple[dict[str, ParityFigures], tuple[PrecisionVariant, ...]]:
-    """Run the fp32 and variant gates; return (parity figures, precision variants)."""
+) -> dict[str, ParityFigures]:
+    """TorchScript (and the frozen module the runtime serves) vs eager fp32, patches
+    and aggregation; returns the parity figures by ``<candidate>_<path>``.
+
+    Raises:
+        ParityError: a candidate differs by more than :data:`FP32_PROB_TOL`.
+    """
     parity: dict[str, ParityFigures] = {}
     ref_logits, ref_emb, ref_cams = run_patches(model, fixed.images)
     with torch.inference_mode():
@@ -712,39 +841,23 @@ def _gates(
     candidates = {"torchscript": torch.jit.load(str(artifact))}
     if check_served:
         candidates["served_fp32"] = prepare_for_serving(artifact, "fp32")
+    exact = {"reference": "eager fp32", "tolerance": FP32_PROB_TOL, "min_agreement": 1.0}
     for name, mod in candidates.items():
         lg, emb, cams = run_patches(mod, fixed.images)
-        fig = compare(
-            lg,
-            ref_logits,
-            reference="eager fp32",
-            tolerance=FP32_PROB_TOL,
-            min_agreement=1.0,
-            data=fixed.source,
-        )
-        parity[f"{name}_patches"] = fig
+        fig = compare(lg, ref_logits, data=fixed.source, **exact)  # type: ignore[arg-type]
         with torch.inference_mode():
             s_lg, att = mod.aggregate(bag)
-        afig = compare(
-            s_lg,
-            ref_slide,
-            reference="eager fp32",
-            tolerance=FP32_PROB_TOL,
-            min_agreement=1.0,
-            data=f"bag(n={len(bag)})",
-        )
+        afig = compare(s_lg, ref_slide, data=f"bag(n={len(bag)})", **exact)  # type: ignore[arg-type]
+        parity[f"{name}_patches"], parity[f"{name}_aggregate"] = fig, afig
         att_diff = float((att - ref_att).abs().max())
-        parity[f"{name}_aggregate"] = afig
-        emb_diff = float((emb - ref_emb).abs().max())
-        cam_diff = float((cams - ref_cams).abs().max())
         log.info(
             "%s parity: patches |Δp| %.3g, |Δlogit| %.3g, |Δemb| %.3g, |Δcam| %.3g; "
             "aggregate |Δp| %.3g, |Δatt| %.3g",
             name,
             fig.max_abs_prob_diff,
             fig.max_abs_logit_diff,
-            emb_diff,
-            cam_diff,
+            float((emb - ref_emb).abs().max()),
+            float((cams - ref_cams).abs().max()),
             afig.max_abs_prob_diff,
             att_diff,
         )
@@ -754,35 +867,42 @@ def _gates(
                 f"slide max |Δp| {afig.max_abs_prob_diff:.3g}, attention {att_diff:.3g} "
                 f"(tolerance {FP32_PROB_TOL:g})"
             )
+    return parity
+
+
+def _variant_gates(
+    model: HistoHelperModel,
+    artifact: Path,
+    calib: CalibrationSet,
+    variants: Sequence[str],
+    strict: bool,
+) -> tuple[PrecisionVariant, ...]:
+    """fp32 plus each reduced-precision variant, served as the runtime serves it and
+    gated against eager fp32 on the calibration patches (failed ones recorded as such).
+
+    Raises:
+        ParityError: a variant missed its gate and ``strict``.
+    """
     precisions = [PrecisionVariant(precision="fp32", devices=VARIANT_DEVICES["fp32"])]
-    if variants:
-        ref_calib, _, _ = run_patches(model, calib.images)
-        for v in variants:
-            dev = _check_variant_device(v)
-            mod = prepare_for_serving(artifact, v, device=dev)
-            lg, _, _ = run_patches(mod, calib.images, device=dev)
-            fig = compare(
-                lg,
-                ref_calib,
-                reference="eager fp32",
-                tolerance=VARIANT_PROB_TOL,
-                min_agreement=VARIANT_MIN_AGREEMENT,
-                data=calib.source,
-                checked_on=dev,
-            )
-            log.info("%s vs fp32: %s", v, fig)
-            if not fig.passed:
-                msg = (
-                    f"{v} variant missed its gate on {fig.n_samples} patches ({calib.source}): "
-                    f"argmax agreement {fig.argmax_agreement:.4f} (>= {VARIANT_MIN_AGREEMENT}), "
-                    f"max |Δp| {fig.max_abs_prob_diff:.4f} (<= {VARIANT_PROB_TOL})"
-                )
-                if strict_variants:
-                    raise ParityError(msg)
-                warnings.warn(
-                    msg + "; it is recorded as failed and will not be served",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            precisions.append(PrecisionVariant(precision=v, devices=VARIANT_DEVICES[v], parity=fig))  # type: ignore[arg-type]
-    return parity, tuple(precisions)
+    if not variants:
+        return tuple(precisions)
+    ref_calib, _, _ = run_patches(model, calib.images)
+    for v in variants:
+        dev = _check_variant_device(v)
+        lg, _, _ = run_patches(
+            prepare_for_serving(artifact, v, device=dev), calib.images, device=dev
+        )
+        fig = compare(
+            lg,
+            ref_calib,
+            reference="eager fp32",
+            tolerance=VARIANT_PROB_TOL,
+            min_agreement=VARIANT_MIN_AGREEMENT,
+            data=calib.source,
+            checked_on=dev,
+        )
+        log.info("%s vs fp32: %s", v, fig)
+        if not fig.passed:
+            _missed(f"{v} variant", fig, strict, "it is recorded as failed and will not be served")
+        precisions.append(PrecisionVariant(precision=v, devices=VARIANT_DEVICES[v], parity=fig))  # type: ignore[arg-type]
+    return tuple(precisions)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from histohelper.errors import ParityError, WeightsError
+from histohelper.errors import InvalidOptionsError, ParityError, WeightsError
 from histohelper.model_export import cli, export
 from histohelper.model_export.export import UntrainedModelWarning, export_model
 from histohelper.model_export.modules import HistoHelperModel
@@ -282,3 +282,26 @@ def test_cli_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> N
         "--variants",
     ):
         assert flag in out
+
+
+def test_export_options_object_and_keywords_agree(tmp_path: Path) -> None:
+    """``export_model`` takes an :class:`ExportOptions`, keywords overriding its fields;
+    an unknown keyword or an invalid option fails before anything is written."""
+    from histohelper.model_export.export import ExportOptions
+
+    opts = ExportOptions(patch_size_px=32, variants=(), check_served=False)
+    with pytest.warns(UntrainedModelWarning):
+        by_object = export_model(tmp_path / "a.pt", opts)
+        by_keywords = export_model(
+            tmp_path / "b.pt", patch_size_px=32, variants=(), check_served=False
+        )
+        overridden = export_model(tmp_path / "c.pt", opts, model_version="9.9")
+    assert by_object.model_copy(update={"exported_at": ""}) == by_keywords.model_copy(
+        update={"exported_at": ""}
+    )
+    assert overridden.model_version == "9.9" and overridden.patch_size_px == 32
+    with pytest.raises(TypeError):
+        export_model(tmp_path / "d.pt", opts, patch_size=32)
+    with pytest.raises(InvalidOptionsError, match="multiple of 32"):
+        export_model(tmp_path / "e.pt", opts, patch_size_px=48)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt", "c.pt"]
