@@ -5,13 +5,18 @@ Standard services (grpcio-health-checking, grpcio-reflection):
 model is loaded; on shutdown ``enter_graceful_shutdown()`` flips it to NOT_SERVING
 before ``server.stop(grace)``.
 
+Transport: ``grpc.aio`` on one event-loop thread; every call of the analysis service
+runs through the one call path (:mod:`.callpath`: authentication, audit, decoding,
+validation, admission, deadlines, stall limit, the error table); blocking work runs
+on a bounded thread pool, so clients that stall hold no thread.
+
 Security (see ``tls``, ``auth``, ``uploads``, ``audit``): TLS or mutual TLS when
-configured (plaintext only on loopback or with ``allow_insecure``); one interceptor
-authenticates, authorises and audits every call to the analysis service.
+configured (plaintext only on loopback or with ``allow_insecure``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -21,22 +26,29 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Coroutine
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from histohelper.errors import HistoHelperError, ModelArtifactError
+from histohelper.errors import (
+    HistoHelperError,
+    ModelArtifactError,
+    ServerBusyError,
+    UploadQuotaError,
+)
 from histohelper.server.audit import AuditLog
 from histohelper.server.audit import current as current_call
-from histohelper.server.auth import Authenticator, SecurityInterceptor, TokenStore
+from histohelper.server.auth import Authenticator, TokenStore
+from histohelper.server.callpath import CallLimits, CallPath, SlotPool, build_service
+from histohelper.server.classify import Classifier
 from histohelper.server.config import ServerConfig
-from histohelper.server.limits import StreamLimiter
 from histohelper.server.pipeline import FIRST_BATCH_SIZE, Analyzer
 from histohelper.server.runtime import ModelRuntime, load_runtime
 from histohelper.server.servicer import SlideAnalysisServicer
@@ -45,49 +57,71 @@ from histohelper.server.tls import check_transport_policy, server_credentials
 from histohelper.server.uploads import UploadStore
 from histohelper.server.worker import ModelWorker
 from histohelper.v1 import slide_analysis_pb2 as pb
-from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SlideAnalysisService"].full_name
 
 
 @dataclass
 class RunningServer:
-    """A started server and its parts (tests use these to look inside)."""
+    """A started server and its parts (tests use these to look inside).
 
-    server: grpc.Server
+    The gRPC server is a ``grpc.aio`` server on its own event-loop thread; blocking
+    work runs on ``executor``. Every method here is called from ordinary threads.
+    """
+
+    server: grpc.aio.Server
     port: int
     config: ServerConfig
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     servicer: SlideAnalysisServicer
     worker: ModelWorker
-    uploads: UploadStore | None = None
-    audit_log: AuditLog | None = None
-    health_server: grpc.Server | None = None
+    uploads: UploadStore
+    audit_log: AuditLog
+    loop: asyncio.AbstractEventLoop
+    loop_thread: threading.Thread
+    executor: futures.ThreadPoolExecutor
+    health_server: grpc.aio.Server | None = None
+    _stop_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def target(self) -> str:
         """``host:port`` for clients."""
         return f"{self.config.host}:{self.port}"
 
+    def _await(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
     def stop(self, grace: float | None = None, drain: float | None = None) -> None:
         """Flip health to NOT_SERVING, keep accepting calls for ``drain`` seconds
         (default: config.drain_s), stop accepting, let in-flight calls finish for
-        ``grace`` seconds (default: config.grace_s), then cancel them."""
-        self.health.enter_graceful_shutdown()
+        ``grace`` seconds (default: config.grace_s), then cancel them (their stop
+        events are set; domain work ends within one batch). A second call waits for
+        the first to finish and returns."""
+        with self._stop_lock:
+            if self.loop.is_closed():
+                return
+            self._stop(grace, drain)
+
+    def _stop(self, grace: float | None, drain: float | None) -> None:
+        self._await(self.health.enter_graceful_shutdown())
         drain_s = self.config.drain_s if drain is None else drain
         if drain_s > 0:
             log.info("draining: health NOT_SERVING, still accepting", extra={"seconds": drain_s})
             time.sleep(drain_s)
-        self.server.stop(self.config.grace_s if grace is None else grace).wait()
+        self._await(self.server.stop(self.config.grace_s if grace is None else grace))
         if self.health_server is not None:
-            self.health_server.stop(0).wait()
+            self._await(self.health_server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.loop_thread.join()
+        self.loop.close()
+        self.executor.shutdown(wait=True)
         self.worker.close()
-        if self.uploads is not None:
-            self.uploads.close()
-        if self.audit_log is not None:
-            self.audit_log.close()
+        self.uploads.close()
+        self.audit_log.close()
 
 
 #: gRPC's default SO_REUSEPORT lets a second server bind a port in use and silently take
@@ -96,7 +130,7 @@ _NO_REUSEPORT = ("grpc.so_reuseport", 0)
 
 
 def _bind(
-    server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
 ) -> int:
     """Add ``address`` to ``server``: the bound port, or 0 where it cannot be bound
     (grpcio returned 0 and now raises RuntimeError)."""
@@ -129,6 +163,53 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
+def _load_and_warm(config: ServerConfig, runtime: ModelRuntime | None) -> ModelWorker:
+    """The model's worker; a model loaded here is warmed up first."""
+    warm = runtime is None
+    if runtime is None:
+        runtime = load_runtime(
+            config.model_path,
+            device=config.device,
+            precision=config.precision,
+            num_threads=config.num_threads,
+            backend=config.backend,  # type: ignore[arg-type]
+        )
+    worker = ModelWorker(runtime)
+    if warm:
+        sizes = (min(FIRST_BATCH_SIZE, config.batch_size), config.batch_size)
+        try:
+            warm_s = worker.warm_up(sizes).result()
+        except Exception as exc:  # any engine error: the model cannot serve
+            worker.close()
+            raise ModelArtifactError(
+                f"the model failed its warm-up batch: {type(exc).__name__}"
+            ) from exc
+        log.info("model warmed up in %.2f s", warm_s)
+    return worker
+
+
+def _slot_pools(config: ServerConfig) -> dict[str, SlotPool]:
+    """The admission pools of the call path, each refused with its own error."""
+    n_analyses, n_uploads = config.max_concurrent_analyses, config.max_concurrent_uploads
+    n_classify = config.max_classify_streams
+    return {
+        "analysis": SlotPool(
+            n_analyses,
+            lambda: ServerBusyError(f"the server is running {n_analyses} analyses; retry later"),
+        ),
+        "classify": SlotPool(
+            n_classify,
+            lambda: ServerBusyError(
+                f"the server already has {n_classify} open ClassifyPatches streams; retry later"
+            ),
+        ),
+        "upload": SlotPool(
+            n_uploads,
+            lambda: UploadQuotaError(f"{n_uploads} uploads are already in flight; retry later"),
+        ),
+    }
+
+
 def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> RunningServer:
     """Load the model (unless given), bind, and start serving.
 
@@ -151,32 +232,20 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
     check_transport_policy(config)
     credentials = server_credentials(config)
     tokens = TokenStore.load(config.tokens_file) if config.tokens_file is not None else None
-    warm = runtime is None
-    if runtime is None:
-        runtime = load_runtime(
-            config.model_path,
-            device=config.device,
-            precision=config.precision,
-            num_threads=config.num_threads,
-            backend=config.backend,  # type: ignore[arg-type]
-        )
-    worker = ModelWorker(runtime)
-    if warm:
-        sizes = (min(FIRST_BATCH_SIZE, config.batch_size), config.batch_size)
-        try:
-            warm_s = worker.warm_up(sizes).result()
-        except Exception as exc:  # any engine error: the model cannot serve
-            worker.close()
-            raise ModelArtifactError(
-                f"the model failed its warm-up batch: {type(exc).__name__}"
-            ) from exc
-        log.info("model warmed up in %.2f s", warm_s)
+    worker = _load_and_warm(config, runtime)
     analyzer = Analyzer(
         worker,
         num_readers=config.num_readers,
         max_patches_per_slide=config.max_patches_per_slide,
         max_failed_fraction=config.max_failed_fraction,
         slide_cache=SlideCache(),
+    )
+    classifier = Classifier(
+        worker,
+        batch_size=config.batch_size,
+        max_images_per_request=config.max_images_per_request,
+        request_max_px=config.classify_request_max_px,
+        stream_max_px=config.classify_stream_max_px,
     )
     uploads = UploadStore(
         config.upload_dir,
@@ -186,71 +255,106 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         max_concurrent=config.max_concurrent_uploads,
     )
     audit_log = AuditLog(config.audit_log)
-    servicer = SlideAnalysisServicer(config, runtime, worker, analyzer, uploads=uploads)
-    interceptor = SecurityInterceptor(
-        Authenticator(tokens), audit_log, runtime.manifest.model_version
+    pools = _slot_pools(config)
+    servicer = SlideAnalysisServicer(
+        config,
+        worker.runtime,
+        worker,
+        analyzer,
+        classifier,
+        uploads=uploads,
+        analysis_slots=pools["analysis"],
     )
-    # Every call that can hold a thread for long is capped (analyses and explanations
-    # by their slots, uploads, ClassifyPatches and reflection streams by theirs); the
-    # pool has a thread for each plus 8 for health, GetModelInfo and refusals.
-    pool = futures.ThreadPoolExecutor(
-        max_workers=config.max_concurrent_analyses
-        + config.max_concurrent_uploads
-        + config.max_classify_streams
-        + config.max_reflection_streams
-        + 8,
-        thread_name_prefix="grpc",
+    # Threads for blocking work: one per slot that can run some, and a few for
+    # validation of calls that are then refused and for GetModelInfo-sized work.
+    executor = futures.ThreadPoolExecutor(
+        max_workers=sum(p.size for p in pools.values()) + 4, thread_name_prefix="call"
     )
-    limiter = StreamLimiter(
-        {
-            f"/{SERVICE_NAME}/ClassifyPatches": config.max_classify_streams,
-            f"/{reflection.SERVICE_NAME}/ServerReflectionInfo": config.max_reflection_streams,
-        }
+    path = CallPath(
+        Authenticator(tokens),
+        audit_log,
+        pools,
+        CallLimits(config.default_deadline_s, config.stalled_stream_s),
+        executor,
+        worker.runtime.manifest.model_version,
     )
-    server = grpc.server(pool, interceptors=[interceptor, limiter], options=grpc_options(config))
-    pb_grpc.add_SlideAnalysisServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    address = f"{config.host}:{config.port}"
-    port = _bind(server, address, credentials)
-    if port == 0:
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
+    loop_thread.start()
+
+    async def start() -> tuple[
+        grpc.aio.Server, int, health.aio.HealthServicer, grpc.aio.Server | None
+    ]:
+        server = grpc.aio.server(options=grpc_options(config))
+        server.add_generic_rpc_handlers(
+            (
+                build_service(
+                    pb.DESCRIPTOR.services_by_name["SlideAnalysisService"], path, servicer.rpcs()
+                ),
+            )
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = _bind(server, f"{config.host}:{config.port}", credentials)
+        if port == 0:
+            raise PortBindError(f"could not bind the server's port {config.host}:{config.port}")
+        await server.start()
+        health_server = None
+        if config.health_port is not None:
+            # Loopback-only, plaintext, health only: what a container probe can reach
+            # when the main port needs TLS client certificates or tokens.
+            health_server = grpc.aio.server(options=[_NO_REUSEPORT])
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+            if _bind(health_server, f"127.0.0.1:{config.health_port}") == 0:
+                await server.stop(0)
+                raise PortBindError(f"could not bind the health port {config.health_port}")
+            await health_server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return server, port, health_servicer, health_server
+
+    try:
+        server, port, health_servicer, health_server = asyncio.run_coroutine_threadsafe(
+            start(), loop
+        ).result()
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join()
+        loop.close()
+        executor.shutdown()
         worker.close()
         uploads.close()
         audit_log.close()
-        raise PortBindError(f"could not bind the server's port {config.host}:{config.port}")
-    server.start()
-    health_server = None
-    if config.health_port is not None:
-        # Loopback-only, plaintext, health only: what a container probe can reach when
-        # the main port needs TLS client certificates or tokens.
-        health_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2), options=[_NO_REUSEPORT]
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        if _bind(health_server, f"127.0.0.1:{config.health_port}") == 0:
-            server.stop(0)
-            worker.close()
-            raise PortBindError(f"could not bind the health port {config.health_port}")
-        health_server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        raise
     log.info(
         "serving",
         extra={
             "port": port,
-            "device": runtime.device,
-            "precision": runtime.precision,
-            "engine": runtime.engine,
-            "model_version": runtime.manifest.model_version,
+            "device": worker.runtime.device,
+            "precision": worker.runtime.precision,
+            "engine": worker.runtime.engine,
+            "model_version": worker.runtime.manifest.model_version,
+            "untrained": worker.runtime.manifest.untrained,
             "tls": "mutual" if config.tls_client_ca else ("server" if config.tls else "off"),
             "token_auth": tokens is not None,
         },
     )
     return RunningServer(
-        server, port, config, health_servicer, servicer, worker, uploads, audit_log, health_server
+        server,
+        port,
+        config,
+        health_servicer,
+        servicer,
+        worker,
+        uploads,
+        audit_log,
+        loop,
+        loop_thread,
+        executor,
+        health_server,
     )
 
 
@@ -365,8 +469,7 @@ def serve(config: ServerConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stopping.wait(0.5):
-        pass
+    stopping.wait()
     running.stop()
     log.info("stopped")
     return 0

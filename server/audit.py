@@ -7,11 +7,10 @@ token's identity, ``cert:<CN>`` for a mutual-TLS client, or ``anonymous``),
 (gRPC status name), ``reason`` (ErrorInfo reason of a failure) and ``duration_s``.
 Bearer tokens never reach it.
 
-The security interceptor (:mod:`histohelper.server.auth`) opens a
-:class:`CallRecord` around each call and makes it the thread's current record; the
-servicer adds what only it knows (request id, slide fingerprint, error reason) with
-:func:`note`. The gRPC sync server runs a call's handler, and iterates its streamed
-responses, on one pool thread, so a thread-local is the call's context.
+The call path (:mod:`histohelper.server.callpath`) opens a :class:`CallRecord` for
+each call and makes it the call's current record (a :mod:`contextvars` variable: the
+call's coroutine and every piece of blocking work it runs on a worker thread see it);
+handlers add what only they know (slide fingerprint) with :func:`note`.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ audit_logger = logging.getLogger("histohelper.audit")
 #: Bytes hashed from each end of a slide for its fingerprint.
 FINGERPRINT_EDGE_BYTES = 1024 * 1024
 
-_local = threading.local()
+_current: ContextVar[CallRecord | None] = ContextVar("histohelper_call", default=None)
 
 
 @dataclass
@@ -53,13 +53,13 @@ class CallRecord:
 
 
 def current() -> CallRecord | None:
-    """The record of the call running on this thread, if any."""
-    return getattr(_local, "record", None)
+    """The record of the call this code runs for (its coroutine or its worker thread)."""
+    return _current.get()
 
 
 def set_current(record: CallRecord | None) -> None:
-    """Make ``record`` this thread's current record (None clears it)."""
-    _local.record = record
+    """Make ``record`` the current record of this context (None clears it)."""
+    _current.set(record)
 
 
 def note(**fields: Any) -> None:
@@ -73,7 +73,7 @@ def note(**fields: Any) -> None:
 
 
 def current_caller() -> str:
-    """The identity of the caller on this thread (``anonymous`` outside a call)."""
+    """The identity of the current call's caller (``anonymous`` outside a call)."""
     record = current()
     return record.caller if record is not None else "anonymous"
 

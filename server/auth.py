@@ -14,7 +14,8 @@ needed for UploadSlide. ``python -m histohelper.server.auth --identity NAME --ro
 analyze,upload`` makes a new random token: the token on stdout (give it to the
 caller), the entry for the tokens file on stderr.
 
-:class:`SecurityInterceptor` wraps every call to the analysis service:
+:class:`Authenticator` decides who calls; the call path
+(:mod:`histohelper.server.callpath`) applies it to every call of the analysis service:
 
 * with a tokens file, calls need ``authorization: Bearer <token>`` metadata: missing,
   malformed or unknown tokens get UNAUTHENTICATED; a known token without the RPC's
@@ -25,6 +26,8 @@ caller), the entry for the tokens file on stderr.
 * ``grpc.health.v1.Health`` and server reflection stay open (load balancers and
   orchestrators probe them without credentials; they reveal no data);
 * every call gets an audit record (:mod:`histohelper.server.audit`).
+
+Which role each RPC needs is declared in the servicer's RPC table.
 """
 
 from __future__ import annotations
@@ -37,28 +40,19 @@ import logging
 import re
 import secrets
 import sys
-import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 
-from histohelper.errors import HistoHelperError, PermissionDeniedError, UnauthenticatedError
-from histohelper.server import audit
-from histohelper.server.status import to_grpc_status
+from histohelper.errors import UnauthenticatedError
 
 log = logging.getLogger(__name__)
 
 ROLE_ANALYZE = "analyze"
 ROLE_UPLOAD = "upload"
 ROLES = frozenset({ROLE_ANALYZE, ROLE_UPLOAD})
-#: Role each RPC of the analysis service needs; unlisted RPCs need ``analyze``.
-METHOD_ROLES: Mapping[str, str] = {"UploadSlide": ROLE_UPLOAD}
-SERVICE_PREFIX = "/histohelper.v1.SlideAnalysisService/"
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _IDENTITY = re.compile(r"^[A-Za-z0-9._@:/+-]{1,128}$")
@@ -188,7 +182,8 @@ class Authenticator:
         return principal
 
 
-def _client_cn(context: grpc.ServicerContext) -> str | None:
+def client_common_name(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> str | None:
+    """The subject CN of the client's TLS certificate (mutual TLS), or None."""
     try:
         values = context.auth_context().get("x509_common_name") or []
     except Exception:  # no auth context on this transport
@@ -197,147 +192,6 @@ def _client_cn(context: grpc.ServicerContext) -> str | None:
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
         return text[:128]
     return None
-
-
-def _outcome(context: grpc.ServicerContext, exc: BaseException | None) -> str:
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    if isinstance(exc, GeneratorExit) or not context.is_active():
-        remaining = context.time_remaining()
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-    if exc is not None:
-        return "UNKNOWN"
-    return "OK"
-
-
-class SecurityInterceptor(grpc.ServerInterceptor):
-    """Authenticates, authorises and audits every call to the analysis service.
-
-    Args:
-        authenticator: who the caller is.
-        audit_log: where finished call records go.
-        model_version: the served model's version, written into each record.
-    """
-
-    def __init__(
-        self, authenticator: Authenticator, audit_log: audit.AuditLog, model_version: str
-    ) -> None:
-        self.authenticator = authenticator
-        self.audit_log = audit_log
-        self.model_version = model_version
-
-    # --- per call ---------------------------------------------------------------------
-
-    def _open(self, rpc: str, context: grpc.ServicerContext) -> tuple[audit.CallRecord, Any]:
-        record = audit.CallRecord(
-            rpc=rpc,
-            request_id=uuid.uuid4().hex[:16],
-            model_version=self.model_version,
-            started=time.perf_counter(),
-        )
-        try:
-            record.peer = context.peer()
-        except Exception:
-            record.peer = ""
-        audit.set_current(record)
-        lock = threading.Lock()
-        done: list[bool] = []
-
-        def finish(exc: BaseException | None = None) -> None:
-            with lock:
-                if done:
-                    return
-                done.append(True)
-            record.duration_s = time.perf_counter() - record.started
-            record.outcome = _outcome(context, exc)
-            if record.outcome == "OK":
-                record.reason = None
-            if audit.current() is record:
-                audit.set_current(None)
-            self.audit_log.write(record)
-
-        # A call abandoned mid-stream (client cancel) is recorded when it terminates.
-        context.add_callback(finish)
-        return record, finish
-
-    def _admit(self, record: audit.CallRecord, role: str, context: grpc.ServicerContext) -> None:
-        record.client_cert = _client_cn(context)
-        try:
-            principal = self.authenticator.authenticate(
-                context.invocation_metadata(), record.client_cert
-            )
-            record.caller = principal.identity
-            if role not in principal.roles:
-                raise PermissionDeniedError(f"the caller lacks the '{role}' role")
-        except HistoHelperError as exc:
-            record.reason = exc.reason
-            log.info(
-                "call refused: %s",
-                exc.reason,
-                extra={"request_id": record.request_id, "rpc": record.rpc},
-            )
-            context.abort_with_status(to_grpc_status(exc, record.request_id))
-
-    # --- handler wrapping -------------------------------------------------------------
-
-    def _unary_response(self, rpc: str, role: str, behavior: Callable[..., Any]):
-        def wrapped(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
-            record, finish = self._open(rpc, context)
-            exc: BaseException | None = None
-            try:
-                self._admit(record, role, context)
-                return behavior(request_or_iterator, context)
-            except BaseException as err:
-                exc = err
-                raise
-            finally:
-                finish(exc)
-
-        return wrapped
-
-    def _streaming_response(self, rpc: str, role: str, behavior: Callable[..., Any]):
-        def wrapped(request_or_iterator: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            record, finish = self._open(rpc, context)
-            exc: BaseException | None = None
-            try:
-                self._admit(record, role, context)
-                yield from behavior(request_or_iterator, context)
-            except BaseException as err:
-                exc = err
-                raise
-            finally:
-                finish(exc)
-
-        return wrapped
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler  # health, reflection (open) and unknown methods (UNIMPLEMENTED)
-        rpc = method[len(SERVICE_PREFIX) :]
-        role = METHOD_ROLES.get(rpc, ROLE_ANALYZE)
-        des, ser = handler.request_deserializer, handler.response_serializer
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(
-                self._streaming_response(rpc, role, handler.stream_stream), des, ser
-            )
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary_response(rpc, role, handler.stream_unary), des, ser
-            )
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming_response(rpc, role, handler.unary_stream), des, ser
-            )
-        return grpc.unary_unary_rpc_method_handler(
-            self._unary_response(rpc, role, handler.unary_unary), des, ser
-        )
 
 
 def new_token(identity: str, roles: Sequence[str]) -> tuple[str, dict[str, object]]:

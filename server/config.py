@@ -294,9 +294,6 @@ class ServerConfig:
         group=_LIMITS,
         help="ClassifyPatches streams open at once; one more gets RESOURCE_EXHAUSTED at once",
     )
-    max_reflection_streams: int = setting(
-        2, minimum=1, group=_LIMITS, help="server-reflection streams open at once"
-    )
     default_deadline_s: float = setting(
         3600.0,
         unit="s",
@@ -310,8 +307,8 @@ class ServerConfig:
         unit="s",
         minimum=0,
         group=_LIMITS,
-        help="a response stream whose client has not taken a message for this long is "
-        "cancelled and frees its slot; 0 disables",
+        help="a streaming call whose client has neither taken nor sent a message for this "
+        "long is ended (STREAM_STALLED) and frees its slot; 0 disables",
     )
     max_images_per_request: int = setting(
         1024, minimum=1, group=_LIMITS, help="images per ClassifyPatches request"

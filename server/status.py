@@ -37,7 +37,3 @@ def to_grpc_status(error: HistoHelperError, request_id: str | None = None) -> gr
         status_pb2.Status(code=code, message=error.message, details=[detail])
     )
 
-
-def grpc_code(error: HistoHelperError) -> grpc.StatusCode:
-    """The ``grpc.StatusCode`` member of an error class's code name."""
-    return grpc.StatusCode[error.code]

@@ -42,12 +42,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from histohelper.errors import (
-    DeadlineExceededError,
-    HistoHelperError,
-    InternalError,
     SlideNotFoundError,
     SlidePathError,
     SlideTooLargeError,
@@ -55,10 +50,6 @@ from histohelper.errors import (
     UploadError,
     UploadQuotaError,
 )
-from histohelper.server import audit
-from histohelper.server.limits import DefaultDeadline
-from histohelper.server.status import to_grpc_status
-from histohelper.v1 import slide_analysis_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -470,96 +461,3 @@ class UploadStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-
-def _receive(
-    store: UploadStore,
-    requests: Iterator[pb.UploadSlideRequest],
-    context: grpc.ServicerContext,
-    default_deadline_s: float,
-) -> StoredUpload:
-    writers: list[UploadWriter] = []
-
-    def expire() -> None:
-        for w in writers:
-            w.abort()
-
-    # No client deadline: past the server's default, the partial file and its quota are
-    # freed at once; the stalled handler then fails at the client's next message (its
-    # upload slot stays taken until then, or until the connection reaches its maximum
-    # age; keepalive drops dead peers). Armed before the metadata, which may stall too.
-    guard = DefaultDeadline(context, default_deadline_s, expire)
-    try:
-        first = next(requests, None)
-        if guard.expired:
-            raise DeadlineExceededError("the upload took longer than the server allows")
-        if first is None or first.WhichOneof("part") != "metadata":
-            raise UploadError("the first UploadSlideRequest must carry metadata")
-        md = first.metadata
-        writer = store.begin(
-            md.size_bytes, md.sha256_hex.lower(), md.suffix.lower(), audit.current_caller()
-        )
-        writers.append(writer)
-        # Cancelled or broken: the callback deletes the partial file even if this thread
-        # is still blocked waiting for the next chunk.
-        context.add_callback(writer.abort)
-        for msg in requests:
-            if guard.expired:
-                raise DeadlineExceededError("the upload took longer than the server allows")
-            if msg.WhichOneof("part") != "chunk":
-                raise UploadError("only chunks may follow the metadata")
-            if not 0 < len(msg.chunk) <= MAX_CHUNK_BYTES:
-                raise UploadError(f"chunks must hold 1 to {MAX_CHUNK_BYTES} bytes")
-            writer.write(msg.chunk)
-        if guard.expired:
-            raise DeadlineExceededError("the upload took longer than the server allows")
-        return writer.commit()
-    finally:
-        guard.cancel()
-        expire()  # no-op after a commit
-
-
-def handle_upload(
-    store: UploadStore,
-    requests: Iterator[pb.UploadSlideRequest],
-    context: grpc.ServicerContext,
-    default_deadline_s: float,
-) -> pb.UploadSlideResponse:
-    """The UploadSlide RPC: receive, verify and store; map failures to statuses.
-
-    Returns:
-        The response with the new upload id (aborts the call on any failure).
-    """
-    record = audit.current()
-    request_id = record.request_id if record is not None else secrets.token_hex(8)
-    extra = {"request_id": request_id}
-    try:
-        with store.slot():
-            stored = _receive(store, requests, context, default_deadline_s)
-    except HistoHelperError as exc:
-        audit.note(reason=exc.reason)
-        log.info("upload refused: %s", exc.reason, extra=extra)
-        context.abort_with_status(to_grpc_status(exc, request_id))
-        raise AssertionError("unreachable") from None
-    except grpc.RpcError:
-        # The request stream broke: the client cancelled or the deadline passed.
-        log.info("upload interrupted", extra=extra)
-        audit.note(reason="INTERRUPTED")
-        context.abort(grpc.StatusCode.CANCELLED, "the upload was interrupted")
-        raise AssertionError("unreachable") from None
-    except Exception:
-        log.exception("upload crashed", extra=extra)
-        context.abort_with_status(
-            to_grpc_status(
-                InternalError(f"internal server error (request id {request_id})"), request_id
-            )
-        )
-        raise AssertionError("unreachable") from None
-    audit.note(slide_fingerprint=f"sha256:{stored.sha256_hex}")
-    log.info("upload stored", extra={**extra, "size_bytes": stored.size_bytes})
-    return pb.UploadSlideResponse(
-        upload_id=stored.upload_id,
-        size_bytes=stored.size_bytes,
-        sha256_hex=stored.sha256_hex,
-        expires_in_s=store.ttl_s,
-    )

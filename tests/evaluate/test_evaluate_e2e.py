@@ -57,7 +57,7 @@ def patch_folder(real_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def _in_process(folder: Path, files: list[str], runtime) -> np.ndarray:
     """Decode and resize with the server's own helper, classify with the same artifact."""
-    from histohelper.server.servicer import decode_patch_image
+    from histohelper.server.classify import decode_patch_image
 
     size = runtime.manifest.patch_size_px
     pixels = np.stack(
