@@ -36,4 +36,3 @@ def to_grpc_status(error: HistoHelperError, request_id: str | None = None) -> gr
     return rpc_status.to_status(
         status_pb2.Status(code=code, message=error.message, details=[detail])
     )
-
