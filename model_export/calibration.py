@@ -164,7 +164,7 @@ def slide_patches(
         images = np.empty((len(indices), size_px, size_px, 3), dtype=np.uint8)
         position = {int(i): k for k, i in enumerate(indices)}
         reader = PatchReader(p, grid, output_size_px=size_px, max_failed_fraction=0.0)
-        for batch in reader.iter_batches(indices):
+        for batch in reader.iter_batches(indices.tolist()):
             for i, image in zip(batch.indices, batch.images, strict=True):
                 images[position[int(i)]] = image
     except InvalidOptionsError:

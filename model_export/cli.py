@@ -46,7 +46,7 @@ def _names(values: list[str] | None) -> list[str] | None:
     return [part.strip() for v in values for part in v.split(",") if part.strip()]
 
 
-def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``export`` on the top-level ``histohelper`` parser."""
     p = subparsers.add_parser(
         "export",

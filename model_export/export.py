@@ -173,7 +173,7 @@ def _check_variant_device(precision: str) -> str:
 def _mil_npz(model: HistoHelperModel) -> bytes:
     buf = io.BytesIO()
     arrays = {k: v.detach().float().cpu().numpy() for k, v in model.mil.state_dict().items()}
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 
@@ -806,7 +806,8 @@ def export_model(
         bag = fixed_bag(64, 512, opts.seed)
         parity = _fp32_gates(model, stage1, fixed, bag, opts.check_served)
         precisions = _variant_gates(model, stage1, calib, opts.variants, opts.strict_variants)
-        onnx_info, files = None, {}
+        onnx_info: OnnxInfo | None = None
+        files: dict[Path, Path] = {}
         if opts.onnx:
             onnx_info, files = _export_onnx_files(model, opts, staging, fixed, calib)
         manifest = Manifest(precisions=precisions, parity=parity, onnx=onnx_info, **base)  # type: ignore[arg-type]

@@ -458,12 +458,12 @@ def _otsu_segmenter(
         um2_per_px: float,
     ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], float, float]:
         valid = opaque >= 128
-        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+        hsv = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV), dtype=np.uint8)
         hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
         channel = channel_of(rgb, hsv)
         k = options.mask_median_ksize
         if k > 1:
-            channel = cv2.medianBlur(channel, k)
+            channel = np.asarray(cv2.medianBlur(channel, k), dtype=np.uint8)
         dark = val < options.dark_value_max if options.remove_dark else np.zeros_like(valid)
         if options.remove_ink:
             ink = (
