@@ -29,6 +29,8 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from histohelper.server.runtime.registry import backend_names
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 MPX = 1024 * 1024  # one "Mpx" in flags: 2**20 decoded pixels
@@ -165,7 +167,7 @@ class ServerConfig:
     )
     backend: str = setting(
         "auto",
-        choices=("auto", "torchscript", "onnx", "openvino"),
+        choices=("auto", *backend_names()),
         help="model runtime (onnx: ONNX Runtime); auto serves the artifact's int8 ONNX model "
         "on CPUs with VNNI when it passed its gate, with OpenVINO where installed and gated, "
         "else ONNX Runtime; otherwise TorchScript (see benchmarks/RESULTS.md)",
