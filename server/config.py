@@ -359,8 +359,8 @@ class ServerConfig:
         minimum=0,
         group=_LIMITS,
         help="a connection gets GOAWAY after this long (clients reconnect by themselves) and "
-        "its calls as long again to finish; frees the threads of clients that stop sending "
-        "without closing; 0 disables",
+        "its calls as long again to finish; clients then reconnect and find new replicas; "
+        "0 disables",
     )
     extra: dict[str, str] = field(default_factory=dict)
 
