@@ -24,22 +24,20 @@ def test_tile_defaults_equal_analyze_slide_defaults(model_artifact: Path, slides
     """The options ``tile`` builds from its default flags are the TilingOptions the
     servicer builds from an empty AnalyzeSlide request with the served manifest."""
     from histohelper.server.cli import add_subcommands
+    from histohelper.server.convert import tiling_options
     from histohelper.server.runtime.manifest import read_manifest
-    from histohelper.server.servicer import SlideAnalysisServicer
+    from histohelper.server.sandbox import resolve_slide_path
     from histohelper.server.tiling import tiling_options_from_args
 
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers())
     args = parser.parse_args(["tile", SLIDE, "--slide-root", str(slides_dir), "--out", "x"])
     manifest = read_manifest(model_artifact)
-    fake = SimpleNamespace(
-        runtime=SimpleNamespace(manifest=manifest),
-        config=SimpleNamespace(batch_size=32, slide_root=slides_dir),
-    )
-    spec = SlideAnalysisServicer._spec(fake, pb.AnalyzeSlideRequest(slide_path=SLIDE), "r")  # type: ignore[arg-type]
-    assert (manifest.patch_size_px, manifest.target_mpp) == (224, 0.5)
-    assert tiling_options_from_args(args) == spec.tiling
-    assert spec.slide_path == (slides_dir / SLIDE).resolve()
+    runtime = SimpleNamespace(manifest=manifest)
+    tiling, batch_size = tiling_options(pb.AnalysisOptions(), runtime, 32)  # type: ignore[arg-type]
+    assert (manifest.patch_size_px, manifest.target_mpp, batch_size) == (224, 0.5, 32)
+    assert tiling_options_from_args(args) == tiling
+    assert resolve_slide_path(slides_dir, SLIDE) == (slides_dir / SLIDE).resolve()
 
 
 def test_tile_patches_equal_analyze_slide_grid(
