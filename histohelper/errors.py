@@ -262,7 +262,8 @@ def error_table() -> dict[str, type[HistoHelperError]]:
         A dict keyed by ``reason``; each class's ``code`` gives its gRPC status.
     """
     table: dict[str, type[HistoHelperError]] = {}
-    for cls in [HistoHelperError, *_all_subclasses(HistoHelperError)]:
+    classes: list[type[HistoHelperError]] = [HistoHelperError, *_all_subclasses(HistoHelperError)]
+    for cls in classes:
         table.setdefault(cls.reason, cls)
     return table
 

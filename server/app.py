@@ -172,7 +172,7 @@ def _load_and_warm(config: ServerConfig, runtime: ModelRuntime | None) -> ModelW
             device=config.device,
             precision=config.precision,
             num_threads=config.num_threads,
-            backend=config.backend,  # type: ignore[arg-type]
+            backend=config.backend,
         )
     worker = ModelWorker(runtime)
     if warm:

@@ -253,7 +253,7 @@ class _Steps(Generic[T]):
         item = await self._call.run(next, self._gen, _END)
         if item is _END:
             raise StopAsyncIteration
-        return item  # type: ignore[return-value]
+        return item
 
 
 def _decode(parse: Callable[[bytes], Message], raw: bytes) -> Message:
@@ -333,9 +333,8 @@ class CallPath:
     def _authorise(self, call: Call, role: str) -> None:
         record, context = call.record, call.context
         record.client_cert = client_common_name(context)
-        principal = self.authenticator.authenticate(
-            context.invocation_metadata(), record.client_cert
-        )
+        metadata = [(str(k), v) for k, v in context.invocation_metadata() or ()]
+        principal = self.authenticator.authenticate(metadata, record.client_cert)
         record.caller = principal.identity
         if role not in principal.roles:
             raise PermissionDeniedError(f"the caller lacks the '{role}' role")

@@ -113,9 +113,8 @@ def explain_selection(
 
 def encode_png(image: npt.NDArray[np.uint8]) -> bytes:
     """PNG bytes of an RGB [h, w, 3] or grey [h, w] uint8 image (OpenCV)."""
-    if image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", image)
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    ok, buf = cv2.imencode(".png", bgr)
     if not ok:
         raise InternalError("could not encode an image as PNG")
     return buf.tobytes()

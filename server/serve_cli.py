@@ -18,7 +18,7 @@ from histohelper.server import config as server_config
 log = logging.getLogger(__name__)
 
 
-def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``serve`` on the top-level parser (reads no environment)."""
     p = subparsers.add_parser(
         "serve",

@@ -237,8 +237,8 @@ class TiffPyramid:
         self._fd = os.open(path, os.O_RDONLY)
         st = os.fstat(self._fd)
         self.file_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        for i, page in enumerate(tiff.pages):  # type: ignore[attr-defined]
-            size = (int(page.imagewidth), int(page.imagelength))
+        for i, page in enumerate(tiff.pages):
+            size = (int(page.imagewidth), int(page.imagelength))  # type: ignore[union-attr]
             if size in level_dimensions:
                 self._pages.setdefault(size, []).append((i, page))
         self._dims = level_dimensions
