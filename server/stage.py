@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -62,7 +62,7 @@ def predict_in_order(
     stop: threading.Event,
     want_cams: bool = False,
     report_submits: bool = False,
-) -> Iterator[Predicted[B] | Submitted[B]]:
+) -> Generator[Predicted[B] | Submitted[B], None, None]:
     """Run every batch through the model, keeping up to ``depth`` calls in flight.
 
     Args:
