@@ -84,6 +84,7 @@ class RunningServer:
     loop: asyncio.AbstractEventLoop
     loop_thread: threading.Thread
     executor: futures.ThreadPoolExecutor
+    call_path: CallPath
     health_server: grpc.aio.Server | None = None
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -113,6 +114,9 @@ class RunningServer:
             log.info("draining: health NOT_SERVING, still accepting", extra={"seconds": drain_s})
             time.sleep(drain_s)
         self._await(self.server.stop(self.config.grace_s if grace is None else grace))
+        # Calls cancelled by the stop still clean up, free their slots and write their
+        # audit records before the loop goes.
+        self._await(self.call_path.drain())
         if self.health_server is not None:
             self._await(self.health_server.stop(0))
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -354,6 +358,7 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         loop,
         loop_thread,
         executor,
+        path,
         health_server,
     )
 

@@ -313,6 +313,17 @@ class CallPath:
         self.limits = limits
         self.executor = executor
         self.model_version = model_version
+        self._live: dict[asyncio.Task[Any], Call] = {}
+
+    async def drain(self) -> None:
+        """Stop every call still running and wait until each has cleaned up, freed its
+        slot and written its audit record (after the server stopped accepting calls
+        and its grace period ended)."""
+        for call in self._live.values():
+            call.stop.set()
+        tasks = list(self._live)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- the steps of a call -------------------------------------------------------------
 
@@ -342,7 +353,7 @@ class CallPath:
     @staticmethod
     def _take_request_id(call: Call, request: Message) -> None:
         given = getattr(request, "request_id", "")
-        if isinstance(given, str) and REQUEST_ID.match(given):
+        if isinstance(given, str) and REQUEST_ID.fullmatch(given):
             call.request_id = call.record.request_id = given
 
     def _arm_deadline(self, call: Call, rpc: Rpc) -> asyncio.TimerHandle | None:
@@ -376,11 +387,15 @@ class CallPath:
         context: grpc.aio.ServicerContext,
         body: Callable[[Call, Any], Awaitable[Any]],
         request: Message | None,
+        decode_error: HistoHelperError | None = None,
     ) -> Any:
         """One call, start to end (steps 1-9 of the module docstring). Domain work is
         stopped and cleaned up (partial files removed, slots freed) and the audit
         record written *before* the client gets the final status."""
         call = self._open(rpc_name, context)
+        task = asyncio.current_task()
+        assert task is not None
+        self._live[task] = call
         pool = self.pools.get(rpc.pool) if rpc.pool else None
         admitted = False
         timer: asyncio.TimerHandle | None = None
@@ -389,6 +404,8 @@ class CallPath:
             try:
                 timer = self._arm_deadline(call, rpc)
                 self._authorise(call, rpc.role)
+                if decode_error is not None:  # refused before admission, like bad options
+                    raise decode_error
                 if request is not None:
                     self._take_request_id(call, request)
                 prepared: Any = request
@@ -421,9 +438,7 @@ class CallPath:
             if timer is not None:
                 timer.cancel()
             try:
-                await asyncio.shield(call._finish())
-            except asyncio.CancelledError:
-                pass
+                await _until_done(call._finish())
             except Exception:  # a cleanup fault must not hide the call's own status
                 log.exception("%s cleanup failed", rpc_name, extra=call.log_extra)
             finally:
@@ -433,6 +448,7 @@ class CallPath:
                     call.record.reason = error.reason
                     call.record.outcome = error.code
                 self._write_audit(call)
+                self._live.pop(task, None)
         status = to_grpc_status(error, call.request_id)
         await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -474,15 +490,16 @@ class CallPath:
 
             async def behavior(raw: bytes, context: grpc.aio.ServicerContext):  # type: ignore[misc]
                 call_request: Message | None = None
+                decode_error: MalformedRequestError | None = None
                 try:
                     call_request = _decode(parse, raw)
                 except MalformedRequestError as exc:
-                    return await self._run(name, rpc, context, _raise(exc), None)
+                    decode_error = exc
 
                 async def body(call: Call, prepared: Any) -> Any:
                     return await rpc.handle(prepared, call)
 
-                return await self._run(name, rpc, context, body, call_request)
+                return await self._run(name, rpc, context, body, call_request, decode_error)
 
             factory = (
                 grpc.unary_stream_rpc_method_handler
@@ -492,16 +509,17 @@ class CallPath:
         return factory(behavior, request_deserializer=None, response_serializer=serialize)
 
 
-async def body_with(call: Call, prepared: Any, body: Callable[[Call, Any], Awaitable[Any]]) -> Any:
-    """Run a call's body (kept apart so tracebacks name the step)."""
-    return await body(call, prepared)
-
-
-def _raise(error: HistoHelperError) -> Callable[[Call, Any], Awaitable[Any]]:
-    async def body(call: Call, _: Any) -> Any:
-        raise error
-
-    return body
+async def _until_done(work: Awaitable[None]) -> None:
+    """Await ``work`` to its end even if this task is cancelled meanwhile (once or
+    many times): a call's slot is given back only after its domain work has stopped.
+    A cancellation that arrived meanwhile is swallowed; the call is ending anyway."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            continue
+    task.result()
 
 
 def build_service(service: Any, path: CallPath, rpcs: Mapping[str, Rpc]) -> grpc.GenericRpcHandler:

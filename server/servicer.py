@@ -160,18 +160,21 @@ class SlideAnalysisServicer:
         self, requests: AsyncIterator[pb.ClassifyPatchesRequest], call: Call
     ) -> None:
         budget = self.classifier.stream_budget()
-        async for request in requests:
-            predictions = await call.run(
-                lambda r=request: self.classifier.classify(
-                    r.images,
-                    return_embeddings=r.return_embeddings,
-                    stream_budget=budget,
-                    stop=call.stop,
-                )
+
+        def answer(request: pb.ClassifyPatchesRequest) -> pb.ClassifyPatchesResponse | None:
+            predictions = self.classifier.classify(
+                request.images,
+                return_embeddings=request.return_embeddings,
+                stream_budget=budget,
+                stop=call.stop,
             )
-            if predictions is None:
+            return None if predictions is None else convert.classify_response(predictions)
+
+        async for request in requests:
+            reply = await call.run(answer, request)
+            if reply is None:
                 return
-            await call.send(convert.classify_response(predictions))
+            await call.send(reply)
 
     async def _upload(
         self, requests: AsyncIterator[pb.UploadSlideRequest], call: Call

@@ -212,3 +212,50 @@ def test_sigterm_stops_within_grace_after_an_undecodable_classify_message(
         idle.cancel()
     assert code == 0, server.log_text()[-2000:]
     print(f"stopped {stopped_s:.2f} s after SIGTERM (grace 2 s)")
+
+
+def test_stop_with_a_call_in_flight_audits_it_and_frees_its_slot(
+    start_inprocess_server, tmp_path
+) -> None:
+    """The loop used to close while a cancelled call still cleaned up: no audit record,
+    and its slot was never given back (found by review)."""
+    audit_path = tmp_path / "audit.jsonl"
+    running = start_inprocess_server(audit_log=audit_path)
+    call = insecure_stub(running.target).AnalyzeSlide(slow_request(), timeout=120)
+    next(call)  # the analysis is running
+    running.stop(grace=0, drain=0)
+    assert running.servicer.wait_idle(timeout=0)
+    assert [(r["rpc"], r["outcome"]) for r in read_audit(audit_path)] == [
+        ("AnalyzeSlide", "CANCELLED")
+    ]
+
+
+def test_undecodable_request_is_refused_before_admission(start_inprocess_server) -> None:
+    """With every slot taken, undecodable bytes got SERVER_BUSY (found by review)."""
+    running = start_inprocess_server(max_concurrent_analyses=1)
+    call = insecure_stub(running.target).AnalyzeSlide(slow_request(), timeout=120)
+    next(call)
+    with grpc.insecure_channel(running.target) as channel, pytest.raises(grpc.RpcError) as info:
+        list(raw(channel, "AnalyzeSlide", "unary_stream")(GARBAGE, timeout=30))
+    assert status_of(info.value) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    call.cancel()
+
+
+@pytest.mark.parametrize(
+    "given", ["abc\n", "a b", "x" * 65, "ü"], ids=["newline", "space", "long", "utf8"]
+)
+def test_request_ids_out_of_pattern_are_replaced(start_inprocess_server, given: str) -> None:
+    """A request id is echoed into logs, audit and errors only when it matches the
+    pattern in full (a trailing newline passed ``re.match`` with ``$``)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    running = start_inprocess_server()
+    request = pb.AnalyzeSlideRequest(slide_path="real/no-such-slide.svs", request_id=given)
+    with pytest.raises(grpc.RpcError) as info:
+        list(insecure_stub(running.target).AnalyzeSlide(request, timeout=30))
+    detail = error_details_pb2.ErrorInfo()
+    rpc_status.from_call(info.value).details[0].Unpack(detail)
+    assert detail.reason == "SLIDE_NOT_FOUND"
+    assert detail.metadata["request_id"] != given
+    assert len(detail.metadata["request_id"]) == 16
