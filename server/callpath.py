@@ -218,6 +218,13 @@ class Call:
             raise StreamStalledError(
                 f"the client took no message for {stall:g} s; the call was ended"
             ) from None
+        except Exception as exc:
+            # grpcio fails the write of a call the core has already ended (the client
+            # cancelled, its deadline passed, the connection went) with ExecuteBatchError,
+            # sometimes before the handler is cancelled: the client left, not a fault.
+            if type(exc).__name__ == "ExecuteBatchError" or self.context.cancelled():
+                raise asyncio.CancelledError from None
+            raise
 
     async def _finish(self) -> None:
         """Stop domain work, wait for it, close generators, run cleanups."""

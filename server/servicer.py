@@ -22,7 +22,7 @@ from histohelper.server.explain import Explainer
 from histohelper.server.pipeline import AnalysisSpec, Analyzer, Started
 from histohelper.server.runtime import ModelRuntime
 from histohelper.server.sandbox import resolve_slide_path
-from histohelper.server.uploads import MAX_CHUNK_BYTES, UploadStore
+from histohelper.server.uploads import MAX_CHUNK_BYTES, UploadStore, UploadWriter
 from histohelper.server.worker import ModelWorker
 from histohelper.v1 import slide_analysis_pb2 as pb
 
@@ -185,10 +185,15 @@ class SlideAnalysisServicer:
             raise UploadError("the first UploadSlideRequest must carry metadata")
         md = first.metadata
         caller = audit.current_caller()
-        writer = await call.run(
-            store.begin, md.size_bytes, md.sha256_hex.lower(), md.suffix.lower(), caller
-        )
-        call.on_end(writer.abort)  # frees the partial file and its quota; no-op once stored
+
+        def begin() -> UploadWriter:
+            writer = store.begin(md.size_bytes, md.sha256_hex.lower(), md.suffix.lower(), caller)
+            # Registered on the worker thread, so a call cancelled while this runs still
+            # frees the partial file and its quota (a no-op once stored).
+            call.on_end(writer.abort)
+            return writer
+
+        writer = await call.run(begin)
         async for msg in requests:
             if msg.WhichOneof("part") != "chunk":
                 raise UploadError("only chunks may follow the metadata")
