@@ -46,7 +46,7 @@ EXPOSE 50051
 # Liveness through the standard grpc.health.v1 service (grpcio-health-checking), on the
 # loopback-only plaintext health port, so the probe works when the main port needs TLS.
 # The main port binds 0.0.0.0: give it TLS (HISTOHELPER_TLS_CERT/_KEY) or, on a private
-# network behind a TLS-terminating sidecar only, HISTOHELPER_INSECURE=1.
+# network behind a TLS-terminating sidecar only, HISTOHELPER_ALLOW_INSECURE=1.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import grpc,sys;from grpc_health.v1 import health_pb2 as h,health_pb2_grpc as g;r=g.HealthStub(grpc.insecure_channel('127.0.0.1:50052')).Check(h.HealthCheckRequest(),timeout=4);sys.exit(r.status!=h.HealthCheckResponse.SERVING)"]
 ENTRYPOINT ["histohelper", "serve"]

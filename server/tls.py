@@ -43,7 +43,7 @@ def check_transport_policy(config: ServerConfig) -> None:
         return
     raise TransportPolicyError(
         f"refusing to serve plaintext on {config.host}: configure --tls-cert/--tls-key "
-        "(and --tls-client-ca for mutual TLS), bind a loopback address, or pass --insecure"
+        "(and --tls-client-ca for mutual TLS), bind a loopback address, or pass --allow-insecure"
     )
 
 

@@ -228,7 +228,7 @@ def test_plaintext_policy(host: str, overrides: dict, allowed: bool, pki) -> Non
     if allowed:
         check_transport_policy(config)
     else:
-        with pytest.raises(TransportPolicyError, match="--insecure"):
+        with pytest.raises(TransportPolicyError, match="--allow-insecure"):
             check_transport_policy(config)
 
 
