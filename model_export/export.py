@@ -283,7 +283,7 @@ def quantize_onnx_int8(
     probabilities moved by 0.05 on CMU-1 patches, beyond the gate. The gate is the
     reduced-precision one (:data:`VARIANT_PROB_TOL`, :data:`VARIANT_MIN_AGREEMENT`)
     against eager fp32 on all calibration patches. On CPUs with VNNI (AVX512-VNNI /
-    AVX-VNNI) ONNX Runtime ran it 1.5-3x faster than fp32 ONNX (``make bench``).
+    AVX-VNNI) ONNX Runtime runs it faster than fp32 ONNX (benchmarks/RESULTS.md).
 
     Returns:
         The parity figures (``passed`` tells whether it may be served).

@@ -166,8 +166,7 @@ def limit_heap_retention(threshold_bytes: int = 1 << 20) -> bool:
     glibc raises its mmap threshold after the first large free (up to 32 MiB), after
     which patch batches (4.8 MB at 32 x 224 px) come from per-thread malloc arenas
     that keep their pages: server RSS then grew with the number of batches read.
-    A fixed threshold keeps RSS on a plateau (with the 64 MiB tile cache, measured
-    +3.8 % peak RSS for 4x the slide area instead of +9.9 %, ``make bench``).
+    A fixed threshold keeps RSS on a plateau (see benchmarks/RESULTS.md).
     Process-wide; a no-op where glibc is absent.
 
     Returns:

@@ -94,9 +94,8 @@ class ModelWorker:
         two; the future gives the seconds it took.
 
         Engines that compile or allocate per input shape (OpenVINO, ONNX Runtime)
-        pay that on their first batch of each size: measured with OpenVINO int8 on 2
-        cores, 112 ms for the first batch of 8 against 56 ms after, 279 against 187
-        ms for 32. Warming up at start keeps that off the first request.
+        pay that on their first batch of each size (see benchmarks/RESULTS.md);
+        warming up at start keeps that off the first request.
         """
         manifest = self.runtime.manifest
         side = manifest.patch_size_px

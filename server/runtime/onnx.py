@@ -9,8 +9,8 @@ runs in numpy from the artifact's ``mil_head.npz`` extra file (float32 weights),
 with :mod:`zipfile` like the manifest. CPU execution provider only, fp32 or int8: the
 int8 model (``export --onnx-int8``: static QDQ, per-channel int8 convolutions, first
 convolution and heads fp32) is served when it passed the export's reduced-precision
-gate; ``"auto"`` picks it on CPUs with VNNI, where it was measured 1.5-3x faster than
-fp32 ONNX on a 2-core AVX512-VNNI EPYC (``make bench``). CAMs always come from the
+gate; ``"auto"`` picks it on CPUs with VNNI, where it was measured faster than fp32
+ONNX (benchmarks/RESULTS.md). CAMs always come from the
 fp32 model (loaded on the first call that wants them), so explanations stay exact.
 """
 

@@ -1,10 +1,9 @@
 """OpenVINO engine for the ONNX export (CPU), behind the same :class:`~.onnx.OnnxModel`.
 
 OpenVINO (Intel's inference runtime, https://docs.openvino.ai) reads the artifact's
-``.onnx`` files directly and compiles them with oneDNN JIT kernels for this CPU. On the
-2-core AVX512-VNNI EPYC of ``benchmarks/RESULTS.md`` it ran the int8 (QDQ) model at
-~180 patches/s against ~125 for ONNX Runtime, batch 64, side by side, with the same
-probabilities within 0.007 of eager fp32 on real patches.
+``.onnx`` files directly and compiles them with oneDNN JIT kernels for this CPU; it
+runs the int8 (QDQ) model faster than ONNX Runtime on VNNI CPUs (side-by-side figures
+in benchmarks/RESULTS.md).
 
 Precision is explicit: OpenVINO would otherwise run fp32 layers in bf16 on CPUs with
 AVX512-BF16 (its default ``INFERENCE_PRECISION_HINT``), which the export's parity gates

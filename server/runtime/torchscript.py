@@ -64,11 +64,8 @@ def resolve_device(device: str) -> str:
 def device_precisions(device: str) -> tuple[str, ...]:
     """Precisions the device can run fast, in order of preference (fastest first).
 
-    Measured on a 2-core AMD EPYC with AVX512-BF16 (no AMX), batch 64 at 224 px,
-    frozen TorchScript, idle machine: fp32 NCHW 34, fp32 channels-last 50, bf16 NCHW 64,
-    bf16 channels-last 95 patches/s (bf16 probabilities within 0.004 of fp32 on 217
-    CMU-1-Small-Region patches), so bf16 comes first where oneDNN has a native bf16
-    path, and channels-last is always used. fp16 on CPU has no fast path
+    bf16 comes first where oneDNN has a native bf16 path, and channels-last is
+    always used (see benchmarks/RESULTS.md). fp16 on CPU has no fast path
     without AVX512-FP16/AMX-FP16 and is not offered. On CUDA fp16 and bf16 run on
     tensor cores alike; fp16 keeps more mantissa, so it is preferred.
 
@@ -242,7 +239,7 @@ def load_torchscript(
         num_threads: intra-op CPU threads (``torch.set_num_threads``, process-wide);
             None leaves torch's default (one per physical core).
         channels_last: run the patch network channels-last (faster with oneDNN and
-            cuDNN; measured +30 % fp32 on the 2-core dev CPU).
+            cuDNN; see benchmarks/RESULTS.md).
         freeze: ``torch.jit.freeze`` after casting (folds batch norm into convs).
         warmup: run one batch of 2 patches and a bag of 2 after loading, so the first
             request does not pay the TorchScript profiling runs.

@@ -201,8 +201,8 @@ def target_downsample(
 def mask_integral(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
     """Summed-area table of a bool mask, as :func:`histohelper.geometry.integral_image`.
 
-    OpenCV's ``cv2.integral`` (float64 sums, exact for counts below 2**53): about 7x
-    faster than the numpy cumsums at 1,250 px square (1.5 vs 11 ms).
+    OpenCV's ``cv2.integral`` (float64 sums, exact for counts below 2**53), faster than
+    the numpy cumsums (figures in benchmarks/RESULTS.md).
 
     Args:
         mask: ``[h, w]`` bool, mask frame.

@@ -575,9 +575,8 @@ class SlideCache:
 
     Args:
         capacity_bytes: tile cache capacity in bytes (default 64 MiB: patches are read
-            in grid (row-major) order, so reuse needs about two tile rows of the slide,
-            ~40 MiB for a 20,000 px wide slide of 256 px RGBA tiles; 256 MiB let the
-            server's peak RSS grow with slide area, +10 % from 10k to 20k px).
+            in grid (row-major) order, so reuse needs about two tile rows of the slide;
+            why not more: benchmarks/RESULTS.md).
         max_idle_handles: idle handles kept open (default 8).
 
     Attributes:

@@ -1,8 +1,8 @@
 """Fast path for tiled TIFF pyramids: decode a level's JPEG tiles with tifffile.
 
-OpenSlide composites every region through cairo into premultiplied ARGB. On the
-2-core EPYC of ``benchmarks/RESULTS.md`` that costs ~0.8 ms per 224 px patch even when
-every tile is already in its cache, against ~0.23 ms to decode one 256 px JPEG tile.
+OpenSlide composites every region through cairo into premultiplied ARGB, which costs
+more per patch than decoding the JPEG tile itself, even when every tile is cached
+(figures in benchmarks/RESULTS.md).
 For the formats where a level is exactly one tiled TIFF page (OpenSlide vendors
 ``generic-tiff`` and ``aperio``), this module reads the tile bytes with
 :func:`os.pread`, decodes them with tifffile's own decoder for that page
