@@ -214,6 +214,79 @@ def _slot_pools(config: ServerConfig) -> dict[str, SlotPool]:
     }
 
 
+def _build_servicer(
+    config: ServerConfig, worker: ModelWorker, pools: dict[str, SlotPool]
+) -> SlideAnalysisServicer:
+    """The transport-free parts behind the service: analyzer, classifier, uploads."""
+    analyzer = Analyzer(
+        worker,
+        num_readers=config.num_readers,
+        max_patches_per_slide=config.max_patches_per_slide,
+        max_failed_fraction=config.max_failed_fraction,
+        slide_cache=SlideCache(),
+    )
+    classifier = Classifier(
+        worker,
+        batch_size=config.batch_size,
+        max_images_per_request=config.max_images_per_request,
+        request_max_px=config.classify_request_max_px,
+        stream_max_px=config.classify_stream_max_px,
+    )
+    uploads = UploadStore(
+        config.upload_dir,
+        max_bytes=config.upload_max_bytes,
+        quota_bytes=config.upload_quota_bytes,
+        ttl_s=config.upload_ttl_s,
+        max_concurrent=config.max_concurrent_uploads,
+    )
+    return SlideAnalysisServicer(
+        config,
+        worker.runtime,
+        worker,
+        analyzer,
+        classifier,
+        uploads=uploads,
+        analysis_slots=pools["analysis"],
+    )
+
+
+async def _start_grpc(
+    config: ServerConfig,
+    credentials: grpc.ServerCredentials | None,
+    service: grpc.GenericRpcHandler,
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer, grpc.aio.Server | None]:
+    """Bind and start the main port (the service, health, reflection) and the optional
+    health port, on the running event loop; health then says SERVING.
+
+    Raises:
+        PortBindError: a port cannot be bound.
+    """
+    server = grpc.aio.server(options=grpc_options(config))
+    server.add_generic_rpc_handlers((service,))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = _bind(server, f"{config.host}:{config.port}", credentials)
+    if port == 0:
+        raise PortBindError(f"could not bind the server's port {config.host}:{config.port}")
+    await server.start()
+    health_server = None
+    if config.health_port is not None:
+        # Loopback-only, plaintext, health only: what a container probe can reach when
+        # the main port needs TLS client certificates or tokens.
+        health_server = grpc.aio.server(options=[_NO_REUSEPORT])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        if _bind(health_server, f"127.0.0.1:{config.health_port}") == 0:
+            await server.stop(0)
+            raise PortBindError(f"could not bind the health port {config.health_port}")
+        await health_server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer, health_server
+
+
 def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> RunningServer:
     """Load the model (unless given), bind, and start serving.
 
@@ -237,38 +310,9 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
     credentials = server_credentials(config)
     tokens = TokenStore.load(config.tokens_file) if config.tokens_file is not None else None
     worker = _load_and_warm(config, runtime)
-    analyzer = Analyzer(
-        worker,
-        num_readers=config.num_readers,
-        max_patches_per_slide=config.max_patches_per_slide,
-        max_failed_fraction=config.max_failed_fraction,
-        slide_cache=SlideCache(),
-    )
-    classifier = Classifier(
-        worker,
-        batch_size=config.batch_size,
-        max_images_per_request=config.max_images_per_request,
-        request_max_px=config.classify_request_max_px,
-        stream_max_px=config.classify_stream_max_px,
-    )
-    uploads = UploadStore(
-        config.upload_dir,
-        max_bytes=config.upload_max_bytes,
-        quota_bytes=config.upload_quota_bytes,
-        ttl_s=config.upload_ttl_s,
-        max_concurrent=config.max_concurrent_uploads,
-    )
-    audit_log = AuditLog(config.audit_log)
     pools = _slot_pools(config)
-    servicer = SlideAnalysisServicer(
-        config,
-        worker.runtime,
-        worker,
-        analyzer,
-        classifier,
-        uploads=uploads,
-        analysis_slots=pools["analysis"],
-    )
+    servicer = _build_servicer(config, worker, pools)
+    audit_log = AuditLog(config.audit_log)
     # Threads for blocking work: one per slot that can run some, and a few for
     # validation of calls that are then refused and for GetModelInfo-sized work.
     executor = futures.ThreadPoolExecutor(
@@ -282,47 +326,15 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         executor,
         worker.runtime.manifest.model_version,
     )
+    service = build_service(
+        pb.DESCRIPTOR.services_by_name["SlideAnalysisService"], path, servicer.rpcs()
+    )
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
     loop_thread.start()
-
-    async def start() -> tuple[
-        grpc.aio.Server, int, health.aio.HealthServicer, grpc.aio.Server | None
-    ]:
-        server = grpc.aio.server(options=grpc_options(config))
-        server.add_generic_rpc_handlers(
-            (
-                build_service(
-                    pb.DESCRIPTOR.services_by_name["SlideAnalysisService"], path, servicer.rpcs()
-                ),
-            )
-        )
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        port = _bind(server, f"{config.host}:{config.port}", credentials)
-        if port == 0:
-            raise PortBindError(f"could not bind the server's port {config.host}:{config.port}")
-        await server.start()
-        health_server = None
-        if config.health_port is not None:
-            # Loopback-only, plaintext, health only: what a container probe can reach
-            # when the main port needs TLS client certificates or tokens.
-            health_server = grpc.aio.server(options=[_NO_REUSEPORT])
-            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-            if _bind(health_server, f"127.0.0.1:{config.health_port}") == 0:
-                await server.stop(0)
-                raise PortBindError(f"could not bind the health port {config.health_port}")
-            await health_server.start()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        return server, port, health_servicer, health_server
-
     try:
         server, port, health_servicer, health_server = asyncio.run_coroutine_threadsafe(
-            start(), loop
+            _start_grpc(config, credentials, service), loop
         ).result()
     except BaseException:
         loop.call_soon_threadsafe(loop.stop)
@@ -330,7 +342,7 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         loop.close()
         executor.shutdown()
         worker.close()
-        uploads.close()
+        servicer.uploads.close()
         audit_log.close()
         raise
     log.info(
@@ -353,7 +365,7 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         health_servicer,
         servicer,
         worker,
-        uploads,
+        servicer.uploads,
         audit_log,
         loop,
         loop_thread,
