@@ -1,10 +1,13 @@
-"""Client subcommands of the ``histohelper`` console script: ``analyze``, ``info``, ``evaluate``.
+"""Client subcommands of the ``histohelper`` console script: ``analyze``, ``info``,
+``evaluate``, ``features``.
 
 ``histohelper analyze SLIDE --server HOST:PORT --out DIR`` analyses a slide (path
 relative to the server's slide root) with a progress bar, writes the standard files
 and prints a one-line summary. ``histohelper info --server HOST:PORT`` prints the
 served model's manifest. ``histohelper evaluate DIR --server HOST:PORT`` scores the
 served model on a labelled patch folder (:mod:`histohelper.client.evaluate`).
+``histohelper features COHORT --server HOST:PORT --out DIR`` writes one HDF5 bag of patch
+features per cohort slide (:mod:`histohelper.client.features`).
 
 Expected failures (server errors, unreachable server, unwritable output) print one
 line ``histohelper <command>: error: ...`` to stderr and exit non-zero, without a
@@ -39,10 +42,11 @@ TOKEN_ENV = "HISTOHELPER_TOKEN"
 
 
 def add_subcommands(subparsers: Any) -> None:
-    """Register ``analyze``, ``info`` and ``evaluate`` (each with ``func``) on the subparsers."""
+    """Register ``analyze``, ``info``, ``evaluate`` and ``features`` (each with ``func``)."""
     _add_analyze(subparsers)
     _add_info(subparsers)
     _add_evaluate(subparsers)
+    _add_features(subparsers)
 
 
 def _add_analyze(subparsers: Any) -> None:
@@ -141,6 +145,48 @@ def _add_evaluate(subparsers: Any) -> None:
     evaluate.set_defaults(func=run_evaluate)
 
 
+def _add_features(subparsers: Any) -> None:
+    features = subparsers.add_parser(
+        "features",
+        help="write one HDF5 bag of patch features per cohort slide (for MIL training)",
+        description="For every slide of COHORT (CSV: column slide, a path relative to the "
+        "server's slide root; optional label, patient, split) run one analysis with "
+        "embeddings and write DIR/<stem>-<hash>.h5 with datasets features float32 [N, D] and "
+        "coords int64 [N, 2] (level-0 x, y of each patch's top-left corner), plus "
+        "features_index.csv. Slides already written with the same model and options are "
+        "skipped; files of another model make the command refuse (exit 2) unless "
+        "--overwrite. Exit 1 when any slide failed. Needs h5py "
+        "(pip install 'histohelper[features]').",
+    )
+    features.add_argument("cohort", metavar="COHORT", type=Path, help="cohort CSV")
+    _add_connection_arguments(features)
+    features.add_argument(
+        "--out", "-o", type=Path, required=True, metavar="DIR", help="output directory"
+    )
+    features.add_argument(
+        "--jobs", "-j", type=int, default=2, metavar="K", help="slides in flight (default 2)"
+    )
+    features.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="recompute every slide, replacing files (also those of another model)",
+    )
+    res = features.add_mutually_exclusive_group()
+    res.add_argument("--mpp", type=float, help="patch resolution in um/px (default: the model's)")
+    res.add_argument("--magnification", type=float, help="patch resolution as objective power")
+    res.add_argument("--level", type=int, help="read this pyramid level at face value")
+    features.add_argument("--patch-size", type=int, metavar="PX", help="patch side in px")
+    features.add_argument("--stride", type=int, metavar="PX", help="step between patches in px")
+    features.add_argument(
+        "--min-tissue", type=float, metavar="FRACTION", help="min tissue fraction of a patch"
+    )
+    features.add_argument("--edge-mode", choices=("pad", "drop"), help="patches past the edge")
+    features.add_argument("--batch-size", type=int, help="patches per model batch on the server")
+    features.add_argument("--mpp-override", type=float, help="level-0 um/px to use instead")
+    features.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    features.set_defaults(func=run_features)
+
+
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
@@ -174,8 +220,15 @@ class _UsageError(Exception):
 
 
 def _make_client(args: argparse.Namespace) -> Any:
-    from histohelper.client._channel import RetryPolicy
     from histohelper.client.sync import SlideClient
+
+    target, kwargs = _client_arguments(args)
+    return SlideClient(target, **kwargs)
+
+
+def _client_arguments(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """Target and keyword arguments of a (sync or aio) client from the connection flags."""
+    from histohelper.client._channel import RetryPolicy
 
     target = args.server or os.environ.get(SERVER_ENV)
     if not target:
@@ -189,16 +242,15 @@ def _make_client(args: argparse.Namespace) -> Any:
     cert = args.cert.read_bytes() if args.cert else None
     key = args.key.read_bytes() if args.key else None
     use_tls = True if (args.tls or ca or cert or key) else None
-    return SlideClient(
-        target,
-        tls=use_tls,
-        token=os.environ.get(args.token_env) or None,
-        timeout=args.timeout,
-        retry=retry,
-        root_certificates=ca,
-        certificate_chain=cert,
-        private_key=key,
-    )
+    return target, {
+        "tls": use_tls,
+        "token": os.environ.get(args.token_env) or None,
+        "timeout": args.timeout,
+        "retry": retry,
+        "root_certificates": ca,
+        "certificate_chain": cert,
+        "private_key": key,
+    }
 
 
 def _guarded(command: str, body: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
@@ -411,9 +463,124 @@ def _evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _features(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("h5py") is None:
+        raise _UsageError("features needs h5py: pip install 'histohelper[features]'")
+    if args.jobs < 1:
+        raise _UsageError("--jobs must be >= 1")
+    from histohelper.client.features import CohortError, read_cohort
+    from histohelper.client.options import AnalysisOptions
+
+    try:
+        rows = read_cohort(args.cohort)
+    except CohortError as exc:
+        raise _UsageError(f"{args.cohort}: {exc}") from None
+    options = AnalysisOptions(
+        target_mpp=args.mpp,
+        target_magnification=args.magnification,
+        target_level=args.level,
+        patch_size_px=args.patch_size,
+        stride_px=args.stride,
+        min_tissue_fraction=args.min_tissue,
+        edge_mode=args.edge_mode,
+        batch_size=args.batch_size,
+        mpp_override=args.mpp_override,
+    )
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)  # fail before the analyses, not after
+    target, kwargs = _client_arguments(args)
+    import asyncio
+
+    outcomes = asyncio.run(_features_async(args, rows, options, out_dir, target, kwargs))
+    failed = [o for o in outcomes if o.status == "failed"]
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("written", "skipped", "no_tissue")}
+    print(
+        f"features: {counts['written']} written, {counts['skipped']} skipped, "
+        f"{counts['no_tissue']} without tissue, {len(failed)} failed of {len(outcomes)} "
+        f"slides -> {out_dir}"
+    )
+    if failed:
+        print(f"histohelper features: {len(failed)} slide(s) failed:", file=sys.stderr)
+        for o in failed:
+            print(f"  {o.slide}: {o.reason}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+async def _features_async(
+    args: argparse.Namespace,
+    rows: list[Any],
+    options: Any,
+    out_dir: Path,
+    target: str,
+    kwargs: dict[str, Any],
+) -> list[Any]:
+    import time
+
+    from tqdm import tqdm
+
+    from histohelper.client.aio import AsyncSlideClient
+    from histohelper.client.features import (
+        ModelIdentity,
+        SlideOutcome,
+        extract_features,
+        feature_file_name,
+        find_foreign_files,
+        write_index,
+    )
+
+    async with AsyncSlideClient(target, **kwargs) as client:
+        model = ModelIdentity.from_info(await client.get_model_info())
+        foreign = find_foreign_files(out_dir, model.hash)
+        if args.overwrite:  # the cohort's own files are replaced; others would still mix
+            ours = {feature_file_name(r.slide) for r in rows}
+            foreign = [name for name in foreign if name not in ours]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+            hint = "" if args.overwrite else " (--overwrite replaces the cohort's own files)"
+            raise _UsageError(
+                f"{out_dir} holds {len(foreign)} feature file(s) of another model "
+                f"({shown}); refusing to mix models: use another --out{hint}"
+            )
+        bar = tqdm(
+            total=len(rows),
+            unit="slide",
+            desc="features",
+            disable=True if args.quiet else None,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        t0 = time.perf_counter()
+
+        def on_done(outcome: SlideOutcome) -> None:
+            bar.update(1)
+            elapsed = time.perf_counter() - t0
+            if elapsed > 0:
+                bar.set_postfix_str(f"{bar.n * 3600.0 / elapsed:.0f} slides/h", refresh=False)
+
+        try:
+            outcomes = await extract_features(
+                client,
+                rows,
+                out_dir,
+                model,
+                options,
+                jobs=args.jobs,
+                overwrite=args.overwrite,
+                on_done=on_done,
+            )
+        finally:
+            bar.close()
+    write_index(out_dir, outcomes)
+    return outcomes
+
+
 run_analyze = _guarded("analyze", _analyze)
 run_info = _guarded("info", _info)
 run_evaluate = _guarded("evaluate", _evaluate)
+run_features = _guarded("features", _features)
 
 
 def main(argv: list[str] | None = None) -> int:
