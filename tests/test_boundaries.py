@@ -22,8 +22,12 @@ BOUNDARIES = [
         "histohelper.server.servicer",
         ["histohelper.model_export", "histohelper.client", "torchvision"],
     ),
-    ("histohelper.client", ["torch", "torchvision", "openslide", "histohelper.server", "cv2"]),
-    ("histohelper.client.cli", ["torch", "torchvision", "openslide", "histohelper.server"]),
+    (
+        "histohelper.client",
+        ["torch", "torchvision", "openslide", "histohelper.server", "cv2", "h5py"],
+    ),
+    ("histohelper.client.cli", ["torch", "torchvision", "openslide", "histohelper.server", "h5py"]),
+    ("histohelper.client.features", ["torch", "openslide", "histohelper.server", "h5py"]),
     (
         "histohelper.model_export.export",
         ["grpc", "histohelper.server.servicer", "histohelper.client"],
