@@ -71,6 +71,128 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     _add_check_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log the parity figures")
     p.set_defaults(func=run, _parser=p)
+    _add_train_mil(subparsers)
+
+
+_TRAIN_DESCRIPTION = """\
+Train the gated-attention MIL slide head (the module `histohelper export` freezes) on
+the per-slide HDF5 features written by `histohelper features`, from slide labels.
+
+COHORT is a CSV with columns slide, label (required), patient (default: the slide) and
+split (train/val/test; without it: patient-level stratified k-fold cross-validation).
+Class-weighted cross-entropy, Adam, dropout, early stopping on the validation fold's
+loss; the final head is trained on every training slide for the median of the folds'
+best epoch counts. CPU only; deterministic under --seed; bags are held in memory.
+
+Writes OUT (a state_dict that `histohelper export --mil-weights` loads, plus the class
+names), and beside it report.json (per fold and pooled out-of-fold AUC with patient-level
+bootstrap 95 % CI, balanced accuracy, sensitivity/specificity with Wilson 95 % intervals,
+confusion matrix), roc.png and loss.png.
+
+A bad cohort is refused before any training (exit status 2).
+"""
+
+_TRAIN_EPILOG = """\
+examples:
+  histohelper train-mil cohort.csv --features features/ --out runs/mil_head.pt
+  histohelper export artifacts/tropism.pt --mil-weights runs/mil_head.pt \\
+      --slide-classes cerebral pulmonary
+"""
+
+
+def _add_train_mil(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``train-mil`` on the top-level ``histohelper`` parser."""
+    p = subparsers.add_parser(
+        "train-mil",
+        help="train the attention-MIL slide head from slide labels on HDF5 features",
+        description=_TRAIN_DESCRIPTION,
+        epilog=_TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("cohort", metavar="COHORT", help="cohort CSV (slide, label[, patient, split])")
+    p.add_argument(
+        "--features",
+        required=True,
+        metavar="DIR",
+        help="folder of per-slide HDF5 bags and features_index.csv (histohelper features)",
+    )
+    p.add_argument("--out", required=True, metavar="PT", help="head checkpoint to write")
+    p.add_argument(
+        "--report-dir", metavar="DIR", help="report.json and plots (default: OUT's folder)"
+    )
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything (default: 0)")
+    p.add_argument(
+        "--max-epochs", type=int, default=100, help="epochs per fold at most (default: 100)"
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=10,
+        help="early stopping: epochs without a lower validation loss (default: 10)",
+    )
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default: 2e-4)")
+    p.add_argument(
+        "--weight-decay", type=float, default=1e-5, help="Adam weight decay (default: 1e-5)"
+    )
+    p.add_argument("--dropout", type=float, default=0.25, help="training dropout (default: 0.25)")
+    p.add_argument(
+        "--attention-dim",
+        type=int,
+        default=128,
+        help="hidden size L of the gated attention; give export the same (default: 128)",
+    )
+    p.add_argument(
+        "--classes",
+        nargs="+",
+        metavar="NAME",
+        help="slide class names in output order (default: the labels, sorted); give "
+        "export --slide-classes the same order",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)"
+    )
+    p.add_argument("--no-plots", action="store_true", help="skip roc.png and loss.png")
+    p.set_defaults(func=run_train_mil, _parser=p)
+
+
+def run_train_mil(args: argparse.Namespace) -> int:
+    """Run ``histohelper train-mil``. Returns 0, or 2 for a refused cohort."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    from .train_mil import CohortError, TrainOptions, train_mil
+
+    try:
+        opts = TrainOptions(
+            folds=args.folds,
+            seed=args.seed,
+            max_epochs=args.max_epochs,
+            patience=args.patience,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            dropout=args.dropout,
+            attention_dim=args.attention_dim,
+            bootstrap=args.bootstrap,
+            classes=tuple(_names(args.classes) or ()) or None,
+            plots=not args.no_plots,
+        )
+        result = train_mil(args.cohort, args.features, args.out, opts, args.report_dir)
+    except CohortError as exc:
+        print(f"histohelper train-mil: error: {exc}\nnothing was trained.", file=sys.stderr)
+        return 2
+    rep = result.report
+    pooled = rep["pooled_out_of_fold"]
+    auc = pooled["auc"]
+    classes = " ".join(rep["classes"])
+    print(
+        f"wrote {args.out}: {rep['scheme']}, out-of-fold AUC {auc['value']} "
+        f"(95 % CI {auc['ci95'][0]}-{auc['ci95'][1]}), balanced accuracy "
+        f"{pooled['balanced_accuracy']['value']}; final head {rep['final']['epochs']} epochs."
+        f"\nexport it with: --mil-weights {args.out} --slide-classes {classes} "
+        f"--attention-dim {args.attention_dim}"
+    )
+    return 0
 
 
 def _add_weight_flags(p: argparse.ArgumentParser) -> None:

@@ -53,14 +53,26 @@ class GatedAttentionMIL(nn.Module):
         embedding_dim: D, instance embedding size (512 for ResNet18).
         attention_dim: L, hidden size of the two attention branches (128).
         num_classes: K slide classes.
+        dropout: probability of the two dropout layers (on the input embeddings and on
+            the gated attention hidden layer, as in CLAM), active only in train mode;
+            parameter-free, so the state_dict keys do not change and eval/export is
+            the same function for any value (default 0: no dropout).
     """
 
-    def __init__(self, embedding_dim: int = 512, attention_dim: int = 128, num_classes: int = 2):
+    def __init__(
+        self,
+        embedding_dim: int = 512,
+        attention_dim: int = 128,
+        num_classes: int = 2,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.attention_V = nn.Sequential(nn.Linear(embedding_dim, attention_dim), nn.Tanh())
         self.attention_U = nn.Sequential(nn.Linear(embedding_dim, attention_dim), nn.Sigmoid())
         self.attention_weights = nn.Linear(attention_dim, 1)
         self.classifier = nn.Linear(embedding_dim, num_classes)
+        self.input_dropout = nn.Dropout(dropout)
+        self.attention_dropout = nn.Dropout(dropout)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Aggregate one bag.
@@ -79,7 +91,9 @@ class GatedAttentionMIL(nn.Module):
             raise RuntimeError("BadBag: embeddings must be [N, D]")
         if h.size(0) == 0:
             raise RuntimeError("EmptyBag: cannot aggregate a bag of zero instances")
+        h = self.input_dropout(h)  # identity in eval mode
         gate = self.attention_V(h) * self.attention_U(h)  # [N, L]
+        gate = self.attention_dropout(gate)
         a_logit = self.attention_weights(gate).squeeze(1)  # [N]
         attention = torch.softmax(a_logit, dim=0)  # [N]
         z = attention.unsqueeze(0) @ h  # [1, D]: attention-weighted mean
