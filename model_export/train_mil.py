@@ -575,12 +575,12 @@ def _fit(
     if best_state is not None:
         head.load_state_dict(best_state)
     head.eval()
-    curve = {
+    curve: dict = {
         "train_loss": [_round(v) for v in train_loss],
         "val_loss": [_round(v) for v in val_loss],
+        "best_epoch": best_epoch if val_idx is not None else epochs,
+        "epochs_run": len(train_loss),
     }
-    curve["best_epoch"] = best_epoch if val_idx is not None else epochs
-    curve["epochs_run"] = len(train_loss)
     return head, curve
 
 

@@ -324,3 +324,24 @@ def test_cli_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "--mil-weights" in capsys.readouterr().out
     report = json.loads((tmp_path / "o/report.json").read_text())
     assert report["final"]["epochs"] >= 1
+
+
+def test_split_column(tmp_path: Path) -> None:
+    make_cohort(tmp_path / "f", n_slides=24, seed=11)
+    with open(tmp_path / "f/cohort.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    parts = {0: "train", 1: "train", 2: "train", 3: "val", 4: "test"}  # by patient % 5 ...
+    with open(tmp_path / "split.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide", "label", "patient", "split"])
+        for r in rows:
+            p = int(r["patient"].split("-")[1])
+            w.writerow((r["slide"], r["label"], r["patient"], parts[(p // 2) % 5]))
+    opts = TrainOptions(max_epochs=3, patience=2, lr=1e-3, bootstrap=10, plots=False)
+    result = train_mil(tmp_path / "split.csv", tmp_path / "f", tmp_path / "o/mil_head.pt", opts)
+    report = result.report
+    assert report["scheme"].startswith("split column") and len(report["folds"]) == 1
+    assert report["final"]["n_train"] == report["folds"][0]["n_train"] + len(
+        report["folds"][0]["slides"]
+    )
+    assert report["test"]["n_slides"] > 0
