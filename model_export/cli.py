@@ -82,7 +82,9 @@ COHORT is a CSV with columns slide, label (required), patient (default: the slid
 split (train/val/test; without it: patient-level stratified k-fold cross-validation).
 Class-weighted cross-entropy, Adam, dropout, early stopping on the validation fold's
 loss; the final head is trained on every training slide for the median of the folds'
-best epoch counts. CPU only; deterministic under --seed; bags are held in memory.
+best epoch counts. CPU only; deterministic under --seed; bags are held in memory, or
+streamed from their HDF5 files when they exceed --max-memory-gib (or with --stream):
+the same result either way.
 
 Writes OUT (a state_dict that `histohelper export --mil-weights` loads, plus the class
 names), and beside it report.json (per fold and pooled out-of-fold AUC with patient-level
@@ -153,6 +155,18 @@ def _add_train_mil(subparsers: argparse._SubParsersAction) -> None:
         "--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)"
     )
     p.add_argument("--no-plots", action="store_true", help="skip roc.png and loss.png")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream bags from HDF5 even when they fit in --max-memory-gib",
+    )
+    p.add_argument(
+        "--max-memory-gib",
+        type=float,
+        metavar="GIB",
+        help="memory budget for bags in GiB: above it they are streamed from HDF5, with an "
+        "LRU of at most this size (default: half of MemAvailable)",
+    )
     p.set_defaults(func=run_train_mil, _parser=p)
 
 
@@ -161,7 +175,7 @@ def run_train_mil(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    from .train_mil import CohortError, TrainOptions, train_mil
+    from .train_mil import BagOptions, CohortError, TrainOptions, train_mil
 
     try:
         opts = TrainOptions(
@@ -177,7 +191,17 @@ def run_train_mil(args: argparse.Namespace) -> int:
             classes=tuple(_names(args.classes) or ()) or None,
             plots=not args.no_plots,
         )
-        result = train_mil(args.cohort, args.features, args.out, opts, args.report_dir)
+        if args.max_memory_gib is not None and args.max_memory_gib < 0:
+            raise CohortError("--max-memory-gib must be >= 0")
+        bag_opts = BagOptions(
+            stream=True if args.stream else None,
+            max_memory_bytes=None
+            if args.max_memory_gib is None
+            else int(args.max_memory_gib * 2**30),
+        )
+        result = train_mil(
+            args.cohort, args.features, args.out, opts, args.report_dir, bag_opts=bag_opts
+        )
     except CohortError as exc:
         print(f"histohelper train-mil: error: {exc}\nnothing was trained.", file=sys.stderr)
         return 2
