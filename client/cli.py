@@ -78,6 +78,14 @@ def _add_analyze(subparsers: Any) -> None:
     analyze.add_argument("--mpp-override", type=float, help="level-0 um/px to use instead")
     analyze.add_argument("--no-attention", action="store_true", help="do not request MIL attention")
     analyze.add_argument(
+        "--mc-dropout-passes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Monte-Carlo dropout passes of the slide head for uncertainty (mean, std, "
+        "entropy); needs a head exported with dropout; at most 256 (default: 0, off)",
+    )
+    analyze.add_argument(
         "--class",
         dest="overlay_class",
         metavar="NAME",
@@ -295,6 +303,7 @@ def _analyze(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         return_attention=not args.no_attention,
         mpp_override=args.mpp_override,
+        mc_dropout_passes=args.mc_dropout_passes,
     )
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)  # fail before the analysis, not after
@@ -344,6 +353,8 @@ def summary_line(slide: str, result: Any, out_dir: Path) -> str:
     else:
         p = result.prediction
         verdict = f"predicted {p.predicted_class} (p={p.probability:.3f})"
+        if p.uncertainty is not None:
+            verdict += f"; {p.uncertainty_text()}"
     model = f"{result.model.name} {result.model.version}".strip()
     if result.model.untrained:
         model += " [UNTRAINED: predictions mean nothing]"

@@ -213,21 +213,68 @@ class Thumbnail:
 
 
 @dataclass(frozen=True, slots=True)
+class SlideUncertainty:
+    """Monte-Carlo dropout summary of the slide prediction (Gal & Ghahramani, 2016).
+
+    Attributes:
+        mean: per class, the mean slide probability over the passes (class order of
+            :attr:`SlidePrediction.class_names`).
+        std: per class, the standard deviation over the passes (ddof 0).
+        entropy_nats: predictive entropy of ``mean`` in nats (0 to ln K).
+        passes: number of dropout passes.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    entropy_nats: float
+    passes: int
+
+
+@dataclass(frozen=True, slots=True)
 class SlidePrediction:
-    """The slide-level prediction; ``probabilities[i]`` belongs to ``class_names[i]``."""
+    """The slide-level prediction; ``probabilities[i]`` belongs to ``class_names[i]``.
+
+    ``logits``, ``probabilities`` and ``predicted_class`` are the deterministic pass;
+    ``uncertainty`` is the Monte-Carlo dropout summary when it was asked for, else None.
+    """
 
     class_names: tuple[str, ...]
     logits: tuple[float, ...]
     probabilities: tuple[float, ...]
     predicted_class: str
+    uncertainty: SlideUncertainty | None = None
 
     @classmethod
     def from_proto(cls, msg: pb.SlidePrediction) -> SlidePrediction:
+        unc = None
+        if msg.mc_dropout_passes:
+            k = len(msg.class_names)
+            if len(msg.mc_mean_probabilities) != k or len(msg.mc_std_probabilities) != k:
+                raise InternalError("SlidePrediction's MC dropout fields do not match its classes")
+            unc = SlideUncertainty(
+                mean=tuple(float(v) for v in msg.mc_mean_probabilities),
+                std=tuple(float(v) for v in msg.mc_std_probabilities),
+                entropy_nats=float(msg.predictive_entropy_nats),
+                passes=int(msg.mc_dropout_passes),
+            )
         return cls(
             class_names=tuple(msg.class_names),
             logits=tuple(float(v) for v in msg.logits),
             probabilities=tuple(float(v) for v in msg.probabilities),
             predicted_class=msg.predicted_class,
+            uncertainty=unc,
+        )
+
+    def uncertainty_text(self) -> str:
+        """``"MC dropout (8 passes): p=0.71±0.05, entropy 0.60 nats"`` for the predicted
+        class, or ``""`` without uncertainty."""
+        u = self.uncertainty
+        if u is None or self.predicted_class not in self.class_names:
+            return ""
+        i = self.class_names.index(self.predicted_class)
+        return (
+            f"MC dropout ({u.passes} passes): p={u.mean[i]:.3f}±{u.std[i]:.3f}, "
+            f"entropy {u.entropy_nats:.3f} nats"
         )
 
     @property

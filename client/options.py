@@ -44,6 +44,9 @@ class AnalysisOptions:
         mpp_override: level-0 micrometres per pixel to use instead of the slide's metadata.
         return_cams: ask for each patch's class activation maps (for
             :meth:`SlideResult.cam_heatmap`, sub-patch resolution).
+        mc_dropout_passes: Monte-Carlo dropout passes of the slide head (0: off; the
+            server allows at most 256 and refuses any for a model without dropout);
+            the result's :attr:`SlidePrediction.uncertainty` carries their summary.
 
     Raises:
         InvalidOptionsError: on construction, for out-of-range or conflicting values.
@@ -61,6 +64,7 @@ class AnalysisOptions:
     return_attention: bool = True
     mpp_override: float | None = None
     return_cams: bool = False
+    mc_dropout_passes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("target_mpp", "target_magnification", "mpp_override", "min_tissue_fraction"):
@@ -90,6 +94,9 @@ class AnalysisOptions:
                     f"{name} must be an integer in [{low}, {_INT32_MAX}], got {value}"
                 )
 
+        mc = self.mc_dropout_passes
+        if isinstance(mc, bool) or not isinstance(mc, int | np.integer) or not 0 <= mc < 2**32:
+            raise InvalidOptionsError(f"mc_dropout_passes must be an integer >= 0, got {mc!r}")
         frac = self.min_tissue_fraction
         if frac is not None and not 0.0 <= frac <= 1.0:
             raise InvalidOptionsError(f"min_tissue_fraction must be in [0, 1], got {frac}")
@@ -107,6 +114,7 @@ class AnalysisOptions:
             return_embeddings=self.return_embeddings,
             return_attention=self.return_attention,
             return_cams=self.return_cams,
+            mc_dropout_passes=int(self.mc_dropout_passes),
         )
         if self.target_mpp is not None:
             msg.target_resolution.mpp = self.target_mpp

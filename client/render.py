@@ -160,6 +160,7 @@ def render_overlay(
     title: str | None = None,
     ticks: Sequence[float] = (0.0, 0.5, 1.0),
     warning: str | None = None,
+    notes: Sequence[str] = (),
 ) -> npt.NDArray[np.uint8]:
     """Blend a JET heatmap over a thumbnail; draw an inset legend when ``title`` is set.
 
@@ -171,6 +172,7 @@ def render_overlay(
         title: legend title; ``None`` draws no legend.
         ticks: values labelled on the colour bar.
         warning: a red line under the title (e.g. "UNTRAINED").
+        notes: black lines under those (e.g. the slide prediction's uncertainty).
 
     Returns:
         uint8 ``(h, w, 3)`` RGB, the thumbnail's size.
@@ -191,7 +193,10 @@ def render_overlay(
         blended = (1.0 - alpha) * thumbnail_rgb[covered] + alpha * colours[covered]
         out[covered] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
     if title is not None:
-        _draw_legend(out, covered, title=title, ticks=ticks, vmin=vmin, span=span, warning=warning)
+        _draw_legend(
+            out, covered, title=title, ticks=ticks, vmin=vmin, span=span, warning=warning,
+            notes=notes,
+        )  # fmt: skip
     return out
 
 
@@ -212,6 +217,7 @@ def _draw_legend(
     vmin: float,
     span: float,
     warning: str | None,
+    notes: Sequence[str] = (),
 ) -> None:
     """Draw a legend box (title, vertical JET bar, tick labels) into the least covered
     corner of ``img``, in place. Skipped on images too small to hold it."""
@@ -225,6 +231,7 @@ def _draw_legend(
     thick = max(1, round(scale * 1.6))
     bar_w = max(6, box_h // 10)
     lines = [(title, (0, 0, 0))] + ([(warning, (200, 0, 0))] if warning else [])
+    lines += [(n, (0, 0, 0)) for n in notes]
     tick_labels = [_fmt(t) for t in ticks]
     line_w = max(cv2.getTextSize(s, _FONT, scale, thick)[0][0] for s, _ in lines)
     tick_w = max(cv2.getTextSize(s, _FONT, scale, thick)[0][0] for s in tick_labels)
@@ -365,7 +372,8 @@ def overlay(
             ``result.default_class()``.
         attention: show the attention map instead of a class probability.
         alpha: heatmap opacity in [0, 1].
-        legend: draw the inset legend (title, colour bar, ticks; "UNTRAINED" when so).
+        legend: draw the inset legend (title, colour bar, ticks; "UNTRAINED" when so;
+            the slide prediction's MC dropout mean, std and entropy when present).
         cams: paint the sub-patch CAM probability map (:func:`cam_heatmap`) instead
             of one value per patch (needs ``return_cams``).
 
@@ -414,4 +422,17 @@ def overlay(
         title=title if legend else None,
         ticks=ticks,
         warning="UNTRAINED" if result.model.untrained else None,
+        notes=_uncertainty_notes(result),
+    )
+
+
+def _uncertainty_notes(result: SlideResult) -> tuple[str, ...]:
+    """Legend lines for the slide prediction's MC dropout summary (none without it)."""
+    p = result.prediction
+    if p is None or p.uncertainty is None or p.predicted_class not in p.class_names:
+        return ()
+    u, i = p.uncertainty, p.class_names.index(p.predicted_class)
+    return (
+        f"{p.predicted_class} {u.mean[i]:.2f}+-{u.std[i]:.2f}",
+        f"H {u.entropy_nats:.2f} nats ({u.passes} MC)",
     )

@@ -31,6 +31,7 @@ from histohelper.client.events import (
     QualityControl,
     SlideInfo,
     SlidePrediction,
+    SlideUncertainty,
     Started,
     Thumbnail,
     Timings,
@@ -146,6 +147,12 @@ class SlideResult:
     def class_names(self) -> tuple[str, ...]:
         """Patch class names, in the order of the probability columns and heatmap planes."""
         return self.model.patch_classes
+
+    @property
+    def slide_uncertainty(self) -> SlideUncertainty | None:
+        """Monte-Carlo dropout summary of the slide prediction (mean, std, entropy in
+        nats, passes), or None when not requested or no prediction."""
+        return None if self.prediction is None else self.prediction.uncertainty
 
     @property
     def patch_count(self) -> int:

@@ -233,7 +233,15 @@ def _add_weight_flags(p: argparse.ArgumentParser) -> None:
         "--mil-weights",
         metavar="PTH",
         help="state_dict of the gated attention MIL head (keys attention_V.0.*, "
-        "attention_U.0.*, attention_weights.*, classifier.*). Default: seeded random init",
+        "attention_U.0.*, attention_weights.*, classifier.*), or train-mil's mil_head.pt: "
+        "its slide classes, dropout (for --mc-dropout-passes) and training provenance go "
+        "into the manifest. Default: seeded random init",
+    )
+    w.add_argument(
+        "--mil-report",
+        metavar="JSON",
+        help="train-mil's report.json recorded as the head's provenance (default: the "
+        "report.json beside --mil-weights, if any)",
     )
     w.add_argument(
         "--seed",
@@ -259,7 +267,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="NAME",
         help="slide class names of the MIL head, e.g. 'pulmonary cerebral' for organ "
-        "tropism (default: same as --patch-classes)",
+        "tropism (default: train-mil's checkpoint's classes, else same as "
+        "--patch-classes; must equal the checkpoint's when both are given)",
     )
     m.add_argument(
         "--attention-dim",
@@ -377,6 +386,7 @@ def run(args: argparse.Namespace) -> int:
             options = ExportOptions(
                 weights=args.weights,
                 mil_weights=args.mil_weights,
+                mil_report=args.mil_report,
                 patch_classes=_names(args.patch_classes) or [],
                 slide_classes=_names(args.slide_classes),
                 model_name=args.model_name,

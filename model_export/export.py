@@ -32,7 +32,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from histohelper.server.runtime.manifest import (
 )
 
 from .calibration import CalibrationSet, slide_patches, synthetic_patches
+from .mil_provenance import MilHeadInfo, read_mil_head_info
 from .modules import IMAGENET_MEAN, IMAGENET_STD, METHODS, HistoHelperModel
 from .weights import describe_weight_file, load_strict, read_checkpoint
 
@@ -429,9 +430,16 @@ class ExportOptions:
             None: seeded random init, ``untrained: true`` and an
             :class:`UntrainedModelWarning`.
         mil_weights: state_dict of the MIL head (keys ``attention_V.0.*``,
-            ``attention_U.0.*``, ``attention_weights.*``, ``classifier.*``). None: random.
+            ``attention_U.0.*``, ``attention_weights.*``, ``classifier.*``), or
+            ``train-mil``'s checkpoint, whose slide classes, dropout and training
+            provenance (with its ``report.json``) go into the manifest. None: random.
+        mil_report: ``train-mil``'s ``report.json`` for the manifest's provenance; None:
+            the one beside ``mil_weights`` when there is one.
         patch_classes: C patch class names, in logit order.
-        slide_classes: K slide class names; None: same as ``patch_classes``.
+        slide_classes: K slide class names as given; None: the MIL checkpoint's
+            (``train-mil``), else the same as ``patch_classes``. Given together with a
+            ``train-mil`` checkpoint, they must equal its classes. The resolved names
+            are ``slide_class_names`` (set on construction).
         model_name: manifest ``model_name``.
         model_version: manifest ``model_version``.
         patch_size_px: S, a multiple of 32 (CAMs are S/32).
@@ -462,6 +470,7 @@ class ExportOptions:
 
     weights: str | os.PathLike[str] | None = None
     mil_weights: str | os.PathLike[str] | None = None
+    mil_report: str | os.PathLike[str] | None = None
     patch_classes: Sequence[str] = ("benign", "malignant")
     slide_classes: Sequence[str] | None = None
     model_name: str = DEFAULT_MODEL_NAME
@@ -481,12 +490,35 @@ class ExportOptions:
     parity_batch: int = 8
     check_served: bool = True
     strict_variants: bool = False
+    mil_info: MilHeadInfo = field(init=False, repr=False, compare=False)
+    slide_class_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         p_classes = _validate_classes(self.patch_classes, "patch classes")
-        s_classes = _validate_classes(self.slide_classes or p_classes, "slide classes")
+        info = MilHeadInfo(None, 0.0, None)
+        if self.mil_weights is not None:
+            info = read_mil_head_info(self.mil_weights, self.mil_report)
+        elif self.mil_report is not None:
+            raise InvalidOptionsError("a MIL report needs the MIL weights it describes")
+        object.__setattr__(self, "mil_info", info)
+        given = self.slide_classes
+        if (
+            given
+            and info.slide_classes is not None
+            and _validate_classes(given, "slide classes") != info.slide_classes
+        ):
+            raise InvalidOptionsError(
+                f"slide classes {list(given)} differ from the MIL checkpoint's "
+                f"{list(info.slide_classes)} (train-mil's logit order); omit "
+                "--slide-classes to use the checkpoint's"
+            )
+        s_classes = _validate_classes(
+            self.slide_classes or info.slide_classes or p_classes, "slide classes"
+        )
         object.__setattr__(self, "patch_classes", p_classes)
-        object.__setattr__(self, "slide_classes", s_classes)
+        # slide_classes stays as given (None: resolved again by dataclasses.replace with
+        # other MIL weights); the resolved names are slide_class_names.
+        object.__setattr__(self, "slide_class_names", s_classes)
         object.__setattr__(self, "variants", tuple(self.variants))
         if self.patch_size_px < 32 or self.patch_size_px % 32:
             raise InvalidOptionsError(
@@ -552,10 +584,15 @@ def build_model(opts: ExportOptions) -> _BuiltModel:
     Raises:
         WeightsError: a checkpoint is unreadable or does not fit.
     """
-    p_classes, s_classes = tuple(opts.patch_classes), tuple(opts.slide_classes or ())
+    p_classes, s_classes = tuple(opts.patch_classes), opts.slide_class_names
     torch.manual_seed(opts.seed)
     model = HistoHelperModel(
-        len(p_classes), len(s_classes), opts.attention_dim, opts.mean, opts.std
+        len(p_classes),
+        len(s_classes),
+        opts.attention_dim,
+        opts.mean,
+        opts.std,
+        mil_dropout=opts.mil_info.dropout,
     )
     weight_files: list[WeightFile] = []
     untrained_parts: list[str] = []
@@ -616,7 +653,7 @@ def _manifest_fields(
         "model_name": opts.model_name,
         "model_version": opts.model_version,
         "patch_classes": opts.patch_classes,
-        "slide_classes": opts.slide_classes,
+        "slide_classes": opts.slide_class_names,
         "patch_size_px": opts.patch_size_px,
         "target_mpp": opts.target_mpp,
         "embedding_dim": 512,
@@ -633,6 +670,8 @@ def _manifest_fields(
         "torchvision_version": torchvision.__version__,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "calibration": calib.source if opts.calibrates else "none",
+        "mil_dropout": opts.mil_info.dropout,
+        "mil_training": opts.mil_info.training,
     }
 
 

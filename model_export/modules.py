@@ -34,6 +34,10 @@ METHODS = {
         "(logits f32 [B,C], embeddings f32 [B,D], cams f32 [B,C,h,w] | None)"
     ),
     "aggregate": "(embeddings: f32 [N,D], N >= 1) -> (slide logits f32 [K], attention f32 [N])",
+    "aggregate_mc": (
+        "(embeddings: f32 [N,D], N >= 1, passes: int >= 1, seed: int) -> "
+        "slide probabilities f32 [passes,K] with dropout active (Monte-Carlo dropout)"
+    ),
     "forward": "(images: uint8 [B,H,W,3]) -> logits f32 [B,C]",
 }
 
@@ -73,6 +77,9 @@ class GatedAttentionMIL(nn.Module):
         self.classifier = nn.Linear(embedding_dim, num_classes)
         self.input_dropout = nn.Dropout(dropout)
         self.attention_dropout = nn.Dropout(dropout)
+        #: The dropout probability as a plain attribute (not in the state_dict), so the
+        #: scripted artifact carries it for :meth:`forward_mc`.
+        self.dropout_p: float = float(dropout)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Aggregate one bag.
@@ -99,6 +106,52 @@ class GatedAttentionMIL(nn.Module):
         z = attention.unsqueeze(0) @ h  # [1, D]: attention-weighted mean
         logits = self.classifier(z).squeeze(0)  # [K]
         return logits, attention
+
+    def forward_mc(self, h: Tensor, passes: int, seed: int) -> Tensor:
+        """Monte-Carlo dropout (Gal & Ghahramani, ICML 2016): ``passes`` stochastic
+        forward passes with both dropout layers active, whatever the module's mode.
+
+        Each pass draws inverted-dropout masks (keep with probability ``1 - p``, kept
+        values scaled by ``1 / (1 - p)``, as ``nn.Dropout`` in train mode) on the
+        input embeddings ``[N, D]`` and on the gated hidden layer ``[N, L]`` from one
+        ``torch.Generator`` seeded with ``seed`` on ``h``'s device, so the same
+        ``(h, passes, seed)`` on the same device and torch build gives the same result.
+
+        Args:
+            h: float ``[N, D]`` instance embeddings, N >= 1.
+            passes: number of passes P >= 1.
+            seed: generator seed.
+
+        Returns:
+            float ``[P, K]`` slide probabilities (softmax of each pass's logits).
+
+        Raises:
+            RuntimeError: ``"NoDropout: ..."`` when the dropout probability is 0,
+                ``"BadBag"``/``"EmptyBag"`` as :meth:`forward`, ``"BadPasses"`` for P < 1.
+        """
+        p = self.dropout_p
+        if p <= 0.0:
+            raise RuntimeError("NoDropout: the MIL head has no dropout")
+        if passes < 1:
+            raise RuntimeError("BadPasses: passes must be >= 1")
+        if h.dim() != 2:
+            raise RuntimeError("BadBag: embeddings must be [N, D]")
+        if h.size(0) == 0:
+            raise RuntimeError("EmptyBag: cannot aggregate a bag of zero instances")
+        g = torch.Generator(device=h.device)
+        g.manual_seed(seed)
+        keep = 1.0 - p
+        out: list[Tensor] = []
+        for _ in range(passes):
+            mask_h = torch.empty_like(h).bernoulli_(keep, generator=g)
+            hd = h * mask_h / keep
+            gate = self.attention_V(hd) * self.attention_U(hd)  # [N, L]
+            mask_g = torch.empty_like(gate).bernoulli_(keep, generator=g)
+            gate = gate * mask_g / keep
+            attention = torch.softmax(self.attention_weights(gate).squeeze(1), dim=0)
+            logits = self.classifier(attention.unsqueeze(0) @ hd).squeeze(0)  # [K]
+            out.append(torch.softmax(logits, dim=0))
+        return torch.stack(out)  # [P, K]
 
 
 def build_resnet18(num_classes: int) -> torchvision.models.ResNet:
@@ -134,6 +187,8 @@ class HistoHelperModel(nn.Module):
         attention_dim: L of the gated attention.
         mean: RGB normalisation mean (of x / 255).
         std: RGB normalisation std.
+        mil_dropout: dropout probability of the MIL head, used only by
+            :meth:`aggregate_mc` (Monte-Carlo dropout); 0 disables it.
     """
 
     def __init__(
@@ -143,10 +198,11 @@ class HistoHelperModel(nn.Module):
         attention_dim: int = 128,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        mil_dropout: float = 0.0,
     ):
         super().__init__()
         self.patch: torchvision.models.ResNet = build_resnet18(num_patch_classes)
-        self.mil = GatedAttentionMIL(512, attention_dim, num_slide_classes)
+        self.mil = GatedAttentionMIL(512, attention_dim, num_slide_classes, mil_dropout)
         # (x/255 - mean)/std == (x - 255 mean) / (255 std): one subtract, one divide.
         self.register_buffer(
             "pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
@@ -212,6 +268,25 @@ class HistoHelperModel(nn.Module):
         w = self.mil.classifier.weight
         logits, attention = self.mil(embeddings.to(device=w.device, dtype=w.dtype))
         return logits.float(), attention.float()
+
+    @torch.jit.export
+    def aggregate_mc(self, embeddings: Tensor, passes: int, seed: int) -> Tensor:
+        """Monte-Carlo dropout over the slide head (see :meth:`GatedAttentionMIL.forward_mc`).
+
+        Args:
+            embeddings: float ``[N, 512]``, N >= 1.
+            passes: P >= 1 stochastic passes.
+            seed: seed of the dropout masks.
+
+        Returns:
+            float32 ``[P, K]`` slide probabilities, one row per pass.
+
+        Raises:
+            RuntimeError: ``"NoDropout: ..."`` when the head was exported with dropout 0.
+        """
+        w = self.mil.classifier.weight
+        probs = self.mil.forward_mc(embeddings.to(device=w.device, dtype=w.dtype), passes, seed)
+        return probs.float()
 
     def forward(self, images: Tensor) -> Tensor:
         """uint8 ``[B, H, W, 3]`` -> patch logits f32 ``[B, C]``."""

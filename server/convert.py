@@ -25,6 +25,7 @@ from histohelper.server.pipeline import (
     Started,
 )
 from histohelper.server.runtime import ModelRuntime
+from histohelper.server.runtime.types import check_mc_request
 from histohelper.server.tiling import Resolution, TilingOptions, TilingPlan
 from histohelper.v1 import slide_analysis_pb2 as pb
 
@@ -80,6 +81,16 @@ def tiling_options(
         return TilingOptions(**kwargs), batch_size  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         raise InvalidOptionsError(f"invalid analysis options: {exc}") from None
+
+
+def mc_dropout_passes(opts: pb.AnalysisOptions, runtime: ModelRuntime) -> int:
+    """The request's Monte-Carlo dropout passes (0: off), checked against the model.
+
+    Raises:
+        InvalidOptionsError: more than ``MAX_MC_DROPOUT_PASSES`` (256), or passes for a
+            model whose slide head has no dropout.
+    """
+    return check_mc_request(runtime.manifest, int(opts.mc_dropout_passes))
 
 
 def explain_selection(
@@ -266,6 +277,12 @@ def completed(ev: Completed, slide_classes: Sequence[str]) -> pb.AnalyzeSlideRes
                 predicted_class=classes[int(np.argmax(ev.slide.probabilities))],
             )
         )
+        if ev.uncertainty is not None:
+            mc = ev.uncertainty
+            msg.prediction.mc_dropout_passes = mc.passes
+            msg.prediction.mc_mean_probabilities.extend(mc.mean.tolist())
+            msg.prediction.mc_std_probabilities.extend(mc.std.tolist())
+            msg.prediction.predictive_entropy_nats = mc.entropy_nats
     return pb.AnalyzeSlideResponse(completed=msg)
 
 

@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from histohelper.errors import AnalysisCancelledError, CorruptSlideError
 from histohelper.server.runtime import SlideOutput
+from histohelper.server.runtime.types import McDropoutOutput
 from histohelper.server.stage import Submitted, predict_in_order
 from histohelper.server.tiling import (
     PatchReader,
@@ -59,6 +60,8 @@ class AnalysisSpec:
         return_embeddings: include embeddings [B, D] in patch events.
         return_attention: emit attention events before completion.
         return_cams: include class activation maps and logits in patch events.
+        mc_dropout_passes: Monte-Carlo dropout passes of the slide head after the
+            deterministic one (0: off); validated against the model beforehand.
     """
 
     request_id: str
@@ -68,6 +71,7 @@ class AnalysisSpec:
     return_embeddings: bool = False
     return_attention: bool = False
     return_cams: bool = False
+    mc_dropout_passes: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class Completed:
         failed_count: patches whose pixels could not be read (left out of the bag).
         timings: seconds: tiling_s, first_result_s, inference_s, aggregate_s, total_s;
             and patches_per_s.
+        uncertainty: Monte-Carlo dropout summary when requested, else None.
     """
 
     request_id: str
@@ -135,6 +140,7 @@ class Completed:
     plan: TilingPlan
     failed_count: int
     timings: dict[str, float]
+    uncertainty: McDropoutOutput | None = None
 
 
 Event = Started | PatchesDone | Progress | AttentionDone | Completed
@@ -362,6 +368,9 @@ class Analyzer:
             raise CorruptSlideError("no patch of the slide could be read")
         t_agg = time.perf_counter()
         slide = self.worker.aggregate(bag[members]).result()
+        uncertainty = None
+        if spec.mc_dropout_passes and not stop.is_set():
+            uncertainty = self.worker.aggregate_mc(bag[members], spec.mc_dropout_passes).result()
         timings["aggregate_s"] = time.perf_counter() - t_agg
         if spec.return_attention:
             for start in range(0, members.size, ATTENTION_CHUNK):
@@ -371,4 +380,6 @@ class Analyzer:
                 yield AttentionDone(members[sl].astype(np.int64), slide.attention[sl])
         timings["total_s"] = time.perf_counter() - t0
         timings["patches_per_s"] = members.size / max(timings["inference_s"], 1e-9)
-        yield Completed(spec.request_id, "completed", slide, plan, failed_total, timings)
+        yield Completed(
+            spec.request_id, "completed", slide, plan, failed_total, timings, uncertainty
+        )

@@ -113,6 +113,7 @@ class SlideAnalysisServicer:
             return_embeddings=opts.return_embeddings,
             return_attention=opts.return_attention,
             return_cams=opts.return_cams,
+            mc_dropout_passes=convert.mc_dropout_passes(opts, self.runtime),
         )
 
     def _explain_request(self, request: pb.ExplainPatchesRequest, call: Call):

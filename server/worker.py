@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from histohelper.server.runtime import ModelRuntime, PatchOutput, SlideOutput
+from histohelper.server.runtime.types import MC_DROPOUT_SEED, McDropoutOutput
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,13 @@ class ModelWorker:
     def aggregate(self, embeddings: npt.NDArray[np.float32]) -> Future[SlideOutput]:
         """Queue ``runtime.aggregate`` on a bag ``embeddings`` [N, D] float32."""
         return self.call(lambda: self.runtime.aggregate(embeddings))
+
+    def aggregate_mc(
+        self, embeddings: npt.NDArray[np.float32], passes: int, seed: int = MC_DROPOUT_SEED
+    ) -> Future[McDropoutOutput]:
+        """Queue ``runtime.aggregate_mc``: ``passes`` Monte-Carlo dropout passes over a
+        bag ``embeddings`` [N, D] float32, masks seeded with ``seed``."""
+        return self.call(lambda: self.runtime.aggregate_mc(embeddings, passes, seed))
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Stop the threads after the queued jobs (``timeout`` seconds for each)."""

@@ -45,7 +45,7 @@ class Resolution(_message.Message):
     def __init__(self, mpp: _Optional[float] = ..., magnification: _Optional[float] = ..., level: _Optional[int] = ...) -> None: ...
 
 class AnalysisOptions(_message.Message):
-    __slots__ = ("target_resolution", "patch_size_px", "stride_px", "min_tissue_fraction", "edge_mode", "batch_size", "return_embeddings", "return_attention", "mpp_override", "return_cams")
+    __slots__ = ("target_resolution", "patch_size_px", "stride_px", "min_tissue_fraction", "edge_mode", "batch_size", "return_embeddings", "return_attention", "mpp_override", "return_cams", "mc_dropout_passes")
     TARGET_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     PATCH_SIZE_PX_FIELD_NUMBER: _ClassVar[int]
     STRIDE_PX_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class AnalysisOptions(_message.Message):
     RETURN_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     MPP_OVERRIDE_FIELD_NUMBER: _ClassVar[int]
     RETURN_CAMS_FIELD_NUMBER: _ClassVar[int]
+    MC_DROPOUT_PASSES_FIELD_NUMBER: _ClassVar[int]
     target_resolution: Resolution
     patch_size_px: int
     stride_px: int
@@ -66,7 +67,8 @@ class AnalysisOptions(_message.Message):
     return_attention: bool
     mpp_override: float
     return_cams: bool
-    def __init__(self, target_resolution: _Optional[_Union[Resolution, _Mapping]] = ..., patch_size_px: _Optional[int] = ..., stride_px: _Optional[int] = ..., min_tissue_fraction: _Optional[float] = ..., edge_mode: _Optional[_Union[EdgeMode, str]] = ..., batch_size: _Optional[int] = ..., return_embeddings: _Optional[bool] = ..., return_attention: _Optional[bool] = ..., mpp_override: _Optional[float] = ..., return_cams: _Optional[bool] = ...) -> None: ...
+    mc_dropout_passes: int
+    def __init__(self, target_resolution: _Optional[_Union[Resolution, _Mapping]] = ..., patch_size_px: _Optional[int] = ..., stride_px: _Optional[int] = ..., min_tissue_fraction: _Optional[float] = ..., edge_mode: _Optional[_Union[EdgeMode, str]] = ..., batch_size: _Optional[int] = ..., return_embeddings: _Optional[bool] = ..., return_attention: _Optional[bool] = ..., mpp_override: _Optional[float] = ..., return_cams: _Optional[bool] = ..., mc_dropout_passes: _Optional[int] = ...) -> None: ...
 
 class AnalyzeSlideRequest(_message.Message):
     __slots__ = ("slide_path", "upload_id", "options", "request_id")
@@ -297,16 +299,24 @@ class AttentionChunk(_message.Message):
     def __init__(self, patch_index: _Optional[_Iterable[int]] = ..., attention: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SlidePrediction(_message.Message):
-    __slots__ = ("class_names", "logits", "probabilities", "predicted_class")
+    __slots__ = ("class_names", "logits", "probabilities", "predicted_class", "mc_dropout_passes", "mc_mean_probabilities", "mc_std_probabilities", "predictive_entropy_nats")
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_CLASS_FIELD_NUMBER: _ClassVar[int]
+    MC_DROPOUT_PASSES_FIELD_NUMBER: _ClassVar[int]
+    MC_MEAN_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    MC_STD_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIVE_ENTROPY_NATS_FIELD_NUMBER: _ClassVar[int]
     class_names: _containers.RepeatedScalarFieldContainer[str]
     logits: _containers.RepeatedScalarFieldContainer[float]
     probabilities: _containers.RepeatedScalarFieldContainer[float]
     predicted_class: str
-    def __init__(self, class_names: _Optional[_Iterable[str]] = ..., logits: _Optional[_Iterable[float]] = ..., probabilities: _Optional[_Iterable[float]] = ..., predicted_class: _Optional[str] = ...) -> None: ...
+    mc_dropout_passes: int
+    mc_mean_probabilities: _containers.RepeatedScalarFieldContainer[float]
+    mc_std_probabilities: _containers.RepeatedScalarFieldContainer[float]
+    predictive_entropy_nats: float
+    def __init__(self, class_names: _Optional[_Iterable[str]] = ..., logits: _Optional[_Iterable[float]] = ..., probabilities: _Optional[_Iterable[float]] = ..., predicted_class: _Optional[str] = ..., mc_dropout_passes: _Optional[int] = ..., mc_mean_probabilities: _Optional[_Iterable[float]] = ..., mc_std_probabilities: _Optional[_Iterable[float]] = ..., predictive_entropy_nats: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("tiling_s", "first_result_s", "inference_s", "aggregate_s", "total_s", "patches_per_s")

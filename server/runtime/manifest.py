@@ -28,10 +28,13 @@ MANIFEST_NAME = "manifest.json"
 #: runtime without torch (ONNX Runtime) can aggregate.
 MIL_WEIGHTS_NAME = "mil_head.npz"
 #: The manifest format this code writes. 2: the int8 gates are one mapping by engine
-#: (:attr:`OnnxInfo.int8_gates`).
-FORMAT_VERSION = 2
+#: (:attr:`OnnxInfo.int8_gates`). 3: adds :attr:`Manifest.mil_dropout` and
+#: :attr:`Manifest.mil_training` (optional; format 1 and 2 manifests read with their
+#: defaults). A runtime that reads only 1 and 2 refuses format 3 by its version,
+#: rather than failing on the unknown fields.
+FORMAT_VERSION = 3
 #: The formats this code reads (1: one int8 parity field per engine); others are refused.
-READABLE_FORMAT_VERSIONS = (1, 2)
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 #: Format 1's int8 parity fields -> the engine they gated.
 _FORMAT1_GATES = {
     "int8_parity": "onnxruntime",
@@ -200,6 +203,47 @@ class OnnxInfo(_Frozen):
         return self.int8_file_name is not None and fig is not None and fig.passed
 
 
+class MilTraining(_Frozen):
+    """Provenance of a MIL head trained by ``histohelper train-mil``.
+
+    Read from the checkpoint's metadata and, when present, its ``report.json``.
+
+    Attributes:
+        cohort_sha256: SHA-256 of the cohort CSV the head was trained on.
+        feature_model_hash: artifact hash of the model that produced the features.
+        seed: training seed.
+        epochs: epochs of the final head.
+        dropout: dropout probability during training (also used for MC dropout).
+        attention_dim: L of the trained head.
+        scheme: cross-validation scheme, e.g. ``"patient-level stratified 5-fold"``
+            (None without a report).
+        folds: number of validation folds (None without a report).
+        n_slides: slides in the cohort (None without a report).
+        n_patients: patients in the cohort (None without a report).
+        oof_auc: pooled out-of-fold AUC (binary: of the positive class).
+        oof_auc_ci95: its 95 % patient-level bootstrap interval ``(low, high)``.
+        oof_balanced_accuracy: pooled out-of-fold balanced accuracy.
+        oof_balanced_accuracy_ci95: its 95 % bootstrap interval.
+        report_sha256: SHA-256 of the ``report.json`` read (None without one).
+    """
+
+    cohort_sha256: str | None = None
+    feature_model_hash: str | None = None
+    seed: int | None = None
+    epochs: int | None = None
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    attention_dim: int | None = None
+    scheme: str | None = None
+    folds: int | None = None
+    n_slides: int | None = None
+    n_patients: int | None = None
+    oof_auc: float | None = None
+    oof_auc_ci95: tuple[float, float] | None = None
+    oof_balanced_accuracy: float | None = None
+    oof_balanced_accuracy_ci95: tuple[float, float] | None = None
+    report_sha256: str | None = None
+
+
 class Manifest(_Frozen):
     """Everything a runtime needs to serve an artifact, and its provenance.
 
@@ -229,6 +273,10 @@ class Manifest(_Frozen):
         calibration: where the reduced-precision check patches came from.
         parity: TorchScript vs eager fp32 figures for the patch path and aggregation.
         onnx: the ONNX export, if any.
+        mil_dropout: dropout probability of the MIL head carried by the artifact
+            (``aggregate_mc``, Monte-Carlo dropout); 0: none, MC dropout is refused.
+        mil_training: provenance of a trained MIL head (None: untrained, or weights
+            made outside ``train-mil``).
     """
 
     format_version: int = FORMAT_VERSION
@@ -256,6 +304,8 @@ class Manifest(_Frozen):
     calibration: str = "synthetic"
     parity: dict[str, ParityFigures] = Field(default_factory=dict)
     onnx: OnnxInfo | None = None
+    mil_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    mil_training: MilTraining | None = None
 
     def precision_names(self) -> tuple[str, ...]:
         """Names of the precisions whose gate passed (fp32 always)."""

@@ -26,11 +26,21 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from histohelper.errors import ModelArtifactError
+from histohelper.errors import InvalidOptionsError, ModelArtifactError
 
 from .cpu import cpu_has_vnni
 from .manifest import MIL_WEIGHTS_NAME, Manifest, read_artifact_member, read_manifest
-from .types import PatchOutput, SlideOutput, check_bag, check_images, softmax
+from .types import (
+    MC_DROPOUT_SEED,
+    McDropoutOutput,
+    PatchOutput,
+    SlideOutput,
+    check_bag,
+    check_images,
+    check_mc_request,
+    mc_summary,
+    softmax,
+)
 
 _MIL_KEYS = (
     "attention_V.0.weight",
@@ -79,6 +89,37 @@ class NumpyGatedAttention:
         z = attention @ h
         logits = (w["classifier.weight"] @ z + w["classifier.bias"]).astype(np.float32)
         return logits, attention
+
+    def mc_probabilities(
+        self, h: npt.NDArray[np.float32], passes: int, seed: int, dropout: float
+    ) -> npt.NDArray[np.float32]:
+        """Monte-Carlo dropout: ``passes`` passes with inverted dropout (probability
+        ``dropout``) on the embeddings ``[N, D]`` and on the gated hidden layer ``[N, L]``,
+        as the artifact's ``aggregate_mc``; masks from ``numpy.random.default_rng(seed)``
+        (PCG64), so they differ from torch's masks: the figures agree with the
+        TorchScript engine in distribution, not bit for bit.
+
+        Returns:
+            float32 ``[P, K]`` slide probabilities, one row per pass.
+        """
+        w = self._w
+        rng = np.random.default_rng(seed)
+        keep = np.float32(1.0 - dropout)
+        out = np.empty((passes, w["classifier.bias"].shape[0]), np.float32)
+        for i in range(passes):
+            hd = h * (rng.random(h.shape, dtype=np.float32) < keep) / keep
+            gate = np.tanh(hd @ w["attention_V.0.weight"].T + w["attention_V.0.bias"]) * _sigmoid(
+                hd @ w["attention_U.0.weight"].T + w["attention_U.0.bias"]
+            )
+            gate = gate * (rng.random(gate.shape, dtype=np.float32) < keep) / keep
+            a_logit = (gate @ w["attention_weights.weight"].T)[:, 0]
+            a_logit = a_logit + w["attention_weights.bias"][0]
+            attention = softmax(a_logit.astype(np.float32), axis=0)
+            logits = (w["classifier.weight"] @ (attention @ hd) + w["classifier.bias"]).astype(
+                np.float32
+            )
+            out[i] = softmax(logits, axis=0)
+        return out
 
 
 class OnnxModel:
@@ -154,6 +195,25 @@ class OnnxModel:
         logits, attention = self._mil(bag)
         return SlideOutput(
             logits=logits, probabilities=softmax(logits, axis=0), attention=attention
+        )
+
+    def aggregate_mc(
+        self, embeddings: npt.NDArray[np.float32], passes: int, seed: int = MC_DROPOUT_SEED
+    ) -> McDropoutOutput:
+        """See :meth:`ModelRuntime.aggregate_mc` (numpy masks: see
+        :meth:`NumpyGatedAttention.mc_probabilities`).
+
+        Raises:
+            EmptyBagError: N == 0.
+            InvalidOptionsError: wrong shape, non-finite values, passes out of range, or
+                a model with no dropout.
+        """
+        check_mc_request(self.manifest, passes)
+        if passes < 1:
+            raise InvalidOptionsError(f"mc_dropout_passes must be >= 1, got {passes}")
+        bag = check_bag(embeddings, self.manifest.embedding_dim)
+        return mc_summary(
+            self._mil.mc_probabilities(bag, int(passes), int(seed), self.manifest.mil_dropout)
         )
 
 

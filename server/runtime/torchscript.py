@@ -19,16 +19,33 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from histohelper.errors import EmptyBagError, InvalidImageError, ModelArtifactError
+from histohelper.errors import (
+    EmptyBagError,
+    InvalidImageError,
+    InvalidOptionsError,
+    ModelArtifactError,
+)
 
 from .cpu import cpu_has_native_bf16
 from .manifest import Manifest, read_manifest
-from .types import PatchOutput, SlideOutput, check_bag, check_images, softmax
+from .types import (
+    MC_DROPOUT_SEED,
+    McDropoutOutput,
+    PatchOutput,
+    SlideOutput,
+    check_bag,
+    check_images,
+    check_mc_request,
+    mc_summary,
+    softmax,
+)
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _PRESERVED = ["predict_patches_uint8", "predict_patches_nchw", "aggregate"]
+#: Exported by artifacts that carry MIL dropout (Monte-Carlo dropout); older lack it.
+_OPTIONAL = ["aggregate_mc"]
 
 
 def resolve_device(device: str) -> str:
@@ -219,6 +236,30 @@ class TorchScriptRuntime:
             logits=logits_np, probabilities=softmax(logits_np, axis=0), attention=att_np
         )
 
+    def aggregate_mc(
+        self, embeddings: npt.NDArray[np.float32], passes: int, seed: int = MC_DROPOUT_SEED
+    ) -> McDropoutOutput:
+        """See :meth:`ModelRuntime.aggregate_mc`: the artifact's ``aggregate_mc``
+        (``torch.Generator`` on the serving device, seeded per call).
+
+        Raises:
+            EmptyBagError: N == 0.
+            InvalidOptionsError: wrong shape, non-finite values, passes out of range, or
+                a model with no dropout (also an artifact exported before
+                ``aggregate_mc`` existed).
+        """
+        check_mc_request(self.manifest, passes)
+        if passes < 1:
+            raise InvalidOptionsError(f"mc_dropout_passes must be >= 1, got {passes}")
+        if not hasattr(self._module, "aggregate_mc"):
+            raise InvalidOptionsError("the model has no dropout (no aggregate_mc method)")
+        bag = check_bag(embeddings, self.manifest.embedding_dim)
+        with torch.inference_mode():
+            h = torch.from_numpy(bag).to(self._torch_device)
+            probs = self._module.aggregate_mc(h, int(passes), int(seed))
+            probs_np = probs.cpu().numpy()
+        return mc_summary(probs_np)
+
 
 def load_torchscript(
     path: str | os.PathLike[str],
@@ -277,7 +318,8 @@ def load_torchscript(
         if channels_last:
             module.patch.to(memory_format=torch.channels_last)
         if freeze:
-            module = torch.jit.freeze(module, preserved_attrs=_PRESERVED)
+            keep = _PRESERVED + [n for n in _OPTIONAL if hasattr(module, n)]
+            module = torch.jit.freeze(module, preserved_attrs=keep)
     rt = TorchScriptRuntime(module, manifest, dev, prec, channels_last, 0.0)
     if warmup:
         s = manifest.patch_size_px

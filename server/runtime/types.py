@@ -55,6 +55,68 @@ class SlideOutput:
     attention: npt.NDArray[np.float32]
 
 
+#: Most Monte-Carlo dropout passes one request may ask for.
+MAX_MC_DROPOUT_PASSES = 256
+#: Seed of the dropout masks of every MC request, so one model gives one answer.
+MC_DROPOUT_SEED = 0
+
+
+@dataclass(frozen=True)
+class McDropoutOutput:
+    """Monte-Carlo dropout summary of P stochastic passes of the slide head.
+
+    Attributes:
+        mean: float32 ``[K]`` mean over passes of the slide probabilities.
+        std: float32 ``[K]`` their standard deviation over passes (population, ddof 0).
+        entropy_nats: predictive entropy ``-sum_k mean_k ln mean_k`` in nats.
+        passes: P.
+    """
+
+    mean: npt.NDArray[np.float32]
+    std: npt.NDArray[np.float32]
+    entropy_nats: float
+    passes: int
+
+
+def mc_summary(probabilities: npt.NDArray[np.float32]) -> McDropoutOutput:
+    """Summarise per-pass slide probabilities ``[P, K]`` (float64 sums, float32 out)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    mean = p.mean(axis=0)
+    entropy = float(-np.sum(mean * np.log(np.clip(mean, 1e-30, None))))
+    return McDropoutOutput(
+        mean=mean.astype(np.float32),
+        std=p.std(axis=0).astype(np.float32),
+        entropy_nats=entropy,
+        passes=int(p.shape[0]),
+    )
+
+
+def check_mc_request(manifest: Manifest, passes: int) -> int:
+    """Validate a Monte-Carlo dropout request against the model.
+
+    Args:
+        manifest: the served model's manifest.
+        passes: requested passes; 0 means off.
+
+    Returns:
+        ``passes``.
+
+    Raises:
+        InvalidOptionsError: passes outside ``[0, MAX_MC_DROPOUT_PASSES]``, or passes > 0
+            for a model whose MIL head has no dropout (``manifest.mil_dropout == 0``).
+    """
+    if not 0 <= passes <= MAX_MC_DROPOUT_PASSES:
+        raise InvalidOptionsError(
+            f"mc_dropout_passes must be in [0, {MAX_MC_DROPOUT_PASSES}], got {passes}"
+        )
+    if passes and manifest.mil_dropout <= 0.0:
+        raise InvalidOptionsError(
+            "mc_dropout_passes needs dropout in the slide head, and the model has no dropout "
+            "(export a train-mil head trained with dropout > 0)"
+        )
+    return passes
+
+
 @runtime_checkable
 class ModelRuntime(Protocol):
     """A loaded model, ready to serve.
@@ -109,6 +171,32 @@ class ModelRuntime(Protocol):
         Raises:
             EmptyBagError: N == 0.
             InvalidOptionsError: wrong shape, or non-finite values.
+        """
+        ...
+
+    def aggregate_mc(
+        self, embeddings: npt.NDArray[np.float32], passes: int, seed: int = MC_DROPOUT_SEED
+    ) -> McDropoutOutput:
+        """Monte-Carlo dropout (Gal & Ghahramani, ICML 2016) over one bag: ``passes``
+        passes of the gated attention head with its dropout (``manifest.mil_dropout``)
+        active, masks drawn from a generator seeded with ``seed``.
+
+        The same engine, device and seed give the same result; engines draw different
+        masks (torch's generator vs numpy's PCG64), so their figures agree only in
+        distribution, not bit for bit.
+
+        Args:
+            embeddings: float32 ``[N, D]``, N >= 1.
+            passes: P in ``[1, MAX_MC_DROPOUT_PASSES]``.
+            seed: seed of the dropout masks.
+
+        Returns:
+            :class:`McDropoutOutput` (mean and std float32 ``[K]``, entropy in nats).
+
+        Raises:
+            EmptyBagError: N == 0.
+            InvalidOptionsError: wrong shape, non-finite values, passes out of range, or
+                a model with no dropout.
         """
         ...
 
