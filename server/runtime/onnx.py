@@ -107,7 +107,7 @@ class NumpyGatedAttention:
         keep = np.float32(1.0 - dropout)
         out = np.empty((passes, w["classifier.bias"].shape[0]), np.float32)
         for i in range(passes):
-            hd = h * (rng.random(h.shape, dtype=np.float32) < keep) / keep
+            hd = (h * (rng.random(h.shape, dtype=np.float32) < keep) / keep).astype(np.float32)
             gate = np.tanh(hd @ w["attention_V.0.weight"].T + w["attention_V.0.bias"]) * _sigmoid(
                 hd @ w["attention_U.0.weight"].T + w["attention_U.0.bias"]
             )
