@@ -181,6 +181,23 @@ def test_numpy_head_mc_is_seeded(trained: tuple[Path, Path]) -> None:
     np.testing.assert_allclose(a.sum(1), 1.0, atol=1e-5)
 
 
+def test_onnx_runtime_aggregate_mc(trained: tuple[Path, Path], served_runtime) -> None:
+    """The ONNX/OpenVINO runtimes aggregate with the numpy head: seeded, and refused
+    for a head without dropout (the patch session plays no part here)."""
+    from histohelper.server.runtime.manifest import read_manifest
+    from histohelper.server.runtime.onnx import NumpyGatedAttention, OnnxModel
+
+    sd = torch.load(trained[1], weights_only=True)["state_dict"]
+    mil = NumpyGatedAttention({k: v.numpy() for k, v in sd.items()})
+    model = OnnxModel(None, mil, read_manifest(trained[0]))
+    a, b = model.aggregate_mc(_bag(), 8, 2), model.aggregate_mc(_bag(), 8, 2)
+    assert a.passes == 8 and np.array_equal(a.mean, b.mean) and a.std.min() > 0
+    assert a.mean.dtype == a.std.dtype == np.float32
+    plain = OnnxModel(None, mil, served_runtime.manifest)
+    with pytest.raises(InvalidOptionsError, match="no dropout"):
+        plain.aggregate_mc(_bag(), 8, 2)
+
+
 @pytest.mark.parametrize("passes", [-1, 257], ids=["negative", "over-cap"])
 def test_passes_out_of_range_refused(mc_runtime, passes: int) -> None:
     with pytest.raises(InvalidOptionsError, match="mc_dropout_passes"):
