@@ -369,8 +369,13 @@ class Analyzer:
         t_agg = time.perf_counter()
         slide = self.worker.aggregate(bag[members]).result()
         uncertainty = None
-        if spec.mc_dropout_passes and not stop.is_set():
-            uncertainty = self.worker.aggregate_mc(bag[members], spec.mc_dropout_passes).result()
+        if spec.mc_dropout_passes:
+            try:
+                uncertainty = self.worker.aggregate_mc(
+                    bag[members], spec.mc_dropout_passes, stop=stop
+                ).result()
+            except AnalysisCancelledError:
+                return  # stopped between chunks of passes: nothing after stop is set
         timings["aggregate_s"] = time.perf_counter() - t_agg
         if spec.return_attention:
             for start in range(0, members.size, ATTENTION_CHUNK):

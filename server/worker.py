@@ -118,11 +118,17 @@ class ModelWorker:
         return self.call(lambda: self.runtime.aggregate(embeddings))
 
     def aggregate_mc(
-        self, embeddings: npt.NDArray[np.float32], passes: int, seed: int = MC_DROPOUT_SEED
+        self,
+        embeddings: npt.NDArray[np.float32],
+        passes: int,
+        seed: int = MC_DROPOUT_SEED,
+        *,
+        stop: threading.Event | None = None,
     ) -> Future[McDropoutOutput]:
         """Queue ``runtime.aggregate_mc``: ``passes`` Monte-Carlo dropout passes over a
-        bag ``embeddings`` [N, D] float32, masks seeded with ``seed``."""
-        return self.call(lambda: self.runtime.aggregate_mc(embeddings, passes, seed))
+        bag ``embeddings`` [N, D] float32, masks seeded with ``seed``; ``stop`` ends it
+        between chunks of passes (AnalysisCancelledError)."""
+        return self.call(lambda: self.runtime.aggregate_mc(embeddings, passes, seed, stop=stop))
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Stop the threads after the queued jobs (``timeout`` seconds for each)."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from histohelper.errors import InvalidOptionsError, ModelArtifactError
+from histohelper.errors import ModelArtifactError
 
 from .cpu import cpu_has_vnni
 from .manifest import MIL_WEIGHTS_NAME, Manifest, read_artifact_member, read_manifest
@@ -38,7 +38,7 @@ from .types import (
     check_bag,
     check_images,
     check_mc_request,
-    mc_summary,
+    run_mc_chunks,
     softmax,
 )
 
@@ -198,7 +198,12 @@ class OnnxModel:
         )
 
     def aggregate_mc(
-        self, embeddings: npt.NDArray[np.float32], passes: int, seed: int = MC_DROPOUT_SEED
+        self,
+        embeddings: npt.NDArray[np.float32],
+        passes: int,
+        seed: int = MC_DROPOUT_SEED,
+        *,
+        stop: threading.Event | None = None,
     ) -> McDropoutOutput:
         """See :meth:`ModelRuntime.aggregate_mc` (numpy masks: see
         :meth:`NumpyGatedAttention.mc_probabilities`).
@@ -209,11 +214,10 @@ class OnnxModel:
                 a model with no dropout.
         """
         check_mc_request(self.manifest, passes)
-        if passes < 1:
-            raise InvalidOptionsError(f"mc_dropout_passes must be >= 1, got {passes}")
         bag = check_bag(embeddings, self.manifest.embedding_dim)
-        return mc_summary(
-            self._mil.mc_probabilities(bag, int(passes), int(seed), self.manifest.mil_dropout)
+        p = self.manifest.mil_dropout
+        return run_mc_chunks(
+            lambda n, s: self._mil.mc_probabilities(bag, n, s, p), int(passes), int(seed), stop
         )
 
 

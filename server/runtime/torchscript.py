@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +37,7 @@ from .types import (
     check_bag,
     check_images,
     check_mc_request,
-    mc_summary,
+    run_mc_chunks,
     softmax,
 )
 
@@ -237,7 +238,12 @@ class TorchScriptRuntime:
         )
 
     def aggregate_mc(
-        self, embeddings: npt.NDArray[np.float32], passes: int, seed: int = MC_DROPOUT_SEED
+        self,
+        embeddings: npt.NDArray[np.float32],
+        passes: int,
+        seed: int = MC_DROPOUT_SEED,
+        *,
+        stop: threading.Event | None = None,
     ) -> McDropoutOutput:
         """See :meth:`ModelRuntime.aggregate_mc`: the artifact's ``aggregate_mc``
         (``torch.Generator`` on the serving device, seeded per call).
@@ -249,16 +255,16 @@ class TorchScriptRuntime:
                 ``aggregate_mc`` existed).
         """
         check_mc_request(self.manifest, passes)
-        if passes < 1:
-            raise InvalidOptionsError(f"mc_dropout_passes must be >= 1, got {passes}")
         if not hasattr(self._module, "aggregate_mc"):
             raise InvalidOptionsError("the model has no dropout (no aggregate_mc method)")
         bag = check_bag(embeddings, self.manifest.embedding_dim)
         with torch.inference_mode():
             h = torch.from_numpy(bag).to(self._torch_device)
-            probs = self._module.aggregate_mc(h, int(passes), int(seed))
-            probs_np = probs.cpu().numpy()
-        return mc_summary(probs_np)
+
+            def run(n: int, s: int) -> npt.NDArray[np.float32]:
+                return self._module.aggregate_mc(h, n, s).cpu().numpy()
+
+            return run_mc_chunks(run, int(passes), int(seed), stop)
 
 
 def load_torchscript(

@@ -8,13 +8,20 @@ numpy arrays; nothing here imports torch.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
-from histohelper.errors import EmptyBagError, InvalidImageError, InvalidOptionsError
+from histohelper.errors import (
+    AnalysisCancelledError,
+    EmptyBagError,
+    InvalidImageError,
+    InvalidOptionsError,
+)
 
 from .manifest import Manifest
 
@@ -59,6 +66,18 @@ class SlideOutput:
 MAX_MC_DROPOUT_PASSES = 256
 #: Seed of the dropout masks of every MC request, so one model gives one answer.
 MC_DROPOUT_SEED = 0
+#: MC passes run per engine call; ``stop`` is checked between such chunks.
+MC_CHUNK_PASSES = 16
+
+
+def mc_chunks(passes: int, seed: int) -> list[tuple[int, int]]:
+    """Split ``passes`` into ``(passes, seed)`` chunks of at most
+    :data:`MC_CHUNK_PASSES`; chunk ``c`` draws its masks from ``seed + 7919 * c`` (the
+    first chunk from ``seed`` itself), so a result depends only on ``(passes, seed)``."""
+    return [
+        (min(MC_CHUNK_PASSES, passes - start), seed + 7919 * c)
+        for c, start in enumerate(range(0, passes, MC_CHUNK_PASSES))
+    ]
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,29 @@ def mc_summary(probabilities: npt.NDArray[np.float32]) -> McDropoutOutput:
         entropy_nats=entropy,
         passes=int(p.shape[0]),
     )
+
+
+def run_mc_chunks(
+    run: Callable[[int, int], npt.NDArray[np.float32]],
+    passes: int,
+    seed: int,
+    stop: threading.Event | None,
+) -> McDropoutOutput:
+    """Run ``run(chunk_passes, chunk_seed) -> [chunk_passes, K]`` over :func:`mc_chunks`
+    and summarise; ``stop`` is checked before each chunk.
+
+    Raises:
+        InvalidOptionsError: passes < 1.
+        AnalysisCancelledError: ``stop`` was set.
+    """
+    if passes < 1:
+        raise InvalidOptionsError(f"mc_dropout_passes must be >= 1, got {passes}")
+    parts = []
+    for n, s in mc_chunks(passes, seed):
+        if stop is not None and stop.is_set():
+            raise AnalysisCancelledError("Monte-Carlo dropout stopped")
+        parts.append(run(n, s))
+    return mc_summary(np.concatenate(parts, axis=0))
 
 
 def check_mc_request(manifest: Manifest, passes: int) -> int:
@@ -175,11 +217,17 @@ class ModelRuntime(Protocol):
         ...
 
     def aggregate_mc(
-        self, embeddings: npt.NDArray[np.float32], passes: int, seed: int = MC_DROPOUT_SEED
+        self,
+        embeddings: npt.NDArray[np.float32],
+        passes: int,
+        seed: int = MC_DROPOUT_SEED,
+        *,
+        stop: threading.Event | None = None,
     ) -> McDropoutOutput:
         """Monte-Carlo dropout (Gal & Ghahramani, ICML 2016) over one bag: ``passes``
         passes of the gated attention head with its dropout (``manifest.mil_dropout``)
-        active, masks drawn from a generator seeded with ``seed``.
+        active, in chunks of :data:`MC_CHUNK_PASSES` seeded by :func:`mc_chunks`;
+        ``stop`` is checked between chunks.
 
         The same engine, device and seed give the same result; engines draw different
         masks (torch's generator vs numpy's PCG64), so their figures agree only in
@@ -197,6 +245,7 @@ class ModelRuntime(Protocol):
             EmptyBagError: N == 0.
             InvalidOptionsError: wrong shape, non-finite values, passes out of range, or
                 a model with no dropout.
+            AnalysisCancelledError: ``stop`` was set.
         """
         ...
 

@@ -168,6 +168,33 @@ def test_torchscript_aggregate_mc_equals_the_eager_head(
     np.testing.assert_allclose(det.logits, logits.numpy(), atol=1e-5)
 
 
+def test_mc_runs_in_seeded_chunks_and_stops_between_them(
+    mc_runtime, trained: tuple[Path, Path]
+) -> None:
+    """40 passes = chunks of 16, 16, 8 with seeds 5, 5 + 7919, 5 + 2 * 7919; a set
+    ``stop`` ends the run before the next chunk."""
+    import threading
+
+    from histohelper.errors import AnalysisCancelledError
+    from histohelper.model_export.modules import GatedAttentionMIL
+
+    head = GatedAttentionMIL(512, 128, len(CLASSES), DROPOUT)
+    head.load_state_dict(torch.load(trained[1], weights_only=True)["state_dict"])
+    bag = _bag()
+    out = mc_runtime.aggregate_mc(bag, 40, 5)
+    with torch.no_grad():
+        h = torch.from_numpy(bag)
+        chunks = [head.forward_mc(h, n, 5 + 7919 * c) for c, n in enumerate((16, 16, 8))]
+    probs = torch.cat(chunks).double().numpy()
+    assert out.passes == 40
+    np.testing.assert_allclose(out.mean, probs.mean(0), atol=1e-5)
+    np.testing.assert_allclose(out.std, probs.std(0), atol=1e-5)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(AnalysisCancelledError):
+        mc_runtime.aggregate_mc(bag, 40, 5, stop=stop)
+
+
 def test_numpy_head_mc_is_seeded(trained: tuple[Path, Path]) -> None:
     from histohelper.server.runtime.onnx import NumpyGatedAttention
 
