@@ -512,6 +512,12 @@ class ExportOptions:
                 f"{list(info.slide_classes)} (train-mil's logit order); omit "
                 "--slide-classes to use the checkpoint's"
             )
+        trained_l = info.training.attention_dim if info.training is not None else None
+        if trained_l is not None and trained_l != self.attention_dim:
+            raise InvalidOptionsError(
+                f"the MIL checkpoint's attention dim is {trained_l}, not {self.attention_dim}; "
+                f"pass --attention-dim {trained_l}"
+            )
         s_classes = _validate_classes(
             self.slide_classes or info.slide_classes or p_classes, "slide classes"
         )

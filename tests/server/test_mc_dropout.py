@@ -124,6 +124,8 @@ def test_slide_classes_must_match_the_checkpoint(trained: tuple[Path, Path]) -> 
         ExportOptions(mil_weights=trained[1], slide_classes=["cerebral", "pulmonary"])
     ok = ExportOptions(mil_weights=trained[1], slide_classes=CLASSES)
     assert ok.slide_class_names == tuple(CLASSES)
+    with pytest.raises(InvalidOptionsError, match="pass --attention-dim 128"):
+        ExportOptions(mil_weights=trained[1], attention_dim=64)
 
 
 def test_report_of_another_run_is_refused(tmp_path: Path, trained: tuple[Path, Path]) -> None:
