@@ -10,7 +10,16 @@ port 0 and, alternating ``--rounds`` times, runs
 - ``features``: one ``histohelper features COHORT --jobs 1 --overwrite`` over the
   same slides (one process, one slide in flight, so the comparison is per slide).
 
-Prints slides/h of each (median over rounds) and the ratio features / analyze.
+That pair compares what a user types, start-up and overlays included. The like-for-like
+pair, in this process and alternated the same way, isolates what writing HDF5 costs:
+
+- ``sdk``: ``AsyncSlideClient.analyze`` of every slide with the request ``features``
+  sends (embeddings on, attention off), ``--jobs`` in flight, results kept in memory;
+- ``features_sdk``: :func:`histohelper.client.features.extract_features` over the same
+  slides with the same ``--jobs`` (the same analyses, plus one HDF5 bag per slide).
+
+Prints slides/h of each (median over rounds) and the ratios features / analyze and
+features_sdk / sdk (the issue's target: >= 0.95).
 
 Usage: ``python benchmarks/features_bench.py [--slides 12 --rounds 2]``.
 """
@@ -48,12 +57,59 @@ def write_slides(root: Path, n: int, size: int) -> list[str]:
     return names
 
 
+def in_process(
+    target: str, names: list[str], work: Path, rounds: int, jobs: int
+) -> dict[str, list[float]]:
+    """slides/h of SDK analyses against extract_features, alternated, in this process."""
+    import asyncio
+
+    from histohelper.client import AnalysisOptions, AsyncSlideClient
+    from histohelper.client.features import CohortRow, ModelIdentity, extract_features
+
+    request = AnalysisOptions(return_embeddings=True, return_attention=False)
+    rows = [CohortRow(slide=n) for n in names]
+
+    async def sdk(client: AsyncSlideClient) -> None:
+        gate = asyncio.Semaphore(jobs)
+
+        async def one(name: str) -> None:
+            async with gate:
+                await client.analyze(name, request)
+
+        await asyncio.gather(*(one(n) for n in names))
+
+    async def run() -> dict[str, list[float]]:
+        rates: dict[str, list[float]] = {"sdk": [], "features_sdk": []}
+        (work / "features_sdk").mkdir(exist_ok=True)
+        async with AsyncSlideClient(target) as client:
+            model = ModelIdentity.from_info(await client.get_model_info())
+            await sdk(client)  # warm-up
+            for r in range(rounds):
+                for kind in ("sdk", "features_sdk") if r % 2 == 0 else ("features_sdk", "sdk"):
+                    t0 = time.perf_counter()
+                    if kind == "sdk":
+                        await sdk(client)
+                    else:
+                        outcomes = await extract_features(
+                            client, rows, work / "features_sdk", model, AnalysisOptions(),
+                            jobs=jobs, overwrite=True,
+                        )  # fmt: skip
+                        assert all(o.status == "written" for o in outcomes), outcomes
+                    dt = time.perf_counter() - t0
+                    rates[kind].append(len(names) * 3600 / dt)
+                    print(f"round {r} {kind}: {dt:.1f} s, {rates[kind][-1]:.0f} slides/h")
+        return rates
+
+    return asyncio.run(run())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--slides", type=int, default=12)
     ap.add_argument("--size", type=int, default=2048, help="slide side in px (0.5 um/px)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model", type=Path, help="exported model (default: seed-0 export)")
+    ap.add_argument("--jobs", type=int, default=2, help="slides in flight (in-process pair)")
     args = ap.parse_args()
     cmd = treeserve.histohelper_command(None)
     with tempfile.TemporaryDirectory(prefix="features-bench-") as tmp:
@@ -108,14 +164,20 @@ def main() -> int:
                     dt = time.perf_counter() - t0
                     rates[kind].append(len(names) * 3600 / dt)
                     print(f"round {r} {kind}: {dt:.1f} s, {rates[kind][-1]:.0f} slides/h")
+            rates.update(in_process(server.target, names, work, args.rounds, args.jobs))
         finally:
             server.stop()
+    s_, fs = statistics.median(rates["sdk"]), statistics.median(rates["features_sdk"])
     a, f_ = statistics.median(rates["analyze"]), statistics.median(rates["features"])
     print("| command | slides/h (median) | rounds |")
     print("| --- | --- | --- |")
     print(f"| analyze (one CLI run per slide) | {a:.0f} | {rates['analyze']} |")
     print(f"| features (one run, --jobs 1) | {f_:.0f} | {rates['features']} |")
-    print(f"ratio features / analyze: {f_ / a:.3f}")
+    print(f"| sdk analyze, in process (--jobs {args.jobs}) | {s_:.0f} | {rates['sdk']} |")
+    fsr = rates["features_sdk"]
+    print(f"| extract_features, in process (--jobs {args.jobs}) | {fs:.0f} | {fsr} |")
+    print(f"ratio features / analyze (CLI): {f_ / a:.3f}")
+    print(f"ratio features / analyze (in process, like for like): {fs / s_:.3f}")
     return 0
 
 
