@@ -64,18 +64,7 @@ def _add_analyze(subparsers: Any) -> None:
     analyze.add_argument(
         "--out", "-o", type=Path, required=True, metavar="DIR", help="output directory"
     )
-    res = analyze.add_mutually_exclusive_group()
-    res.add_argument("--mpp", type=float, help="patch resolution in um/px (default: the model's)")
-    res.add_argument("--magnification", type=float, help="patch resolution as objective power")
-    res.add_argument("--level", type=int, help="read this pyramid level at face value")
-    analyze.add_argument("--patch-size", type=int, metavar="PX", help="patch side in px")
-    analyze.add_argument("--stride", type=int, metavar="PX", help="step between patches in px")
-    analyze.add_argument(
-        "--min-tissue", type=float, metavar="FRACTION", help="min tissue fraction of a patch"
-    )
-    analyze.add_argument("--edge-mode", choices=("pad", "drop"), help="patches past the edge")
-    analyze.add_argument("--batch-size", type=int, help="patches per model batch on the server")
-    analyze.add_argument("--mpp-override", type=float, help="level-0 um/px to use instead")
+    _add_tiling_request_arguments(analyze)
     analyze.add_argument("--no-attention", action="store_true", help="do not request MIL attention")
     analyze.add_argument(
         "--mc-dropout-passes",
@@ -179,20 +168,26 @@ def _add_features(subparsers: Any) -> None:
         action="store_true",
         help="recompute every slide, replacing files (also those of another model)",
     )
-    res = features.add_mutually_exclusive_group()
+    _add_tiling_request_arguments(features)
+    features.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    features.set_defaults(func=run_features)
+
+
+def _add_tiling_request_arguments(p: argparse.ArgumentParser) -> None:
+    """The analysis options a request carries (resolution, patch, stride, tissue, edge,
+    batch, mpp override), shared by ``analyze`` and ``features``."""
+    res = p.add_mutually_exclusive_group()
     res.add_argument("--mpp", type=float, help="patch resolution in um/px (default: the model's)")
     res.add_argument("--magnification", type=float, help="patch resolution as objective power")
     res.add_argument("--level", type=int, help="read this pyramid level at face value")
-    features.add_argument("--patch-size", type=int, metavar="PX", help="patch side in px")
-    features.add_argument("--stride", type=int, metavar="PX", help="step between patches in px")
-    features.add_argument(
+    p.add_argument("--patch-size", type=int, metavar="PX", help="patch side in px")
+    p.add_argument("--stride", type=int, metavar="PX", help="step between patches in px")
+    p.add_argument(
         "--min-tissue", type=float, metavar="FRACTION", help="min tissue fraction of a patch"
     )
-    features.add_argument("--edge-mode", choices=("pad", "drop"), help="patches past the edge")
-    features.add_argument("--batch-size", type=int, help="patches per model batch on the server")
-    features.add_argument("--mpp-override", type=float, help="level-0 um/px to use instead")
-    features.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    features.set_defaults(func=run_features)
+    p.add_argument("--edge-mode", choices=("pad", "drop"), help="patches past the edge")
+    p.add_argument("--batch-size", type=int, help="patches per model batch on the server")
+    p.add_argument("--mpp-override", type=float, help="level-0 um/px to use instead")
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
