@@ -28,9 +28,12 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from histohelper.errors import HistoHelperError
+
+if TYPE_CHECKING:
+    from histohelper.client.options import AnalysisOptions
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -190,6 +193,25 @@ def _add_tiling_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpp-override", type=float, help="level-0 um/px to use instead")
 
 
+def _request_options(args: argparse.Namespace, **extra: Any) -> AnalysisOptions:
+    """The request options of :func:`_add_tiling_request_arguments`'s flags, plus
+    ``extra`` fields."""
+    from histohelper.client.options import AnalysisOptions
+
+    return AnalysisOptions(
+        target_mpp=args.mpp,
+        target_magnification=args.magnification,
+        target_level=args.level,
+        patch_size_px=args.patch_size,
+        stride_px=args.stride,
+        min_tissue_fraction=args.min_tissue,
+        edge_mode=args.edge_mode,
+        batch_size=args.batch_size,
+        mpp_override=args.mpp_override,
+        **extra,
+    )
+
+
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
@@ -283,21 +305,12 @@ def _guarded(command: str, body: Callable[[argparse.Namespace], int]) -> Callabl
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from histohelper.client.options import AnalysisOptions
 
     if not 0.0 <= args.alpha <= 1.0:
         raise _UsageError("--alpha must be in [0, 1]")
-    options = AnalysisOptions(
-        target_mpp=args.mpp,
-        target_magnification=args.magnification,
-        target_level=args.level,
-        patch_size_px=args.patch_size,
-        stride_px=args.stride,
-        min_tissue_fraction=args.min_tissue,
-        edge_mode=args.edge_mode,
-        batch_size=args.batch_size,
+    options = _request_options(
+        args,
         return_attention=not args.no_attention,
-        mpp_override=args.mpp_override,
         mc_dropout_passes=args.mc_dropout_passes,
     )
     out_dir: Path = args.out
@@ -477,23 +490,12 @@ def _features(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise _UsageError("--jobs must be >= 1")
     from histohelper.client.features import CohortError, read_cohort
-    from histohelper.client.options import AnalysisOptions
 
     try:
         rows = read_cohort(args.cohort)
     except CohortError as exc:
         raise _UsageError(f"{args.cohort}: {exc}") from None
-    options = AnalysisOptions(
-        target_mpp=args.mpp,
-        target_magnification=args.magnification,
-        target_level=args.level,
-        patch_size_px=args.patch_size,
-        stride_px=args.stride,
-        min_tissue_fraction=args.min_tissue,
-        edge_mode=args.edge_mode,
-        batch_size=args.batch_size,
-        mpp_override=args.mpp_override,
-    )
+    options = _request_options(args)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)  # fail before the analyses, not after
     target, kwargs = _client_arguments(args)
