@@ -66,6 +66,8 @@ T = TypeVar("T")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: ``time_remaining()`` beyond this (about 3 years), or None, means no client deadline.
 NO_DEADLINE_S = 1e8
+#: A call that ends this close to its client's deadline ended by that deadline.
+DEADLINE_SLACK_S = 0.1
 _END = object()
 
 
@@ -384,8 +386,13 @@ class CallPath:
         return asyncio.get_running_loop().call_later(limit, expire)
 
     def _client_gone_outcome(self, call: Call) -> str:
+        """DEADLINE_EXCEEDED when the client's own deadline has (about) passed, else
+        CANCELLED. The core may end the call a few ms before Python's clock reaches the
+        deadline, so :data:`DEADLINE_SLACK_S` counts as passed."""
         remaining = call.context.time_remaining()
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        if remaining is not None and remaining <= DEADLINE_SLACK_S:
+            return "DEADLINE_EXCEEDED"
+        return "CANCELLED"
 
     async def _run(
         self,
