@@ -44,6 +44,8 @@ import numpy as np
 
 from histohelper import __version__
 from histohelper.client.options import AnalysisOptions
+from histohelper.cohort_csv import CohortError as CohortError  # re-exported
+from histohelper.cohort_csv import read_cohort_csv
 from histohelper.errors import HistoHelperError
 
 if TYPE_CHECKING:
@@ -68,10 +70,6 @@ _BAG_OPTIONS = (
 )
 
 Status = Literal["written", "skipped", "no_tissue", "failed"]
-
-
-class CohortError(ValueError):
-    """The cohort CSV or the output folder cannot be used (bad columns, empty, mixed models)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,47 +125,21 @@ class ModelIdentity:
 def read_cohort(path: str | os.PathLike[str]) -> list[CohortRow]:
     """Read a cohort CSV: column ``slide`` required; ``label``, ``patient``, ``split`` optional.
 
-    Empty optional cells become ``None``. Rows are kept in file order.
+    Empty optional cells become ``None``. Rows are kept in file order (the checks are
+    :func:`histohelper.cohort_csv.read_cohort_csv`'s).
 
     Raises:
         CohortError: no ``slide`` column, an unknown column (the message lists the
             allowed ones), an empty ``slide`` cell, a slide listed twice, or no rows.
         OSError: the file cannot be read.
     """
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        unknown = [c for c in columns if c not in COHORT_COLUMNS]
-        if unknown:
-            raise CohortError(
-                f"unknown cohort column(s) {', '.join(map(repr, unknown))}; "
-                f"allowed: {', '.join(COHORT_COLUMNS)}"
-            )
-        if "slide" not in columns:
-            raise CohortError(
-                f"the cohort has no 'slide' column; allowed: {', '.join(COHORT_COLUMNS)}"
-            )
-        rows: list[CohortRow] = []
-        seen: set[str] = set()
-        for line_no, raw in enumerate(reader, start=2):
-            cells = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k}
-            slide = cells.get("slide", "")
-            if not slide:
-                raise CohortError(f"line {line_no}: empty 'slide' cell")
-            if slide in seen:
-                raise CohortError(f"line {line_no}: slide listed twice")
-            seen.add(slide)
-            rows.append(
-                CohortRow(
-                    slide=slide,
-                    label=cells.get("label") or None,
-                    patient=cells.get("patient") or None,
-                    split=cells.get("split") or None,
-                )
-            )
-    if not rows:
-        raise CohortError("the cohort lists no slides")
-    return rows
+    _, rows = read_cohort_csv(path, COHORT_COLUMNS)
+    return [
+        CohortRow(
+            slide=r.slide, label=r.get("label"), patient=r.get("patient"), split=r.get("split")
+        )
+        for r in rows
+    ]
 
 
 def feature_file_name(slide: str) -> str:

@@ -37,6 +37,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from histohelper.cohort_csv import CohortError as CohortError  # re-exported
+from histohelper.cohort_csv import read_cohort_csv
+
 from .modules import GatedAttentionMIL
 
 log = logging.getLogger(__name__)
@@ -47,10 +50,6 @@ INDEX_NAME = "features_index.csv"
 #: index ``status`` values that mean the slide's file was written (case-insensitive).
 _DONE_STATUSES = {"ok", "done", "written", "skipped", "cached", "exists", ""}
 _Z95 = 1.959963984540054
-
-
-class CohortError(ValueError):
-    """The cohort or its features cannot be trained on; raised before any training."""
 
 
 @dataclass(frozen=True)
@@ -146,27 +145,10 @@ def read_cohort(
     p = Path(path)
     if not p.is_file():
         raise CohortError(f"cohort file not found: {p}")
-    with open(p, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        unknown = [c for c in columns if c not in ALLOWED_COLUMNS]
-        if unknown:
-            raise CohortError(
-                f"unknown column(s) {unknown} in the cohort; allowed: {list(ALLOWED_COLUMNS)}"
-            )
-        for need in ("slide", "label"):
-            if need not in columns:
-                raise CohortError(f"the cohort needs a {need!r} column (has {columns})")
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    columns, csv_rows = read_cohort_csv(p, ALLOWED_COLUMNS, required=("slide", "label"))
+    rows = [r.cells for r in csv_rows]
     slides = [r["slide"] for r in rows]
     labels = [r["label"] for r in rows]
-    if not slides:
-        raise CohortError("the cohort has no rows")
-    if any(not s for s in slides):
-        raise CohortError("a cohort row has an empty slide")
-    dup = sorted({s for s in slides if slides.count(s) > 1})
-    if dup:
-        raise CohortError(f"{len(dup)} slide(s) listed twice, e.g. {dup[0]!r}")
     empty = [s for s, lbl in zip(slides, labels, strict=True) if not lbl]
     if empty:
         raise CohortError(f"{len(empty)} slide(s) without a label, e.g. {empty[0]!r}")

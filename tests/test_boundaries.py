@@ -15,6 +15,7 @@ import pytest
 BOUNDARIES = [
     ("histohelper.errors", ["numpy", "grpc", "torch", "openslide", "cv2"]),
     ("histohelper.geometry", ["grpc", "torch", "openslide", "cv2"]),
+    ("histohelper.cohort_csv", ["numpy", "grpc", "torch", "openslide", "cv2"]),
     ("histohelper.v1.slide_analysis_pb2_grpc", ["torch", "openslide", "cv2", "numpy"]),
     ("histohelper.server.tiling", ["grpc", "torch", "histohelper.server.runtime"]),
     ("histohelper.server.runtime", ["openslide", "cv2", "grpc", "torchvision"]),
