@@ -49,6 +49,8 @@ from histohelper.server.auth import Authenticator, TokenStore
 from histohelper.server.callpath import CallLimits, CallPath, SlotPool, build_service
 from histohelper.server.classify import Classifier
 from histohelper.server.config import ServerConfig
+from histohelper.server.metrics import ServerMetrics
+from histohelper.server.observe import NULL_OBSERVER, Observer
 from histohelper.server.pipeline import FIRST_BATCH_SIZE, Analyzer
 from histohelper.server.runtime import ModelRuntime, load_runtime
 from histohelper.server.servicer import SlideAnalysisServicer
@@ -86,12 +88,18 @@ class RunningServer:
     executor: futures.ThreadPoolExecutor
     call_path: CallPath
     health_server: grpc.aio.Server | None = None
+    metrics: ServerMetrics | None = None
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def target(self) -> str:
         """``host:port`` for clients."""
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound Prometheus metrics port; 0 when metrics are off."""
+        return self.metrics.port if self.metrics is not None else 0
 
     def _await(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -126,6 +134,8 @@ class RunningServer:
         self.worker.close()
         self.uploads.close()
         self.audit_log.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 #: gRPC's default SO_REUSEPORT lets a second server bind a port in use and silently take
@@ -167,8 +177,11 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
-def _load_and_warm(config: ServerConfig, runtime: ModelRuntime | None) -> ModelWorker:
-    """The model's worker; a model loaded here is warmed up first."""
+def _load_and_warm(
+    config: ServerConfig, runtime: ModelRuntime | None, observer: Observer = NULL_OBSERVER
+) -> ModelWorker:
+    """The model's worker (reporting to ``observer``); a model loaded here is warmed up
+    first."""
     warm = runtime is None
     if runtime is None:
         runtime = load_runtime(
@@ -178,7 +191,7 @@ def _load_and_warm(config: ServerConfig, runtime: ModelRuntime | None) -> ModelW
             num_threads=config.num_threads,
             backend=config.backend,
         )
-    worker = ModelWorker(runtime)
+    worker = ModelWorker(runtime, observer=observer)
     if warm:
         sizes = (min(FIRST_BATCH_SIZE, config.batch_size), config.batch_size)
         try:
@@ -215,7 +228,10 @@ def _slot_pools(config: ServerConfig) -> dict[str, SlotPool]:
 
 
 def _build_servicer(
-    config: ServerConfig, worker: ModelWorker, pools: dict[str, SlotPool]
+    config: ServerConfig,
+    worker: ModelWorker,
+    pools: dict[str, SlotPool],
+    observer: Observer = NULL_OBSERVER,
 ) -> SlideAnalysisServicer:
     """The transport-free parts behind the service: analyzer, classifier, uploads."""
     analyzer = Analyzer(
@@ -224,6 +240,7 @@ def _build_servicer(
         max_patches_per_slide=config.max_patches_per_slide,
         max_failed_fraction=config.max_failed_fraction,
         slide_cache=SlideCache(),
+        observer=observer,
     )
     classifier = Classifier(
         worker,
@@ -304,14 +321,18 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         TransportPolicyError: plaintext on a non-loopback host without ``allow_insecure``,
             or an unreadable TLS file.
         TokensFileError: the tokens file is unreadable or malformed.
-        PortBindError: the port cannot be bound (in use, or not allowed).
+        PortBindError: a port (main, health or metrics) cannot be bound (in use, or not
+            allowed).
     """
     check_transport_policy(config)
     credentials = server_credentials(config)
     tokens = TokenStore.load(config.tokens_file) if config.tokens_file is not None else None
-    worker = _load_and_warm(config, runtime)
+    # Metrics only when served: without them every report goes to a no-op observer.
+    metrics = ServerMetrics() if config.metrics_port else None
+    observer = metrics if metrics is not None else NULL_OBSERVER
+    worker = _load_and_warm(config, runtime, observer)
     pools = _slot_pools(config)
-    servicer = _build_servicer(config, worker, pools)
+    servicer = _build_servicer(config, worker, pools, observer)
     audit_log = AuditLog(config.audit_log)
     # Threads for blocking work: one per slot that can run some, and a few for
     # validation of calls that are then refused and for GetModelInfo-sized work.
@@ -325,7 +346,11 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         CallLimits(config.default_deadline_s, config.stalled_stream_s),
         executor,
         worker.runtime.manifest.model_version,
+        observer,
     )
+    if metrics is not None:
+        metrics.watch_pools(pools, path.waiting)
+        metrics.set_model(worker.runtime)
     service = build_service(
         pb.DESCRIPTOR.services_by_name["SlideAnalysisService"], path, servicer.rpcs()
     )
@@ -333,10 +358,14 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
     loop_thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
     loop_thread.start()
     try:
+        if metrics is not None:
+            _serve_metrics(metrics, config)
         server, port, health_servicer, health_server = asyncio.run_coroutine_threadsafe(
             _start_grpc(config, credentials, service), loop
         ).result()
     except BaseException:
+        if metrics is not None:
+            metrics.close()
         loop.call_soon_threadsafe(loop.stop)
         loop_thread.join()
         loop.close()
@@ -372,7 +401,22 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         executor,
         path,
         health_server,
+        metrics,
     )
+
+
+def _serve_metrics(metrics: ServerMetrics, config: ServerConfig) -> None:
+    """Serve ``metrics`` on ``--metrics-host``:``--metrics-port``.
+
+    Raises:
+        PortBindError: the port cannot be bound.
+    """
+    try:
+        metrics.serve(config.metrics_host, config.metrics_port)
+    except OSError:
+        raise PortBindError(
+            f"could not bind the metrics port {config.metrics_host}:{config.metrics_port}"
+        ) from None
 
 
 #: Loggers whose messages are this project's own (they never name a slide).

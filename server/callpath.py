@@ -56,6 +56,7 @@ from histohelper.errors import (
 )
 from histohelper.server import audit
 from histohelper.server.auth import Authenticator, client_common_name
+from histohelper.server.observe import NULL_OBSERVER, Observer
 from histohelper.server.status import to_grpc_status
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,7 @@ class CallPath:
         limits: deadlines and stall limit.
         executor: threads for blocking work.
         model_version: written into each audit record.
+        observer: told of every call's end (metrics), where the audit record is written.
     """
 
     def __init__(
@@ -315,6 +317,7 @@ class CallPath:
         limits: CallLimits,
         executor: Executor,
         model_version: str,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.authenticator = authenticator
         self.audit_log = audit_log
@@ -322,7 +325,14 @@ class CallPath:
         self.limits = limits
         self.executor = executor
         self.model_version = model_version
+        self.observer = observer
         self._live: dict[asyncio.Task[Any], Call] = {}
+        # Calls of each pool that arrived and are not yet admitted (event loop only).
+        self._waiting = dict.fromkeys(self.pools, 0)
+
+    def waiting(self, pool: str) -> int:
+        """Calls of ``pool`` that arrived and are not yet admitted (or refused)."""
+        return self._waiting.get(pool, 0)
 
     async def drain(self) -> None:
         """Stop every call still running and wait until each has cleaned up, freed its
@@ -414,6 +424,9 @@ class CallPath:
         admitted = False
         timer: asyncio.TimerHandle | None = None
         error: HistoHelperError | None = None
+        waiting = rpc.pool if pool is not None else None  # counted until admitted
+        if waiting is not None:
+            self._waiting[waiting] += 1
         try:
             try:
                 timer = self._arm_deadline(call, rpc)
@@ -426,6 +439,9 @@ class CallPath:
                 if rpc.prepare is not None and request is not None:
                     prepared = await call.run(rpc.prepare, request, call)
                 if pool is not None:
+                    if waiting is not None:
+                        self._waiting[waiting] -= 1
+                        waiting = None
                     pool.acquire()
                     admitted = True
                 result = await body(call, prepared)
@@ -449,6 +465,8 @@ class CallPath:
             log.exception("%s crashed", rpc_name, extra=call.log_extra)
             error = InternalError(f"internal server error (request id {call.request_id})")
         finally:
+            if waiting is not None:
+                self._waiting[waiting] -= 1
             if timer is not None:
                 timer.cancel()
             try:
@@ -472,6 +490,10 @@ class CallPath:
         if not record.outcome:
             record.outcome = "CANCELLED"
         self.audit_log.write(record)
+        try:
+            self.observer.call_ended(record.rpc, record.outcome, record.reason, record.duration_s)
+        except Exception:  # metrics never fail a call
+            log.exception("metrics of a call failed", extra={"request_id": record.request_id})
         audit.set_current(None)
 
     # --- handler shapes -----------------------------------------------------------------

@@ -136,6 +136,7 @@ def setting(default: Any = MISSING, **kwargs: Any) -> Any:
 _TLS = "transport security and authentication"
 _LIMITS = "limits"
 _UPLOADS = "uploads"
+_METRICS = "metrics"
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,18 @@ class ServerConfig:
         help="a connection gets GOAWAY after this long (clients reconnect by themselves) and "
         "its calls as long again to finish; clients then reconnect and find new replicas; "
         "0 disables",
+    )
+    metrics_port: int = setting(
+        0,
+        minimum=0,
+        maximum=65535,
+        group=_METRICS,
+        help="serve Prometheus metrics (text format, plain HTTP) on this port; 0: off",
+    )
+    metrics_host: str = setting(
+        "127.0.0.1",
+        group=_METRICS,
+        help="interface of the metrics port (a non-loopback one is logged as a warning)",
     )
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from histohelper.errors import AnalysisCancelledError, CorruptSlideError
+from histohelper.server.observe import NULL_OBSERVER, Observer
 from histohelper.server.runtime import SlideOutput
 from histohelper.server.runtime.types import McDropoutOutput
 from histohelper.server.stage import Submitted, predict_in_order
@@ -197,6 +198,8 @@ class Analyzer:
         max_patches_per_slide: bigger grids raise :class:`SlideTooLargeError`.
         max_failed_fraction: share of unreadable patches tolerated per slide.
         slide_cache: shared OpenSlide tile cache and handle LRU.
+        observer: told how long each stage took (``tiling`` per plan, ``read`` per
+            batch, ``mil`` per bag; ``model_batch`` is the worker's).
     """
 
     def __init__(
@@ -207,8 +210,10 @@ class Analyzer:
         max_patches_per_slide: int = 1_000_000,
         max_failed_fraction: float = 0.05,
         slide_cache: SlideCache | None = None,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.worker = worker
+        self.observer = observer
         self.num_readers = num_readers
         self.max_patches_per_slide = max_patches_per_slide
         self.max_failed_fraction = max_failed_fraction
@@ -231,8 +236,11 @@ class Analyzer:
         # The tiler counts kept patches as it builds the grid and stops at its limit:
         # give it this server's, so a huge grid is refused before it exists.
         limit = min(spec.tiling.max_patches, self.max_patches_per_slide)
+        t0 = time.perf_counter()
         with open_slide(spec.slide_path, cache=self.slide_cache) as slide:
-            return plan_tiling(slide, replace(spec.tiling, max_patches=limit), stop)
+            plan = plan_tiling(slide, replace(spec.tiling, max_patches=limit), stop)
+        self.observer.stage("tiling", time.perf_counter() - t0)
+        return plan
 
     def _reader(self, spec: AnalysisSpec, plan: TilingPlan) -> PatchReader:
         """The reader of the whole grid, in batches shaped for the model worker."""
@@ -253,6 +261,7 @@ class Analyzer:
             # Each read is resized straight to the model's input: a large grid patch
             # (up to 8192 px) never exists at full size in a batch.
             output_size_px=self.worker.runtime.manifest.patch_size_px,
+            on_batch_read=self.observer.read_batch,
         )
 
     def run(
@@ -377,6 +386,7 @@ class Analyzer:
             except AnalysisCancelledError:
                 return  # stopped between chunks of passes: nothing after stop is set
         timings["aggregate_s"] = time.perf_counter() - t_agg
+        self.observer.stage("mil", timings["aggregate_s"])
         if spec.return_attention:
             for start in range(0, members.size, ATTENTION_CHUNK):
                 if stop.is_set():

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from histohelper.server.observe import NULL_OBSERVER, Observer
 from histohelper.server.runtime import ModelRuntime, PatchOutput, SlideOutput
 from histohelper.server.runtime.types import MC_DROPOUT_SEED, McDropoutOutput
 
@@ -38,13 +39,18 @@ class ModelWorker:
     Args:
         runtime: the loaded model; only this worker's threads call it after start.
         max_pending: bound on queued jobs; ``submit`` blocks past it (back-pressure).
+        observer: told the duration (stage ``model_batch``) and patch count of every
+            :meth:`predict_patches` call that ran.
 
     Attributes:
         concurrency: jobs that run at once (``runtime.concurrency``, at least 1).
     """
 
-    def __init__(self, runtime: ModelRuntime, *, max_pending: int = 16) -> None:
+    def __init__(
+        self, runtime: ModelRuntime, *, max_pending: int = 16, observer: Observer = NULL_OBSERVER
+    ) -> None:
         self.runtime = runtime
+        self.observer = observer
         self.concurrency = max(1, int(runtime.concurrency))
         self._jobs: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._done_lock = threading.Lock()
@@ -88,7 +94,15 @@ class ModelWorker:
         self, images: npt.NDArray[np.uint8], *, want_cams: bool = False
     ) -> Future[PatchOutput]:
         """Queue ``runtime.predict_patches`` on ``images`` [B, H, W, 3] uint8 RGB."""
-        return self.call(lambda: self.runtime.predict_patches(images, want_cams=want_cams))
+
+        def run() -> PatchOutput:
+            t0 = time.perf_counter()
+            out = self.runtime.predict_patches(images, want_cams=want_cams)
+            self.observer.stage("model_batch", time.perf_counter() - t0)
+            self.observer.patches_classified(len(images))
+            return out
+
+        return self.call(run)
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> Future[float]:
         """Queue one batch of random patches per size in ``batch_sizes``, and a bag of

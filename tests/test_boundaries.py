@@ -17,8 +17,16 @@ BOUNDARIES = [
     ("histohelper.geometry", ["grpc", "torch", "openslide", "cv2"]),
     ("histohelper.cohort_csv", ["numpy", "grpc", "torch", "openslide", "cv2"]),
     ("histohelper.v1.slide_analysis_pb2_grpc", ["torch", "openslide", "cv2", "numpy"]),
-    ("histohelper.server.tiling", ["grpc", "torch", "histohelper.server.runtime"]),
-    ("histohelper.server.runtime", ["openslide", "cv2", "grpc", "torchvision"]),
+    (
+        "histohelper.server.tiling",
+        ["grpc", "torch", "histohelper.server.runtime", "prometheus_client"],
+    ),
+    (
+        "histohelper.server.runtime",
+        ["openslide", "cv2", "grpc", "torchvision", "prometheus_client"],
+    ),
+    ("histohelper.server.pipeline", ["prometheus_client"]),
+    ("histohelper.server.worker", ["prometheus_client"]),
     (
         "histohelper.server.servicer",
         ["histohelper.model_export", "histohelper.client", "torchvision"],

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -193,6 +194,9 @@ class PatchReader:
             :func:`read_patch`): pass the model's input size.
         max_batch_bytes: most bytes of one batch's images (default
             :data:`MAX_BATCH_BYTES`).
+        on_batch_read: called with the seconds each batch took to read (on the reader
+            thread that read it; batches cut short by a stop are not reported), e.g.
+            the server's metrics.
 
     Raises:
         InvalidOptionsError: a parameter out of range.
@@ -214,6 +218,7 @@ class PatchReader:
         tail_batch_size: int | None = None,
         output_size_px: int | None = None,
         max_batch_bytes: int = MAX_BATCH_BYTES,
+        on_batch_read: Callable[[float], None] | None = None,
     ) -> None:
         if batch_size < 1 or num_workers < 1 or queue_depth < 1:
             raise InvalidOptionsError("batch_size, num_workers and queue_depth must be >= 1")
@@ -247,6 +252,7 @@ class PatchReader:
         self.queue_depth = queue_depth
         self.max_failed_fraction = max_failed_fraction
         self.cache = cache
+        self.on_batch_read = on_batch_read
         #: Grid indices that failed in the last iteration.
         self.failed_indices: list[int] = []
 
@@ -374,8 +380,12 @@ class PatchReader:
                 ran out; CorruptSlideError for any other unexpected failure (logged).
         """
         try:
+            t0 = time.perf_counter()
             with handles.borrow() as slide:
-                return self._read_chunk(slide, chunk, halted)
+                batch = self._read_chunk(slide, chunk, halted)
+            if batch is not None and self.on_batch_read is not None:
+                self.on_batch_read(time.perf_counter() - t0)
+            return batch
         except HistoHelperError:
             raise
         except Exception as exc:  # never lose an error in a thread
