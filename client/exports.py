@@ -1,7 +1,7 @@
 """Standard files from a :class:`~histohelper.client.result.SlideResult`: functions that
 take the result (it never writes itself).
 
-- PNG: the overlay (thumbnail size, inset legend).
+- PNG: the overlay figures (thumbnail framed by header, legend and scale bar).
 - NPZ: heatmaps and the patch table as arrays (no pickles; ``np.load`` reads it).
 - CSV: the patch table, one row per patch; its leading columns are the layout
   ``histohelper tile`` writes (:mod:`histohelper.patch_csv`).
@@ -23,6 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histohelper import __version__
+from histohelper.client.styles import (
+    DEFAULT_ATTENTION_SCALE,
+    DEFAULT_COLORMAP,
+    check_attention_scale,
+    check_colormap,
+)
 from histohelper.patch_csv import GEOMETRY_COLUMNS, format_fraction, geometry_cells
 
 if TYPE_CHECKING:
@@ -141,7 +147,7 @@ def summary_dict(result: SlideResult) -> dict[str, Any]:
 
 def save_png(result: SlideResult, path: StrPath, **overlay_kwargs: Any) -> Path:
     """Write :func:`histohelper.client.render.overlay` ``(result, **overlay_kwargs)`` as
-    PNG (the thumbnail's size). Returns the path."""
+    PNG. Returns the path."""
     from histohelper.client.render import overlay, write_png
 
     return write_png(path, overlay(result, **overlay_kwargs))
@@ -287,22 +293,48 @@ def save_geojson(result: SlideResult, path: StrPath) -> Path:
     return out
 
 
-def save_all(result: SlideResult, out_dir: StrPath) -> dict[str, Path]:
+def save_all(
+    result: SlideResult,
+    out_dir: StrPath,
+    *,
+    class_name: str | int | None = None,
+    alpha: float = 0.5,
+    colormap: str = DEFAULT_COLORMAP,
+    attention_scale: str = DEFAULT_ATTENTION_SCALE,
+) -> dict[str, Path]:
     """Write the standard set of files into ``out_dir`` (created if missing).
 
-    Files: ``overlay.png`` (default class; thumbnail size with an inset legend),
-    ``attention_overlay.png`` (when attention was returned), ``heatmap.npz``,
-    ``patches.csv``, ``tiles.geojson``, ``summary.json``.
+    Files: ``overlay.png`` (``class_name``, default the predicted class; a figure with
+    header, legend and scale bar around the thumbnail), ``attention_overlay.png`` (when
+    attention was returned; percentile rank or raw weight by ``attention_scale``),
+    ``heatmap.npz``, ``patches.csv``, ``tiles.geojson``, ``summary.json``.
+
+    Args:
+        result: the analysed slide.
+        out_dir: the folder.
+        class_name, alpha, colormap, attention_scale: as
+            :func:`histohelper.client.render.overlay`.
 
     Returns:
         ``{file name: path}``.
+
+    Raises:
+        KeyError: unknown class.
+        ValueError: unknown colour map or attention scale, or ``alpha`` outside [0, 1].
     """
+    check_colormap(colormap)
+    check_attention_scale(attention_scale)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = {"overlay.png": save_png(result, out / "overlay.png")}
+    style: dict[str, Any] = {"alpha": alpha, "colormap": colormap}
+    written = {"overlay.png": save_png(result, out / "overlay.png", class_name=class_name, **style)}
     if result.has_attention:
         written["attention_overlay.png"] = save_png(
-            result, out / "attention_overlay.png", attention=True
+            result,
+            out / "attention_overlay.png",
+            attention=True,
+            attention_scale=attention_scale,
+            **style,
         )
     written["heatmap.npz"] = save_npz(result, out / "heatmap.npz")
     written["patches.csv"] = save_csv(result, out / "patches.csv")

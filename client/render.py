@@ -1,4 +1,4 @@
-"""Rendering: PNG decode/encode, box painting, JET overlays with an inset legend.
+"""Rendering: PNG/JPEG decode/encode, box painting, colour-mapped overlay figures.
 
 Low-level helpers take arrays (:func:`paint_boxes`, :func:`render_overlay`); the
 result-level functions take a :class:`~histohelper.client.result.SlideResult`
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,12 @@ import numpy as np
 import numpy.typing as npt
 
 from histohelper.client.explain import cell_boxes
+from histohelper.client.styles import (
+    DEFAULT_ATTENTION_SCALE,
+    DEFAULT_COLORMAP,
+    check_attention_scale,
+    check_colormap,
+)
 
 if TYPE_CHECKING:
     from histohelper.client.result import SlideResult
@@ -62,6 +69,16 @@ def encode_png(rgb: npt.NDArray[np.uint8]) -> bytes:
     ok, buf = cv2.imencode(".png", img)
     if not ok:  # pragma: no cover - cv2 fails only on invalid arrays
         raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def encode_jpeg(rgb: npt.NDArray[np.uint8], quality: int = 88) -> bytes:
+    """Encode uint8 ``(h, w, 3)`` RGB as JPEG bytes (``quality`` 1..100)."""
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    )
+    if not ok:  # pragma: no cover - cv2 fails only on invalid arrays
+        raise ValueError("JPEG encoding failed")
     return buf.tobytes()
 
 
@@ -138,16 +155,65 @@ def paint_boxes(
     return out
 
 
-def jet_rgb(values01: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
-    """OpenCV COLORMAP_JET of values in [0, 1] (clipped; NaN maps to 0).
+COLORMAPS: dict[str, int] = {
+    "jet": cv2.COLORMAP_JET,
+    "viridis": cv2.COLORMAP_VIRIDIS,
+    "magma": cv2.COLORMAP_MAGMA,
+    "turbo": cv2.COLORMAP_TURBO,
+}
+"""OpenCV colour-map table of each name in :data:`histohelper.client.styles.COLORMAP_NAMES`."""
+
+
+def colormap_rgb(
+    values01: npt.NDArray[np.floating], colormap: str = DEFAULT_COLORMAP
+) -> npt.NDArray[np.uint8]:
+    """An OpenCV colour map (``COLORMAP_JET``, ``_VIRIDIS``, ``_MAGMA``, ``_TURBO``) of
+    values in [0, 1] (clipped; NaN maps to 0), quantised to 256 levels.
 
     Returns:
         uint8 ``(*values01.shape, 3)`` RGB.
+
+    Raises:
+        ValueError: unknown colour map.
     """
+    table = COLORMAPS[check_colormap(colormap)]
     v = np.nan_to_num(np.clip(values01, 0.0, 1.0), nan=0.0)
     u8 = np.round(v * 255.0).astype(np.uint8)
-    bgr = cv2.applyColorMap(u8.reshape(u8.shape[0], -1), cv2.COLORMAP_JET)
+    bgr = cv2.applyColorMap(u8.reshape(u8.shape[0], -1), table)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).reshape(*values01.shape, 3)
+
+
+def jet_rgb(values01: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
+    """OpenCV COLORMAP_JET of values in [0, 1]: :func:`colormap_rgb` with ``"jet"``."""
+    return colormap_rgb(values01, "jet")
+
+
+def attention_rank(values: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Percentile rank of each value among the finite values, in ``(0, 1]``.
+
+    ``rank / N`` with 1-based ranks, ties sharing their mean rank: the same figure as
+    ``scipy.stats.percentileofscore(values, v, kind="rank") / 100``, which CLAM uses to
+    draw attention heatmaps (Lu et al., Nat. Biomed. Eng. 2021). Attention weights of
+    one slide often span a narrow range (0.0221..0.0248 over 43 patches); their ranks
+    still spread evenly from ``1/N`` to 1.
+
+    Args:
+        values: float ``[n]`` (NaN for patches without a value).
+
+    Returns:
+        float64 ``[n]``: the rank fraction; NaN where the value is not finite.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    out = np.full(v.shape, np.nan)
+    finite = np.isfinite(v)
+    n = int(finite.sum())
+    if n == 0:
+        return out
+    _, inverse, counts = np.unique(v[finite], return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # 1-based rank of the last member of each tie group
+    mean_rank = last - (counts - 1) / 2.0
+    out[finite] = mean_rank[inverse] / n
+    return out
 
 
 def render_overlay(
@@ -159,45 +225,106 @@ def render_overlay(
     alpha: float = 0.5,
     title: str | None = None,
     ticks: Sequence[float] = (0.0, 0.5, 1.0),
+    tick_labels: Sequence[str] | None = None,
     warning: str | None = None,
     notes: Sequence[str] = (),
+    headline: str | None = None,
+    colormap: str = DEFAULT_COLORMAP,
+    um_per_px: float | None = None,
+    scale_note: str = "",
 ) -> npt.NDArray[np.uint8]:
-    """Blend a JET heatmap over a thumbnail; draw an inset legend when ``title`` is set.
+    """Blend a colour-mapped heatmap over a thumbnail; with ``title``, frame it as a figure.
+
+    Without ``title`` the result has the thumbnail's size. With it, the blended image is
+    placed unchanged on a white canvas whose margins hold everything else, so nothing is
+    drawn over tissue: a header above (``headline``, ``warning`` in red, ``notes``), the
+    legend to the right (title lines split at ``"\\n"``, vertical colour bar, ticks) and
+    a scale bar below when ``um_per_px`` is known (:func:`figure_layout` says where the
+    image lies).
 
     Args:
         thumbnail_rgb: uint8 ``(h, w, 3)`` RGB.
         heat: float ``(h, w)`` in thumbnail px; NaN pixels keep the thumbnail's colour.
         vmin, vmax: values mapped to the ends of the colour map.
         alpha: heatmap opacity in [0, 1].
-        title: legend title; ``None`` draws no legend.
+        title: legend title; ``None`` draws no figure frame (thumbnail-sized output).
         ticks: values labelled on the colour bar.
-        warning: a red line under the title (e.g. "UNTRAINED").
-        notes: black lines under those (e.g. the slide prediction's uncertainty).
+        tick_labels: their labels (default: the values, formatted).
+        warning: a red header line (e.g. "UNTRAINED").
+        notes: header lines under it (e.g. the slide prediction's uncertainty).
+        headline: the first header line (e.g. the slide prediction).
+        colormap: a name from :data:`histohelper.client.styles.COLORMAP_NAMES`.
+        um_per_px: micrometres per thumbnail pixel, for the scale bar (``None``: none).
+        scale_note: text after the scale bar's length (e.g. "mpp assumed").
 
     Returns:
-        uint8 ``(h, w, 3)`` RGB, the thumbnail's size.
+        uint8 RGB: ``(h, w, 3)`` without ``title``, larger with it.
 
     Raises:
-        ValueError: ``heat`` and the thumbnail differ in size, or ``alpha`` is outside [0, 1].
+        ValueError: ``heat`` and the thumbnail differ in size, ``alpha`` is outside
+            [0, 1], or the colour map is unknown.
     """
     h, w = thumbnail_rgb.shape[:2]
     if heat.shape != (h, w):
         raise ValueError(f"heat map {heat.shape} does not match thumbnail {(h, w)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    check_colormap(colormap)
     span = vmax - vmin if vmax > vmin else 1.0
     covered = np.isfinite(heat)
     out = thumbnail_rgb.copy()
     if covered.any():
-        colours = jet_rgb((heat - vmin) / span)
+        colours = colormap_rgb((heat - vmin) / span, colormap)
         blended = (1.0 - alpha) * thumbnail_rgb[covered] + alpha * colours[covered]
         out[covered] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
-    if title is not None:
-        _draw_legend(
-            out, covered, title=title, ticks=ticks, vmin=vmin, span=span, warning=warning,
-            notes=notes,
-        )  # fmt: skip
-    return out
+    if title is None:
+        return out
+    labels = [_fmt(t) for t in ticks] if tick_labels is None else list(tick_labels)
+    if len(labels) != len(ticks):
+        raise ValueError("tick_labels and ticks differ in length")
+    header = [(headline, _BLACK)] if headline else []
+    header += [(warning, _RED)] if warning else []
+    header += [(n, _BLACK) for n in notes]
+    legend = _Legend(
+        title_lines=tuple(title.split("\n")), ticks=tuple(ticks), tick_labels=tuple(labels),
+        vmin=vmin, span=span, colormap=colormap,
+    )  # fmt: skip
+    return _compose_figure(out, header, legend, um_per_px, scale_note)
+
+
+# --- the figure around the image ----------------------------------------------------
+
+_BLACK = (0, 0, 0)
+_RED = (200, 0, 0)
+_GREY = (90, 90, 90)
+
+
+@dataclass(frozen=True, slots=True)
+class _Legend:
+    title_lines: tuple[str, ...]
+    ticks: tuple[float, ...]
+    tick_labels: tuple[str, ...]
+    vmin: float
+    span: float
+    colormap: str
+
+
+@dataclass(frozen=True, slots=True)
+class FigureLayout:
+    """Where the parts of an overlay figure lie, in figure pixels.
+
+    Attributes:
+        width_px, height_px: the figure's size.
+        image_x, image_y: top-left corner of the (unchanged) blended thumbnail.
+        text_px: height of one text line; pad_px: the spacing unit.
+    """
+
+    width_px: int
+    height_px: int
+    image_x: int
+    image_y: int
+    text_px: int
+    pad_px: int
 
 
 def _fmt(v: float) -> str:
@@ -208,83 +335,153 @@ def _fmt(v: float) -> str:
     return f"{v:.2g}" if abs(v) >= 1e-3 else f"{v:.1e}"
 
 
-def _draw_legend(
+def _text_metrics(image_h: int, image_w: int) -> tuple[int, float, int, int]:
+    """(text height px, Hershey scale, stroke thickness, pad px) for an image size."""
+    text_px = int(np.clip(round(max(image_h, image_w) / 48), 11, 22))
+    scale = text_px / 22.0  # Hershey simplex capitals are ~22 px tall at scale 1
+    return text_px, scale, max(1, round(scale * 1.6)), max(4, text_px // 2)
+
+
+def _text_width(text: str, scale: float, thick: int) -> int:
+    return int(cv2.getTextSize(text.replace("µ", "u"), _FONT, scale, thick)[0][0])
+
+
+def _put_text(
     img: npt.NDArray[np.uint8],
-    covered: npt.NDArray[np.bool_],
-    *,
-    title: str,
-    ticks: Sequence[float],
-    vmin: float,
-    span: float,
-    warning: str | None,
-    notes: Sequence[str] = (),
+    text: str,
+    org: tuple[int, int],
+    scale: float,
+    colour: tuple[int, int, int],
+    thick: int,
 ) -> None:
-    """Draw a legend box (title, vertical JET bar, tick labels) into the least covered
-    corner of ``img``, in place. Skipped on images too small to hold it."""
-    h, w = img.shape[:2]
-    box_h = round(min(0.35 * h, 0.5 * w, 260))
-    if box_h < 48:
-        return
-    pad = max(3, box_h // 20)
-    text_h = max(7, box_h // 13)
-    scale = text_h / 22.0  # Hershey simplex is ~22 px tall at scale 1
-    thick = max(1, round(scale * 1.6))
-    bar_w = max(6, box_h // 10)
-    lines = [(title, (0, 0, 0))] + ([(warning, (200, 0, 0))] if warning else [])
-    lines += [(n, (0, 0, 0)) for n in notes]
-    tick_labels = [_fmt(t) for t in ticks]
-    line_w = max(cv2.getTextSize(s, _FONT, scale, thick)[0][0] for s, _ in lines)
-    tick_w = max(cv2.getTextSize(s, _FONT, scale, thick)[0][0] for s in tick_labels)
-    box_w = min(w - 2, max(line_w, bar_w + pad + tick_w) + 2 * pad)
-    header = len(lines) * (text_h + pad) + pad
-    bar_h = box_h - header - pad - text_h // 2
-    if bar_h < 16:
-        return
-    # Least covered corner, so the legend hides as little heat map as possible.
-    margin = pad
-    corners = {
-        (margin, margin): covered[:box_h, :box_w].sum(),
-        (w - box_w - margin, margin): covered[:box_h, w - box_w :].sum(),
-        (margin, h - box_h - margin): covered[h - box_h :, :box_w].sum(),
-        (w - box_w - margin, h - box_h - margin): covered[h - box_h :, w - box_w :].sum(),
-    }
-    x0, y0 = min(corners, key=lambda k: corners[k])
-    x0, y0 = max(0, x0), max(0, y0)
-    x1, y1 = min(w, x0 + box_w), min(h, y0 + box_h)
-    # Translucent white panel with a thin grey frame.
-    panel = img[y0:y1, x0:x1].astype(np.float32)
-    img[y0:y1, x0:x1] = np.round(0.15 * panel + 0.85 * 255).astype(np.uint8)
-    cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), (90, 90, 90), 1)
-    ty = y0 + pad
-    for text, colour in lines:
-        ty += text_h
-        cv2.putText(img, text, (x0 + pad, ty), _FONT, scale, colour, thick, cv2.LINE_AA)
+    """``cv2.putText`` that also draws the micro sign: Hershey fonts are ASCII only, so
+    each ``µ`` is written as ``u`` with a descender on its left stem."""
+    x, y = org
+    parts = text.split("µ")
+    for k, part in enumerate(parts):
+        if part:
+            cv2.putText(img, part, (x, y), _FONT, scale, colour, thick, cv2.LINE_AA)
+            x += _text_width(part, scale, thick)
+        if k < len(parts) - 1:
+            cv2.putText(img, "u", (x, y), _FONT, scale, colour, thick, cv2.LINE_AA)
+            stem_x = x + max(1, round(4.5 * scale))
+            cv2.line(img, (stem_x, y - round(10 * scale)), (stem_x, y + round(7 * scale)),
+                     colour, thick, cv2.LINE_AA)  # fmt: skip
+            x += _text_width("u", scale, thick)
+
+
+def nice_scale_length_um(um_per_px: float, target_px: float) -> float:
+    """The round length (1, 2 or 5 x 10^k um) whose bar is at most ``target_px`` long.
+
+    Args:
+        um_per_px: micrometres per image pixel (> 0).
+        target_px: the longest bar wanted, in image pixels (> 0).
+
+    Returns:
+        The length in micrometres (at least one pixel's worth, rounded down to 1/2/5).
+    """
+    want = max(um_per_px, um_per_px * target_px)
+    exponent = math.floor(math.log10(want))
+    for mantissa in (5.0, 2.0, 1.0):
+        length = mantissa * 10.0**exponent
+        if length <= want * (1 + 1e-9):
+            return length
+    return 10.0**exponent  # pragma: no cover - 1 x 10^floor(log10) always fits
+
+
+def scale_label(length_um: float) -> str:
+    """``"500 µm"``, ``"1 mm"``, ``"2.5 mm"``: micrometres below 1 mm, else millimetres."""
+    if length_um >= 1000:
+        return f"{length_um / 1000:g} mm"
+    return f"{length_um:g} µm"
+
+
+def figure_layout(
+    image_h: int,
+    image_w: int,
+    *,
+    header_lines: Sequence[str] = (),
+    legend_lines: Sequence[str] = (),
+    tick_labels: Sequence[str] = (),
+    scale_text: str | None = None,
+) -> FigureLayout:
+    """The layout of an overlay figure (see :func:`render_overlay`): header band, image,
+    legend panel to its right, scale-bar band below."""
+    text_px, scale, thick, pad = _text_metrics(image_h, image_w)
+    header_h = pad + len(header_lines) * (text_px + pad) + (pad if header_lines else 0)
+    bar_w = max(10, text_px)
+    legend_w = max(
+        [_text_width(s, scale, thick) for s in legend_lines]
+        + [bar_w + pad + max([_text_width(s, scale, thick) for s in tick_labels] + [0])]
+    )
+    legend_h = len(legend_lines) * (text_px + pad) + pad + 6 * text_px + text_px
+    bottom_h = (3 * pad + text_px) if scale_text is not None else pad
+    width = 2 * pad + image_w + 2 * pad + legend_w + 2 * pad
+    if header_lines:
+        width = max(width, 2 * pad + max(_text_width(s, scale, thick) for s in header_lines))
+    height = header_h + max(image_h, legend_h) + bottom_h
+    return FigureLayout(width, height, 2 * pad, header_h, text_px, pad)
+
+
+def _compose_figure(
+    image: npt.NDArray[np.uint8],
+    header: Sequence[tuple[str, tuple[int, int, int]]],
+    legend: _Legend,
+    um_per_px: float | None,
+    scale_note: str,
+) -> npt.NDArray[np.uint8]:
+    """Place ``image`` unchanged on a white canvas; draw header, legend and scale bar in
+    the margins."""
+    h, w = image.shape[:2]
+    length_um: float | None = None
+    scale_text: str | None = None
+    if um_per_px is not None and math.isfinite(um_per_px) and um_per_px > 0:
+        length_um = nice_scale_length_um(um_per_px, 0.3 * w)
+        scale_text = scale_label(length_um) + (f" ({scale_note})" if scale_note else "")
+    lay = figure_layout(
+        h, w, header_lines=[s for s, _ in header], legend_lines=legend.title_lines,
+        tick_labels=legend.tick_labels, scale_text=scale_text,
+    )  # fmt: skip
+    text_px, scale, thick, pad = _text_metrics(h, w)
+    canvas = np.full((lay.height_px, lay.width_px, 3), 255, np.uint8)
+    x0, y0 = lay.image_x, lay.image_y
+    canvas[y0 : y0 + h, x0 : x0 + w] = image
+    cv2.rectangle(canvas, (x0 - 1, y0 - 1), (x0 + w, y0 + h), (200, 200, 200), 1)
+    ty = pad
+    for text, colour in header:
+        ty += text_px
+        _put_text(canvas, text, (x0, ty), scale, colour, thick + (colour == _RED))
         ty += pad
-    # Colour bar: top is vmax, bottom is vmin.
-    bx0, by0 = x0 + pad, ty + pad // 2 + text_h // 4
-    by1 = min(y1 - pad - text_h // 4, by0 + bar_h)
+    # Legend panel right of the image: title lines, then the colour bar (top = vmax).
+    lx, ly = x0 + w + 2 * pad, y0
+    for text in legend.title_lines:
+        ly += text_px
+        _put_text(canvas, text, (lx, ly), scale, _BLACK, thick)
+        ly += pad
+    bar_w = max(10, text_px)
+    by0 = ly + pad
+    by1 = by0 + int(np.clip(h - (by0 - y0) - text_px, 6 * text_px, 14 * text_px))
     n = by1 - by0
-    if n < 8:
-        return
-    ramp = jet_rgb(np.linspace(1.0, 0.0, n, dtype=np.float32)[:, None].repeat(bar_w, axis=1))
-    img[by0:by1, bx0 : bx0 + bar_w] = ramp
-    cv2.rectangle(img, (bx0, by0), (bx0 + bar_w - 1, by1 - 1), (60, 60, 60), 1)
-    for value, label in zip(ticks, tick_labels, strict=True):
-        frac = (value - vmin) / span
+    ramp = np.linspace(1.0, 0.0, n, dtype=np.float32)[:, None].repeat(bar_w, axis=1)
+    canvas[by0:by1, lx : lx + bar_w] = colormap_rgb(ramp, legend.colormap)
+    cv2.rectangle(canvas, (lx, by0), (lx + bar_w - 1, by1 - 1), (60, 60, 60), 1)
+    for value, label in zip(legend.ticks, legend.tick_labels, strict=True):
+        frac = (value - legend.vmin) / legend.span
         if not math.isfinite(frac):
             continue
         yy = round(by1 - 1 - frac * (n - 1))
-        cv2.line(img, (bx0 + bar_w, yy), (bx0 + bar_w + pad // 2 + 1, yy), (0, 0, 0), 1)
-        cv2.putText(
-            img,
-            label,
-            (bx0 + bar_w + pad, yy + text_h // 2),
-            _FONT,
-            scale,
-            (0, 0, 0),
-            thick,
-            cv2.LINE_AA,
-        )
+        cv2.line(canvas, (lx + bar_w, yy), (lx + bar_w + pad // 2 + 1, yy), _BLACK, 1)
+        _put_text(canvas, label, (lx + bar_w + pad, yy + text_px // 2), scale, _BLACK, thick)
+    # Scale bar under the image's left edge.
+    if length_um is not None and scale_text is not None and um_per_px is not None:
+        bar_px = max(1, round(length_um / um_per_px))
+        sy = y0 + h + 2 * pad + text_px // 2
+        cv2.rectangle(canvas, (x0, sy - 2), (x0 + bar_px - 1, sy + 2), _BLACK, -1)
+        for end in (x0, x0 + bar_px - 1):
+            cv2.line(canvas, (end, sy - pad), (end, sy + pad), _BLACK, max(1, thick))
+        _put_text(canvas, scale_text, (x0 + bar_px + pad, sy + text_px // 2), scale, _BLACK,
+                  thick)  # fmt: skip
+    return canvas
 
 
 # --- a result's pictures ------------------------------------------------------------
@@ -310,20 +507,28 @@ def thumbnail_heatmap(result: SlideResult, values: npt.ArrayLike) -> npt.NDArray
 
 
 def cam_heatmap(
-    result: SlideResult, class_name: str | int, *, l0_per_px: float | None = None
+    result: SlideResult,
+    class_name: str | int,
+    *,
+    l0_per_px: float | None = None,
+    remove_position_bias: bool = True,
 ) -> tuple[npt.NDArray[np.float32], float]:
     """Sub-patch-resolution probability map stitched from the per-patch CAMs.
 
     Each patch's class activation maps (``s x s`` cells, 7 x 7 for 224 px ResNet18
     patches) plus the fc bias are local logits; their softmax over classes is a
     local class probability (:func:`histohelper.client.explain.local_probabilities`).
-    Every cell is painted over its exact level-0 box (the patch box split into
-    ``s x s``) and overlapping cells are averaged, so overlapping patches blend.
+    The position pattern every patch's CAM shares (a zero-padding artefact that drew
+    the patch grid as bright edges) is removed first
+    (:func:`histohelper.client.explain.cam_position_bias`). Every cell is painted over
+    its exact level-0 box (the patch box split into ``s x s``) and overlapping cells
+    are averaged, so overlapping patches blend.
 
     Args:
         result: the analysed slide, requested with ``return_cams``.
         class_name: patch class (name or index).
         l0_per_px: level-0 px per output pixel; default: one CAM cell per pixel.
+        remove_position_bias: subtract the shared position pattern (default True).
 
     Returns:
         (map, l0_per_px): float32 ``[ceil(height_l0 / l0_per_px),
@@ -341,7 +546,7 @@ def cam_heatmap(
     s = p.cams.shape[-1]
     if l0_per_px is None:
         l0_per_px = float(np.median(p.width_l0)) / s if len(p) else 1.0
-    x, y, w, h, v = cell_boxes(p, idx)
+    x, y, w, h, v = cell_boxes(p, idx, remove_position_bias=remove_position_bias)
     width_px = max(1, int(np.ceil(result.slide.width_l0 / l0_per_px)))
     height_px = max(1, int(np.ceil(result.slide.height_l0 / l0_per_px)))
     heat = paint_boxes(
@@ -349,6 +554,45 @@ def cam_heatmap(
         scale_x=l0_per_px, scale_y=l0_per_px, width_px=width_px, height_px=height_px,
     )  # fmt: skip
     return heat, l0_per_px
+
+
+def thumbnail_um_per_px(result: SlideResult) -> float | None:
+    """Micrometres per thumbnail pixel along x, from the analysis' effective mpp.
+
+    The grid's ``effective_mpp`` (um per patch pixel) times ``patch_size_px /
+    patch_width_l0`` is the level-0 mpp the analysis used (the slide's own, an
+    override, or an assumed one: ``grid.mpp_source`` says which); times the
+    thumbnail's ``scale_x`` (level-0 px per thumbnail px) it is um per thumbnail px.
+
+    Returns:
+        um per thumbnail px, or ``None`` when the geometry does not give one.
+    """
+    g, t = result.grid, result.thumbnail
+    if g.effective_mpp > 0 and g.patch_size_px > 0 and g.patch_width_l0 > 0:
+        mpp_l0 = g.effective_mpp * g.patch_size_px / g.patch_width_l0
+    elif result.slide.mpp_x:
+        mpp_l0 = float(result.slide.mpp_x)
+    else:
+        return None
+    um = mpp_l0 * t.scale_x
+    return um if math.isfinite(um) and um > 0 else None
+
+
+def _header(result: SlideResult) -> tuple[str | None, str | None, tuple[str, ...]]:
+    """(headline, warning, notes) of a result's figure: the slide prediction, the
+    UNTRAINED flag (with the untrained parts when the server names them), and the MC
+    dropout uncertainty."""
+    p = result.prediction
+    if p is None:
+        headline = "Slide: no tissue found" if result.outcome == "no_tissue" else None
+    else:
+        headline = f"Slide: {p.predicted_class} p={p.probability:.3f}"
+    warning = None
+    if result.model.untrained:
+        parts = tuple(getattr(result.model, "untrained_parts", ()) or ())
+        which = f" ({', '.join(parts)})" if parts else ""
+        warning = f"UNTRAINED{which}: predictions mean nothing"
+    return headline, warning, _uncertainty_notes(result)
 
 
 def overlay(
@@ -359,12 +603,21 @@ def overlay(
     alpha: float = 0.5,
     legend: bool = True,
     cams: bool = False,
+    colormap: str = DEFAULT_COLORMAP,
+    attention_scale: str = DEFAULT_ATTENTION_SCALE,
 ) -> npt.NDArray[np.uint8]:
-    """Blend a COLORMAP_JET heatmap over the thumbnail, with an inset colour bar/legend.
+    """Blend a colour-mapped heatmap over the thumbnail, framed as a figure.
 
-    The image has exactly the thumbnail's size. Probabilities are shown on a fixed
-    0..1 scale; attention relative to its maximum (0..max). Pixels no patch covers
-    keep the thumbnail's colours.
+    Probabilities are shown on a fixed 0..1 scale. Attention is shown as each patch's
+    percentile rank within the slide (``attention_scale="rank"``, :func:`attention_rank`)
+    or as the raw weight on 0..max (``"raw"``); the legend says which. Pixels no patch
+    covers keep the thumbnail's colours.
+
+    With ``legend`` (the default) the blended thumbnail sits unchanged inside white
+    margins that hold a header (slide prediction and probability, MC dropout
+    uncertainty when present, UNTRAINED in red when the model is flagged), the legend
+    (title, colour bar, ticks) and a scale bar in um or mm from the effective mpp
+    (:func:`thumbnail_um_per_px`): nothing is drawn over tissue.
 
     Args:
         result: the analysed slide.
@@ -372,27 +625,40 @@ def overlay(
             ``result.default_class()``.
         attention: show the attention map instead of a class probability.
         alpha: heatmap opacity in [0, 1].
-        legend: draw the inset legend (title, colour bar, ticks; "UNTRAINED" when so;
-            the slide prediction's MC dropout mean, std and entropy when present).
+        legend: frame the image with header, legend and scale bar; ``False`` returns
+            the bare blend at the thumbnail's size.
         cams: paint the sub-patch CAM probability map (:func:`cam_heatmap`) instead
             of one value per patch (needs ``return_cams``).
+        colormap: ``"jet"`` (default), ``"viridis"``, ``"magma"`` or ``"turbo"``.
+        attention_scale: ``"rank"`` (default) or ``"raw"``.
 
     Returns:
-        uint8 ``(thumbnail.height_px, thumbnail.width_px, 3)`` RGB.
+        uint8 RGB: ``(thumbnail.height_px, thumbnail.width_px, 3)`` without legend, larger
+        with it (:func:`figure_layout`).
 
     Raises:
         KeyError: unknown class.
-        ValueError: ``attention=True`` but the result carries no attention, or
-            ``cams=True`` but it carries no CAMs.
+        ValueError: ``attention=True`` but the result carries no attention, ``cams=True``
+            but it carries no CAMs, or an unknown colour map or attention scale.
     """
+    check_colormap(colormap)
+    check_attention_scale(attention_scale)
     t = result.thumbnail
+    tick_labels: tuple[str, ...] | None = None
     if attention:
         if not result.has_attention:
             raise ValueError("this result carries no attention (set return_attention)")
-        values = result.patches.attention.astype(np.float64)
-        vmax = float(np.nanmax(values)) if len(values) else 1.0
-        vmax = vmax if vmax > 0 else 1.0
-        title, ticks = "MIL attention", (0.0, vmax / 2, vmax)
+        raw = result.patches.attention.astype(np.float64)
+        if attention_scale == "rank":
+            values = attention_rank(raw)
+            vmax, ticks, tick_labels = 1.0, (0.0, 0.5, 1.0), ("0", "50", "100")
+            title = "MIL attention\npercentile rank\nwithin slide"
+        else:
+            values = raw
+            vmax = float(np.nanmax(raw)) if np.isfinite(raw).any() else 1.0
+            vmax = vmax if vmax > 0 else 1.0
+            ticks = (0.0, vmax / 2, vmax)
+            title = "MIL attention\nraw weight"
         heat = thumbnail_heatmap(result, values)
     else:
         name = result.default_class() if class_name is None else class_name
@@ -404,7 +670,7 @@ def overlay(
                 raise ValueError("this result carries no CAMs (set return_cams)")
             idx = result.class_index(name)
             x, y, w, h, v = cell_boxes(result.patches, idx)
-            title = f"CAM P({result.class_names[idx]})"
+            title = f"CAM\nP({result.class_names[idx]})"
             heat = paint_boxes(
                 x, y, w, h, v, scale_x=t.scale_x, scale_y=t.scale_y,
                 width_px=t.width_px, height_px=t.height_px,
@@ -413,6 +679,7 @@ def overlay(
             idx = result.class_index(name)
             title = f"P({result.class_names[idx]})"
             heat = thumbnail_heatmap(result, result.patches.probabilities[:, idx])
+    headline, warning, notes = _header(result)
     return render_overlay(
         result.thumbnail_rgb(),
         heat,
@@ -421,18 +688,23 @@ def overlay(
         alpha=alpha,
         title=title if legend else None,
         ticks=ticks,
-        warning="UNTRAINED" if result.model.untrained else None,
-        notes=_uncertainty_notes(result),
+        tick_labels=tick_labels,
+        warning=warning,
+        notes=notes,
+        headline=headline,
+        colormap=colormap,
+        um_per_px=thumbnail_um_per_px(result),
+        scale_note="mpp assumed" if result.grid.mpp_source == "assumed" else "",
     )
 
 
 def _uncertainty_notes(result: SlideResult) -> tuple[str, ...]:
-    """Legend lines for the slide prediction's MC dropout summary (none without it)."""
+    """Header line for the slide prediction's MC dropout summary (none without it)."""
     p = result.prediction
     if p is None or p.uncertainty is None or p.predicted_class not in p.class_names:
         return ()
     u, i = p.uncertainty, p.class_names.index(p.predicted_class)
     return (
-        f"{p.predicted_class} {u.mean[i]:.2f}+-{u.std[i]:.2f}",
-        f"H {u.entropy_nats:.2f} nats ({u.passes} MC)",
+        f"MC dropout ({u.passes} passes): {p.predicted_class} {u.mean[i]:.3f} +/- "
+        f"{u.std[i]:.3f}, entropy {u.entropy_nats:.2f} nats",
     )

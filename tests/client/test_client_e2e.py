@@ -1,7 +1,7 @@
 """End to end through a real server process (``analysis_server``, slide root ../shared/slides).
 
 Acceptance of the client issue, on real/CMU-1-Small-Region.svs: the overlay PNG exists
-and has the thumbnail's size; heatmaps are NaN exactly where the grid has no patch;
+and frames the thumbnail (legend in a margin); heatmaps are NaN exactly where the grid has no patch;
 the GeoJSON parses, has one feature per patch, and its polygons are the patch boxes.
 """
 
@@ -67,8 +67,9 @@ def test_overlay_has_the_thumbnails_size(sdk_result: SlideResult, cli_out: Path)
     assert thumb.shape == (t.height_px, t.width_px, 3)
     png = cv2.imread(str(cli_out / "overlay.png"), cv2.IMREAD_UNCHANGED)
     assert png is not None
-    assert png.shape[:2] == thumb.shape[:2]
-    assert overlay(sdk_result).shape == thumb.shape
+    assert png.shape[:2] == overlay(sdk_result).shape[:2]  # the figure: margins around it
+    assert png.shape[0] > thumb.shape[0] and png.shape[1] > thumb.shape[1]
+    assert overlay(sdk_result, legend=False).shape == thumb.shape
 
 
 def test_heatmap_nan_exactly_where_grid_has_no_patch(
