@@ -169,10 +169,14 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
     ]
     if config.max_connection_age_s > 0:
-        age_ms = max(1, int(config.max_connection_age_s * 1000))
+        # A short age makes clients re-resolve DNS and find new replicas; the grace is
+        # separate so that a long analysis is not cut off with its connection.
         options += [
-            ("grpc.max_connection_age_ms", age_ms),
-            ("grpc.max_connection_age_grace_ms", age_ms),
+            ("grpc.max_connection_age_ms", max(1, int(config.max_connection_age_s * 1000))),
+            (
+                "grpc.max_connection_age_grace_ms",
+                max(1, int(config.max_connection_age_grace_s * 1000)),
+            ),
         ]
     return options
 
@@ -291,11 +295,12 @@ async def _start_grpc(
     await server.start()
     health_server = None
     if config.health_port is not None:
-        # Loopback-only, plaintext, health only: what a container probe can reach when
-        # the main port needs TLS client certificates or tokens.
+        # Plaintext, health only (loopback unless --health-host says otherwise): what a
+        # container probe can reach when the main port needs TLS client certificates or
+        # tokens.
         health_server = grpc.aio.server(options=[_NO_REUSEPORT])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        if _bind(health_server, f"127.0.0.1:{config.health_port}") == 0:
+        if _bind(health_server, f"{config.health_host}:{config.health_port}") == 0:
             await server.stop(0)
             raise PortBindError(f"could not bind the health port {config.health_port}")
         await health_server.start()

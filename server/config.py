@@ -219,8 +219,13 @@ class ServerConfig:
         None,
         minimum=1,
         maximum=65535,
-        help="also serve grpc.health.v1 alone, in plaintext, on 127.0.0.1 at this port, for "
-        "container probes when the main port needs TLS or tokens (unset or 0: off)",
+        help="also serve grpc.health.v1 alone, in plaintext, on --health-host at this port, "
+        "for container probes when the main port needs TLS or tokens (unset or 0: off)",
+    )
+    health_host: str = setting(
+        "127.0.0.1",
+        help="interface of --health-port; 0.0.0.0 where the prober is outside the container "
+        "(a kubelet's grpc probe dials the pod's address); it serves health status only",
     )
     log_level: str = setting(
         "INFO",
@@ -355,13 +360,22 @@ class ServerConfig:
         help="a connection whose keepalive ping is not acknowledged within this is dropped",
     )
     max_connection_age_s: float = setting(
-        7200.0,
+        300.0,
         unit="s",
         minimum=0,
         group=_LIMITS,
-        help="a connection gets GOAWAY after this long (clients reconnect by themselves) and "
-        "its calls as long again to finish; clients then reconnect and find new replicas; "
-        "0 disables",
+        help="a connection gets GOAWAY after this long; clients reconnect by themselves, "
+        "resolving the name again, so that with several replicas behind one DNS name (a "
+        "headless Service) they find new replicas within minutes, not hours; calls in flight "
+        "finish on the old connection (--max-connection-age-grace-s); 0 disables",
+    )
+    max_connection_age_grace_s: float = setting(
+        3600.0,
+        unit="s",
+        minimum=0,
+        group=_LIMITS,
+        help="calls still in flight on a connection past --max-connection-age-s get this long "
+        "to finish before it is closed (UNAVAILABLE); keep it above your longest analysis",
     )
     metrics_port: int = setting(
         0,

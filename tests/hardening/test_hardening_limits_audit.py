@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -96,6 +97,17 @@ def test_grpc_options_follow_the_configuration() -> None:
     assert options["grpc.keepalive_time_ms"] == 30_000
     assert options["grpc.keepalive_timeout_ms"] == 5_000
     assert options["grpc.so_reuseport"] == 0
+    # Minutes, not hours: clients re-resolve DNS and find new replicas (issue 19); the
+    # grace is separate, so long analyses are not cut off with their connection.
+    assert 60_000 <= options["grpc.max_connection_age_ms"] <= 600_000
+    assert options["grpc.max_connection_age_grace_ms"] == 3_600_000
+    aged = dict(
+        grpc_options(replace(config, max_connection_age_s=2, max_connection_age_grace_s=0.5))
+    )
+    assert aged["grpc.max_connection_age_ms"] == 2_000
+    assert aged["grpc.max_connection_age_grace_ms"] == 500
+    never = dict(grpc_options(replace(config, max_connection_age_s=0)))
+    assert "grpc.max_connection_age_ms" not in never
 
 
 def test_a_port_in_use_is_refused(start_inprocess_server) -> None:

@@ -337,7 +337,9 @@ def test_async_client_uploads_and_analyzes(upload_server, slides_dir: Path) -> N
 def test_connection_age_frees_a_slot_held_by_a_silent_stream(upload_server) -> None:
     """A client that opens UploadSlide and never sends holds the only upload slot;
     the connection's maximum age (then its grace) closes it and frees the slot."""
-    running, _ = upload_server(max_concurrent_uploads=1, max_connection_age_s=1.0)
+    running, _ = upload_server(
+        max_concurrent_uploads=1, max_connection_age_s=1.0, max_connection_age_grace_s=1.0
+    )
     silent = threading.Event()
 
     def nothing() -> Iterator[pb.UploadSlideRequest]:
