@@ -367,10 +367,11 @@ def summary_line(slide: str, result: Any, out_dir: Path) -> str:
     if result.model.untrained:
         model += " [UNTRAINED: predictions mean nothing]"
     t = result.timings
+    speed = "cached" if getattr(result, "cached", False) else f"{t.patches_per_s:.1f} patches/s"
     return (
         f"{slide}: {verdict} | {result.patch_count} patches | "
         f"tissue {result.qc.tissue_fraction:.1%} | model {model} | "
-        f"{t.total_s:.1f} s ({t.patches_per_s:.1f} patches/s) -> {out_dir}"
+        f"{t.total_s:.1f} s ({speed}) -> {out_dir}"
     )
 
 

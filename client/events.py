@@ -476,13 +476,16 @@ class Attention:
 
 @dataclass(frozen=True, slots=True)
 class Completed:
-    """Last event. ``prediction`` is ``None`` unless ``outcome == "completed"``."""
+    """Last event. ``prediction`` is ``None`` unless ``outcome == "completed"``;
+    ``cached``: the server replayed the stream from its result cache (the timings then
+    describe this call: lookup as ``tiling_s``, no inference)."""
 
     request_id: str
     outcome: Outcome
     prediction: SlidePrediction | None
     qc: QualityControl
     timings: Timings
+    cached: bool = False
 
     @classmethod
     def from_proto(cls, msg: pb.AnalysisCompleted) -> Completed:
@@ -500,6 +503,7 @@ class Completed:
             prediction=prediction,
             qc=QualityControl.from_proto(msg.qc),
             timings=Timings.from_proto(msg.timings),
+            cached=msg.cached,
         )
 
 

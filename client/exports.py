@@ -88,6 +88,7 @@ def summary_dict(result: SlideResult) -> dict[str, Any]:
     return {
         "request_id": result.request_id,
         "outcome": result.outcome,
+        "cached": result.cached,
         "prediction": None
         if pred is None
         else {

@@ -123,6 +123,8 @@ class SlideResult:
             where there is no patch or attention was not requested.
         has_attention: whether the server sent attention weights.
         wall_s: client wall time from the call to the last event, in seconds.
+        cached: the server replayed this result from its result cache (same events and
+            arrays as the analysis that stored it; ``timings`` describe this call).
     """
 
     request_id: str
@@ -140,6 +142,7 @@ class SlideResult:
     attention_map: npt.NDArray[np.float32] = field(repr=False)
     has_attention: bool
     wall_s: float | None = None
+    cached: bool = False
 
     # --- access ---------------------------------------------------------------------
 
@@ -332,6 +335,7 @@ class ResultCollector:
             attention_map=attention_map,
             has_attention=bool(self._attention),
             wall_s=self._wall_s,
+            cached=completed.cached,
         )
 
     def _table(self, started: Started, num_classes: int) -> PatchTable:

@@ -46,6 +46,7 @@ from histohelper.errors import (
 from histohelper.server.audit import AuditLog
 from histohelper.server.audit import current as current_call
 from histohelper.server.auth import Authenticator, TokenStore
+from histohelper.server.cache import AnalysisCache, ResultCache, model_identity
 from histohelper.server.callpath import CallLimits, CallPath, SlotPool, build_service
 from histohelper.server.classify import Classifier
 from histohelper.server.config import ServerConfig
@@ -236,8 +237,10 @@ def _build_servicer(
     worker: ModelWorker,
     pools: dict[str, SlotPool],
     observer: Observer = NULL_OBSERVER,
+    cache: AnalysisCache | None = None,
 ) -> SlideAnalysisServicer:
-    """The transport-free parts behind the service: analyzer, classifier, uploads."""
+    """The transport-free parts behind the service: analyzer, classifier, uploads (and
+    the result cache, when configured)."""
     analyzer = Analyzer(
         worker,
         num_readers=config.num_readers,
@@ -268,6 +271,7 @@ def _build_servicer(
         classifier,
         uploads=uploads,
         analysis_slots=pools["analysis"],
+        cache=cache,
     )
 
 
@@ -328,6 +332,7 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         TokensFileError: the tokens file is unreadable or malformed.
         PortBindError: a port (main, health or metrics) cannot be bound (in use, or not
             allowed).
+        CacheDirError: ``config.cache_dir`` cannot be created, written or renamed in.
     """
     check_transport_policy(config)
     credentials = server_credentials(config)
@@ -335,9 +340,18 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
     # Metrics only when served: without them every report goes to a no-op observer.
     metrics = ServerMetrics() if config.metrics_port else None
     observer = metrics if metrics is not None else NULL_OBSERVER
+    # The cache directory is checked before the model loads: an unusable one stops the
+    # start at once (CacheDirError).
+    store = ResultCache(config.cache_dir, config.cache_max_bytes) if config.cache_dir else None
     worker = _load_and_warm(config, runtime, observer)
+    cache = None
+    if store is not None:
+        identity = model_identity(worker.runtime, config.model_path, worker.concurrency)
+        cache = AnalysisCache(
+            store, identity, lambda result: observer.cache_lookup(result == "hit")
+        )
     pools = _slot_pools(config)
-    servicer = _build_servicer(config, worker, pools, observer)
+    servicer = _build_servicer(config, worker, pools, observer, cache)
     audit_log = AuditLog(config.audit_log)
     # Threads for blocking work: one per slot that can run some, and a few for
     # validation of calls that are then refused and for GetModelInfo-sized work.

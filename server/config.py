@@ -136,6 +136,7 @@ def setting(default: Any = MISSING, **kwargs: Any) -> Any:
 _TLS = "transport security and authentication"
 _LIMITS = "limits"
 _UPLOADS = "uploads"
+_CACHE = "result cache"
 _METRICS = "metrics"
 
 
@@ -295,6 +296,21 @@ class ServerConfig:
     )
     max_concurrent_uploads: int = setting(
         4, minimum=1, group=_UPLOADS, help="UploadSlide calls in flight"
+    )
+    cache_dir: Path | None = setting(
+        None,
+        group=_CACHE,
+        help="result cache of AnalyzeSlide: a repeated request (same slide content, model "
+        "and options) replays the stored event stream; may be shared by replicas (unset: off)",
+    )
+    cache_max_bytes: int = setting(
+        20 * GIB,
+        name="cache_max_gib",
+        unit="GiB",
+        scale=GIB,
+        above=0,
+        group=_CACHE,
+        help="bound on the result cache's entries; the least recently used go first",
     )
     max_classify_streams: int = setting(
         4,
@@ -492,7 +508,7 @@ def _dest(s: Setting, stem: str) -> str:
 def _metavar(s: Setting) -> str:
     if s.choices:
         return "{" + ",".join(s.choices) + "}"
-    units = {"s": "SECONDS", "MiB": "MIB", "Mpx": "MPX"}
+    units = {"s": "SECONDS", "MiB": "MIB", "GiB": "GIB", "Mpx": "MPX"}
     kinds = {int: "N", float: "X", Path: "PATH"}
     return units.get(s.unit) or kinds.get(s.kind) or s.name.upper()
 

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from histohelper.errors import ModelArtifactError
     from histohelper.server.app import PortBindError, configure_logging, serve
     from histohelper.server.auth import TokensFileError, TokenStore
+    from histohelper.server.cache import CacheDirError
     from histohelper.server.tls import TransportPolicyError, check_transport_policy
 
     configure_logging(config.log_level)
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"histohelper serve: {exc}") from None
     try:
         code = serve(config)
-    except (ModelArtifactError, PortBindError) as exc:  # our messages: no path, no slide
+    except (ModelArtifactError, PortBindError, CacheDirError) as exc:  # no slide named
         raise SystemExit(f"histohelper serve: {exc}") from None
     # Everything is stopped, flushed and closed by now. Leave without running native
     # libraries' exit-time destructors: one of them (gRPC, OpenCV or torch thread

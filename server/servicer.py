@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from histohelper.errors import AnalysisCancelledError, UploadError
 from histohelper.server import audit, convert
+from histohelper.server.cache import AnalysisCache
 from histohelper.server.callpath import Call, Rpc, SlotPool
 from histohelper.server.config import ServerConfig
 from histohelper.server.explain import Explainer
@@ -46,6 +47,7 @@ class SlideAnalysisServicer:
         classifier: the ClassifyPatches domain.
         uploads: the upload area (UploadSlide, AnalyzeSlideRequest.upload_id).
         analysis_slots: the slot pool of AnalyzeSlide and ExplainPatches.
+        cache: the result cache of AnalyzeSlide (None: off).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class SlideAnalysisServicer:
         *,
         uploads: UploadStore,
         analysis_slots: SlotPool,
+        cache: AnalysisCache | None = None,
     ) -> None:
         self.config = config
         self.runtime = runtime
@@ -67,6 +70,7 @@ class SlideAnalysisServicer:
         self.classifier = classifier
         self.uploads = uploads
         self.analysis_slots = analysis_slots
+        self.cache = cache
 
     @property
     def active_analyses(self) -> int:
@@ -93,6 +97,8 @@ class SlideAnalysisServicer:
         if source == "upload_id":
             stored = self.uploads.resolve(upload_id, audit.current_caller())
             audit.note(slide_fingerprint=f"sha256:{stored.sha256_hex}")
+            if self.cache is not None:
+                self.cache.remember_upload(stored.path, stored.sha256_hex)
             return stored.path
         path = resolve_slide_path(self.config.slide_root, slide_path)
         audit.note(slide_fingerprint=audit.slide_fingerprint(path))
@@ -139,7 +145,12 @@ class SlideAnalysisServicer:
                     plan = event.plan
                 yield convert.analysis_event(event, spec.tiling, plan, self.runtime)
 
-        async for message in call.iterate(messages()):
+        stream = (
+            messages()
+            if self.cache is None
+            else self.cache.messages(spec, messages, call.stop, call.t0)
+        )
+        async for message in call.iterate(stream):
             await call.send(message)
 
     async def _explain(self, prepared, call: Call) -> None:

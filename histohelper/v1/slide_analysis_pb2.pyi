@@ -335,18 +335,20 @@ class Timings(_message.Message):
     def __init__(self, tiling_s: _Optional[float] = ..., first_result_s: _Optional[float] = ..., inference_s: _Optional[float] = ..., aggregate_s: _Optional[float] = ..., total_s: _Optional[float] = ..., patches_per_s: _Optional[float] = ...) -> None: ...
 
 class AnalysisCompleted(_message.Message):
-    __slots__ = ("request_id", "outcome", "prediction", "qc", "timings")
+    __slots__ = ("request_id", "outcome", "prediction", "qc", "timings", "cached")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     QC_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     outcome: AnalysisOutcome
     prediction: SlidePrediction
     qc: QualityControl
     timings: Timings
-    def __init__(self, request_id: _Optional[str] = ..., outcome: _Optional[_Union[AnalysisOutcome, str]] = ..., prediction: _Optional[_Union[SlidePrediction, _Mapping]] = ..., qc: _Optional[_Union[QualityControl, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    cached: bool
+    def __init__(self, request_id: _Optional[str] = ..., outcome: _Optional[_Union[AnalysisOutcome, str]] = ..., prediction: _Optional[_Union[SlidePrediction, _Mapping]] = ..., qc: _Optional[_Union[QualityControl, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
