@@ -22,15 +22,17 @@ from the command line. Nothing is read at import.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histohelper.errors import HistoHelperError
+from histohelper.model_parts import describe_untrained, untrained_warning
 
 if TYPE_CHECKING:
     from histohelper.client.options import AnalysisOptions
@@ -296,12 +298,46 @@ def _guarded(command: str, body: Callable[[argparse.Namespace], int]) -> Callabl
             return fail(detail, EXIT_ERROR)
         except _UsageError as exc:
             return fail(str(exc), EXIT_USAGE)
+        except BrokenPipeError:  # stdout's reader left (| head): histohelper.cli ends quietly
+            raise
         except OSError as exc:
             return fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), EXIT_ERROR)
         except KeyboardInterrupt:
             return fail("interrupted", EXIT_INTERRUPTED)
 
     return run
+
+
+@contextlib.contextmanager
+def patch_progress(desc: str, quiet: bool = False) -> Iterator[Callable[[Any], None]]:
+    """A tqdm bar on stderr for one analysis; yields the ``on_progress`` callback that
+    ``SlideClient.analyze`` calls with each progress event (patches done of total).
+
+    Args:
+        desc: the bar's label (the command's name).
+        quiet: no bar at all; otherwise tqdm draws it only where stderr is a terminal
+            (``disable=None``), so logs and pipes stay clean.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=None,
+        unit="patch",
+        desc=desc,
+        disable=True if quiet else None,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+    def on_progress(p: Any) -> None:
+        if bar.total != p.patches_total:
+            bar.total = p.patches_total
+        bar.update(p.patches_done - bar.n)
+
+    try:
+        yield on_progress
+    finally:
+        bar.close()
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -315,8 +351,6 @@ def _analyze(args: argparse.Namespace) -> int:
     )
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)  # fail before the analysis, not after
-    from tqdm import tqdm
-
     with _make_client(args) as client:
         if args.overlay_class is not None:  # check before spending the analysis
             classes = client.get_model_info().model.patch_classes
@@ -325,32 +359,18 @@ def _analyze(args: argparse.Namespace) -> int:
                     f"--class {args.overlay_class!r} is not a patch class; "
                     f"classes: {', '.join(classes)}"
                 )
-        bar = tqdm(
-            total=None,
-            unit="patch",
-            desc="analyze",
-            disable=True if args.quiet else None,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-        try:
-
-            def on_progress(p: Any) -> None:
-                if bar.total != p.patches_total:
-                    bar.total = p.patches_total
-                bar.update(p.patches_done - bar.n)
-
+        with patch_progress("analyze", quiet=args.quiet) as on_progress:
             result = client.analyze(
                 args.slide, options, on_progress=on_progress, request_id=args.request_id
             )
-        finally:
-            bar.close()
     from histohelper.client.exports import save_all, save_png
 
     save_all(result, out_dir)
     if args.overlay_class is not None or args.alpha != 0.5:
         save_png(result, out_dir / "overlay.png", class_name=args.overlay_class, alpha=args.alpha)
     print(summary_line(args.slide, result, out_dir))
+    for line in qc_warning_lines(result):
+        print(line)
     return EXIT_OK
 
 
@@ -365,7 +385,7 @@ def summary_line(slide: str, result: Any, out_dir: Path) -> str:
             verdict += f"; {p.uncertainty_text()}"
     model = f"{result.model.name} {result.model.version}".strip()
     if result.model.untrained:
-        model += " [UNTRAINED: predictions mean nothing]"
+        model += f" [UNTRAINED: {describe_untrained(result.model.untrained_parts)}]"
     t = result.timings
     speed = "cached" if getattr(result, "cached", False) else f"{t.patches_per_s:.1f} patches/s"
     return (
@@ -373,6 +393,13 @@ def summary_line(slide: str, result: Any, out_dir: Path) -> str:
         f"tissue {result.qc.tissue_fraction:.1%} | model {model} | "
         f"{t.total_s:.1f} s ({speed}) -> {out_dir}"
     )
+
+
+def qc_warning_lines(result: Any) -> list[str]:
+    """One console line per QC warning of the result (marker ink, slide smaller than a
+    patch, assumed mpp, ...), in the server's order; [] when there are none. The same
+    texts are ``summary.json``'s ``warnings``."""
+    return [f"  QC warning: {w}" for w in result.qc.warnings]
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -391,6 +418,7 @@ def _info(args: argparse.Namespace) -> int:
                 "patch_classes": list(m.patch_classes),
                 "slide_classes": list(m.slide_classes),
                 "untrained": m.untrained,
+                "untrained_parts": list(m.untrained_parts),
                 "precision": m.precision,
                 "device": m.device,
                 "engine": m.engine,
@@ -414,7 +442,7 @@ def _info(args: argparse.Namespace) -> int:
         f"max concurrent analyses {info.max_concurrent_analyses}",
     ]
     if m.untrained:
-        lines.append("WARNING: untrained weights (seeded random init): predictions mean nothing")
+        lines.append(f"WARNING: {untrained_warning(m.untrained_parts)}")
     lines.append("manifest:")
     lines.append(json.dumps(manifest, indent=2) if not isinstance(manifest, str) else manifest)
     print("\n".join(lines))

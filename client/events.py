@@ -131,7 +131,13 @@ class GridGeometry:
 @dataclass(frozen=True, slots=True)
 class ModelSummary:
     """The served model: classes, provenance flag, precision, device and engine
-    (``"torchscript"``, ``"onnxruntime"`` or ``"openvino"``; empty from older servers)."""
+    (``"torchscript"``, ``"onnxruntime"`` or ``"openvino"``; empty from older servers).
+
+    ``untrained_parts`` names the parts left at the seeded random initialisation, as the
+    manifest records them (``"patch"``: the patch classifier, ``"mil"``: the MIL slide
+    head; labels in :data:`histohelper.model_parts.PART_LABELS`); empty when all are
+    trained or an older server does not say.
+    """
 
     name: str
     version: str
@@ -144,6 +150,7 @@ class ModelSummary:
     target_mpp: float
     embedding_dim: int
     engine: str = ""
+    untrained_parts: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(cls, msg: pb.ModelSummary) -> ModelSummary:
@@ -159,6 +166,7 @@ class ModelSummary:
             target_mpp=msg.target_mpp,
             embedding_dim=msg.embedding_dim,
             engine=msg.engine,
+            untrained_parts=tuple(msg.untrained_parts),
         )
 
 

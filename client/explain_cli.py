@@ -15,10 +15,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from histohelper.client.cli import _add_connection_arguments, _guarded, _make_client, _UsageError
+from histohelper.client.cli import (
+    _add_connection_arguments,
+    _guarded,
+    _make_client,
+    _UsageError,
+    patch_progress,
+)
+from histohelper.model_parts import describe_untrained
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -44,8 +52,17 @@ def add_subcommands(subparsers: Any) -> None:
         help="patch class to explain (default: the model's last patch class)",
     )
     p.add_argument("--stride-px", type=int, help="patch stride at the target resolution")
+    p.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bar or step lines on stderr"
+    )
     _add_connection_arguments(p)
     p.set_defaults(func=_guarded("explain", _explain))
+
+
+def step(args: argparse.Namespace, text: str) -> None:
+    """One progress line on stderr (``explain: 1/3 ...``) unless ``--quiet``."""
+    if not args.quiet:
+        print(f"explain: {text}", file=sys.stderr, flush=True)
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -63,7 +80,9 @@ def _explain(args: argparse.Namespace) -> int:
         class_name: str | None = args.class_name or (classes[-1] if classes else None)
         if class_name is None or class_name not in classes:  # check before the analysis
             raise _UsageError(f"unknown class {class_name!r}; the model's classes: {classes}")
-        result = client.analyze(args.slide, options)
+        step(args, "1/3 analysing the slide (attention and CAMs of every patch)")
+        with patch_progress("explain", quiet=args.quiet) as on_progress:
+            result = client.analyze(args.slide, options, on_progress=on_progress)
         args.out.mkdir(parents=True, exist_ok=True)
         p = result.patches
         if len(p) == 0:
@@ -73,6 +92,7 @@ def _explain(args: argparse.Namespace) -> int:
         scores = p.attention if args.by == "attention" else p.probabilities[:, cls]
         order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[: args.top_k]
         indices = [int(p.patch_index[i]) for i in order]
+        step(args, f"2/3 Grad-CAM of the top {len(indices)} patches by {args.by}")
         explanations = client.explain(
             args.slide, patch_indices=indices, class_name=class_name, options=options
         )
@@ -86,6 +106,7 @@ def _explain(args: argparse.Namespace) -> int:
         )
         for rank, ex in enumerate(explanations)
     ]
+    step(args, f"3/3 writing gallery, CAM overlay and explanations to {args.out}")
     write_png(args.out / "gallery.png", render_gallery(ranked, untrained=result.model.untrained))
     write_png(args.out / "cam_overlay.png", overlay(result, class_name, cams=True))
     heat, l0_per_px = cam_heatmap(result, class_name)
@@ -112,10 +133,15 @@ def _explain(args: argparse.Namespace) -> int:
         "class_name": class_name,
         "ranked_by": args.by,
         "untrained": result.model.untrained,
+        "untrained_parts": list(result.model.untrained_parts),
         "explanations": records,
     }
     (args.out / "explanations.json").write_text(json.dumps(summary, indent=2))
-    flag = " [UNTRAINED]" if result.model.untrained else ""
+    flag = (
+        f" [UNTRAINED: {describe_untrained(result.model.untrained_parts)}]"
+        if result.model.untrained
+        else ""
+    )
     print(
         f"{args.slide}: explained {len(ranked)} of {len(p)} patches by {args.by} "
         f"for class {class_name}{flag} -> {args.out}"

@@ -108,6 +108,7 @@ def summary_dict(result: SlideResult) -> dict[str, Any]:
             "name": result.model.name,
             "version": result.model.version,
             "untrained": result.model.untrained,
+            "untrained_parts": list(result.model.untrained_parts),
             "precision": result.model.precision,
             "device": result.model.device,
             "patch_classes": list(result.model.patch_classes),

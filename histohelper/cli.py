@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,7 +49,21 @@ _EXTRAS = {"export": "export", "serve": "server", "tile": "server", "evaluate": 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the console script. Returns the process exit status (2 for a missing extra)."""
+    """Run the console script. Returns the process exit status (2 for a missing extra;
+    1, quietly, when stdout's reader went away, as in ``histohelper evaluate ... | head``)."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a broken pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The Python documentation's recipe (signal module, "Note on SIGPIPE"): point
+        # stdout at devnull so the interpreter's final flush cannot fail again, and exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

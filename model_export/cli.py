@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 
@@ -359,10 +358,7 @@ def run(args: argparse.Namespace) -> int:
         except HistoHelperError as exc:
             print(f"histohelper export: error: {exc} [{exc.reason}]", file=sys.stderr)
             return 1
-        try:
-            print(text, flush=True)
-        except BrokenPipeError:  # e.g. `| head`: the reader has all it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(text, flush=True)  # a broken pipe (`| head`) ends quietly in histohelper.cli
         return 0
     if not args.out:
         args._parser.error("OUT is required unless --inspect is given")

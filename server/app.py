@@ -43,6 +43,7 @@ from histohelper.errors import (
     ServerBusyError,
     UploadQuotaError,
 )
+from histohelper.model_parts import untrained_warning
 from histohelper.server.audit import AuditLog
 from histohelper.server.audit import current as current_call
 from histohelper.server.auth import Authenticator, TokenStore
@@ -402,10 +403,17 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
             "engine": worker.runtime.engine,
             "model_version": worker.runtime.manifest.model_version,
             "untrained": worker.runtime.manifest.untrained,
+            "untrained_parts": list(worker.runtime.manifest.untrained_parts),
             "tls": "mutual" if config.tls_client_ca else ("server" if config.tls else "off"),
             "token_auth": tokens is not None,
         },
     )
+    if worker.runtime.manifest.untrained:
+        log.warning(
+            "the model is %s (export with --weights / --mil-weights for trained parts)",
+            untrained_warning(worker.runtime.manifest.untrained_parts),
+            extra={"untrained_parts": list(worker.runtime.manifest.untrained_parts)},
+        )
     return RunningServer(
         server,
         port,

@@ -140,6 +140,7 @@ def model_summary(runtime: ModelRuntime) -> pb.ModelSummary:
         patch_classes=list(m.patch_classes),
         slide_classes=list(m.slide_classes),
         untrained=m.untrained,
+        untrained_parts=list(m.untrained_parts),
         precision=runtime.precision,
         device=runtime.device,
         patch_size_px=m.patch_size_px,

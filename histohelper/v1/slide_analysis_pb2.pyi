@@ -185,7 +185,7 @@ class Thumbnail(_message.Message):
     def __init__(self, png: _Optional[bytes] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., scale_x: _Optional[float] = ..., scale_y: _Optional[float] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "version", "patch_classes", "slide_classes", "untrained", "precision", "device", "patch_size_px", "target_mpp", "embedding_dim", "engine")
+    __slots__ = ("name", "version", "patch_classes", "slide_classes", "untrained", "precision", "device", "patch_size_px", "target_mpp", "embedding_dim", "engine", "untrained_parts")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PATCH_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,7 @@ class ModelSummary(_message.Message):
     TARGET_MPP_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_PARTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     patch_classes: _containers.RepeatedScalarFieldContainer[str]
@@ -208,7 +209,8 @@ class ModelSummary(_message.Message):
     target_mpp: float
     embedding_dim: int
     engine: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., patch_classes: _Optional[_Iterable[str]] = ..., slide_classes: _Optional[_Iterable[str]] = ..., untrained: _Optional[bool] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., patch_size_px: _Optional[int] = ..., target_mpp: _Optional[float] = ..., embedding_dim: _Optional[int] = ..., engine: _Optional[str] = ...) -> None: ...
+    untrained_parts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., patch_classes: _Optional[_Iterable[str]] = ..., slide_classes: _Optional[_Iterable[str]] = ..., untrained: _Optional[bool] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., patch_size_px: _Optional[int] = ..., target_mpp: _Optional[float] = ..., embedding_dim: _Optional[int] = ..., engine: _Optional[str] = ..., untrained_parts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class QualityControl(_message.Message):
     __slots__ = ("tissue_fraction", "patch_count", "failed_patch_count", "warnings")

@@ -97,12 +97,20 @@ def test_explain_missing_slide(analysis_server) -> None:
         client.explain("real/none.svs")
 
 
-def test_explain_cli_writes_gallery_and_heatmap(analysis_server, tmp_path: Path) -> None:
+def test_explain_cli_writes_gallery_and_heatmap(
+    analysis_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "explain"
     rc = cli_main(
         ["explain", CMU, "--server", analysis_server.target, "--out", str(out), "--top-k", "4"]
     )
+    captured = capsys.readouterr()
     assert rc == 0
+    # Progress: three step lines on stderr, in order, before the result line on stdout.
+    steps = [ln for ln in captured.err.splitlines() if ln.startswith("explain: ")]
+    assert [s.split()[1] for s in steps] == ["1/3", "2/3", "3/3"], captured.err
+    assert "top 4 patches by attention" in steps[1]
+    assert "[UNTRAINED: patch classifier, MIL slide head]" in captured.out
     gallery = cv2.imread(str(out / "gallery.png"))
     assert gallery is not None and gallery.shape[0] > 224 and gallery.shape[1] >= 4 * 448
     summary = json.loads((out / "explanations.json").read_text())

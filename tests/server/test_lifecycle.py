@@ -248,4 +248,7 @@ def test_serve_startup_errors_are_one_line(tmp_path) -> None:
     )  # fmt: skip
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1] == "histohelper serve: model artifact not found"
+    last = res.stderr.strip().splitlines()[-1]
+    # It names the path it looked for (the operator's own flag, not a slide).
+    assert last.startswith("histohelper serve: model artifact not found: "), last
+    assert str((tmp_path / "no.pt").resolve()) in last
