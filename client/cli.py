@@ -108,8 +108,10 @@ def _add_evaluate(subparsers: Any) -> None:
         help="patch-level metrics of the served model on a labelled patch folder",
         description="Classify every patch of DIR (ImageFolder layout: DIR/<class>/<images>; "
         "PNG, JPEG or TIFF of any size) on the server and print the confusion matrix, "
-        "accuracy, sensitivity, specificity, precision, F1 and ROC AUC with bootstrap 95 %% "
-        "confidence intervals. Needs scikit-learn (pip install 'histohelper[evaluate]').",
+        "accuracy, sensitivity, specificity, precision (PPV), NPV, F1 and ROC AUC with 95 %% "
+        "confidence intervals: Clopper-Pearson exact binomial for the proportions, percentile "
+        "bootstrap for F1 and ROC AUC. Needs scikit-learn (pip install "
+        "'histohelper[evaluate]').",
     )
     evaluate.add_argument("folder", metavar="DIR", type=Path, help="labelled patch folder")
     _add_connection_arguments(evaluate)
@@ -125,7 +127,7 @@ def _add_evaluate(subparsers: Any) -> None:
         type=int,
         default=1000,
         metavar="N",
-        help="bootstrap resamples (default 1000)",
+        help="bootstrap resamples for the F1 and ROC AUC intervals (default 1000)",
     )
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     grouping = evaluate.add_mutually_exclusive_group()
@@ -133,14 +135,15 @@ def _add_evaluate(subparsers: Any) -> None:
         "--group-by",
         choices=("patch", "subfolder"),
         default="patch",
-        help="bootstrap unit: each patch (default), or the first folder below the class "
-        "folder (DIR/<class>/<slide or patient>/...): whole groups are resampled, since "
-        "patches of one slide are correlated",
+        help="unit of the intervals: each patch (default), or the first folder below the "
+        "class folder (DIR/<class>/<slide or patient>/...): whole groups are resampled and "
+        "proportions use the groups' effective sample size, since patches of one slide "
+        "are correlated",
     )
     grouping.add_argument(
         "--group-regex",
         metavar="REGEX",
-        help="bootstrap unit: the first capture group (else the match) of REGEX searched "
+        help="unit of the intervals: the first capture group (else the match) of REGEX searched "
         r"in each path below the class folder, e.g. '(TCGA-\w\w-\w{4})'",
     )
     evaluate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -9,24 +9,30 @@ folder labels with scikit-learn:
 - confusion matrix over the model's patch classes (rows: true, columns: predicted;
   prediction = argmax of the softmax probabilities);
 - accuracy (all classes), and one-vs-rest for the *positive* class: sensitivity
-  (recall of the positive class), specificity (recall of the rest), precision, F1,
-  ROC AUC of the positive-class probability;
+  (recall of the positive class), specificity (recall of the rest), precision (PPV),
+  NPV, F1, ROC AUC of the positive-class probability;
 - per-class recall;
-- a 95 % percentile bootstrap confidence interval for each figure (Efron & Tibshirani,
-  *An Introduction to the Bootstrap*, 1993, ch. 13), ``n_bootstrap`` resamples with a
-  seeded ``numpy.random.Generator``. Patches of one slide are correlated, so when the
-  folder says which slide (or patient) each patch comes from (``group_by``), whole
-  groups are resampled with replacement (the cluster bootstrap: Davison & Hinkley,
-  *Bootstrap Methods and their Application*, 1997, sec. 3.8); otherwise single
-  patches are, and the report warns that the intervals are too narrow when several
-  patches share a slide.
+- 95 % confidence intervals. Proportions (accuracy, sensitivity, specificity, PPV,
+  NPV, per-class recall) get the Clopper-Pearson exact binomial interval
+  (:mod:`histohelper.client.intervals`; Clopper & Pearson, *Biometrika* 26, 1934),
+  which stays honest at 0 and 1 where a percentile bootstrap collapses to a point
+  (0 of 12 positives found: [0, 26.5 %], not [0, 0]). F1 and ROC AUC get a percentile
+  bootstrap (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13),
+  ``n_bootstrap`` resamples with a seeded ``numpy.random.Generator``. Patches of one
+  slide are correlated, so when the folder says which slide (or patient) each patch
+  comes from (``group_by``), proportions use the Korn-Graubard effective sample size
+  of the groups and the bootstrap resamples whole groups with replacement (the cluster
+  bootstrap: Davison & Hinkley, *Bootstrap Methods and their Application*, 1997,
+  sec. 3.8); otherwise single patches count, and the report warns that the intervals
+  are too narrow when several patches share a slide.
 
 Unreadable files (the client cannot read them, or the server cannot decode them) are
 listed and skipped, never fatal. Folder classes the model does not know raise
 :class:`EvaluationError` before any image is sent.
 
-scikit-learn is the ``evaluate`` extra: it is imported inside :func:`compute_metrics`
-only, so importing this module needs neither scikit-learn nor OpenCV.
+scikit-learn (with scipy) is the ``evaluate`` extra: it is imported inside
+:func:`compute_metrics` only, so importing this module needs neither scikit-learn,
+scipy nor OpenCV.
 """
 
 from __future__ import annotations
@@ -43,6 +49,12 @@ import numpy as np
 import numpy.typing as npt
 
 from histohelper.client.events import ModelSummary
+from histohelper.client.intervals import (
+    CLUSTERED_PROPORTION_METHOD,
+    PROPORTION_METHOD,
+    clopper_pearson,
+    effective_count,
+)
 from histohelper.client.patches import PatchInput
 
 #: File suffixes taken as patches (case-insensitive); other files are listed as ignored.
@@ -60,7 +72,8 @@ METRIC_LABELS: dict[str, tuple[str, bool]] = {
     "accuracy": ("accuracy", True),
     "sensitivity": ("sensitivity", True),
     "specificity": ("specificity", True),
-    "precision": ("precision", True),
+    "precision": ("precision/PPV", True),
+    "npv": ("NPV", True),
     "f1": ("F1", True),
     "roc_auc": ("ROC AUC", False),
 }
@@ -193,17 +206,24 @@ def scan_patch_folder(root: str | os.PathLike[str]) -> PatchFolder:
 # --- metrics ----------------------------------------------------------------------------
 
 
+#: Metrics that are proportions of patch counts: exact binomial intervals, not bootstrap.
+PROPORTION_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "npv")
+
+
 @dataclass(frozen=True, slots=True)
 class Estimate:
-    """A figure with its bootstrap confidence interval (``None`` where undefined, e.g.
-    sensitivity without positive patches, AUC with one class only)."""
+    """A figure with its confidence interval (``None`` where undefined, e.g. sensitivity
+    without positive patches, AUC with one class only) and the interval's method
+    (:data:`~histohelper.client.intervals.PROPORTION_METHOD`, its clustered variant, or
+    ``"percentile bootstrap"``; empty without an interval)."""
 
     value: float | None
     ci_low: float | None
     ci_high: float | None
+    method: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"value": self.value, "ci95": [self.ci_low, self.ci_high]}
+        return {"value": self.value, "ci95": [self.ci_low, self.ci_high], "ci_method": self.method}
 
 
 @dataclass(frozen=True)
@@ -215,10 +235,11 @@ class Metrics:
         positive: the positive class (one of ``class_names``).
         confusion: int64 ``[C, C]``, rows true class, columns predicted class.
         tp, fn, tn, fp: one-vs-rest counts for ``positive``.
-        estimates: ``accuracy``, ``sensitivity``, ``specificity``, ``precision``,
-            ``f1``, ``roc_auc`` (fractions in [0, 1]).
+        estimates: ``accuracy``, ``sensitivity``, ``specificity``, ``precision`` (PPV),
+            ``npv``, ``f1``, ``roc_auc`` (fractions in [0, 1]).
         per_class_recall: recall of each class in ``class_names``.
-        n_bootstrap, seed, confidence: bootstrap settings (percentile intervals).
+        n_bootstrap, seed, confidence: bootstrap settings (percentile intervals of F1
+            and ROC AUC) and the coverage of every interval.
         n_groups: bootstrap units: groups when the patches were grouped (cluster
             bootstrap), else the number of patches.
         grouped: whether whole groups were resampled.
@@ -253,8 +274,8 @@ def _figures(
     n_classes: int,
     per_class: bool,
 ) -> list[float]:
-    """accuracy, sensitivity, specificity, precision, F1, ROC AUC [, recall per class]
-    by scikit-learn; NaN where undefined."""
+    """accuracy, sensitivity, specificity, precision, NPV, F1, ROC AUC [, recall per
+    class] by scikit-learn; NaN where undefined."""
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 
     true_pos = (y_true == positive).astype(np.int64)
@@ -268,6 +289,7 @@ def _figures(
         float(recall[1]),  # sensitivity: recall of the positive class
         float(recall[0]),  # specificity: recall of the negative (rest) class
         float(precision[1]),
+        float(precision[0]),  # NPV: precision of the negative (rest) class
         float(f1[1]),
         float(auc),
     ]
@@ -290,7 +312,9 @@ def compute_metrics(
     confidence: float = 0.95,
     groups: Sequence[str] | None = None,
 ) -> Metrics:
-    """Score predictions against labels with scikit-learn, with bootstrap intervals.
+    """Score predictions against labels with scikit-learn, with confidence intervals:
+    exact binomial (Clopper-Pearson) for proportions, percentile bootstrap for F1 and
+    ROC AUC (see the module docstring).
 
     Args:
         y_true: int ``[n]`` true class index into ``class_names``.
@@ -298,12 +322,13 @@ def compute_metrics(
             argmax (first class on ties), the ROC score the positive column.
         class_names: the ``C`` class names.
         positive: the positive class for sensitivity, specificity, precision, F1, AUC.
-        n_bootstrap: resamples for the intervals (0: no intervals).
+        n_bootstrap: resamples for the F1 and ROC AUC intervals (0: none for them;
+            proportions always get theirs).
         seed: seed of ``numpy.random.default_rng`` for the resampling.
-        confidence: interval coverage (percentile method), in (0, 1).
-        groups: ``[n]`` group (slide, patient) of each patch: each resample draws
-            whole groups with replacement (cluster bootstrap). Default: each patch
-            is its own group.
+        confidence: coverage of every interval, in (0, 1).
+        groups: ``[n]`` group (slide, patient) of each patch: proportions use the
+            Korn-Graubard effective sample size, and each resample draws whole groups
+            with replacement (cluster bootstrap). Default: each patch is its own group.
 
     Returns:
         :class:`Metrics`.
@@ -337,12 +362,27 @@ def compute_metrics(
         def f(v: float) -> float | None:
             return None if not np.isfinite(v) else float(v)
 
-        return Estimate(f(point[i]), f(lo[i]), f(hi[i]))
+        low, high = f(lo[i]), f(hi[i])
+        return Estimate(f(point[i]), low, high, "percentile bootstrap" if low is not None else "")
 
-    estimates = {name: est(i) for i, name in enumerate(METRIC_LABELS)}
+    proportion = _ProportionIntervals(members if groups is not None else None, confidence)
+    true_pos, pred_pos = y == pos, y_pred == pos
+    counted = {  # metric -> (patches in its denominator, which of them count as successes)
+        "accuracy": (np.ones(y.size, dtype=bool), y == y_pred),
+        "sensitivity": (true_pos, pred_pos),
+        "specificity": (~true_pos, ~pred_pos),
+        "precision": (pred_pos, true_pos),
+        "npv": (~pred_pos, ~true_pos),
+    }
+    estimates = {
+        name: proportion(point[i], *counted[name]) if name in counted else est(i)
+        for i, name in enumerate(METRIC_LABELS)
+    }
     if multi:
         base = len(METRIC_LABELS)
-        per_class = {name: est(base + i) for i, name in enumerate(names)}
+        per_class = {
+            name: proportion(point[base + i], y == i, y_pred == i) for i, name in enumerate(names)
+        }
     else:
         per_class = {
             name: estimates["sensitivity" if i == pos else "specificity"]
@@ -364,6 +404,32 @@ def compute_metrics(
         n_groups=len(members),
         grouped=groups is not None,
     )
+
+
+class _ProportionIntervals:
+    """Clopper-Pearson intervals of proportions over the scored patches; with groups, at
+    the Korn-Graubard effective sample size (:mod:`histohelper.client.intervals`)."""
+
+    def __init__(self, members: list[npt.NDArray[np.intp]] | None, confidence: float) -> None:
+        self.members, self.confidence = members, confidence
+
+    def __call__(
+        self, value: float, denominator: npt.NDArray[np.bool_], success: npt.NDArray[np.bool_]
+    ) -> Estimate:
+        """The estimate of ``success[denominator].mean()`` (``value``, NaN: undefined)."""
+        if not np.isfinite(value) or not denominator.any():
+            return Estimate(None, None, None)
+        hits = success[denominator]
+        if self.members is None:
+            x, n, method = float(hits.sum()), float(hits.size), PROPORTION_METHOD
+        else:
+            position = np.cumsum(denominator) - 1  # patch index -> index into ``hits``
+            kept = [position[idx[denominator[idx]]] for idx in self.members]
+            x, n = effective_count(hits, [k for k in kept if k.size], self.confidence)
+            method = CLUSTERED_PROPORTION_METHOD
+        ci = clopper_pearson(x, n, self.confidence)
+        assert ci is not None  # n > 0: the denominator has patches
+        return Estimate(float(value), ci[0], ci[1], method)
 
 
 def _checked_inputs(
@@ -493,6 +559,7 @@ class EvaluationReport:
                 "name": s.name,
                 "version": s.version,
                 "untrained": s.untrained,
+                "untrained_parts": list(s.untrained_parts),
                 "precision": s.precision,
                 "device": s.device,
                 "patch_size_px": s.patch_size_px,
@@ -512,6 +579,12 @@ class EvaluationReport:
             "counts": {"tp": m.tp, "fn": m.fn, "tn": m.tn, "fp": m.fp},
             "metrics": {name: e.to_dict() for name, e in m.estimates.items()},
             "per_class_recall": {name: e.to_dict() for name, e in m.per_class_recall.items()},
+            "intervals": {
+                "proportions": (CLUSTERED_PROPORTION_METHOD if m.grouped else PROPORTION_METHOD),
+                "proportion_metrics": [*PROPORTION_METRICS, "per_class_recall"],
+                "bootstrap_metrics": [k for k in METRIC_LABELS if k not in PROPORTION_METRICS],
+                "confidence": m.confidence,
+            },
             "bootstrap": {
                 "resamples": m.n_bootstrap,
                 "seed": m.seed,
@@ -548,6 +621,7 @@ def format_metrics(m: Metrics) -> list[str]:
         "sensitivity": f"{m.tp} TP / {m.fn} FN",
         "specificity": f"{m.tn} TN / {m.fp} FP",
         "precision": f"{m.tp} TP / {m.fp} FP",
+        "npv": f"{m.tn} TN / {m.fn} FN",
         "f1": "",
         "roc_auc": f"score: p({m.positive})",
     }
@@ -574,17 +648,36 @@ def format_metrics(m: Metrics) -> list[str]:
             lines.append(f"  {name:<{width}}{_fmt(e.value, True):>8} %  {ci}")
     lines.append("")
     units = f"the {m.n_groups} groups of the {m.n} patches" if m.grouped else f"the {m.n} patches"
-    lines.append(
-        f"positive class: {m.positive}; intervals: percentile bootstrap, "
-        f"{m.n_bootstrap} resamples of {units}, seed {m.seed}"
+    exact = (
+        f"Clopper-Pearson exact binomial at the Korn-Graubard effective n of {units}"
+        if m.grouped
+        else f"Clopper-Pearson exact binomial over {units}"
     )
-    if not m.grouped and m.n_bootstrap:
+    lines.append(f"positive class: {m.positive}")
+    lines.append(f"intervals of proportions (accuracy to NPV, recall): {exact}")
+    lines.append(
+        f"intervals of F1 and ROC AUC: percentile bootstrap, {m.n_bootstrap} resamples of "
+        f"{units}, seed {m.seed}"
+        if m.n_bootstrap
+        else "intervals of F1 and ROC AUC: none (--bootstrap 0)"
+    )
+    if not m.grouped:
         lines.append(
-            "note: patches were resampled one by one; if several come from one slide the "
+            "note: patches were counted one by one; if several come from one slide the "
             "intervals are too narrow (group them: --group-by subfolder or --group-regex)"
         )
-    elif m.grouped and m.n_bootstrap and m.n_groups < 10:
+    elif m.n_groups < 10:
         lines.append(f"note: only {m.n_groups} groups: the intervals are rough")
+    flat = [
+        METRIC_LABELS[k][0]
+        for k, e in m.estimates.items()
+        if e.method == "percentile bootstrap" and e.ci_low == e.ci_high
+    ]
+    if flat:
+        lines.append(
+            f"note: the bootstrap interval of {' and '.join(flat)} has width 0 (every "
+            "resample gave the same figure): that is the bootstrap's limit, not certainty"
+        )
     return lines
 
 
@@ -593,8 +686,11 @@ def format_report(report: EvaluationReport) -> str:
     s, m = report.model, report.metrics
     model = f"{s.name} {s.version}".strip()
     lines = [f"patch-level evaluation of {model} ({s.precision} on {s.device})"]
-    if s.untrained:
-        lines.append("WARNING: untrained weights (seeded random init): figures mean nothing")
+    # Patch figures come from the patch classifier alone: an untrained MIL head is moot.
+    if s.untrained and (not s.untrained_parts or "patch" in s.untrained_parts):
+        lines.append(
+            "WARNING: untrained patch classifier (seeded random init): figures mean nothing"
+        )
     lines.append(
         f"folder: {report.folder} | {sum(report.folder_counts.values())} images, "
         f"{m.n} classified, {len(report.skipped)} skipped"

@@ -67,7 +67,10 @@ def test_positive_class_swaps_sensitivity_and_specificity() -> None:
     assert (m.tp, m.fn, m.tn, m.fp) == (973, 28, 948, 51)
     assert m.estimates["sensitivity"].value == pytest.approx(973 / 1001)
     assert m.estimates["roc_auc"].value == pytest.approx((948 / 999 + 973 / 1001) / 2)
-    assert m.estimates["accuracy"].ci_low is None  # no resamples, no interval
+    # No resamples: no bootstrap interval (F1, AUC); proportions keep their exact one.
+    assert m.estimates["roc_auc"].ci_low is None and m.estimates["f1"].ci_low is None
+    assert m.estimates["accuracy"].method == "clopper-pearson"
+    assert m.estimates["accuracy"].ci_low is not None
 
 
 def test_bootstrap_is_seeded() -> None:
@@ -265,7 +268,10 @@ def test_singleton_groups_resample_like_patches() -> None:
     single = compute_metrics(
         y, probs, CLASSES, "malignant", n_bootstrap=50, seed=9, groups=[str(i) for i in range(100)]
     )
-    assert plain.estimates == single.estimates
+    # Same figures and intervals (the clustered method finds no design effect).
+    for name, a in plain.estimates.items():
+        b = single.estimates[name]
+        assert (b.value, b.ci_low, b.ci_high) == pytest.approx((a.value, a.ci_low, a.ci_high))
     with pytest.raises(EvaluationError, match="3 groups given for 100 patches"):
         compute_metrics(y, probs, CLASSES, "malignant", groups=["a", "b", "c"])
 
