@@ -303,19 +303,25 @@ def save_all(
     alpha: float = 0.5,
     colormap: str = DEFAULT_COLORMAP,
     attention_scale: str = DEFAULT_ATTENTION_SCALE,
+    report: bool = True,
+    slide_name: str | None = None,
 ) -> dict[str, Path]:
     """Write the standard set of files into ``out_dir`` (created if missing).
 
     Files: ``overlay.png`` (``class_name``, default the predicted class; a figure with
     header, legend and scale bar around the thumbnail), ``attention_overlay.png`` (when
     attention was returned; percentile rank or raw weight by ``attention_scale``),
-    ``heatmap.npz``, ``patches.csv``, ``tiles.geojson``, ``summary.json``.
+    ``heatmap.npz``, ``patches.csv``, ``tiles.geojson``, ``summary.json`` and
+    ``report.html`` (:func:`histohelper.client.report.write_report`; unless ``report``
+    is False).
 
     Args:
         result: the analysed slide.
         out_dir: the folder.
         class_name, alpha, colormap, attention_scale: as
             :func:`histohelper.client.render.overlay`.
+        report: also write ``report.html``.
+        slide_name: the slide's name in the report's title (user data; default "slide").
 
     Returns:
         ``{file name: path}``.
@@ -342,4 +348,15 @@ def save_all(
     written["patches.csv"] = save_csv(result, out / "patches.csv")
     written["tiles.geojson"] = save_geojson(result, out / "tiles.geojson")
     written["summary.json"] = save_json(result, out / "summary.json")
+    if report:
+        from histohelper.client.report import REPORT_NAME, write_report
+
+        written[REPORT_NAME] = write_report(
+            result,
+            out,
+            slide_name=slide_name,
+            class_name=class_name,
+            attention_scale=attention_scale,
+            **style,
+        )
     return written

@@ -216,6 +216,31 @@ def attention_rank(values: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return out
 
 
+def blend_cam(
+    image_rgb: npt.NDArray[np.uint8],
+    cam01: npt.NDArray[np.floating],
+    *,
+    alpha: float = 0.45,
+    colormap: str = DEFAULT_COLORMAP,
+) -> npt.NDArray[np.uint8]:
+    """A patch with its Grad-CAM: the ``[s, s]`` map in [0, 1] upsampled bilinearly to
+    the image (OpenCV ``INTER_LINEAR``), colour-mapped and blended.
+
+    Args:
+        image_rgb: uint8 ``(h, w, 3)`` RGB.
+        cam01: float ``[s, s]`` in [0, 1] (e.g. ``PatchExplanation.grad_cam_normalised()``).
+        alpha: heatmap opacity in [0, 1].
+        colormap: a name from :data:`histohelper.client.styles.COLORMAP_NAMES`.
+
+    Returns:
+        uint8 ``(h, w, 3)`` RGB.
+    """
+    h, w = image_rgb.shape[:2]
+    cam = cv2.resize(np.asarray(cam01, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    heat = colormap_rgb(np.asarray(cam, np.float32), colormap)
+    return np.asarray(cv2.addWeighted(image_rgb, 1 - alpha, heat, alpha, 0), dtype=np.uint8)
+
+
 def render_overlay(
     thumbnail_rgb: npt.NDArray[np.uint8],
     heat: npt.NDArray[np.float32],

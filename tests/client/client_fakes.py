@@ -352,3 +352,15 @@ class PlainStatus(grpc.Status):
     code: grpc.StatusCode
     details: str
     trailing_metadata: tuple = ()
+
+
+def collect_result(**spec: object):  # -> histohelper.client.SlideResult
+    """The :class:`~histohelper.client.SlideResult` of a built stream (``StreamSpec(**spec)``),
+    assembled by the real ``ResultCollector``."""
+    from histohelper.client import ResultCollector, event_from_proto
+
+    msgs, _ = build_stream(StreamSpec(**spec))  # type: ignore[arg-type]
+    collector = ResultCollector()
+    for m in msgs:
+        collector.add(event_from_proto(m))
+    return collector.result()

@@ -119,6 +119,7 @@ def test_save_all_writes_the_standard_files(tmp_path) -> None:
         "patches.csv",
         "tiles.geojson",
         "summary.json",
+        "report.html",
     }
     png = cv2.imread(str(written["overlay.png"]))
     assert png.shape[:2] == overlay(result).shape[:2]  # the framed figure

@@ -10,9 +10,9 @@ import dataclasses
 import cv2
 import numpy as np
 import pytest
-from client_fakes import StreamSpec, build_stream
+from client_fakes import collect_result
 
-from histohelper.client import ResultCollector, SlideResult, event_from_proto
+from histohelper.client import SlideResult
 from histohelper.client.explain import cam_position_bias
 from histohelper.client.render import (
     COLORMAPS,
@@ -29,11 +29,7 @@ from histohelper.client.styles import COLORMAP_NAMES
 
 
 def make_result(**kw: object) -> SlideResult:
-    msgs, _ = build_stream(StreamSpec(**kw))  # type: ignore[arg-type]
-    collector = ResultCollector()
-    for m in msgs:
-        collector.add(event_from_proto(m))
-    return collector.result()
+    return collect_result(**kw)
 
 
 def find_exact(figure: np.ndarray, image: np.ndarray) -> tuple[int, int] | None:
