@@ -86,9 +86,35 @@ def _add_analyze(subparsers: Any) -> None:
         help="patch class shown in overlay.png (default: the predicted class)",
     )
     analyze.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in [0, 1]")
+    add_overlay_arguments(analyze)
     analyze.add_argument("--request-id", help="id echoed by the server and in its logs")
     analyze.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     analyze.set_defaults(func=run_analyze)
+
+
+def add_overlay_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--colormap`` and ``--attention-scale``: how the overlay figures are drawn."""
+    from histohelper.client.styles import (
+        ATTENTION_SCALES,
+        COLORMAP_NAMES,
+        DEFAULT_ATTENTION_SCALE,
+        DEFAULT_COLORMAP,
+    )
+
+    parser.add_argument(
+        "--colormap",
+        choices=COLORMAP_NAMES,
+        default=DEFAULT_COLORMAP,
+        help="colour map of the overlays (default %(default)s; viridis and magma are "
+        "perceptually uniform and readable by colour-blind readers)",
+    )
+    parser.add_argument(
+        "--attention-scale",
+        choices=ATTENTION_SCALES,
+        default=DEFAULT_ATTENTION_SCALE,
+        help="attention overlay: each patch's percentile rank within the slide (default "
+        "rank) or the raw attention weight on 0..max (raw)",
+    )
 
 
 def _add_info(subparsers: Any) -> None:
@@ -366,11 +392,17 @@ def _analyze(args: argparse.Namespace) -> int:
             result = client.analyze(
                 args.slide, options, on_progress=on_progress, request_id=args.request_id
             )
-    from histohelper.client.exports import save_all, save_png
+    from histohelper.client.exports import save_all
 
-    save_all(result, out_dir)
-    if args.overlay_class is not None or args.alpha != 0.5:
-        save_png(result, out_dir / "overlay.png", class_name=args.overlay_class, alpha=args.alpha)
+    save_all(
+        result,
+        out_dir,
+        class_name=args.overlay_class,
+        alpha=args.alpha,
+        colormap=args.colormap,
+        attention_scale=args.attention_scale,
+        slide_name=args.slide,
+    )
     print(summary_line(args.slide, result, out_dir))
     for line in qc_warning_lines(result):
         print(line)
