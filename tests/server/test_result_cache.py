@@ -300,3 +300,18 @@ def test_an_upload_is_keyed_by_its_sha256_like_the_same_file_by_path(
     assert by_upload.cached
     _assert_same_result(by_path, by_upload)
     assert np.isfinite(by_upload.patches.probabilities).all()
+
+
+def test_hits_and_misses_are_counted_in_prometheus(
+    start_inprocess_server, slide_root: Path, tmp_path: Path
+) -> None:
+    from metrics_support import free_port, samples, scrape_text
+
+    running = start_inprocess_server(
+        slide_root=slide_root, cache_dir=tmp_path / "c", metrics_port=free_port()
+    )
+    with SlideClient(running.target) as client:
+        for fraction in (0.5, 0.5, 0.5, 0.9):
+            client.analyze("b.tiff", AnalysisOptions(min_tissue_fraction=fraction))
+    counts = samples(scrape_text(running.metrics_port))["histohelper_cache_requests_total"]
+    assert counts[(("result", "hit"),)] == 2 and counts[(("result", "miss"),)] == 2
