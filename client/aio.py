@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import PurePath
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 import grpc.aio
@@ -19,7 +19,14 @@ from histohelper.client._channel import (
     call_metadata,
     channel_credentials,
     channel_options,
+    resolve_target,
 )
+from histohelper.client.cohort import (
+    CohortSlide,
+    ManySettings,
+    SlideOutcome,
+)
+from histohelper.client.cohort import analyze_many as cohort_analyze_many
 from histohelper.client.errors import error_from_rpc
 from histohelper.client.events import Event, ModelInfo, Progress, Started, event_from_proto
 from histohelper.client.explain import PatchExplanation, explain_request
@@ -48,7 +55,7 @@ class AsyncSlideClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         tls: bool | None = None,
         root_certificates: bytes | None = None,
@@ -61,7 +68,7 @@ class AsyncSlideClient:
         max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
         options: tuple[tuple[str, Any], ...] = (),
     ) -> None:
-        self.target = target
+        self.target, round_robin = resolve_target(target)
         self.timeout = timeout
         creds = channel_credentials(
             tls=tls,
@@ -71,11 +78,11 @@ class AsyncSlideClient:
             credentials=credentials,
             token=token,
         )
-        opts = channel_options(retry, max_receive_message_bytes, options)
+        opts = channel_options(retry, max_receive_message_bytes, options, round_robin=round_robin)
         self._channel = (
-            grpc.aio.secure_channel(target, creds, opts)
+            grpc.aio.secure_channel(self.target, creds, opts)
             if creds is not None
-            else grpc.aio.insecure_channel(target, opts)
+            else grpc.aio.insecure_channel(self.target, opts)
         )
         self._stub = pb_grpc.SlideAnalysisServiceStub(self._channel)
         self._metadata = call_metadata(token, creds is not None)
@@ -151,6 +158,33 @@ class AsyncSlideClient:
                     if inspect.isawaitable(ret):
                         await ret
         return collector.result()
+
+    def analyze_many(
+        self,
+        slides: Iterable[str | PurePath | UploadedSlide | CohortSlide],
+        options: AnalysisOptions | None = None,
+        **settings: Unpack[ManySettings],
+    ) -> AsyncIterator[SlideOutcome]:
+        """Analyse many slides, ``jobs`` at a time; ``async for`` each outcome as it finishes.
+
+        As :meth:`SlideClient.analyze_many
+        <histohelper.client.sync.SlideClient.analyze_many>` (semantics:
+        :mod:`histohelper.client.cohort`); ``on_progress`` runs on the event loop and must
+        not block. Closing the generator early cancels the analyses in flight.
+
+        Yields:
+            One :class:`~histohelper.client.cohort.SlideOutcome` per slide, in finishing
+            order; a failed slide carries ``error`` instead of ``result``.
+
+        Raises:
+            ValueError: ``jobs < 1`` or ``retries < 0``.
+        """
+        return cohort_analyze_many(
+            self,
+            slides,
+            options,
+            **settings,
+        )
 
     async def upload(
         self,

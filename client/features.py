@@ -148,6 +148,14 @@ def feature_file_name(slide: str) -> str:
     Two slides with the same stem in different folders get different names; the name
     holds only ``[A-Za-z0-9._-]`` and is at most 60 + 15 characters long.
     """
+    digest = hashlib.sha256(slide.encode()).hexdigest()[:10]
+    return f"{slide_stem(slide, 60)}-{digest}.h5"
+
+
+def slide_stem(slide: str, max_chars: int = 60) -> str:
+    """A slide reference's file stem as a safe file name: folder and suffix dropped
+    (``.ome.tif(f)`` whole), runs outside ``[A-Za-z0-9._-]`` replaced by ``_``, at most
+    ``max_chars`` characters; ``"slide"`` when nothing is left."""
     stem = Path(slide.replace("\\", "/")).name
     for suffix in (".ome.tiff", ".ome.tif"):
         if stem.lower().endswith(suffix):
@@ -155,9 +163,7 @@ def feature_file_name(slide: str) -> str:
             break
     else:
         stem = stem.rsplit(".", 1)[0] if "." in stem[1:] else stem
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:60] or "slide"
-    digest = hashlib.sha256(slide.encode()).hexdigest()[:10]
-    return f"{safe}-{digest}.h5"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:max_chars] or "slide"
 
 
 def options_json(options: AnalysisOptions) -> str:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import PurePath
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 
@@ -16,6 +16,13 @@ from histohelper.client._channel import (
     call_metadata,
     channel_credentials,
     channel_options,
+    resolve_target,
+)
+from histohelper.client.cohort import (
+    CohortSlide,
+    ManySettings,
+    SlideOutcome,
+    analyze_many_blocking,
 )
 from histohelper.client.errors import error_from_rpc
 from histohelper.client.events import Event, ModelInfo, Progress, Started, event_from_proto
@@ -42,7 +49,11 @@ class SlideClient:
     never a raw ``grpc.RpcError``.
 
     Args:
-        target: ``host:port`` (any gRPC target string).
+        target: ``host:port`` (one server, gRPC's ``pick_first``); or several servers
+            with ``round_robin`` load balancing: a ``dns:///NAME:PORT`` target (every
+            address the name resolves to, e.g. a Kubernetes headless Service), a list
+            of ``IP:PORT`` addresses or a comma-separated string of them
+            (see :func:`histohelper.client._channel.resolve_target`).
         tls: use TLS; ``None`` means TLS exactly when certificates or credentials are given.
         root_certificates, private_key, certificate_chain: PEM bytes for TLS (mutual TLS
             with the last two).
@@ -53,11 +64,15 @@ class SlideClient:
         retry: retries on UNAVAILABLE with exponential backoff (``None`` disables).
         max_receive_message_bytes: largest accepted response message (default 64 MiB).
         options: extra ``(name, value)`` gRPC channel options.
+
+    Raises:
+        ValueError: a list of host names (give one DNS name instead), or TLS arguments
+            that do not go together.
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         tls: bool | None = None,
         root_certificates: bytes | None = None,
@@ -70,8 +85,20 @@ class SlideClient:
         max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
         options: tuple[tuple[str, Any], ...] = (),
     ) -> None:
-        self.target = target
+        self.target, round_robin = resolve_target(target)
         self.timeout = timeout
+        self._connection: dict[str, Any] = {
+            "tls": tls,
+            "root_certificates": root_certificates,
+            "private_key": private_key,
+            "certificate_chain": certificate_chain,
+            "credentials": credentials,
+            "token": token,
+            "timeout": timeout,
+            "retry": retry,
+            "max_receive_message_bytes": max_receive_message_bytes,
+            "options": options,
+        }
         creds = channel_credentials(
             tls=tls,
             root_certificates=root_certificates,
@@ -80,11 +107,11 @@ class SlideClient:
             credentials=credentials,
             token=token,
         )
-        opts = channel_options(retry, max_receive_message_bytes, options)
+        opts = channel_options(retry, max_receive_message_bytes, options, round_robin=round_robin)
         self._channel = (
-            grpc.secure_channel(target, creds, opts)
+            grpc.secure_channel(self.target, creds, opts)
             if creds is not None
-            else grpc.insecure_channel(target, opts)
+            else grpc.insecure_channel(self.target, opts)
         )
         self._stub = pb_grpc.SlideAnalysisServiceStub(self._channel)
         self._metadata = call_metadata(token, creds is not None)
@@ -182,6 +209,49 @@ class SlideClient:
                 elif isinstance(event, Progress):
                     on_progress(event)
         return collector.result()
+
+    def analyze_many(
+        self,
+        slides: Iterable[str | PurePath | UploadedSlide | CohortSlide],
+        options: AnalysisOptions | None = None,
+        **settings: Unpack[ManySettings],
+    ) -> Iterator[SlideOutcome]:
+        """Analyse many slides, ``jobs`` at a time, and yield each outcome as it finishes.
+
+        A slide's failure is an outcome (``outcome.error``), never an exception; busy
+        and unavailable servers are retried with backoff and jitter, on the next server
+        when the client has several (semantics: :mod:`histohelper.client.cohort`). The
+        analyses run on an asyncio client in a background thread with this client's
+        target and settings.
+
+        Args:
+            slides: paths relative to the server's slide root, :class:`UploadedSlide`
+                handles, or :class:`~histohelper.client.cohort.CohortSlide` items (own
+                id, own options, or a local file to upload).
+            options: options of every slide without its own (``None``: defaults).
+            settings: ``jobs`` (analyses in flight, default 4), ``retries`` (per slide
+                after its first attempt, default 4), ``on_progress`` (called on the
+                background thread with each
+                :class:`~histohelper.client.cohort.CohortProgress`), ``backoff``
+                (:class:`~histohelper.client.cohort.Backoff`), ``seed`` (of the jitter).
+
+        Yields:
+            One :class:`~histohelper.client.cohort.SlideOutcome` per slide (``index`` =
+            input position; ``result`` or ``error``), in finishing order. Closing the
+            iterator early cancels the analyses in flight.
+
+        Raises:
+            ValueError: ``jobs < 1`` or ``retries < 0``.
+        """
+        from histohelper.client.aio import AsyncSlideClient
+
+        target, connection = self.target, self._connection
+        return analyze_many_blocking(
+            lambda: AsyncSlideClient(target, **connection),
+            slides,
+            options,
+            **settings,
+        )
 
     def upload(
         self,

@@ -208,7 +208,16 @@ def test_channel_options_carry_retry_policy_and_message_limit() -> None:
     cfg = json.loads(opts["grpc.service_config"])
     policy = cfg["methodConfig"][0]["retryPolicy"]
     assert policy["retryableStatusCodes"] == ["UNAVAILABLE"]
-    assert cfg["methodConfig"][0]["name"] == [{"service": "histohelper.v1.SlideAnalysisService"}]
+    names = cfg["methodConfig"][0]["name"]
+    assert {n["service"] for n in names} == {"histohelper.v1.SlideAnalysisService"}
+    # Idempotent calls only: a retried upload would store the slide twice.
+    assert sorted(n["method"] for n in names) == [
+        "AnalyzeSlide",
+        "ClassifyPatches",
+        "ExplainPatches",
+        "GetModelInfo",
+    ]
+    assert "loadBalancingConfig" not in cfg  # one host:port keeps pick_first
 
 
 def test_tls_requires_consistent_arguments() -> None:

@@ -1,0 +1,401 @@
+"""Cohort runs: many slides, several in flight, retried where a retry can help.
+
+The one implementation behind :meth:`SlideClient.analyze_many
+<histohelper.client.sync.SlideClient.analyze_many>`, :meth:`AsyncSlideClient.analyze_many
+<histohelper.client.aio.AsyncSlideClient.analyze_many>` and ``histohelper analyze`` with
+several slides (whose files, manifest and table are :mod:`.cohort_runner`'s).
+
+SDK semantics
+-------------
+``analyze_many(slides, options, jobs=K, retries=R)`` keeps at most K analyses in flight
+and yields one :class:`SlideOutcome` per slide *as it finishes* (not in input order;
+``outcome.index`` is the input position). A failed slide is an outcome with ``error``
+set, never an exception: one bad slide never stops the others. Retried, with
+exponential backoff and full jitter (delay uniform in ``[0, min(cap, base * 2**(n-1))]``
+before retry n; Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog 2015),
+at most R times per slide:
+
+- ``SERVER_BUSY`` (every analysis slot of the server taken),
+- ``UNAVAILABLE`` (server unreachable, died mid-stream, or stopped: a server stopping
+  cancels the calls it could not finish in its grace period with UNAVAILABLE).
+
+With several servers (``round_robin``, see :mod:`._channel`) the retry is a new call,
+which the policy sends to the next ready server. Every other error (``SLIDE_NOT_FOUND``,
+``SLIDE_CORRUPT``, ``INVALID_OPTIONS``, ``DEADLINE_EXCEEDED`` ...) fails the slide at once.
+A slide given with ``upload=True`` is a local file uploaded at the start of each attempt
+(an ``upload_id`` lives on the server that stored it, unless the replicas share their
+upload directory).
+
+CLI behaviour (``histohelper analyze``)
+---------------------------------------
+``histohelper analyze SLIDE --server ADDR --out DIR`` with one slide path is the
+one-slide command (DIR holds that slide's files, a summary line is printed). Anything
+else is a cohort run:
+
+- inputs: several SLIDE arguments and/or FOLDERs (local folders, looked up under
+  ``--slide-root``, the local view of the server's slide root, default the current
+  directory; slide files found recursively by extension: ``.svs .tif .tiff .ndpi .mrxs
+  .scn .vms .vmu .bif .svslide``; hidden files skipped; sorted), or one manifest CSV
+  (column ``slide``; optional ``id``; optional per-slide options named like the request
+  flags or the option fields: ``mpp``/``target_mpp``, ``magnification``/
+  ``target_magnification``, ``level``/``target_level``, ``patch_size``/``patch_size_px``,
+  ``stride``/``stride_px``, ``min_tissue``/``min_tissue_fraction``, ``edge_mode``,
+  ``batch_size``, ``mpp_override``, ``mc_dropout_passes``; an empty cell takes the
+  command-line value; a per-slide resolution replaces the command line's; any other
+  column is refused, exit 2). With ``--upload`` slides and folders are local files,
+  uploaded before each attempt.
+- slide ids: the ``id`` cell, else the file stem (``.ome`` dropped, characters outside
+  ``[A-Za-z0-9._-]`` replaced by ``_``); stems shared by several slides of the run get
+  ``-<8 hex of SHA-256 of the reference>``.
+- ``--jobs K`` slides in flight (default 4); ``--retries N`` attempts per slide (and per
+  gRPC call on UNAVAILABLE), 1..5, default 5.
+- outputs: ``DIR/<id>/`` with exactly the files the one-slide command writes, written
+  into ``DIR/.tmp-<id>-XXXX`` and renamed into place (never a half folder under the
+  final name); ``DIR/run_manifest.json`` rewritten atomically after every slide;
+  ``DIR/cohort.csv`` (one row per slide in input order, columns
+  :data:`.cohort_runner.TABLE_COLUMNS` with ``prob_<class>`` after ``predicted_class``)
+  at the end, and ``DIR/index.html`` when :mod:`.report` offers ``write_cohort_index``.
+- resume: a slide is ``skipped`` (no call to the server) when the manifest holds it as
+  done or no_tissue with the same slide reference, model hash (as
+  :class:`.features.ModelIdentity` computes it), effective request options
+  (``batch_size`` excepted) and overlay settings, and ``DIR/<id>/`` exists; anything
+  else is analysed again. Manifest entries of slides not in this run are kept as they are.
+- statuses: ``done``, ``skipped``, ``no_tissue``, ``failed`` (with ``error`` =
+  ``REASON: message``, as safe to show as the server made it).
+- progress bar on stderr (tqdm; ``--quiet`` hides it): slides done/total, ETA,
+  patches/s, slides/h. At the end one summary line on stdout and each failure on stderr.
+- exit code 0 when no slide failed, 1 when any did, 2 for bad usage (unknown manifest
+  column, bad option cell, repeated id), 130 when interrupted (the manifest keeps what
+  finished).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
+
+from histohelper.client.events import Progress
+from histohelper.client.options import AnalysisOptions
+from histohelper.client.uploads import UploadedSlide
+from histohelper.errors import (
+    HistoHelperError,
+    ServerBusyError,
+    ServerUnavailableError,
+)
+
+if TYPE_CHECKING:
+    from histohelper.client.aio import AsyncSlideClient
+    from histohelper.client.result import SlideResult
+
+#: Errors worth another attempt (see the module docstring).
+RETRYABLE: tuple[type[HistoHelperError], ...] = (ServerBusyError, ServerUnavailableError)
+
+SlideRef = str | PurePath | UploadedSlide
+
+
+@dataclass(frozen=True, slots=True)
+class CohortSlide:
+    """One slide of a cohort.
+
+    Attributes:
+        slide: path relative to the server's slide root ("/"-separated), an
+            :class:`UploadedSlide`, or with ``upload`` a local file.
+        id: the caller's name for the slide (``None``: none).
+        options: this slide's options (``None``: the run's options).
+        upload: ``slide`` is a local file, uploaded at the start of each attempt.
+    """
+
+    slide: SlideRef
+    id: str | None = None
+    options: AnalysisOptions | None = None
+    upload: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter between attempts of one slide.
+
+    Attributes:
+        base_s: ceiling of the first delay, seconds.
+        cap_s: largest ceiling, seconds.
+    """
+
+    base_s: float = 0.5
+    cap_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not (self.base_s >= 0 and self.cap_s >= self.base_s):
+            raise ValueError("need 0 <= base_s <= cap_s")
+
+    def delay_s(self, retry: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based): uniform in
+        ``[0, min(cap_s, base_s * 2**(retry - 1))]``."""
+        return rng.uniform(0.0, min(self.cap_s, self.base_s * 2.0 ** (retry - 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class SlideOutcome:
+    """What happened to one slide of :func:`analyze_many`.
+
+    Attributes:
+        index: position of the slide in the input.
+        item: the slide as given (a :class:`CohortSlide`).
+        options: the options it was analysed with.
+        result: the assembled result (``outcome`` ``"completed"`` or ``"no_tissue"``),
+            or ``None`` when the slide failed.
+        error: why it failed (the last attempt's error), or ``None``.
+        attempts: calls made (1 + retries).
+        wall_s: client wall time from the first attempt to the outcome, seconds
+            (retry delays included).
+    """
+
+    index: int
+    item: CohortSlide
+    options: AnalysisOptions
+    result: SlideResult | None
+    error: BaseException | None
+    attempts: int
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        """True when the slide has a result."""
+        return self.result is not None
+
+    @property
+    def reason(self) -> str:
+        """``"REASON: message"`` of a failure (``""`` when none): the error-table reason
+        for HistoHelper errors, else the exception's type name."""
+        err = self.error
+        if err is None:
+            return ""
+        if isinstance(err, HistoHelperError):
+            return f"{err.reason}: {err.message}"
+        return f"{type(err).__name__}: {err}"
+
+
+@dataclass(frozen=True, slots=True)
+class CohortProgress:
+    """A progress report of :func:`analyze_many` (``on_progress``).
+
+    Attributes:
+        index: the slide's input position.
+        kind: ``"patches"`` (the slide's patch counts moved: ``patches_done`` of
+            ``patches_total``; ``patches_done`` is 0 once the grid is known), ``"retry"``
+            (attempt ``attempt`` failed with ``error``; the next starts after
+            ``delay_s``), or ``"finished"`` (the slide's outcome is about to be yielded).
+        patches_done, patches_total: the slide's patch counts (``"patches"``).
+        attempt: the attempt number (1-based).
+        delay_s: the delay before the next attempt (``"retry"``).
+        error: the error of the failed attempt (``"retry"``).
+    """
+
+    index: int
+    kind: Literal["patches", "retry", "finished"]
+    patches_done: int = 0
+    patches_total: int = 0
+    attempt: int = 1
+    delay_s: float = 0.0
+    error: HistoHelperError | None = field(default=None, repr=False)
+
+
+CohortProgressCallback = Callable[[CohortProgress], Any]
+
+
+class ManySettings(TypedDict, total=False):
+    """Keyword arguments of :func:`analyze_many` after ``options`` (as the clients'
+    ``analyze_many`` methods take them): ``jobs``, ``retries``, ``on_progress``,
+    ``backoff``, ``seed``."""
+
+    jobs: int
+    retries: int
+    on_progress: CohortProgressCallback | None
+    backoff: Backoff
+    seed: int | None
+
+
+def as_cohort_slide(item: SlideRef | CohortSlide) -> CohortSlide:
+    """``item`` as a :class:`CohortSlide` (a plain reference: a server path or upload)."""
+    return item if isinstance(item, CohortSlide) else CohortSlide(item)
+
+
+async def analyze_many(
+    client: AsyncSlideClient,
+    slides: Iterable[SlideRef | CohortSlide],
+    options: AnalysisOptions | None = None,
+    *,
+    jobs: int = 4,
+    retries: int = 4,
+    on_progress: CohortProgressCallback | None = None,
+    backoff: Backoff = Backoff(),
+    seed: int | None = None,
+) -> AsyncIterator[SlideOutcome]:
+    """Analyse many slides, ``jobs`` at a time; yield each outcome as it finishes.
+
+    Semantics (retries, backoff, uploads) are in the module docstring. Closing the
+    generator early (or cancelling its consumer) cancels the analyses in flight.
+
+    Args:
+        client: an open asyncio client (one server or several with ``round_robin``).
+        slides: references or :class:`CohortSlide` items (read once, up front).
+        options: options of every slide without its own (``None``: defaults).
+        jobs: analyses in flight, >= 1.
+        retries: retries per slide after the first attempt, >= 0.
+        on_progress: called on the event loop with each :class:`CohortProgress`; keep
+            it quick (it must not block).
+        backoff: delays between attempts.
+        seed: seeds the jitter (``None``: from the system).
+
+    Yields:
+        One :class:`SlideOutcome` per slide, in finishing order.
+
+    Raises:
+        ValueError: ``jobs < 1`` or ``retries < 0``.
+    """
+    if jobs < 1:
+        raise ValueError("jobs must be >= 1")
+    if retries < 0:
+        raise ValueError("retries must be >= 0")
+    items = [as_cohort_slide(s) for s in slides]
+    if not items:
+        return
+    base = options or AnalysisOptions()
+    rng = random.Random(seed)
+    pending = iter(range(len(items)))
+    done: asyncio.Queue[SlideOutcome] = asyncio.Queue(maxsize=jobs)
+
+    def report(event: CohortProgress) -> None:
+        if on_progress is not None:
+            on_progress(event)
+
+    async def one(index: int) -> SlideOutcome:
+        item = items[index]
+        opts = item.options or base
+        t0 = time.perf_counter()
+        attempt = 0
+        while True:
+            attempt += 1
+            error: BaseException
+            try:
+                ref = item.slide
+                if item.upload:
+                    if isinstance(ref, UploadedSlide):
+                        raise ValueError("upload=True needs a local file, not an UploadedSlide")
+                    ref = await client.upload(ref)
+
+                def progress(p: Progress, i: int = index, a: int = attempt) -> None:
+                    report(CohortProgress(i, "patches", p.patches_done, p.patches_total, a))
+
+                result = await client.analyze(ref, opts, on_progress=progress)
+                return SlideOutcome(
+                    index, item, opts, result, None, attempt, time.perf_counter() - t0
+                )
+            except RETRYABLE as exc:
+                if attempt > retries:
+                    error = exc
+                else:
+                    delay = backoff.delay_s(attempt, rng)
+                    report(CohortProgress(index, "retry", 0, 0, attempt, delay, exc))
+                    await asyncio.sleep(delay)
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one slide's failure never stops the cohort
+                error = exc
+            return SlideOutcome(index, item, opts, None, error, attempt, time.perf_counter() - t0)
+
+    async def worker() -> None:
+        for index in pending:  # shared iterator: each index goes to one worker
+            outcome = await one(index)
+            report(CohortProgress(index, "finished", attempt=outcome.attempts))
+            await done.put(outcome)
+
+    workers = [asyncio.create_task(worker()) for _ in range(min(jobs, len(items)))]
+    try:
+        for _ in range(len(items)):
+            yield await done.get()
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+
+_END = object()
+
+
+def analyze_many_blocking(
+    connect: Callable[[], AsyncSlideClient],
+    slides: Iterable[SlideRef | CohortSlide],
+    options: AnalysisOptions | None = None,
+    **kwargs: Any,
+) -> Iterator[SlideOutcome]:
+    """:func:`analyze_many` for blocking callers: runs it on a private event loop in a
+    background thread and yields its outcomes here, as they finish.
+
+    Args:
+        connect: makes the asyncio client inside that loop (closed at the end).
+        slides, options, kwargs: as :func:`analyze_many` (``on_progress`` is called on
+            the background thread).
+
+    Yields:
+        One :class:`SlideOutcome` per slide, in finishing order. Closing the iterator
+        early cancels the analyses in flight.
+
+    Raises:
+        ValueError: as :func:`analyze_many`.
+        HistoHelperError: the client could not be created.
+    """
+    items = [as_cohort_slide(s) for s in slides]
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=1)
+    loop = asyncio.new_event_loop()
+
+    async def main() -> None:
+        last: object = _END
+        try:
+            async with connect() as client:
+                async for outcome in analyze_many(client, items, options, **kwargs):
+                    await asyncio.to_thread(handoff.put, outcome)
+        except Exception as exc:  # handed to the caller's thread
+            last = exc
+        await asyncio.to_thread(handoff.put, last)
+
+    task = loop.create_task(main())
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            with contextlib.suppress(asyncio.CancelledError):  # the caller closed early
+                loop.run_until_complete(task)
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="histohelper-analyze-many", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        while True:
+            got = handoff.get()
+            if got is _END:
+                finished = True
+                return
+            if isinstance(got, BaseException):
+                finished = True  # main() has ended
+                raise got
+            yield got
+    finally:
+        if not finished:
+            with contextlib.suppress(RuntimeError):  # the loop may be closing already
+                loop.call_soon_threadsafe(task.cancel)
+            while thread.is_alive():  # unblock a pending hand-off until the thread ends
+                with contextlib.suppress(queue.Empty):
+                    handoff.get(timeout=0.05)
+        thread.join()
