@@ -7,7 +7,9 @@ returns the top k patch images with their layer4 Grad-CAM maps. Writes to ``--ou
 - ``cam_overlay.png``: the sub-patch-resolution CAM probability map over the thumbnail
   (7 x 7 cells per 224 px patch, overlapping cells averaged);
 - ``cam_heatmap.npz``: that map at one CAM cell per pixel (``heatmap``, ``l0_per_px``);
-- ``explanations.json``: each explained patch's box, scores and Grad-CAM.
+- ``explanations.json``: each explained patch's box, scores and Grad-CAM;
+- ``report.html``: the slide's report (:func:`histohelper.client.report.write_report`)
+  with the gallery of patches beside their Grad-CAM and the CAM map.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from histohelper.client.cli import (
     _guarded,
     _make_client,
     _UsageError,
+    add_overlay_arguments,
     patch_progress,
 )
 from histohelper.model_parts import describe_untrained
@@ -52,6 +55,7 @@ def add_subcommands(subparsers: Any) -> None:
         help="patch class to explain (default: the model's last patch class)",
     )
     p.add_argument("--stride-px", type=int, help="patch stride at the target resolution")
+    add_overlay_arguments(p)
     p.add_argument(
         "--quiet", "-q", action="store_true", help="no progress bar or step lines on stderr"
     )
@@ -71,6 +75,7 @@ def _explain(args: argparse.Namespace) -> int:
     from histohelper.client.explain import render_gallery
     from histohelper.client.options import AnalysisOptions
     from histohelper.client.render import cam_heatmap, overlay, write_png
+    from histohelper.client.report import write_report
 
     if not 1 <= args.top_k <= 256:
         raise _UsageError("--top-k must be in 1..256")
@@ -106,9 +111,12 @@ def _explain(args: argparse.Namespace) -> int:
         )
         for rank, ex in enumerate(explanations)
     ]
-    step(args, f"3/3 writing gallery, CAM overlay and explanations to {args.out}")
+    step(args, f"3/3 writing gallery, CAM overlay, explanations and report to {args.out}")
     write_png(args.out / "gallery.png", render_gallery(ranked, untrained=result.model.untrained))
-    write_png(args.out / "cam_overlay.png", overlay(result, class_name, cams=True))
+    write_png(
+        args.out / "cam_overlay.png",
+        overlay(result, class_name, cams=True, colormap=args.colormap),
+    )
     heat, l0_per_px = cam_heatmap(result, class_name)
     np.savez_compressed(
         args.out / "cam_heatmap.npz", heatmap=heat, l0_per_px=l0_per_px, class_name=class_name
@@ -137,6 +145,16 @@ def _explain(args: argparse.Namespace) -> int:
         "explanations": records,
     }
     (args.out / "explanations.json").write_text(json.dumps(summary, indent=2))
+    write_report(
+        result,
+        args.out,
+        slide_name=args.slide,
+        explanations=ranked,
+        cam_class=class_name,
+        class_name=class_name,
+        colormap=args.colormap,
+        attention_scale=args.attention_scale,
+    )
     flag = (
         f" [UNTRAINED: {describe_untrained(result.model.untrained_parts)}]"
         if result.model.untrained

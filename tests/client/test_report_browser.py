@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from chromium_cdp import Browser, Page, find_chromium
 
+from histohelper.cli import main as cli_main
 from histohelper.client.cli import main
 from histohelper.client.report import write_cohort_index
 
@@ -84,7 +85,7 @@ def test_report_of_a_real_analysis_loads_cleanly(
         "attention overlay",
     ]
     assert all(i["complete"] and i["w"] > 0 and i["h"] > 0 for i in images), images
-    assert page.evaluate("document.title").startswith("HistoHelper report")
+    assert page.evaluate("document.title") == f"HistoHelper report: {SLIDE}"
     assert "UNTRAINED" in page.evaluate("document.querySelector('.banner').textContent")
     shot = page.screenshot(tmp_path / "report.png")
     keep_shot(shot, "report.png")
@@ -125,3 +126,20 @@ def test_cohort_index_sorts_when_a_header_is_clicked(
     page.follow("#cohort a")
     assert page.evaluate("location.pathname").endswith("/b/report.html")
     assert_clean(page)
+
+
+def test_explain_report_shows_the_grad_cam_gallery(
+    browser: Browser, analysis_server: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "explain"
+    argv = ["explain", SLIDE, "--server", analysis_server.target, "--out", str(out)]
+    assert cli_main([*argv, "--top-k", "3", "--colormap", "viridis", "-q"]) == 0
+    page = browser.new_page()
+    page.goto((out / "report.html").resolve().as_uri())
+    assert_clean(page)
+    images = page.evaluate(IMAGES_DECODED)
+    alts = [i["alt"] for i in images]
+    assert "CAM overlay" in alts and "attention overlay" in alts
+    assert len([a for a in alts if a.startswith("Grad-CAM of patch")]) == 3
+    assert all(i["complete"] and i["w"] > 0 for i in images), images
+    keep_shot(page.screenshot(tmp_path / "explain_report.png"), "explain_report.png")
