@@ -126,3 +126,20 @@ def test_a_non_loopback_metrics_host_is_logged_as_a_warning(
         metrics.serve("127.0.0.1", free_port())
     metrics.close()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_result_cache_lookups_are_counted_and_a_hit_classifies_no_patch(
+    start_inprocess_server, slide_root: Path, tmp_path: Path
+) -> None:
+    running = start_inprocess_server(
+        slide_root=slide_root, metrics_port=free_port(), cache_dir=tmp_path / "cache"
+    )
+    analyze(running.target)
+    first = samples(scrape_text(running.metrics_port))
+    analyze(running.target)
+    second = samples(scrape_text(running.metrics_port))
+    cache = {dict(k)["result"]: v for k, v in second["histohelper_cache_requests_total"].items()}
+    assert cache == {"hit": 1, "miss": 1}
+    patches = "histohelper_patches_classified_total"
+    assert second[patches][()] == first[patches][()] > 0  # the hit ran no model batch
+    assert call_count(second, "AnalyzeSlide", "OK") == 2

@@ -11,6 +11,7 @@ Skipped only where the ``prometheus`` binary is absent (``.ci/run`` installs it)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -121,11 +122,10 @@ def prometheus_for(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
     yield start
     for server in started:
         server.proc.terminate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             server.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
+        server.proc.kill()  # a no-op once it has exited
+        server.proc.wait()
 
 
 def value(result: list[dict[str, Any]]) -> float:
