@@ -29,6 +29,7 @@ from histohelper.client.styles import (
     check_attention_scale,
     check_colormap,
 )
+from histohelper.model_parts import describe_untrained
 
 if TYPE_CHECKING:
     from histohelper.client.result import SlideResult
@@ -614,9 +615,7 @@ def _header(result: SlideResult) -> tuple[str | None, str | None, tuple[str, ...
         headline = f"Slide: {p.predicted_class} p={p.probability:.3f}"
     warning = None
     if result.model.untrained:
-        parts = tuple(getattr(result.model, "untrained_parts", ()) or ())
-        which = f" ({', '.join(parts)})" if parts else ""
-        warning = f"UNTRAINED{which}: predictions mean nothing"
+        warning = f"UNTRAINED: {describe_untrained(result.model.untrained_parts)}"
     return headline, warning, _uncertainty_notes(result)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from histohelper import __version__
 from histohelper.client import styles
+from histohelper.model_parts import describe_untrained, untrained_warning
 
 if TYPE_CHECKING:
     from histohelper.client.explain import PatchExplanation
@@ -146,9 +147,7 @@ def _picture(rgb: Any, alt: str, caption: str) -> str:
 def _untrained_text(result: SlideResult) -> str | None:
     if not result.model.untrained:
         return None
-    parts = tuple(getattr(result.model, "untrained_parts", ()) or ())
-    which = f" ({', '.join(parts)})" if parts else ""
-    return f"UNTRAINED model{which}: seeded random weights; its predictions mean nothing."
+    return f"UNTRAINED: the model is {untrained_warning(result.model.untrained_parts)}."
 
 
 def _prediction_section(result: SlideResult) -> str:
@@ -346,10 +345,7 @@ def _qc_section(result: SlideResult) -> str:
 
 def _model_section(result: SlideResult) -> str:
     m = result.model
-    parts = tuple(getattr(m, "untrained_parts", ()) or ())
-    untrained = "yes" if m.untrained else "no"
-    if m.untrained and parts:
-        untrained += f" ({_e(', '.join(parts))})"
+    untrained = f"yes: {_e(describe_untrained(m.untrained_parts))}" if m.untrained else "no"
     rows = [
         ("name", _e(m.name)),
         ("version", _e(m.version)),

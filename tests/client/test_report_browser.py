@@ -86,7 +86,8 @@ def test_report_of_a_real_analysis_loads_cleanly(
     ]
     assert all(i["complete"] and i["w"] > 0 and i["h"] > 0 for i in images), images
     assert page.evaluate("document.title") == f"HistoHelper report: {SLIDE}"
-    assert "UNTRAINED" in page.evaluate("document.querySelector('.banner').textContent")
+    banner = page.evaluate("document.querySelector('.banner').textContent")
+    assert "UNTRAINED" in banner and "patch classifier, MIL slide head" in banner
     shot = page.screenshot(tmp_path / "report.png")
     keep_shot(shot, "report.png")
     png = cv2.imread(str(shot))

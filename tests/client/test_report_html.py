@@ -88,7 +88,7 @@ def test_report_sections(tmp_path: Path) -> None:
     text = " ".join(page.text)
     for heading in ("Slide", "Heatmaps", "Top patches", "Quality control", "Model", "Timings"):
         assert heading in text
-    assert "UNTRAINED model" in text
+    assert "UNTRAINED: the model is untrained" in text
     assert "Slide prediction" in text and "positive" in text
     alts = [a["alt"] for t, a in page.tags if t == "img"]
     assert alts == ["slide thumbnail", "tissue mask", "probability overlay", "attention overlay"]
@@ -105,6 +105,19 @@ def test_report_with_cams_and_a_grad_cam_gallery(tmp_path: Path) -> None:
     assert [a for a in alts if a.startswith("Grad-CAM of patch")] == [
         f"Grad-CAM of patch {ex.patch_index}" for ex in gallery
     ]
+
+
+def test_report_names_the_untrained_parts(tmp_path: Path) -> None:
+    result = make_result()
+    mil_only = dataclasses.replace(
+        result, model=dataclasses.replace(result.model, untrained_parts=("mil",))
+    )
+    text = " ".join(parse(write_report(mil_only, tmp_path)).text)
+    assert "untrained (seeded random initialisation): MIL slide head" in text
+    assert "the slide prediction and attention mean nothing" in text
+    trained = dataclasses.replace(result, model=dataclasses.replace(result.model, untrained=False))
+    text = " ".join(parse(write_report(trained, tmp_path / "t")).text)
+    assert "UNTRAINED" not in text
 
 
 def test_report_without_tissue(tmp_path: Path) -> None:
