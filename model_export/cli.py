@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import warnings
+from collections.abc import Callable
 
 _DESCRIPTION = """\
 Export the HistoHelper model: a torchvision ResNet18 patch classifier (its own fc is
@@ -69,6 +71,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     _add_model_flags(p)
     _add_check_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log the parity figures")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no stage lines on stderr (export takes ~30 s)"
+    )
     p.set_defaults(func=run, _parser=p)
     _add_train_mil(subparsers)
 
@@ -346,6 +351,16 @@ def _add_check_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--onnx-opset", type=int, default=18, help="ONNX opset, >= 17 (default: 18)")
 
 
+def _stage_printer() -> Callable[[str], None]:
+    """Prints each export stage on stderr with the seconds since the command started."""
+    t0 = time.perf_counter()
+
+    def stage(text: str) -> None:
+        print(f"export: {text} (at {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+
+    return stage
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``histohelper export``. Returns the exit status (0 ok, 1 failed, 2 usage)."""
     from histohelper.errors import HistoHelperError
@@ -399,7 +414,8 @@ def run(args: argparse.Namespace) -> int:
                 onnx_opset=args.onnx_opset,
                 strict_variants=args.strict_variants,
             )
-            manifest = export_model(args.out, options)
+            progress = None if args.quiet else _stage_printer()
+            manifest = export_model(args.out, options, progress=progress)
         except HistoHelperError as exc:
             print(f"error: {exc}\nno artifact was written.", file=sys.stderr)
             return 1

@@ -636,6 +636,15 @@ def build_model(opts: ExportOptions) -> _BuiltModel:
     return _BuiltModel(model, tuple(weight_files), tuple(untrained_parts))
 
 
+def calib_source(opts: ExportOptions) -> str:
+    """Where :func:`_calibration` takes its patches from, in words."""
+    if not opts.calibrates:
+        return "none needed"
+    if opts.calibration_slide is not None:
+        return f"up to {opts.calibration_patches} from the calibration slide"
+    return f"{min(opts.calibration_patches, 64)} synthetic"
+
+
 def _calibration(opts: ExportOptions) -> CalibrationSet:
     """The calibration patches: the slide's through the server's tiler, or synthetic
     (none when no gate needs them)."""
@@ -799,8 +808,24 @@ def _export_onnx_files(
     return info, files
 
 
+class _Steps:
+    """Numbered progress messages (``"[2/6] calibration patches"``) for a caller."""
+
+    def __init__(self, total: int, report: Callable[[str], None] | None) -> None:
+        self.total, self.report, self.done = total, report, 0
+
+    def __call__(self, text: str) -> None:
+        self.done += 1
+        if self.report is not None:
+            self.report(f"[{self.done}/{self.total}] {text}")
+
+
 def export_model(
-    out_path: str | os.PathLike[str], options: ExportOptions | None = None, **fields: Any
+    out_path: str | os.PathLike[str],
+    options: ExportOptions | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+    **fields: Any,
 ) -> Manifest:
     """Export the model to ``out_path`` (TorchScript) and optionally ``.onnx`` beside it.
 
@@ -813,6 +838,8 @@ def export_model(
         out_path: artifact path (``.pt``); the ONNX files are ``out_path`` with suffix
             ``.onnx`` and ``.int8.onnx``. Parent directories are created.
         options: what to export (default :class:`ExportOptions`).
+        progress: called with one line as each stage starts (``"[3/6] fp32 parity
+            gates: TorchScript vs eager"``); the CLI prints them on stderr.
         **fields: :class:`ExportOptions` fields overriding ``options``
             (``export_model(out, onnx=True, variants=())``).
 
@@ -827,6 +854,8 @@ def export_model(
     """
     opts = dataclasses.replace(options or ExportOptions(), **fields)
     out = Path(out_path)
+    step = _Steps(6 + opts.onnx, progress)
+    step("building ResNet18 + MIL head" + (" and loading weights" if opts.weights else ""))
     built = build_model(opts)  # errors here happen before anything is written
     if built.untrained_parts:
         warnings.warn(
@@ -837,25 +866,32 @@ def export_model(
             stacklevel=2,
         )
     model = built.model
+    step(f"calibration patches ({calib_source(opts)})")
     calib = _calibration(opts)
     fixed = synthetic_patches(opts.parity_batch, opts.patch_size_px, opts.seed + 1)
     base = _manifest_fields(opts, built, calib)
     with _Staging(out) as staging, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        step("TorchScript: scripting and saving")
         scripted = torch.jit.script(model)
         mil_npz = _mil_npz(model)
         fp32_only = (PrecisionVariant(precision="fp32", devices=VARIANT_DEVICES["fp32"]),)
         stage1 = staging.tmp(".pt")
         _save_artifact(scripted, stage1, Manifest(precisions=fp32_only, **base), mil_npz)  # type: ignore[arg-type]
         bag = fixed_bag(64, 512, opts.seed)
+        step("fp32 parity gates: TorchScript (and the served module) vs eager")
         parity = _fp32_gates(model, stage1, fixed, bag, opts.check_served)
+        step(f"precision variants gated against fp32: {', '.join(opts.variants) or 'none'}")
         precisions = _variant_gates(model, stage1, calib, opts.variants, opts.strict_variants)
         onnx_info: OnnxInfo | None = None
         files: dict[Path, Path] = {}
         if opts.onnx:
+            int8 = ", int8 quantisation and its gates" if opts.onnx_int8 else ""
+            step(f"ONNX export and its gate{int8}")
             onnx_info, files = _export_onnx_files(model, opts, staging, fixed, calib)
         manifest = Manifest(precisions=precisions, parity=parity, onnx=onnx_info, **base)  # type: ignore[arg-type]
+        step("writing the artifact with its manifest")
         final = staging.tmp(".pt")
         _save_artifact(torch.jit.load(str(stage1)), final, manifest, mil_npz)
         if read_manifest(final) != manifest:  # pragma: no cover - defensive

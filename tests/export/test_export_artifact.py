@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -256,6 +257,13 @@ def test_cli_export_untrained_warns_on_stderr(
     err = capsys.readouterr().err
     assert "warning: exporting an UNTRAINED model" in err
     assert read_manifest(out).slide_classes == ("pulmonary", "cerebral")
+    # Progress: one numbered line per stage as it starts, with the time since the start.
+    stages = [ln for ln in err.splitlines() if ln.startswith("export: [")]
+    assert [ln.split()[1] for ln in stages] == [f"[{i}/6]" for i in range(1, 7)], err
+    assert "precision variants gated against fp32: none" in stages[4]
+    assert all(re.search(r"\(at \d+\.\d s\)$", ln) for ln in stages), stages
+    assert _run_cli(["export", str(tmp_path / "q.pt"), "--variants", "--quiet"]) == 0
+    assert "export: [" not in capsys.readouterr().err
 
 
 def test_cli_wrong_fc_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
