@@ -63,7 +63,13 @@ def _add_analyze(subparsers: Any) -> None:
         "into --out.",
     )
     analyze.add_argument(
-        "slide", metavar="SLIDE", help="slide path relative to the server's slide root"
+        "slide",
+        metavar="SLIDE",
+        nargs="+",
+        help="slide path relative to the server's slide root; several slides, FOLDERs "
+        "(slide files found by extension) or one manifest CSV make a cohort run "
+        "(DIR/<id>/ per slide, DIR/cohort.csv, DIR/run_manifest.json; see "
+        "histohelper.client.cohort)",
     )
     _add_connection_arguments(analyze)
     analyze.add_argument(
@@ -89,6 +95,26 @@ def _add_analyze(subparsers: Any) -> None:
     add_overlay_arguments(analyze)
     analyze.add_argument("--request-id", help="id echoed by the server and in its logs")
     analyze.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    analyze.add_argument(
+        "--upload",
+        action="store_true",
+        help="SLIDE and FOLDER are local files, uploaded to the server before analysis",
+    )
+    analyze.add_argument(
+        "--slide-root",
+        type=Path,
+        metavar="DIR",
+        help="local view of the server's slide root, where FOLDER arguments are looked up "
+        "(default: the current directory)",
+    )
+    analyze.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=4,
+        metavar="K",
+        help="cohort: slides in flight (default 4)",
+    )
     analyze.set_defaults(func=run_analyze)
 
 
@@ -247,7 +273,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
         metavar="HOST:PORT",
-        help=f"server address (default: ${SERVER_ENV})",
+        help=f"server address (default: ${SERVER_ENV}); several, comma-separated IP:PORT "
+        "addresses or a dns:///NAME:PORT target spread the calls (round_robin)",
     )
     parser.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="deadline of the call (default: none)"
@@ -257,7 +284,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=5,
         metavar="N",
-        help="attempts on UNAVAILABLE, with backoff, 1..5 (default 5)",
+        help="attempts of a call on UNAVAILABLE, with backoff, 1..5 (default 5); in a "
+        "cohort run also the attempts per slide on SERVER_BUSY or UNAVAILABLE",
     )
     parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca)")
     parser.add_argument("--ca", type=Path, metavar="PEM", help="root certificates (implies TLS)")
@@ -284,11 +312,15 @@ def _make_client(args: argparse.Namespace) -> Any:
 
 def _client_arguments(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """Target and keyword arguments of a (sync or aio) client from the connection flags."""
-    from histohelper.client._channel import RetryPolicy
+    from histohelper.client._channel import RetryPolicy, resolve_target
 
     target = args.server or os.environ.get(SERVER_ENV)
     if not target:
         raise _UsageError(f"no server: pass --server HOST:PORT or set {SERVER_ENV}")
+    try:
+        resolve_target(target)
+    except ValueError as exc:
+        raise _UsageError(f"--server: {exc}") from None
     if not 1 <= args.retries <= 5:
         raise _UsageError("--retries must be in 1..5")
     if (args.cert is None) != (args.key is None):
@@ -378,6 +410,14 @@ def _analyze(args: argparse.Namespace) -> int:
         return_attention=not args.no_attention,
         mc_dropout_passes=args.mc_dropout_passes,
     )
+    if args.jobs < 1:
+        raise _UsageError("--jobs must be >= 1")
+    from histohelper.client.cohort_runner import is_manifest, local_folder
+
+    slide_root = args.slide_root or Path.cwd()
+    first = args.slide[0]
+    if len(args.slide) > 1 or is_manifest(first) or local_folder(first, slide_root, args.upload):
+        return _analyze_cohort(args, options, slide_root)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)  # fail before the analysis, not after
     with _make_client(args) as client:
@@ -389,23 +429,91 @@ def _analyze(args: argparse.Namespace) -> int:
                     f"classes: {', '.join(classes)}"
                 )
         with patch_progress("analyze", quiet=args.quiet) as on_progress:
+            ref = client.upload(first) if args.upload else first
             result = client.analyze(
-                args.slide, options, on_progress=on_progress, request_id=args.request_id
+                ref, options, on_progress=on_progress, request_id=args.request_id
             )
-    from histohelper.client.exports import save_all
+    from histohelper.client.cohort_runner import write_analysis_files
 
-    save_all(
-        result,
-        out_dir,
-        class_name=args.overlay_class,
-        alpha=args.alpha,
-        colormap=args.colormap,
-        attention_scale=args.attention_scale,
-        slide_name=args.slide,
-    )
-    print(summary_line(args.slide, result, out_dir))
+    write_analysis_files(result, out_dir, {**_render_settings(args), "slide_name": first})
+    print(summary_line(first, result, out_dir))
     for line in qc_warning_lines(result):
         print(line)
+    return EXIT_OK
+
+
+def _render_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``save_all`` keyword arguments from the overlay flags (one-slide and cohort runs)."""
+    return {
+        "class_name": args.overlay_class,
+        "alpha": args.alpha,
+        "colormap": args.colormap,
+        "attention_scale": args.attention_scale,
+    }
+
+
+def _analyze_cohort(args: argparse.Namespace, options: AnalysisOptions, slide_root: Path) -> int:
+    """``analyze`` with many slides, folders or a manifest (:mod:`histohelper.client.cohort`)."""
+    import asyncio
+
+    from histohelper.client.cohort_runner import (
+        assign_ids,
+        is_manifest,
+        run_cohort,
+        slides_from_arguments,
+        slides_from_manifest,
+    )
+    from histohelper.cohort_csv import CohortError
+
+    if args.request_id is not None:
+        raise _UsageError("--request-id names one call; leave it out for a cohort run")
+    manifests = [a for a in args.slide if is_manifest(a)]
+    try:
+        if manifests and len(args.slide) > 1:
+            raise CohortError("a manifest CSV must be the only SLIDE argument")
+        if manifests:
+            items = slides_from_manifest(manifests[0], options, upload=args.upload)
+        else:
+            items = slides_from_arguments(args.slide, slide_root=slide_root, upload=args.upload)
+        items = assign_ids(items)
+    except CohortError as exc:
+        raise _UsageError(str(exc)) from None
+    args.out.mkdir(parents=True, exist_ok=True)  # fail before the analyses, not after
+    target, kwargs = _client_arguments(args)
+
+    async def main() -> Any:
+        from histohelper.client.aio import AsyncSlideClient
+
+        async with AsyncSlideClient(target, **kwargs) as client:
+            if args.overlay_class is not None:  # check before spending the analyses
+                classes = (await client.get_model_info()).model.patch_classes
+                if args.overlay_class not in classes:
+                    raise _UsageError(
+                        f"--class {args.overlay_class!r} is not a patch class; "
+                        f"classes: {', '.join(classes)}"
+                    )
+            return await run_cohort(
+                client,
+                items,
+                args.out,
+                base_options=options,
+                render=_render_settings(args),
+                jobs=args.jobs,
+                retries=args.retries - 1,
+                quiet=args.quiet,
+            )
+
+    run = asyncio.run(main())
+    counts = {s: sum(r["status"] == s for r in run.rows) for s in ("done", "skipped", "no_tissue")}
+    print(
+        f"cohort: {counts['done']} done, {counts['skipped']} skipped, {counts['no_tissue']} "
+        f"without tissue, {len(run.failed)} failed of {len(run.rows)} slides -> {args.out}"
+    )
+    if run.failed:
+        print(f"histohelper analyze: {len(run.failed)} slide(s) failed:", file=sys.stderr)
+        for r in run.failed:
+            print(f"  {r['id']} ({r['slide']}): {r['error']}", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 

@@ -1,0 +1,591 @@
+"""The files of a cohort run (``histohelper analyze`` with many slides): inputs, the run
+manifest, each slide's folder, the cohort table, the progress bar.
+
+What the command does is documented in :mod:`histohelper.client.cohort` (the analyses
+themselves run there, in :func:`~histohelper.client.cohort.analyze_many`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from histohelper import __version__
+from histohelper.client.cohort import CohortProgress, CohortSlide, SlideOutcome, analyze_many
+from histohelper.client.features import ModelIdentity, slide_stem
+from histohelper.client.options import AnalysisOptions
+from histohelper.cohort_csv import CohortError, read_cohort_csv
+from histohelper.errors import InvalidOptionsError
+
+if TYPE_CHECKING:
+    from histohelper.client.aio import AsyncSlideClient
+    from histohelper.client.result import SlideResult
+
+MANIFEST_NAME = "run_manifest.json"
+TABLE_NAME = "cohort.csv"
+MANIFEST_FORMAT = "histohelper-cohort-run/1"
+
+#: Slide files a FOLDER argument contributes (case-insensitive).
+SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
+)  # fmt: skip
+
+#: Manifest CSV option columns -> (AnalysisOptions field, cell parser). The request
+#: flags' names (``mpp``, ``patch_size`` ...) and the option fields' names both work.
+OPTION_COLUMNS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    **{c: ("target_mpp", float) for c in ("mpp", "target_mpp")},
+    **{c: ("target_magnification", float) for c in ("magnification", "target_magnification")},
+    **{c: ("target_level", int) for c in ("level", "target_level")},
+    **{c: ("patch_size_px", int) for c in ("patch_size", "patch_size_px")},
+    **{c: ("stride_px", int) for c in ("stride", "stride_px")},
+    **{c: ("min_tissue_fraction", float) for c in ("min_tissue", "min_tissue_fraction")},
+    "edge_mode": ("edge_mode", str),
+    "batch_size": ("batch_size", int),
+    "mpp_override": ("mpp_override", float),
+    "mc_dropout_passes": ("mc_dropout_passes", int),
+}
+_RESOLUTION = ("target_mpp", "target_magnification", "target_level")
+#: Options that do not change a result (a re-run with another value skips the slide).
+_RESULT_NEUTRAL = ("batch_size",)
+
+TABLE_HEAD = ("id", "slide", "status", "error", "predicted_class")
+#: Columns after the ``prob_<slide class>`` ones.
+TABLE_TAIL = (
+    "mc_std", "mc_entropy_nats", "patch_count", "tissue_fraction", "effective_mpp",
+    "mpp_source", "qc_warnings", "total_s", "patches_per_s", "wall_s", "attempts",
+    "request_id", "cached", "report",
+)  # fmt: skip
+#: The cohort table's columns, ``prob_<class>`` for each slide class in the middle.
+TABLE_COLUMNS = (*TABLE_HEAD, "prob_<class>...", *TABLE_TAIL)
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_RESERVED_IDS = {MANIFEST_NAME, TABLE_NAME, "index.html"}
+
+
+#: Keyword arguments of :func:`~histohelper.client.exports.save_all` that say how the
+#: files are drawn (overlay class, opacity, colour map ...); part of a slide's identity.
+RenderSettings = Mapping[str, Any]
+
+
+# --- inputs -------------------------------------------------------------------------
+
+
+def is_manifest(arg: str) -> bool:
+    """Whether a SLIDE argument names a manifest CSV (``*.csv``, an existing local file)."""
+    return arg.lower().endswith(".csv") and Path(arg).is_file()
+
+
+def local_folder(arg: str, slide_root: Path, upload: bool) -> Path | None:
+    """The local folder a SLIDE argument names, or ``None`` when it is not one: with
+    ``upload`` a local path, else a path under ``slide_root`` (the local view of the
+    server's slide root)."""
+    path = Path(arg) if upload else slide_root / arg
+    return path if path.is_dir() else None
+
+
+def find_slide_files(folder: Path) -> list[Path]:
+    """Slide files under ``folder`` (recursive, :data:`SLIDE_SUFFIXES`, hidden files and
+    folders skipped), sorted by path."""
+    found = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder).parts
+        if any(part.startswith(".") for part in rel):
+            continue
+        if path.suffix.lower() in SLIDE_SUFFIXES and path.is_file():
+            found.append(path)
+    return sorted(found)
+
+
+def slides_from_arguments(
+    args: Sequence[str], *, slide_root: Path, upload: bool
+) -> list[CohortSlide]:
+    """Cohort items from SLIDE and FOLDER arguments, in argument order (folders expanded).
+
+    Raises:
+        CohortError: a folder outside ``slide_root``, or one without slide files.
+    """
+    items: list[CohortSlide] = []
+    root = slide_root.resolve()
+    for arg in args:
+        folder = local_folder(arg, slide_root, upload)
+        if folder is None:
+            items.append(CohortSlide(arg, upload=upload))
+            continue
+        files = find_slide_files(folder)
+        if not files:
+            raise CohortError(f"{arg}: no slide files ({' '.join(SLIDE_SUFFIXES)}) in the folder")
+        for f in files:
+            if upload:
+                items.append(CohortSlide(str(f), upload=True))
+                continue
+            try:
+                ref = f.resolve().relative_to(root).as_posix()
+            except ValueError:
+                raise CohortError(
+                    f"{arg}: the folder is not under the slide root {slide_root} "
+                    "(set --slide-root, or --upload to send local files)"
+                ) from None
+            items.append(CohortSlide(ref))
+    return items
+
+
+def slides_from_manifest(
+    path: str | os.PathLike[str], base: AnalysisOptions, *, upload: bool
+) -> list[CohortSlide]:
+    """Cohort items from a manifest CSV (``slide``, optional ``id`` and option columns).
+
+    Each option cell replaces the command line's value for that slide; a resolution cell
+    (mpp, magnification or level) replaces the command line's resolution.
+
+    Raises:
+        CohortError: an unknown column (the message lists the allowed ones), a bad
+            option value or combination (with its line), and what
+            :func:`histohelper.cohort_csv.read_cohort_csv` refuses.
+        OSError: the file cannot be read.
+    """
+    _, rows = read_cohort_csv(path, ("slide", "id", *OPTION_COLUMNS))
+    items = []
+    for row in rows:
+        changes: dict[str, Any] = {}
+        for column, (name, parse) in OPTION_COLUMNS.items():
+            cell = row.get(column)
+            if cell is None:
+                continue
+            try:
+                value = parse(cell)
+            except ValueError:
+                kind = "an integer" if parse is int else "a number"
+                raise CohortError(f"line {row.line}: {column} = {cell!r} is not {kind}") from None
+            if name in changes and changes[name] != value:
+                raise CohortError(f"line {row.line}: {name} given twice with different values")
+            changes[name] = value
+        if any(name in changes for name in _RESOLUTION):
+            changes = {**dict.fromkeys(_RESOLUTION), **changes}
+        try:
+            options = dataclasses.replace(base, **changes) if changes else None
+        except InvalidOptionsError as exc:
+            raise CohortError(f"line {row.line}: {exc}") from None
+        items.append(CohortSlide(row.slide, row.get("id"), options, upload))
+    return items
+
+
+def assign_ids(items: Sequence[CohortSlide]) -> list[CohortSlide]:
+    """Give every item an id: its own, else its file stem, with ``-<8 hex>`` of the
+    reference's SHA-256 where several items of the run share a stem.
+
+    Raises:
+        CohortError: an own id that is not ``[A-Za-z0-9][A-Za-z0-9._-]*`` (at most 128
+            characters), is a reserved file name, or repeats.
+    """
+    own = [i.id for i in items if i.id is not None]
+    for given in own:
+        if not _ID_RE.fullmatch(given) or given in _RESERVED_IDS:
+            raise CohortError(
+                f"slide id {given!r} is not usable as a folder name "
+                "([A-Za-z0-9][A-Za-z0-9._-]*, at most 128 characters)"
+            )
+    repeated = sorted({i for i in own if own.count(i) > 1})
+    if repeated:
+        raise CohortError(f"slide id(s) listed twice: {', '.join(repeated)}")
+    stems = [slide_stem(str(i.slide), 80) if i.id is None else None for i in items]
+    taken = [*own, *(s for s in stems if s is not None)]
+    out = []
+    for item, stem in zip(items, stems, strict=True):
+        if stem is None:
+            out.append(item)
+            continue
+        if taken.count(stem) > 1 or stem in _RESERVED_IDS:
+            stem = f"{stem}-{hashlib.sha256(str(item.slide).encode()).hexdigest()[:8]}"
+        out.append(dataclasses.replace(item, id=stem))
+    return out
+
+
+# --- identity and manifest ------------------------------------------------------------
+
+
+def options_identity(options: AnalysisOptions, render: RenderSettings) -> dict[str, Any]:
+    """What must match for a finished slide to be skipped: the request options (except
+    :data:`_RESULT_NEUTRAL`) and the render settings, as JSON-ready values."""
+    values = {k: v for k, v in dataclasses.asdict(options).items() if k not in _RESULT_NEUTRAL}
+    values["render"] = dict(render)
+    return json.loads(json.dumps(values, sort_keys=True))
+
+
+class RunManifest:
+    """``run_manifest.json``: one entry per slide id ever run into this folder.
+
+    Entry keys: ``slide`` (reference), ``upload`` (bool), ``status`` (``done`` |
+    ``no_tissue`` | ``failed``), ``error``, ``model_hash``, ``model_hash_source``,
+    ``options`` (:func:`options_identity`), ``attempts``, ``request_id``,
+    ``started_at``/``finished_at`` (UTC ISO 8601), ``wall_s``, ``server_total_s``,
+    ``patches_per_s`` and ``row`` (the slide's cohort-table row). Rewritten atomically.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / MANIFEST_NAME
+        self.doc: dict[str, Any] = {"format": MANIFEST_FORMAT, "slides": {}}
+        if self.path.exists():
+            try:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                loaded = None  # unreadable: start afresh (every slide is redone)
+            if isinstance(loaded, dict) and isinstance(loaded.get("slides"), dict):
+                self.doc = loaded
+
+    @property
+    def slides(self) -> dict[str, dict[str, Any]]:
+        """Entries by slide id."""
+        slides: dict[str, dict[str, Any]] = self.doc["slides"]
+        return slides
+
+    def finished(
+        self, item: CohortSlide, model: ModelIdentity, identity: dict[str, Any], out_dir: Path
+    ) -> dict[str, Any] | None:
+        """The entry of ``item`` when it can be skipped (see the module docstring)."""
+        entry = self.slides.get(str(item.id))
+        if not isinstance(entry, dict):
+            return None
+        same = (
+            entry.get("status") in ("done", "no_tissue")
+            and entry.get("slide") == str(item.slide)
+            and bool(entry.get("upload")) == item.upload
+            and entry.get("model_hash") == model.hash
+            and entry.get("options") == identity
+            and isinstance(entry.get("row"), dict)
+        )
+        return entry if same and (out_dir / str(item.id)).is_dir() else None
+
+    def save(self, model: ModelIdentity) -> None:
+        """Write the manifest atomically (temp file, then ``os.replace``)."""
+        self.doc["histohelper_version"] = __version__
+        self.doc["model"] = {
+            "name": model.name,
+            "version": model.version,
+            "hash": model.hash,
+            "hash_source": model.hash_source,
+        }
+        _atomic_write_text(self.path, json.dumps(self.doc, indent=1, sort_keys=True) + "\n")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- per-slide files and the table ----------------------------------------------------
+
+
+def write_analysis_files(result: SlideResult, out_dir: Path, render: RenderSettings) -> None:
+    """The files of one analysed slide, exactly as ``histohelper analyze SLIDE`` writes
+    them: :func:`~histohelper.client.exports.save_all` with ``render``."""
+    from histohelper.client.exports import save_all
+
+    save_all(result, out_dir, **render)
+
+
+def write_slide_folder(
+    result: SlideResult, out_dir: Path, slide_id: str, render: RenderSettings
+) -> Path:
+    """Write one slide's files into ``out_dir/.tmp-<id>-XXXX`` and rename that folder to
+    ``out_dir/<id>`` (a previous folder of that id is moved aside first, then removed):
+    the final name never holds a half-written folder.
+
+    Raises:
+        OSError: the files cannot be written (the temporary folder is removed).
+    """
+    dest = out_dir / slide_id
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{slide_id}-", dir=out_dir))
+    try:
+        write_analysis_files(result, tmp, render)
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{slide_id}-", dir=out_dir))
+            os.replace(dest, old / slide_id)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove ``.tmp-*`` / ``.old-*`` folders an interrupted run left in ``out_dir``."""
+    for path in out_dir.iterdir():
+        if path.is_dir() and path.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def result_row(
+    item: CohortSlide, outcome: SlideOutcome, status: str, out_dir: Path
+) -> dict[str, str]:
+    """The cohort-table row of an analysed or failed slide (values as CSV text)."""
+    row = dict.fromkeys(("id", "slide", "status", "error", *TABLE_TAIL), "")
+    row.update(
+        id=str(item.id),
+        slide=str(item.slide),
+        status=status,
+        error=outcome.reason,
+        attempts=str(outcome.attempts),
+        wall_s=f"{outcome.wall_s:.3f}",
+    )
+    r = outcome.result
+    if r is None:
+        return row
+    if r.prediction is not None:
+        p = r.prediction
+        row["predicted_class"] = p.predicted_class
+        for name, prob in zip(p.class_names, p.probabilities, strict=True):
+            row[f"prob_{name}"] = _fmt(prob)
+        u = p.uncertainty
+        if u is not None and p.predicted_class in p.class_names:
+            row["mc_std"] = _fmt(u.std[p.class_names.index(p.predicted_class)])
+            row["mc_entropy_nats"] = _fmt(u.entropy_nats)
+    cached = getattr(r, "cached", None)
+    report = out_dir / str(item.id) / "report.html"
+    row.update(
+        patch_count=str(r.patch_count),
+        tissue_fraction=_fmt(r.qc.tissue_fraction),
+        effective_mpp=_fmt(r.grid.effective_mpp),
+        mpp_source=r.grid.mpp_source,
+        qc_warnings="; ".join(r.qc.warnings),
+        total_s=f"{r.timings.total_s:.3f}",
+        patches_per_s=f"{r.timings.patches_per_s:.1f}",
+        request_id=r.request_id,
+        cached="" if cached is None else str(bool(cached)).lower(),
+        report=f"{item.id}/report.html" if report.is_file() else "",
+    )
+    return row
+
+
+def write_table(out_dir: Path, rows: Sequence[dict[str, str]], classes: Sequence[str]) -> Path:
+    """Write ``cohort.csv`` atomically: :data:`TABLE_COLUMNS`, one row per slide."""
+    prob_columns = [f"prob_{c}" for c in classes]
+    for row in rows:  # classes of rows from an earlier run's model, if they differ
+        prob_columns += [k for k in row if k.startswith("prob_") and k not in prob_columns]
+    columns = [*TABLE_HEAD, *prob_columns, *TABLE_TAIL]
+    dest = out_dir / TABLE_NAME
+    fd, tmp = tempfile.mkstemp(prefix=f".{TABLE_NAME}.", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def write_index(out_dir: Path, rows: list[dict[str, str]]) -> Path | None:
+    """``index.html`` by :func:`histohelper.client.report.write_cohort_index` where the
+    installed client has it; ``None`` otherwise."""
+    import importlib
+
+    try:
+        report = importlib.import_module("histohelper.client.report")
+    except ImportError:
+        return None
+    write_cohort_index = getattr(report, "write_cohort_index", None)
+    return None if write_cohort_index is None else Path(write_cohort_index(out_dir, rows))
+
+
+# --- the run --------------------------------------------------------------------------
+
+
+@dataclass
+class CohortRunResult:
+    """What :func:`run_cohort` returns: the table rows in input order and the failures."""
+
+    rows: list[dict[str, str]]
+    failed: list[dict[str, str]]
+    table: Path
+    index_html: Path | None
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+class _Bar:
+    """The tqdm bar: slides done/total with ETA, plus patches/s and slides/h."""
+
+    def __init__(self, total: int, initial: int, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            unit="slide",
+            desc="cohort",
+            disable=True if quiet else None,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        self.t0 = time.perf_counter()
+        self.patches: dict[int, int] = {}
+        self.analysed = 0
+
+    def on_progress(self, event: CohortProgress) -> None:
+        if event.kind == "patches":
+            self.patches[event.index] = event.patches_done
+            self._postfix()
+
+    def slide_done(self) -> None:
+        self.analysed += 1
+        self._postfix()
+        self.bar.update(1)
+
+    def _postfix(self) -> None:
+        elapsed = time.perf_counter() - self.t0
+        if elapsed > 0:
+            self.bar.set_postfix_str(
+                f"{sum(self.patches.values()) / elapsed:.1f} patches/s, "
+                f"{self.analysed * 3600.0 / elapsed:.0f} slides/h",
+                refresh=False,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+async def run_cohort(
+    client: AsyncSlideClient,
+    items: Sequence[CohortSlide],
+    out_dir: Path,
+    *,
+    base_options: AnalysisOptions,
+    render: RenderSettings | None = None,
+    jobs: int = 4,
+    retries: int = 4,
+    quiet: bool = False,
+) -> CohortRunResult:
+    """Run a cohort into ``out_dir`` (layout and resume rules: :mod:`.cohort`).
+
+    Args:
+        client: an open asyncio client.
+        items: the slides, each with an ``id`` (:func:`assign_ids`).
+        out_dir: the output folder (created).
+        base_options: options of items without their own.
+        render: how the per-slide files are drawn (``save_all`` keyword arguments).
+        jobs: analyses in flight.
+        retries: retries per slide after the first attempt.
+        quiet: no progress bar.
+
+    Returns:
+        The table rows in input order and the failed ones.
+
+    Raises:
+        HistoHelperError: the model info cannot be fetched (nothing is analysed then).
+        OSError: ``out_dir``, the manifest or the table cannot be written.
+    """
+    render = dict(render or {})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
+    info = await client.get_model_info()
+    model = ModelIdentity.from_info(info)
+    manifest = RunManifest(out_dir)
+    rows: list[dict[str, str] | None] = [None] * len(items)
+    todo: list[int] = []
+    for i, item in enumerate(items):
+        opts = item.options or base_options
+        entry = manifest.finished(item, model, options_identity(opts, render), out_dir)
+        if entry is None:
+            todo.append(i)
+        else:
+            rows[i] = {**entry["row"], "status": "skipped", "error": "", "attempts": "0"}
+    bar = _Bar(len(items), len(items) - len(todo), quiet)
+    try:
+        run_items = [items[i] for i in todo]
+        async for outcome in analyze_many(
+            client,
+            run_items,
+            base_options,
+            jobs=jobs,
+            retries=retries,
+            on_progress=bar.on_progress,
+        ):
+            item = run_items[outcome.index]
+            rows[todo[outcome.index]] = await asyncio.to_thread(
+                _finish_slide, item, outcome, out_dir, render, manifest, model
+            )
+            bar.slide_done()
+    finally:
+        bar.close()
+    done = [r for r in rows if r is not None]
+    table = write_table(out_dir, done, model_slide_classes(info))
+    index_html = write_index(out_dir, done)
+    return CohortRunResult(done, [r for r in done if r["status"] == "failed"], table, index_html)
+
+
+def model_slide_classes(info: Any) -> tuple[str, ...]:
+    """The served model's slide classes (the table's ``prob_<class>`` columns)."""
+    return tuple(info.model.slide_classes)
+
+
+def _finish_slide(
+    item: CohortSlide,
+    outcome: SlideOutcome,
+    out_dir: Path,
+    render: RenderSettings,
+    manifest: RunManifest,
+    model: ModelIdentity,
+) -> dict[str, str]:
+    """Write a finished slide's folder, its manifest entry and its table row."""
+    result = outcome.result
+    status = "failed"
+    if result is not None:
+        try:
+            files = {**render, "slide_name": str(item.slide)}  # report.html's title
+            write_slide_folder(result, out_dir, str(item.id), files)
+            status = "no_tissue" if result.outcome == "no_tissue" else "done"
+        except OSError as exc:  # an unwritable slide fails alone
+            outcome = dataclasses.replace(outcome, result=None, error=exc)
+    row = result_row(item, outcome, status, out_dir)
+    now = time.time()
+    manifest.slides[str(item.id)] = {
+        "slide": str(item.slide),
+        "upload": item.upload,
+        "status": status,
+        "error": outcome.reason,
+        "model_hash": model.hash,
+        "model_hash_source": model.hash_source,
+        "options": options_identity(outcome.options, render),
+        "attempts": outcome.attempts,
+        "request_id": row["request_id"],
+        "started_at": _utc(now - outcome.wall_s),
+        "finished_at": _utc(now),
+        "wall_s": round(outcome.wall_s, 3),
+        "server_total_s": float(row["total_s"]) if row["total_s"] else None,
+        "patches_per_s": float(row["patches_per_s"]) if row["patches_per_s"] else None,
+        "row": row,
+    }
+    with contextlib.suppress(OSError):  # a manifest write failure must not lose the run
+        manifest.save(model)
+    return row
