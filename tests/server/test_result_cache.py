@@ -315,3 +315,21 @@ def test_hits_and_misses_are_counted_in_prometheus(
             client.analyze("b.tiff", AnalysisOptions(min_tissue_fraction=fraction))
     counts = samples(scrape_text(running.metrics_port))["histohelper_cache_requests_total"]
     assert counts[(("result", "hit"),)] == 2 and counts[(("result", "miss"),)] == 2
+
+
+def test_the_cli_line_and_summary_json_say_cached(
+    server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from histohelper.client.cli import main
+
+    lines, summaries = [], []
+    for run in ("miss", "hit"):
+        out = tmp_path / run
+        argv = ["analyze", "b.tiff", "--server", server.target, "--out", str(out), "-q"]
+        assert main(argv) == 0
+        lines.append(capsys.readouterr().out.strip().splitlines()[-1])
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    assert [s["cached"] for s in summaries] == [False, True]
+    assert "(cached)" in lines[1] and "(cached)" not in lines[0]
