@@ -22,6 +22,8 @@ _COMMAND_MODULES = (
     "histohelper.server.cli",  # tile
     "histohelper.client.cli",  # analyze, info, evaluate
     "histohelper.client.explain_cli",  # explain
+    "histohelper.server.certs",  # certs (cryptography: the certs extra, imported when run)
+    "histohelper.server.auth",  # token
 )
 
 
@@ -45,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Which extra brings the heavy dependencies of each command.
-_EXTRAS = {"export": "export", "serve": "server", "tile": "server", "evaluate": "evaluate"}
+_EXTRAS = {
+    "export": "export",
+    "serve": "server",
+    "tile": "server",
+    "evaluate": "evaluate",
+    "certs": "certs",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,9 +10,11 @@ Tokens file (``--tokens-file``), JSON::
 Only hashes are stored; the server never stores, logs or echoes a raw token. A
 presented token is hashed and compared with every stored hash in constant time
 (``hmac.compare_digest``). ``roles`` defaults to ``["analyze"]``; ``"upload"`` is
-needed for UploadSlide. ``python -m histohelper.server.auth --identity NAME --roles
-analyze,upload`` makes a new random token: the token on stdout (give it to the
-caller), the entry for the tokens file on stderr.
+needed for UploadSlide. ``histohelper token --identity NAME --roles
+analyze,upload --file tokens.json`` (or ``python -m histohelper.server.auth`` with the
+same flags) makes a new random token: the token on stdout (give it to the caller), its
+entry added to the tokens file (created if absent, existing entries kept), or printed
+on stderr without ``--file``.
 
 :class:`Authenticator` decides who calls; the call path
 (:mod:`histohelper.server.callpath`) applies it to every call of the analysis service:
@@ -37,6 +39,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 import sys
@@ -200,19 +203,85 @@ def new_token(identity: str, roles: Sequence[str]) -> tuple[str, dict[str, objec
     return token, {"sha256": hash_token(token), "identity": identity, "roles": list(roles)}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m histohelper.server.auth``: print a new token and its file entry."""
-    parser = argparse.ArgumentParser(description="make a bearer token for --tokens-file")
+def add_token_to_file(path: Path, identity: str, roles: Sequence[str]) -> str:
+    """Make a new token and add its entry to the tokens file ``path`` (created if absent).
+
+    The existing entries are kept as they are; the file is validated first (a file the
+    server would refuse is not touched) and replaced atomically, mode 0600.
+
+    Returns:
+        The new raw token (to hand to the caller; it is stored nowhere).
+
+    Raises:
+        TokensFileError: the existing file is unreadable or malformed.
+    """
+    doc: dict[str, object] = {"tokens": []}
+    if path.exists():
+        TokenStore.load(path)  # raises TokensFileError for a file the server would refuse
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    token, entry = new_token(identity, roles)
+    tokens = doc["tokens"]
+    assert isinstance(tokens, list)  # checked by TokenStore.load
+    tokens.append(entry)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(doc, indent=2) + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return token
+
+
+def _add_token_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity", required=True, help="caller identity for the audit log")
     parser.add_argument("--roles", default=ROLE_ANALYZE, help="comma-separated: analyze,upload")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--file",
+        type=Path,
+        metavar="TOKENS_JSON",
+        help='add the entry to this tokens file ({"tokens": [...]}, created if absent, '
+        "existing entries kept, mode 0600): the server's --tokens-file. Without it the "
+        "entry is printed on stderr",
+    )
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``token`` on the top-level parser."""
+    p = subparsers.add_parser(
+        "token",
+        help="make a bearer token and add its hash to a tokens file",
+        description="Make a random bearer token (256 bits) for --tokens-file: the token on "
+        "stdout (give it to the caller; it is stored nowhere), its SHA-256 entry written to "
+        "--file (or printed on stderr).",
+    )
+    _add_token_arguments(p)
+    p.set_defaults(func=lambda args: _run_token(args, p))
+
+
+def _run_token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     roles = [r for r in args.roles.split(",") if r]
     if not _IDENTITY.match(args.identity) or not set(roles) <= ROLES:
         parser.error(f"identity must match {_IDENTITY.pattern}; roles in {sorted(ROLES)}")
+    if args.file is not None:
+        try:
+            token = add_token_to_file(args.file, args.identity, roles)
+        except TokensFileError as exc:
+            print(f"{parser.prog}: error: {exc}; the file was not changed", file=sys.stderr)
+            return 2
+        print(token)
+        print(f"added {args.identity} ({', '.join(roles)}) to {args.file}", file=sys.stderr)
+        return 0
     token, entry = new_token(args.identity, roles)
     print(token)
     print(json.dumps(entry), file=sys.stderr)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m histohelper.server.auth``: as ``histohelper token``."""
+    parser = argparse.ArgumentParser(description="make a bearer token for --tokens-file")
+    _add_token_arguments(parser)
+    return _run_token(parser.parse_args(argv), parser)
 
 
 if __name__ == "__main__":
