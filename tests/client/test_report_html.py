@@ -120,6 +120,20 @@ def test_report_names_the_untrained_parts(tmp_path: Path) -> None:
     assert "UNTRAINED" not in text
 
 
+def test_report_shows_the_mc_dropout_uncertainty(tmp_path: Path) -> None:
+    from histohelper.client.events import SlideUncertainty
+
+    result = make_result()
+    assert result.prediction is not None
+    u = SlideUncertainty(mean=(0.3, 0.7), std=(0.05, 0.05), entropy_nats=0.61, passes=16)
+    with_u = dataclasses.replace(
+        result, prediction=dataclasses.replace(result.prediction, uncertainty=u)
+    )
+    text = " ".join(parse(write_report(with_u, tmp_path)).text)
+    assert "MC dropout (16 passes)" in text and "0.610 nats" in text
+    assert "0.700 ± 0.050" in text
+
+
 def test_report_without_tissue(tmp_path: Path) -> None:
     page = parse(write_report(make_result(no_tissue=True), tmp_path))
     assert "No tissue found" in " ".join(page.text)
