@@ -16,6 +16,7 @@ Example::
 
 from histohelper.client._channel import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, RetryPolicy
 from histohelper.client.aio import AsyncSlideClient
+from histohelper.client.cohort import Backoff, CohortProgress, CohortSlide, SlideOutcome
 from histohelper.client.errors import error_from_rpc
 from histohelper.client.events import (
     Attention,
@@ -46,6 +47,9 @@ __all__ = [
     "AnalysisOptions",
     "AsyncSlideClient",
     "Attention",
+    "Backoff",
+    "CohortProgress",
+    "CohortSlide",
     "Completed",
     "Event",
     "GridGeometry",
@@ -60,6 +64,7 @@ __all__ = [
     "RetryPolicy",
     "SlideClient",
     "SlideInfo",
+    "SlideOutcome",
     "SlidePrediction",
     "SlideResult",
     "SlideUncertainty",
