@@ -342,6 +342,8 @@ class FigureLayout:
     Attributes:
         width_px, height_px: the figure's size.
         image_x, image_y: top-left corner of the (unchanged) blended thumbnail.
+        body_height_px: height of the band holding the image and the legend beside it
+            (the scale bar lies below it).
         text_px: height of one text line; pad_px: the spacing unit.
     """
 
@@ -349,6 +351,7 @@ class FigureLayout:
     height_px: int
     image_x: int
     image_y: int
+    body_height_px: int
     text_px: int
     pad_px: int
 
@@ -441,12 +444,17 @@ def figure_layout(
         + [bar_w + pad + max([_text_width(s, scale, thick) for s in tick_labels] + [0])]
     )
     legend_h = len(legend_lines) * (text_px + pad) + pad + 6 * text_px + text_px
-    bottom_h = (3 * pad + text_px) if scale_text is not None else pad
+    bottom_h = (4 * pad + text_px) if scale_text is not None else pad  # µ's descender
     width = 2 * pad + image_w + 2 * pad + legend_w + 2 * pad
-    if header_lines:
-        width = max(width, 2 * pad + max(_text_width(s, scale, thick) for s in header_lines))
-    height = header_h + max(image_h, legend_h) + bottom_h
-    return FigureLayout(width, height, 2 * pad, header_h, text_px, pad)
+    if header_lines:  # measured in the bolder stroke of the warning line
+        width = max(width, 4 * pad + max(_text_width(s, scale, thick + 1) for s in header_lines))
+    if scale_text is not None:  # bar (at most 0.3 of the image) and its label
+        bar_max = math.ceil(0.3 * image_w)
+        width = max(width, 5 * pad + bar_max + _text_width(scale_text, scale, thick))
+    body_h = max(image_h, legend_h)
+    return FigureLayout(
+        width, header_h + body_h + bottom_h, 2 * pad, header_h, body_h, text_px, pad
+    )
 
 
 def _compose_figure(
@@ -501,7 +509,7 @@ def _compose_figure(
     # Scale bar under the image's left edge.
     if length_um is not None and scale_text is not None and um_per_px is not None:
         bar_px = max(1, round(length_um / um_per_px))
-        sy = y0 + h + 2 * pad + text_px // 2
+        sy = y0 + lay.body_height_px + 2 * pad + text_px // 2
         cv2.rectangle(canvas, (x0, sy - 2), (x0 + bar_px - 1, sy + 2), _BLACK, -1)
         for end in (x0, x0 + bar_px - 1):
             cv2.line(canvas, (end, sy - pad), (end, sy + pad), _BLACK, max(1, thick))

@@ -212,3 +212,11 @@ def test_stitched_cams_do_not_draw_the_patch_grid() -> None:
     bias = cam_position_bias(cams)
     np.testing.assert_allclose(bias.mean(axis=(1, 2)), 0.0, atol=1e-6)  # logits kept
     assert not cam_position_bias(cams[:3]).any()  # too few patches: left alone
+
+
+@pytest.mark.parametrize("thumb_px", [(16, 16), (173, 137), (40, 300)], ids=str)
+def test_nothing_runs_off_the_figure(thumb_px: tuple[int, int]) -> None:
+    result = make_result(thumb_px=thumb_px)
+    for figure in (overlay(result), overlay(result, attention=True)):
+        assert (figure[:, -3:] == 255).all() and (figure[-2:] == 255).all()
+        assert (figure[:, :3] == 255).all() and (figure[:2] == 255).all()
