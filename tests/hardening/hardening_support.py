@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,6 +196,17 @@ def read_audit(path: Path) -> list[dict[str, object]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+#: The upload area's bookkeeping: the area lock, each server's lock and private folder
+#: (whatever is inside a private folder, an upload in flight say, is not bookkeeping).
+_AREA_BOOKKEEPING = re.compile(r"^(?:area\.lock|replicas|replicas/[0-9a-f]{16}(?:\.lock)?)$")
+
+
+def upload_files(directory: Path) -> list[str]:
+    """:func:`own_files` of an upload area in use, less its bookkeeping: the uploads
+    (``<id>``, ``<id>/slide<suffix>``, ``<id>/upload.json``) and the files in flight."""
+    return [p for p in own_files(directory) if not _AREA_BOOKKEEPING.match(p)]
 
 
 def own_files(directory: Path) -> list[str]:

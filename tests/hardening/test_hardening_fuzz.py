@@ -307,7 +307,7 @@ def test_fuzz_uploads_of_random_bytes(
     request = pb.AnalyzeSlideRequest(upload_id=reply.upload_id, options=options)
     code = analyze_status(stub, request, "AnalyzeSlide(upload)")
     assert code not in FORBIDDEN
-    assert not any(p.name.endswith(".part") for p in fuzz_server.uploads.root.iterdir())
+    assert not any(p.name.endswith(".part") for p in fuzz_server.uploads.root.rglob("*"))
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
@@ -353,7 +353,7 @@ def test_server_healthy_after_fuzzing(fuzz_server) -> None:
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert fuzz_server.servicer.wait_idle(timeout=30)
-    assert not any(p.name.endswith(".part") for p in fuzz_server.uploads.root.iterdir())
+    assert not any(p.name.endswith(".part") for p in fuzz_server.uploads.root.rglob("*"))
     events = list(
         insecure_stub(fuzz_server.target).AnalyzeSlide(
             pb.AnalyzeSlideRequest(slide_path="real/tiny-16px.svs"), timeout=60

@@ -15,7 +15,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from hardening_support import CMU, TINY, insecure_stub, own_files, status_of, write_tokens
+from hardening_support import (
+    CMU,
+    TINY,
+    insecure_stub,
+    own_files,
+    status_of,
+    upload_files,
+    write_tokens,
+)
 
 from histohelper.client import AnalysisOptions, SlideClient, UploadedSlide
 from histohelper.errors import (
@@ -93,10 +101,17 @@ def test_upload_then_analyze_matches_the_path_analysis(upload_server, real_slide
         assert a.patch_index == b.patch_index
         np.testing.assert_allclose(a.grad_cam, b.grad_cam, atol=1e-6)
     # Each upload alone in its own 0700 directory (OpenSlide's DICOM driver reads the
-    # other files of a series beside the one it opens).
-    assert own_files(area) == [uploaded.upload_id, f"{uploaded.upload_id}/slide.svs"]
-    assert (area / uploaded.upload_id).stat().st_mode & 0o777 == 0o700
-    assert (area / uploaded.upload_id / "slide.svs").stat().st_mode & 0o777 == 0o600
+    # other files of a series beside the one it opens), with its record for the other
+    # servers sharing the area.
+    folder = area / uploaded.upload_id
+    assert upload_files(area) == [
+        uploaded.upload_id,
+        f"{uploaded.upload_id}/slide.svs",
+        f"{uploaded.upload_id}/upload.json",
+    ]
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert (folder / "slide.svs").stat().st_mode & 0o777 == 0o600
+    assert (folder / "upload.json").stat().st_mode & 0o777 == 0o600
     running.stop(grace=0)
     assert own_files(area) == []  # uploads do not outlive the server
 
@@ -124,7 +139,7 @@ def test_oversized_uploads_are_refused_without_leftovers(upload_server) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "UPLOAD_INVALID",
     )
-    assert own_files(area) == []
+    assert upload_files(area) == []
     assert running.uploads.used_bytes == 0
 
 
@@ -166,7 +181,7 @@ def test_malformed_uploads(upload_server, case: str, code, reason: str) -> None:
         "empty-stream": [],
     }[case]
     assert upload_error(running.target, requests) == (code, reason)
-    assert own_files(area) == []
+    assert upload_files(area) == []
     assert running.uploads.used_bytes == 0
 
 
@@ -203,7 +218,7 @@ def test_interrupted_upload_leaves_nothing(upload_server) -> None:
     assert running.uploads.used_bytes == len(data)  # reserved while in flight
     future.cancel()
     release.set()
-    assert wait_for(lambda: own_files(area) == [] and running.uploads.used_bytes == 0)
+    assert wait_for(lambda: upload_files(area) == [] and running.uploads.used_bytes == 0)
     with pytest.raises(grpc.FutureCancelledError):
         future.result()
     # The server carries on: a new upload of the same size fits the quota again.
@@ -228,7 +243,7 @@ def test_stalled_upload_without_deadline_is_cut_off(upload_server) -> None:
     with pytest.raises(grpc.RpcError) as info:
         future.result(timeout=30)
     assert status_of(info.value) == (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")
-    assert own_files(area) == [] and running.uploads.used_bytes == 0
+    assert upload_files(area) == [] and running.uploads.used_bytes == 0
     done.set()
 
 
@@ -291,7 +306,7 @@ def test_store_quota_expiry_and_concurrency(tmp_path: Path) -> None:
         pass  # slots come back
     a.abort()
     a.abort()  # idempotent
-    assert store.used_bytes == 0 and own_files(tmp_path) == []
+    assert store.used_bytes == 0 and upload_files(tmp_path) == []
     store.close()
 
 
@@ -304,7 +319,7 @@ def test_store_start_purges_only_its_own_files(tmp_path: Path) -> None:
     (tmp_path / "tmp-abcdefghijklmnopqrstuv.part").write_bytes(b"crashed")
     (tmp_path / "keep-me.svs").write_bytes(b"not ours")
     store = UploadStore(tmp_path, max_bytes=10, quota_bytes=10, ttl_s=1, sweep_interval_s=0)
-    assert own_files(tmp_path) == ["keep-me.svs"]
+    assert upload_files(tmp_path) == ["keep-me.svs"]
     store.close()
     assert own_files(tmp_path) == ["keep-me.svs"]
     private = UploadStore(None, max_bytes=10, quota_bytes=10, ttl_s=1, sweep_interval_s=0)
@@ -331,7 +346,11 @@ def test_async_client_uploads_and_analyzes(upload_server, slides_dir: Path) -> N
 
     uploaded, outcome = asyncio.run(main())
     assert outcome in {"completed", "no_tissue"}
-    assert own_files(area) == [uploaded.upload_id, f"{uploaded.upload_id}/slide.svs"]
+    assert upload_files(area) == [
+        uploaded.upload_id,
+        f"{uploaded.upload_id}/slide.svs",
+        f"{uploaded.upload_id}/upload.json",
+    ]
 
 
 def test_connection_age_frees_a_slot_held_by_a_silent_stream(upload_server) -> None:
