@@ -82,7 +82,9 @@ def _run(argv: Sequence[str] | None) -> int:
         extra = _EXTRAS.get(args.command, "server")
         print(
             f"histohelper {args.command}: needs the Python package {exc.name!r}, which the "
-            f"plain install leaves out: pip install 'histohelper[{extra}]'",
+            f"plain install leaves out: install the {extra!r} extra, e.g. "
+            f"pip install 'histohelper[{extra}] @ git+<repository URL>' (not on PyPI; "
+            "README: Install)",
             file=sys.stderr,
         )
         return 2
