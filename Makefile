@@ -12,6 +12,8 @@ MIL_WEIGHTS ?=
 
 # The stamp depends on what decides the environment; a second run does nothing.
 $(VENV)/.stamp: pyproject.toml constraints.txt
+	@echo "make venv: installing the pinned environment into $(VENV): 3 to 5 minutes, 6.6 GiB"
+	@echo "  (5.3 GiB of it the CUDA build of torch; README 'Install' has the CPU-only route)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
