@@ -4,8 +4,19 @@
 #   docker build -t histohelper:cuda \
 #     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .   # CUDA torch
 #   docker build -t histohelper:baked --target baked .             # bakes artifacts/model.pt
-# Run (model mounted read-only, slides mounted read-only):
-#   docker run -p 50051:50051 -v $PWD/artifacts:/models:ro -v /data/slides:/slides:ro histohelper
+# The server binds 0.0.0.0 in the container, so it starts only with TLS or an explicit
+# plaintext opt-in. Model and slides are mounted read-only in both examples.
+# Run with TLS (certificates from `histohelper certs tls --host <server name>`; --user lets
+# the server read the 0600 key written by your user):
+#   docker run -p 50051:50051 --user "$(id -u):$(id -g)" \
+#     -v "$PWD/artifacts:/models:ro" -v /data/slides:/slides:ro -v "$PWD/tls:/tls:ro" \
+#     -e HISTOHELPER_TLS_CERT=/tls/server.pem -e HISTOHELPER_TLS_KEY=/tls/server.key \
+#     histohelper
+#   (mutual TLS: add -e HISTOHELPER_TLS_CLIENT_CA=/tls/ca.pem)
+# Local try only, PLAINTEXT (anyone who reaches the port can call it; published on the
+# host's loopback only):
+#   docker run -p 127.0.0.1:50051:50051 -e HISTOHELPER_ALLOW_INSECURE=1 \
+#     -v "$PWD/artifacts:/models:ro" -v /data/slides:/slides:ro histohelper
 # The install steps are the ones CI runs (pip with constraints.txt), minus the dev extras.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
