@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,7 +114,13 @@ def test_the_schema_check_catches_mistakes() -> None:
             validate(bad)
 
 
-def test_examples_validate() -> None:
+def test_examples_validate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, as every validation here: the schemas ship in the package."""
+
+    def no_network(*args: object) -> None:
+        raise AssertionError("kubernetes-validate tried the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     examples = sorted((DEPLOY / "examples").glob("*.yaml"))
     assert [p.name for p in examples] == ["hpa-in-flight.yaml", "secret.example.yaml"]
     for path in examples:
@@ -236,8 +243,6 @@ def test_selectors_find_the_pods(rendered) -> None:
 def test_health_host_binds_the_health_port_there(start_inprocess_server) -> None:
     """--health-host (0.0.0.0 in the manifests, for the kubelet's grpc probes): here a
     second loopback address, reachable there and not on 127.0.0.1."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.2", 0))
         health_port = s.getsockname()[1]
