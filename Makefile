@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 SHARED ?= ../shared
 SLIDE ?= $(SHARED)/slides/real/CMU-1-Small-Region.svs
 OUT ?= demo-output
+# WEIGHTS: a torchvision resnet18 checkpoint (the patch classifier); MIL_WEIGHTS: a slide
+# head from `histohelper train-mil` (runs/mil_head.pt). Either left empty stays untrained.
 WEIGHTS ?=
 MIL_WEIGHTS ?=
 

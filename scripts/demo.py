@@ -54,11 +54,11 @@ def main() -> int:
         return 2
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
-    key = "untrained"
-    if args.weights:
-        key = sha256_prefix(args.weights)
-        if args.mil_weights:
-            key += "-" + sha256_prefix(args.mil_weights)
+    # One artifact per (patch weights, MIL head) pair: MIL_WEIGHTS alone must not reuse
+    # the fully untrained artifact.
+    key = sha256_prefix(args.weights) if args.weights else "untrained"
+    if args.mil_weights:
+        key += "-mil-" + sha256_prefix(args.mil_weights)
     model = artifacts / f"model-{key}.pt"
     if model.exists():
         print(f"model artifact up to date: {model.relative_to(ROOT)}")
