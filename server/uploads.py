@@ -692,6 +692,12 @@ class UploadStore:
             raise SlidePathError("upload_id is malformed")
         folder = self.root / upload_id
         record = _read_record(folder)
+        if record is None:
+            # Stored by another server a moment ago? An NFS client may still remember the
+            # name as missing; opening the folder revalidates it (close-to-open).
+            with os.scandir(self.root):
+                pass
+            record = _read_record(folder)
         now = self.clock()
         if record is None or record.owner != owner or record.last_use + self.ttl_s <= now:
             raise SlideNotFoundError("no upload with that id")
