@@ -19,6 +19,10 @@ at most R times per slide:
 - ``UNAVAILABLE`` (server unreachable, died mid-stream, or stopped: a server stopping
   cancels the calls it could not finish in its grace period with UNAVAILABLE).
 
+A ``SERVER_BUSY`` also lowers the number of slides in flight to what the servers took
+(then it grows back by one per K successes, AIMD), and slides waiting for a retry get
+the next free slot before new slides start: ``jobs`` above the servers' capacity costs
+a few refused calls, not failed slides.
 With several servers (``round_robin``, see :mod:`._channel`) the retry is a new call,
 which the policy sends to the next ready server. Every other error (``SLIDE_NOT_FOUND``,
 ``SLIDE_CORRUPT``, ``INVALID_OPTIONS``, ``DEADLINE_EXCEEDED`` ...) fails the slide at once.
@@ -250,7 +254,8 @@ async def analyze_many(
         jobs: analyses in flight, >= 1.
         retries: retries per slide after the first attempt, >= 0.
         on_progress: called on the event loop with each :class:`CohortProgress`; keep
-            it quick (it must not block).
+            it quick (it must not block). An exception it raises fails the slide it
+            reports on (``"patches"``) or ends the run (raised here).
         backoff: delays between attempts.
         seed: seeds the jitter (``None``: from the system).
 
@@ -270,11 +275,26 @@ async def analyze_many(
     base = options or AnalysisOptions()
     rng = random.Random(seed)
     pending = iter(range(len(items)))
-    done: asyncio.Queue[SlideOutcome] = asyncio.Queue(maxsize=jobs)
+    # Outcomes, or the exception that ended a worker (an ``on_progress`` that raised).
+    done: asyncio.Queue[SlideOutcome | Exception] = asyncio.Queue(maxsize=jobs)
 
     def report(event: CohortProgress) -> None:
         if on_progress is not None:
             on_progress(event)
+
+    gate = _AdaptiveGate(jobs)
+
+    async def attempt_once(item: CohortSlide, opts: AnalysisOptions, index: int, n: int) -> Any:
+        ref = item.slide
+        if item.upload:
+            if isinstance(ref, UploadedSlide):
+                raise ValueError("upload=True needs a local file, not an UploadedSlide")
+            ref = await client.upload(ref)
+
+        def progress(p: Progress) -> None:
+            report(CohortProgress(index, "patches", p.patches_done, p.patches_total, n))
+
+        return await client.analyze(ref, opts, on_progress=progress)
 
     async def one(index: int) -> SlideOutcome:
         item = items[index]
@@ -283,49 +303,100 @@ async def analyze_many(
         attempt = 0
         while True:
             attempt += 1
-            error: BaseException
+            await gate.acquire(priority=attempt > 1)
+            released = False
             try:
-                ref = item.slide
-                if item.upload:
-                    if isinstance(ref, UploadedSlide):
-                        raise ValueError("upload=True needs a local file, not an UploadedSlide")
-                    ref = await client.upload(ref)
-
-                def progress(p: Progress, i: int = index, a: int = attempt) -> None:
-                    report(CohortProgress(i, "patches", p.patches_done, p.patches_total, a))
-
-                result = await client.analyze(ref, opts, on_progress=progress)
+                result = await attempt_once(item, opts, index, attempt)
+                gate.release("ok")
+                released = True
                 return SlideOutcome(
                     index, item, opts, result, None, attempt, time.perf_counter() - t0
                 )
             except RETRYABLE as exc:
+                gate.release("busy" if isinstance(exc, ServerBusyError) else "other")
+                released = True
                 if attempt > retries:
-                    error = exc
-                else:
-                    delay = backoff.delay_s(attempt, rng)
-                    report(CohortProgress(index, "retry", 0, 0, attempt, delay, exc))
-                    await asyncio.sleep(delay)
-                    continue
-            except asyncio.CancelledError:
-                raise
+                    return SlideOutcome(
+                        index, item, opts, None, exc, attempt, time.perf_counter() - t0
+                    )
+                delay = backoff.delay_s(attempt, rng)
+                report(CohortProgress(index, "retry", 0, 0, attempt, delay, exc))
+                await asyncio.sleep(delay)
             except Exception as exc:  # one slide's failure never stops the cohort
-                error = exc
-            return SlideOutcome(index, item, opts, None, error, attempt, time.perf_counter() - t0)
+                gate.release("other")
+                released = True
+                return SlideOutcome(index, item, opts, None, exc, attempt, time.perf_counter() - t0)
+            finally:
+                if not released:  # cancelled
+                    gate.release("other")
 
     async def worker() -> None:
-        for index in pending:  # shared iterator: each index goes to one worker
-            outcome = await one(index)
-            report(CohortProgress(index, "finished", attempt=outcome.attempts))
-            await done.put(outcome)
+        try:
+            for index in pending:  # shared iterator: each index goes to one worker
+                outcome = await one(index)
+                report(CohortProgress(index, "finished", attempt=outcome.attempts))
+                await done.put(outcome)
+        except Exception as exc:
+            await done.put(exc)
 
     workers = [asyncio.create_task(worker()) for _ in range(min(jobs, len(items)))]
     try:
         for _ in range(len(items)):
-            yield await done.get()
+            got = await done.get()
+            if isinstance(got, Exception):
+                raise got
+            yield got
     finally:
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+
+
+class _AdaptiveGate:
+    """At most ``limit`` attempts in flight, ``limit`` adapted to the servers (AIMD).
+
+    Starts at ``jobs``. A ``SERVER_BUSY`` lowers it to the number of this run's attempts
+    still in flight (what the servers held when they refused); each success raises it
+    by ``1 / limit`` back towards ``jobs`` (one more slot probed per ``limit``
+    successes). Retries go before new slides, so a slot freed by a finished slide goes
+    to a slide that was refused rather than to the next new one.
+
+    Single event loop, no threads: ``release`` is synchronous.
+    """
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = jobs
+        self.limit = float(jobs)
+        self.in_flight = 0
+        self.retries_waiting = 0
+        self._changed = asyncio.Event()
+
+    def _free(self, priority: bool) -> bool:
+        room = self.in_flight < max(1, int(self.limit))
+        return room and (priority or self.retries_waiting == 0)
+
+    async def acquire(self, *, priority: bool) -> None:
+        """Wait for a slot (``priority``: a retry, served before new slides)."""
+        if priority:
+            self.retries_waiting += 1
+        try:
+            while not self._free(priority):
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            if priority:
+                self.retries_waiting -= 1
+                self._changed.set()
+        self.in_flight += 1
+
+    def release(self, outcome: Literal["ok", "busy", "other"]) -> None:
+        """Give a slot back; ``outcome`` adapts the limit."""
+        self.in_flight -= 1
+        if outcome == "busy":
+            self.limit = max(1.0, float(self.in_flight))
+        elif outcome == "ok":
+            self.limit = min(float(self.jobs), self.limit + 1.0 / self.limit)
+        self._changed.set()
 
 
 _END = object()

@@ -4,6 +4,7 @@ whose slide root holds small synthetic slides; SERVER_BUSY retried with backoff.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,31 @@ def test_analyze_many_refuses_bad_arguments(start_inprocess_server, slide_root: 
         first = next(it)
         it.close()
         assert first.ok
+
+
+def test_server_stopped_mid_stream_is_retried_on_the_other(
+    start_inprocess_server, tmp_path: Path
+) -> None:
+    """Two servers (round_robin): the one analysing the slide is stopped as its first
+    progress arrives; the stream ends UNAVAILABLE and the retry completes on the other."""
+    audits = [tmp_path / "audit0.jsonl", tmp_path / "audit1.jsonl"]
+    servers = [start_inprocess_server(audit_log=a) for a in audits]
+    stopped: list[int] = []
+
+    def on_progress(event: CohortProgress) -> None:
+        if event.kind == "patches" and event.attempt == 1 and not stopped:
+            busy = [i for i, s in enumerate(servers) if s.call_path.pools["analysis"].in_use]
+            stopped.extend(busy)
+            for i in busy:
+                threading.Thread(target=servers[i].stop, kwargs={"grace": 0, "drain": 0}).start()
+
+    with SlideClient([s.target for s in servers]) as client:
+        (outcome,) = client.analyze_many(
+            ["real/CMU-1-Small-Region.svs"], jobs=1, backoff=FAST, on_progress=on_progress
+        )
+    assert len(stopped) == 1
+    assert outcome.ok, outcome.reason
+    assert outcome.attempts == 2
+    other = 1 - stopped[0]
+    done = [r for r in audit_records(audits[other]) if r["outcome"] == "OK"]
+    assert len(done) == 1 and done[0]["request_id"] == outcome.result.request_id
