@@ -36,15 +36,25 @@ Doc = dict[str, Any]
 
 
 def render(overlay: str) -> list[Doc]:
+    """``kubectl kustomize`` of an overlay. The manifests use kustomize 4+ fields
+    (``labels``, ``patches``): kubectl 1.21 or later; Debian bookworm's
+    kubernetes-client (1.20, kustomize v2.0.3) cannot render them, and the failure
+    says so."""
     assert KUBECTL is not None
-    out = subprocess.run(
+    done = subprocess.run(
         [KUBECTL, "kustomize", str(DEPLOY / "overlays" / overlay)],
         capture_output=True,
         text=True,
-        check=True,
         timeout=60,
-    ).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
+    )
+    if done.returncode != 0:
+        version = subprocess.run(
+            [KUBECTL, "version", "--client"], capture_output=True, text=True, timeout=30
+        ).stdout
+        raise AssertionError(
+            f"kubectl kustomize {overlay} failed (kubectl 1.21+ needed):\n{done.stderr}\n{version}"
+        )
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
