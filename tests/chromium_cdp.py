@@ -57,15 +57,15 @@ class Browser:
         self._profile = tempfile.mkdtemp(prefix="histohelper-chromium-")
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
-
-        def wire_fds() -> None:  # in the child: its fd 3 reads commands, fd 4 writes replies
-            r = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10)
-            w = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
-            os.dup2(r, 3, inheritable=True)
-            os.dup2(w, 4, inheritable=True)
-
-        args = [
-            binary,
+        # Chromium reads commands on its fd 3 and writes replies on its fd 4. bash (dash
+        # takes single-digit fds only) moves our pipe ends there from fds >= 10, so the
+        # moves cannot clobber each other, and execs Chromium: no preexec_fn in this
+        # threaded process.
+        r = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10)
+        w = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
+        for fd in (to_chrome_r, from_chrome_w):
+            os.close(fd)
+        flags = [
             "--headless",
             "--remote-debugging-pipe",
             f"--user-data-dir={self._profile}",
@@ -80,20 +80,21 @@ class Browser:
             "--disable-dev-shm-usage",
             "--hide-scrollbars",
             "--mute-audio",
-            "about:blank",
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
-            args.insert(1, "--no-sandbox")  # Chromium refuses to run as root with it
-        self.process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            pass_fds=(3, 4),
-            preexec_fn=wire_fds,  # only dup2 before exec
-        )
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
+            flags.insert(0, "--no-sandbox")  # Chromium refuses to run as root without it
+        script = f'exec "$0" "$@" about:blank 3<&{r} 4>&{w} {r}<&- {w}>&-'
+        self.log_path = Path(self._profile) / "chromium.log"
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [shutil.which("bash") or "/bin/bash", "-c", script, binary, *flags],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(r, w),
+            )
+        os.close(r)
+        os.close(w)
         self._next_id = 0
         self._lock = threading.Lock()
         self._changed = threading.Condition()
@@ -147,20 +148,30 @@ class Browser:
         msg: dict[str, Any] = {"id": call_id, "method": method, "params": params or {}}
         if session is not None:
             msg["sessionId"] = session
-        os.write(self._to_chrome, json.dumps(msg).encode() + b"\0")
+        try:
+            os.write(self._to_chrome, json.dumps(msg).encode() + b"\0")
+        except BrokenPipeError:
+            raise CDPError(f"{method}: the browser exited\n{self.log_tail()}") from None
         deadline = time.monotonic() + timeout
         with self._changed:
             while call_id not in self._replies:
                 left = deadline - time.monotonic()
                 if self._closed or left <= 0:
-                    raise CDPError(
-                        f"{method}: no reply ({'browser exited' if self._closed else 'timeout'})"
-                    )
+                    why = "the browser exited" if self._closed else "timeout"
+                    raise CDPError(f"{method}: no reply ({why})\n{self.log_tail()}")
                 self._changed.wait(left)
             reply = self._replies.pop(call_id)
         if "error" in reply:
             raise CDPError(f"{method}: {reply['error']}")
         return dict(reply.get("result", {}))
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of Chromium's own output (stdout and stderr)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def wait_event(
         self,
@@ -224,8 +235,6 @@ class Browser:
         for fd in (self._to_chrome, self._from_chrome):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
         shutil.rmtree(self._profile, ignore_errors=True)
 
     def __enter__(self) -> Browser:
