@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from server_fixtures import spawn_server, stop_server
+from server_fixtures import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Source folder -> import package in the wheel (pyproject's package-dir).
@@ -142,12 +142,12 @@ def test_wheel_maps_folders_into_one_namespace_with_types(dists: dict[str, Path]
 
 @pytest.mark.slow
 def test_wheel_installs_as_thin_client_and_talks_to_a_server(
-    dists: dict[str, Path], model_artifact: Path, slides_dir: Path, tmp_path: Path
+    dists: dict[str, Path], analysis_server: ServerProcess, tmp_path: Path
 ) -> None:
     """The wheel without extras in a fresh venv (dependencies from the package index
     or pip's cache, pinned by constraints.txt): no torch, and its ``histohelper``
     answers ``--help``, ``info`` and ``analyze`` against a real server run from the dev
-    environment. ~40 s with a warm pip cache."""
+    environment (the session's ``analysis_server``)."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python, cli = venv / "bin" / "python", venv / "bin" / "histohelper"
@@ -183,12 +183,10 @@ def test_wheel_installs_as_thin_client_and_talks_to_a_server(
     assert helped.returncode == 0, helped.stderr
     assert "analyze" in helped.stdout and "info" in helped.stdout
 
-    server = spawn_server(model_artifact, slides_dir, tmp_path)
-    try:
-        info = run("info", "--server", server.target)
-        analysed = run("analyze", "real/tiny-16px.svs", "--server", server.target, "--out", "out")
-    finally:
-        stop_server(server)
+    info = run("info", "--server", analysis_server.target)
+    analysed = run(
+        "analyze", "real/tiny-16px.svs", "--server", analysis_server.target, "--out", "out"
+    )
     assert info.returncode == 0, info.stdout + info.stderr
     assert "untrained" in info.stdout.lower(), info.stdout
     assert analysed.returncode == 0, analysed.stdout + analysed.stderr
