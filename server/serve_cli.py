@@ -53,18 +53,18 @@ def run(args: argparse.Namespace) -> int:
         log.warning("deprecated setting name, removed in the next release: %s", change)
     if not config.slide_root.is_dir():
         raise SystemExit("histohelper serve: --slide-root is not a directory")
-    if not config.model_path.is_file():  # the operator's own path: say where we looked
-        raise SystemExit(
-            f"histohelper serve: model artifact not found: {config.model_path} (looked for "
-            f"{config.model_path.resolve()}; --model / HISTOHELPER_MODEL; "
-            "make one with: histohelper export PATH)"
-        )
     try:
         check_transport_policy(config)
         if config.tokens_file is not None:
             TokenStore.load(config.tokens_file)
     except (TransportPolicyError, TokensFileError) as exc:
         raise SystemExit(f"histohelper serve: {exc}") from None
+    if not config.model_path.is_file():  # the operator's own path: say where we looked
+        raise SystemExit(
+            f"histohelper serve: model artifact not found: {config.model_path} (looked for "
+            f"{config.model_path.resolve()}; --model / HISTOHELPER_MODEL; "
+            "make one with: histohelper export PATH)"
+        )
     try:
         code = serve(config)
     except (ModelArtifactError, PortBindError, CacheDirError) as exc:  # no slide named
