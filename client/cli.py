@@ -113,7 +113,7 @@ def _add_analyze(subparsers: Any) -> None:
         type=int,
         default=4,
         metavar="K",
-        help="cohort: slides in flight (default 4)",
+        help="cohort: slides in flight (default 4; fewer while servers answer SERVER_BUSY)",
     )
     analyze.set_defaults(func=run_analyze)
 
@@ -750,6 +750,7 @@ async def _features_async(
                 jobs=args.jobs,
                 overwrite=args.overwrite,
                 on_done=on_done,
+                retries=args.retries - 1,
             )
         finally:
             bar.close()

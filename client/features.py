@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from histohelper import __version__
+from histohelper.client.cohort import analyze_many
 from histohelper.client.options import AnalysisOptions
 from histohelper.cohort_csv import CohortError as CohortError  # re-exported
 from histohelper.cohort_csv import read_cohort_csv
-from histohelper.errors import HistoHelperError
 
 if TYPE_CHECKING:
     from histohelper.client.aio import AsyncSlideClient
@@ -289,12 +289,15 @@ async def extract_features(
     jobs: int = 2,
     overwrite: bool = False,
     on_done: Callable[[SlideOutcome], Any] | None = None,
+    retries: int = 4,
 ) -> list[SlideOutcome]:
     """Analyse every slide with embeddings and write its bag; at most ``jobs`` in flight.
 
     A slide whose file holds the same model hash and options is skipped (unless
-    ``overwrite``). A failing slide (server error, unreadable slide, write error) is
-    recorded with its reason and never stops the others.
+    ``overwrite``). The analyses run through :func:`histohelper.client.cohort.analyze_many`
+    (``SERVER_BUSY`` and ``UNAVAILABLE`` retried up to ``retries`` times with backoff). A
+    failing slide (server error, unreadable slide, write error) is recorded with its
+    reason and never stops the others.
 
     Returns:
         One outcome per row, in cohort order.
@@ -311,37 +314,44 @@ async def extract_features(
         return_attention=False,
     )
     wanted = (model.hash, options_json(options))
-    gate = asyncio.Semaphore(jobs)
+    outcomes: dict[int, SlideOutcome] = {}
 
-    async def one(row: CohortRow) -> SlideOutcome:
-        name = feature_file_name(row.slide)
-        path = out_dir / name
-        async with gate:
-            try:
-                if not overwrite and path.exists():
-                    try:
-                        ident = await asyncio.to_thread(read_file_identity, path)
-                    except OSError:
-                        ident = None  # a broken file is recomputed
-                    if ident == wanted:
-                        n = await asyncio.to_thread(_count_patches, path)
-                        return SlideOutcome(row.slide, name, n, "skipped")
-                result = await client.analyze(row.slide, request_options)
-                n = await asyncio.to_thread(write_bag, path, result, row, model, options)
-                status: Status = "no_tissue" if result.outcome == "no_tissue" else "written"
-                return SlideOutcome(row.slide, name, n, status)
-            except HistoHelperError as exc:
-                return SlideOutcome(row.slide, "", 0, "failed", f"{exc.reason}: {exc.message}")
-            except Exception as exc:  # a failed slide never stops the cohort
-                return SlideOutcome(row.slide, "", 0, "failed", f"{type(exc).__name__}: {exc}")
-
-    async def tracked(row: CohortRow) -> SlideOutcome:
-        outcome = await one(row)
+    def finish(i: int, outcome: SlideOutcome) -> None:
+        outcomes[i] = outcome
         if on_done is not None:
             on_done(outcome)
-        return outcome
 
-    return list(await asyncio.gather(*(tracked(r) for r in rows)))
+    todo = []
+    for i, row in enumerate(rows):
+        path = out_dir / feature_file_name(row.slide)
+        if not overwrite and path.exists():
+            try:
+                ident = await asyncio.to_thread(read_file_identity, path)
+            except OSError:
+                ident = None  # a broken file is recomputed
+            if ident == wanted:
+                n = await asyncio.to_thread(_count_patches, path)
+                finish(i, SlideOutcome(row.slide, path.name, n, "skipped"))
+                continue
+        todo.append(i)
+    # The analyses: the cohort runner's core (K in flight, SERVER_BUSY/UNAVAILABLE retried).
+    async for done in analyze_many(
+        client, [rows[i].slide for i in todo], request_options, jobs=jobs, retries=retries
+    ):
+        i = todo[done.index]
+        row = rows[i]
+        name = feature_file_name(row.slide)
+        if done.result is None:
+            finish(i, SlideOutcome(row.slide, "", 0, "failed", done.reason))
+            continue
+        try:
+            n = await asyncio.to_thread(write_bag, out_dir / name, done.result, row, model, options)
+        except Exception as exc:  # an unwritable bag fails its slide alone
+            finish(i, SlideOutcome(row.slide, "", 0, "failed", f"{type(exc).__name__}: {exc}"))
+            continue
+        status: Status = "no_tissue" if done.result.outcome == "no_tissue" else "written"
+        finish(i, SlideOutcome(row.slide, name, n, status))
+    return [outcomes[i] for i in range(len(rows))]
 
 
 def _count_patches(path: Path) -> int:
