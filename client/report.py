@@ -71,6 +71,12 @@ table { border-collapse: collapse; background: #fff; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #eee; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+#cohort { font-size: 0.9em; }
+#cohort td { max-width: 26em; }
+#cohort td.long { min-width: 18em; }
+#cohort th { cursor: pointer; white-space: nowrap; }
+#cohort th[aria-sort="ascending"]::after { content: " \\25B2"; }
+#cohort th[aria-sort="descending"]::after { content: " \\25BC"; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 12px; }
 .gallery figure img { width: 49%; display: inline-block; }
 .warn { color: #8a4b00; }
@@ -509,14 +515,30 @@ def _cell(key: str, value: object) -> str:
         return f"<td class='num'>{_e(text)}</td>"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"<td class='num'>{value}</td>"
-    return f"<td>{_e(value)}</td>"
+    text = str(value)
+    try:
+        float(text)
+        css = " class='num'"
+    except ValueError:
+        css = " class='long'" if len(text) > 40 else ""
+    return f"<td{css}>{_e(text)}</td>"
 
 
-def write_cohort_index(out_dir: StrPath, rows: Sequence[Mapping[str, Any]]) -> Path:
+def _is_empty(value: object) -> bool:
+    return value is None or str(value).strip() == ""
+
+
+def write_cohort_index(
+    out_dir: StrPath,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    columns: Sequence[str] | None = None,
+) -> Path:
     """Write ``index.html`` for a cohort into ``out_dir``: one row per slide, sortable.
 
-    Columns are the rows' keys in order of first appearance (``id``, ``status`` and
-    ``report`` at least, as the cohort table has them). ``report`` is a path relative to
+    Columns: ``id``, ``status`` and ``report`` first (every row must have them), then
+    the others in the order of ``columns`` (default: the rows' keys in order of first
+    appearance); a column empty in every row is left out. ``report`` is a path relative to
     ``out_dir`` (``<slide id>/report.html``) and becomes a link; an absolute path, a URL
     or a path with ``..`` is shown as text instead. Clicking a column header sorts the
     rows by it (numerically when every non-empty cell is a number), again to reverse;
@@ -524,7 +546,8 @@ def write_cohort_index(out_dir: StrPath, rows: Sequence[Mapping[str, Any]]) -> P
 
     Args:
         out_dir: the cohort's output folder (created if missing).
-        rows: one mapping per slide.
+        rows: one mapping per slide (the cohort table's rows).
+        columns: the order of the other columns (e.g. the cohort table's header).
 
     Returns:
         The path of ``index.html``.
@@ -533,16 +556,17 @@ def write_cohort_index(out_dir: StrPath, rows: Sequence[Mapping[str, Any]]) -> P
         ValueError: a row lacks ``id``, ``status`` or ``report``.
         OSError: the file cannot be written.
     """
-    columns: list[str] = []
+    order = ["id", "status", "report"]
     for k, row in enumerate(rows):
-        missing = {"id", "status", "report"} - set(row)
+        missing = set(order) - set(row)
         if missing:
             raise ValueError(f"cohort row {k} lacks {', '.join(sorted(missing))}")
-        columns += [c for c in row if c not in columns]
-    head = "".join(f'<th scope="col" title="click to sort">{_e(c)}</th>' for c in columns)
-    body = "".join(
-        "<tr>" + "".join(_cell(c, row.get(c)) for c in columns) + "</tr>" for row in rows
-    )
+    for name in columns if columns is not None else [c for row in rows for c in row]:
+        filled = any(not _is_empty(row.get(name)) for row in rows)
+        if name not in order and filled:
+            order.append(name)
+    head = "".join(f'<th scope="col" title="click to sort">{_e(c)}</th>' for c in order)
+    body = "".join("<tr>" + "".join(_cell(c, row.get(c)) for c in order) + "</tr>" for row in rows)
     statuses: dict[str, int] = {}
     for row in rows:
         statuses[str(row["status"])] = statuses.get(str(row["status"]), 0) + 1

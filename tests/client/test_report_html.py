@@ -170,3 +170,14 @@ def test_cohort_index_links_reports_and_escapes(tmp_path: Path) -> None:
 def test_cohort_index_needs_id_status_report(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lacks report"):
         write_cohort_index(tmp_path, [{"id": "a", "status": "done"}])
+
+
+def test_cohort_index_columns_follow_the_table_and_skip_empty_ones(tmp_path: Path) -> None:
+    rows = [
+        {"slide": "x.svs", "id": "x", "error": "", "status": "done", "p": "0.2", "report": ""},
+        {"slide": "y.svs", "id": "y", "error": None, "status": "done", "p": "0.7", "report": ""},
+    ]
+    page = parse(write_cohort_index(tmp_path, rows, columns=["p", "slide", "error"]))
+    text = [d.strip() for d in page.text if d.strip()]
+    assert text[text.index("id") : text.index("id") + 5] == ["id", "status", "report", "p", "slide"]
+    assert "error" not in text  # empty in every row
