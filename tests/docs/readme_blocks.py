@@ -19,6 +19,12 @@ PYTHON = frozenset({"python", "py"})
 SHELL = frozenset({"bash", "sh", "shell"})
 CONSOLE = frozenset({"console"})
 RUNNABLE = PYTHON | SHELL | CONSOLE
+#: Languages of data and pictures, never run. A block in any other language (zsh,
+#: powershell, ...) must carry a marker: neither run nor known as data is a defect.
+DATA = frozenset(
+    {"text", "yaml", "yml", "json", "jsonl", "toml", "ini", "csv", "tsv", "xml", "html"}
+    | {"dockerfile", "proto", "protobuf", "promql", "diff", "mermaid", "log", "properties"}
+)
 
 #: README names -> what the harness puts in their place. The slide root, the
 #: slides under it (``cohort1/slide7.svs``) and the files of the working directory
@@ -79,8 +85,9 @@ class Problem:
 def extract(text: str) -> tuple[list[Block], list[Problem]]:
     """Split Markdown ``text`` into its fenced blocks and the defects found.
 
-    Defects: an unlabelled fence, an illustrative marker without a reason, a marker
-    not immediately followed by an opening fence, an unclosed fence.
+    Defects: an unlabelled fence, a fence in a language neither run nor data without a
+    marker, an illustrative marker without a reason, a marker not immediately
+    followed by an opening fence, an unclosed fence.
 
     Returns:
         (blocks in file order, problems in file order).
@@ -124,6 +131,8 @@ def extract(text: str) -> tuple[list[Block], list[Problem]]:
             problems.append(Problem(i + 1, "fence without a language (use text for diagrams)"))
         code = "\n".join(body) + "\n"
         reason = pending[1] if pending is not None else None
+        if lang and lang not in RUNNABLE | DATA and reason is None:
+            problems.append(Problem(i + 1, f"{lang!r} is neither run nor data: mark it"))
         blocks.append(Block(i + 1, lang, code, heading, reason))
         pending = None
         i = j + 1

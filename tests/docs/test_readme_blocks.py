@@ -66,6 +66,8 @@ def test_defects_are_reported_with_their_lines() -> None:
         "<!-- illustrative -->\n```bash\nls\n```\n"  # no colon, no reason
         "<!-- illustrative: stray -->\n\n```bash\nls\n```\n"  # not right before
         "```\nno language\n```\n"
+        "```zsh\nls\n```\n"  # neither run nor data
+        "<!-- illustrative: zsh -->\n```zsh\nls\n```\n"  # marked: fine
         "```python\nunclosed\n"
     )
     _, problems = rb.extract(text)
@@ -74,7 +76,8 @@ def test_defects_are_reported_with_their_lines() -> None:
         (5, "illustrative"),
         (9, "illustrative"),
         (14, "fence"),
-        (17, "unclosed"),
+        (17, "'zsh'"),
+        (24, "unclosed"),
     ]
 
 
