@@ -37,6 +37,8 @@ BOUNDARIES = [
     ),
     ("histohelper.client.cli", ["torch", "torchvision", "openslide", "histohelper.server", "h5py"]),
     ("histohelper.client.features", ["torch", "openslide", "histohelper.server", "h5py"]),
+    # report.html: the pictures come from the rendering helper, imported lazily (cv2).
+    ("histohelper.client.report", ["torch", "openslide", "histohelper.server", "cv2"]),
     (
         "histohelper.model_export.export",
         ["grpc", "histohelper.server.servicer", "histohelper.client"],
