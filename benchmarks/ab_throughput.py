@@ -74,6 +74,46 @@ def analyze(target: str, slide_name: str) -> dict[str, Any]:
     }
 
 
+def paired(
+    names: tuple[str, str], a: list[float], b: list[float]
+) -> tuple[dict[str, Any], list[str]]:
+    """Figures and table lines of runs alternated in pairs (patches/s of sides a and b).
+
+    Returns:
+        ``pair_ratios`` (b/a per pair), ``median_pair_ratio`` and ``ratio_of_medians``;
+        and the table: one line per pair, then the medians.
+    """
+    pairs = [round(y / x, 3) for x, y in zip(a, b, strict=True)]
+    figures = {
+        "pair_ratios": pairs,
+        "median_pair_ratio": round(statistics.median(pairs), 3),
+        "ratio_of_medians": round(statistics.median(b) / statistics.median(a), 3),
+    }
+    first, second = names
+    lines = [
+        f"{'round':>5}  {first + ' p/s':>9}  {second + ' p/s':>9}  {second + '/' + first:>7}",
+        *(
+            f"{i + 1:>5}  {x:>9.2f}  {y:>9.2f}  {p:>7.3f}"
+            for i, (x, y, p) in enumerate(zip(a, b, pairs, strict=True))
+        ),
+        f"{'median':>5}  {statistics.median(a):>9.2f}  {statistics.median(b):>9.2f}  "
+        f"{figures['median_pair_ratio']:>7.3f} (median of pair ratios; "
+        f"ratio of medians {figures['ratio_of_medians']:.3f})",
+    ]
+    return figures, lines
+
+
+def report(figures: dict[str, Any], lines: list[str], json_path: Path | None) -> int:
+    """Print ``lines`` and the load averages (``load_avg_start``/``_end`` of
+    ``figures``); write ``figures`` as JSON to ``json_path`` unless None. Returns 0."""
+    start, end = figures["load_avg_start"][0], figures["load_avg_end"][0]
+    print("\n".join([*lines, f"load average start {start:.2f}, end {end:.2f}"]))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", type=Path, required=True, help="code tree of the old server")
@@ -111,34 +151,20 @@ def main() -> int:
                 server.stop()
     old = [x["patches_per_s"] for x in runs["old"]]
     new = [x["patches_per_s"] for x in runs["new"]]
-    pairs = [round(n / o, 3) for o, n in zip(old, new, strict=True)]
+    figures, table = paired(("old", "new"), old, new)
     r.update(
         runs=runs,
         old_patches_per_s=old,
         new_patches_per_s=new,
-        pair_ratios=pairs,
-        median_pair_ratio=round(statistics.median(pairs), 3),
-        ratio_of_medians=round(statistics.median(new) / statistics.median(old), 3),
+        **figures,
         load_avg_end=os.getloadavg(),
     )
     lines = [
         f"slide {slide.name}: {runs['new'][0]['patches']} patches; "
         f"served old: {runs['old'][0]['served']}, new: {runs['new'][0]['served']}; warm servers",
-        f"{'round':>5}  {'old p/s':>9}  {'new p/s':>9}  {'new/old':>7}",
-        *(
-            f"{i + 1:>5}  {o:>9.2f}  {n:>9.2f}  {p:>7.3f}"
-            for i, (o, n, p) in enumerate(zip(old, new, pairs, strict=True))
-        ),
-        f"{'median':>5}  {statistics.median(old):>9.2f}  {statistics.median(new):>9.2f}  "
-        f"{r['median_pair_ratio']:>7.3f} (median of pair ratios; "
-        f"ratio of medians {r['ratio_of_medians']:.3f})",
-        f"load average start {r['load_avg_start'][0]:.2f}, end {r['load_avg_end'][0]:.2f}",
+        *table,
     ]
-    print("\n".join(lines))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(r, indent=2) + "\n")
-    return 0
+    return report(r, lines, args.json)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Usage: ``.venv/bin/python benchmarks/metrics_overhead.py [--rounds 6] [--slide-p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -41,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import slides  # noqa: E402
-from ab_throughput import SOURCE_SLIDE, analyze  # noqa: E402
+from ab_throughput import SOURCE_SLIDE, analyze, paired, report  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from run import ensure_artifact  # noqa: E402
@@ -89,14 +88,14 @@ def report_cost_us(n: int = 200_000) -> dict[str, float]:
     """Microseconds per report of a ServerMetrics (one thread, no contention)."""
     m = ServerMetrics()
     out = {}
-    for name, report in (
+    for name, make_report in (
         ("stage", lambda: m.stage("read", 0.01)),
         ("patches_classified", lambda: m.patches_classified(32)),
         ("call_ended", lambda: m.call_ended("AnalyzeSlide", "OK", None, 1.0)),
     ):
         t0 = time.perf_counter()
         for _ in range(n):
-            report()
+            make_report()
         out[name] = (time.perf_counter() - t0) / n * 1e6
     return out
 
@@ -175,7 +174,7 @@ def main() -> int:
             server.stop(grace=0, drain=0)
     off = [x["patches_per_s"] for x in runs["off"]]
     on = [x["patches_per_s"] for x in runs["on"]]
-    pairs = [round(b / a, 3) for a, b in zip(off, on, strict=True)]
+    figures, table = paired(("off", "on"), off, on)
 
     # Direct cost: reports per analysis (the on server's own counts over its
     # rounds + warm-up) times the cost of one report, against the analysis time.
@@ -194,9 +193,7 @@ def main() -> int:
         runs=runs,
         off_patches_per_s=off,
         on_patches_per_s=on,
-        pair_ratios=pairs,
-        median_pair_ratio=round(statistics.median(pairs), 3),
-        ratio_of_medians=round(statistics.median(on) / statistics.median(off), 3),
+        **figures,
         report_cost_us=per_us,
         reports_per_analysis=reports,
         report_share=report_s / analysis_s,
@@ -212,27 +209,15 @@ def main() -> int:
         f"{runs['on'][0]['served']}; two warm in-process servers sharing one runtime; "
         "ABBA order; the on server scraped every 1 s"
         + (" (CONTROL RUN: neither server has metrics)" if args.control else ""),
-        f"{'round':>5}  {'off p/s':>9}  {'on p/s':>9}  {'on/off':>7}",
-        *(
-            f"{i + 1:>5}  {a:>9.2f}  {b:>9.2f}  {p:>7.3f}"
-            for i, (a, b, p) in enumerate(zip(off, on, pairs, strict=True))
-        ),
-        f"{'median':>5}  {statistics.median(off):>9.2f}  {statistics.median(on):>9.2f}  "
-        f"{r['median_pair_ratio']:>7.3f} (median of pair ratios; "
-        f"ratio of medians {r['ratio_of_medians']:.3f})",
+        *table,
         "direct cost per analysis: "
         + ", ".join(f"{reports[k]:.0f} x {k} at {per_us[k]:.2f} us" for k in reports)
         + f" = {report_s * 1e3:.3f} ms of {analysis_s:.1f} s ({r['report_share']:.5%})",
         f"scrape: {render_s * 1e3:.3f} ms to render ({r['scrape_share_at_1s']:.3%} of one "
         f"core at one scrape a second, {r['scrape_share_at_15s']:.4%} at one per 15 s); "
         f"median {scrape_s * 1e3:.2f} ms wall over HTTP ({len(scraper.wall_s)} scrapes)",
-        f"load average start {r['load_avg_start'][0]:.2f}, end {r['load_avg_end'][0]:.2f}",
     ]
-    print("\n".join(lines))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(r, indent=2) + "\n")
-    return 0
+    return report(r, lines, args.json)
 
 
 if __name__ == "__main__":
