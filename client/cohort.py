@@ -51,8 +51,10 @@ else is a cohort run:
 - slide ids: the ``id`` cell, else the file stem (``.ome`` dropped, characters outside
   ``[A-Za-z0-9._-]`` replaced by ``_``); stems shared by several slides of the run get
   ``-<8 hex of SHA-256 of the reference>``.
-- ``--jobs K`` slides in flight (default 4); ``--retries N`` attempts per slide (and per
-  gRPC call on UNAVAILABLE), 1..5, default 5.
+- ``--jobs K`` slides in flight (default 4; with one server at most its
+  ``max_concurrent_analyses``, so it refuses none; fewer while servers answer
+  SERVER_BUSY, see above); ``--retries N`` attempts per slide (and per gRPC call on
+  UNAVAILABLE), 1..5, default 5.
 - outputs: ``DIR/<id>/`` with exactly the files the one-slide command writes, written
   into ``DIR/.tmp-<id>-XXXX`` and renamed into place (never a half folder under the
   final name); ``DIR/run_manifest.json`` rewritten atomically after every slide;

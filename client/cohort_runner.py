@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histohelper import __version__
+from histohelper.client._channel import resolve_target
 from histohelper.client.cohort import CohortProgress, CohortSlide, SlideOutcome, analyze_many
 from histohelper.client.features import ModelIdentity, slide_stem
 from histohelper.client.options import AnalysisOptions
@@ -494,7 +495,8 @@ async def run_cohort(
         out_dir: the output folder (created).
         base_options: options of items without their own.
         render: how the per-slide files are drawn (``save_all`` keyword arguments).
-        jobs: analyses in flight.
+        jobs: analyses in flight; with one server (no ``round_robin``) at most its
+            ``max_concurrent_analyses`` (GetModelInfo).
         retries: retries per slide after the first attempt.
         quiet: no progress bar.
 
@@ -510,6 +512,8 @@ async def run_cohort(
     remove_stale_temporaries(out_dir)
     info = await client.get_model_info()
     model = ModelIdentity.from_info(info)
+    if not resolve_target(client.target)[1] and info.max_concurrent_analyses > 0:
+        jobs = min(jobs, info.max_concurrent_analyses)  # one server: its slots, no refusals
     manifest = RunManifest(out_dir)
     rows: list[dict[str, str] | None] = [None] * len(items)
     todo: list[int] = []

@@ -228,3 +228,23 @@ def test_inputs_folders_ids_and_manifest_cells(tmp_path: Path) -> None:
     csv_path.write_text("slide,min_tissue\na.svs,2\n")
     with pytest.raises(CohortError, match="line 2: min_tissue_fraction must be in"):
         slides_from_manifest(csv_path, base, upload=False)
+
+
+def test_one_server_gets_no_more_than_its_slots(
+    start_inprocess_server, slide_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--jobs 3 against one server with one analysis slot: jobs is capped at the slots
+    GetModelInfo reports, so no call is refused (SERVER_BUSY) and every slide is done."""
+    audit = tmp_path / "audit.jsonl"
+    server = start_inprocess_server(
+        slide_root=slide_root, max_concurrent_analyses=1, audit_log=audit
+    )
+    out = tmp_path / "cohort"
+    code, _, stderr = run(
+        capsys, "a.tiff", "b.tiff", "glass.tiff", "--server", server.target, "--jobs", "3",
+        "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, stderr
+    records = audit_records(audit)
+    assert [r["outcome"] for r in records] == ["OK"] * 3
+    assert [r["attempts"] for r in table(out)] == ["1", "1", "1"]
