@@ -20,7 +20,8 @@ at most R times per slide:
   cancels the calls it could not finish in its grace period with UNAVAILABLE).
 
 A ``SERVER_BUSY`` also lowers the number of slides in flight to what the servers took
-(then it grows back by one per K successes, AIMD), and slides waiting for a retry get
+(then it grows back by one slot per that many successes, AIMD), and slides waiting for
+a retry get
 the next free slot before new slides start: ``jobs`` above the servers' capacity costs
 a few refused calls, not failed slides.
 With several servers (``round_robin``, see :mod:`._channel`) the retry is a new call,
@@ -73,6 +74,10 @@ else is a cohort run:
 - exit code 0 when no slide failed, 1 when any did, 2 for bad usage (unknown manifest
   column, bad option cell, repeated id), 130 when interrupted (the manifest keeps what
   finished).
+- one run per DIR at a time (a run removes the ``.tmp-*``/``.old-*`` folders an
+  interrupted one left).
+- on the servers, each attempt is one ``AnalyzeSlide`` audit record: a refused one has
+  outcome ``RESOURCE_EXHAUSTED`` (reason ``SERVER_BUSY``), a finished analysis ``OK``.
 """
 
 from __future__ import annotations
