@@ -17,7 +17,7 @@ flags use:
 ============== ===================================================================
 
 Keys are ECDSA P-256, signatures SHA-256, built with the ``cryptography`` library
-(``pip install "histohelper[certs]"``, imported only when the command runs). The server
+(the ``certs`` extra, see the README's Install; imported only when the command runs). The server
 certificate carries extended key usage serverAuth, the client certificate clientAuth,
 the CA basicConstraints CA:TRUE with path length 0 (RFC 5280 profile).
 """
