@@ -679,6 +679,10 @@ class AnalysisCache:
             found = self.store.lookup(key, spec.request_id)
             if found.entry is not None:
                 self._result("hit")
+                log.info(
+                    "result cache hit",
+                    extra={"request_id": spec.request_id, "events": found.entry.records},
+                )
                 yield from replay(found.entry, spec.request_id, t0)
                 return
             if self.store.lead(key, stop):
@@ -706,7 +710,8 @@ class AnalysisCache:
             writer.abort()
             raise
         if completed and not stop.is_set():
-            self.store.store(writer)
+            if self.store.store(writer):
+                log.info("result cache stored", extra={"size_bytes": writer.size})
         else:
             writer.abort()
 
