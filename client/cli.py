@@ -3,9 +3,11 @@
 
 ``histohelper analyze SLIDE --server HOST:PORT --out DIR`` analyses a slide (path
 relative to the server's slide root) with a progress bar, writes the standard files
-and prints a one-line summary. ``histohelper info --server HOST:PORT`` prints the
-served model's manifest. ``histohelper evaluate DIR --server HOST:PORT`` scores the
-served model on a labelled patch folder (:mod:`histohelper.client.evaluate`).
+and prints a one-line summary; with several slides, folders or a manifest CSV it runs a
+resumable cohort (:mod:`histohelper.client.cohort`). ``histohelper info --server
+HOST:PORT`` prints the served model's manifest. ``histohelper evaluate DIR --server
+HOST:PORT`` scores the served model on a labelled patch folder
+(:mod:`histohelper.client.evaluate`).
 ``histohelper features COHORT --server HOST:PORT --out DIR`` writes one HDF5 bag of patch
 features per cohort slide (:mod:`histohelper.client.features`).
 
@@ -60,7 +62,9 @@ def _add_analyze(subparsers: Any) -> None:
         help="analyse a slide on a server; write overlay, heatmaps, GeoJSON, summary",
         description="Analyse a slide on a HistoHelper server and write overlay.png, "
         "attention_overlay.png, heatmap.npz, patches.csv, tiles.geojson and summary.json "
-        "into --out.",
+        "into --out. Several slides, FOLDERs or a manifest CSV make a resumable cohort run: "
+        "--jobs slides in flight, DIR/<id>/ per slide, DIR/cohort.csv, DIR/run_manifest.json; "
+        "a re-run skips finished slides; exit 1 when any slide failed.",
     )
     analyze.add_argument(
         "slide",
