@@ -102,14 +102,25 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model", type=Path, help="artifact (default: run.py's cached export)")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument(
+        "--mask-min-um-per-px",
+        type=float,
+        default=0.0,
+        help="the server's --mask-min-um-per-px (0: its default)",
+    )
     args = ap.parse_args()
     cache = slides.cache_dir()
     artifact = args.model or ensure_artifact(cache)
     large = slides.ensure_slide(LARGE_PX, SOURCE_SLIDE).relative_to(cache)
     names = biopsy_slides(args.biopsies)
-    figures: dict[str, Any] = {"load_avg_start": os.getloadavg(), "rounds": []}
+    figures: dict[str, Any] = {
+        "load_avg_start": os.getloadavg(),
+        "mask_min_um_per_px": args.mask_min_um_per_px,
+        "rounds": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(artifact, cache, Path(tmp))
+        extra = ("--mask-min-um-per-px", str(args.mask_min_um_per_px))
+        server = Server(artifact, cache, Path(tmp), *extra)
         try:
             run_large(server.target, str(large))  # warm-up: page cache, model
             for _ in range(args.rounds):
@@ -132,7 +143,8 @@ def main() -> int:
     lines.append(
         f"cohort: {c0['slides']} biopsies, {c0['patches']} patches, jobs {c0['jobs']}; large: "
         f"{figures['rounds'][0]['large']['patches']} patches; median cohort/large "
-        f"{figures['median_ratio']:.3f} (target >= 0.9)"
+        f"{figures['median_ratio']:.3f} (target >= 0.9); "
+        f"--mask-min-um-per-px {args.mask_min_um_per_px:g}"
     )
     return report(figures, lines, args.json)
 

@@ -184,6 +184,14 @@ class ServerConfig:
         aliases=("max_concurrent",),
         help="AnalyzeSlide calls in flight; one more gets RESOURCE_EXHAUSTED (SERVER_BUSY) at once",
     )
+    mask_min_um_per_px: float = setting(
+        0.0,
+        unit="um/px",
+        minimum=0,
+        maximum=1000,
+        help="tissue masks no finer than this (0: a 1,024 px mask whatever the slide's size); "
+        "8 spares small biopsies a full level-0 decode (benchmarks/cohort_bench.py)",
+    )
     max_patches_per_slide: int = setting(
         1_000_000,
         minimum=1,

@@ -49,9 +49,13 @@ DEFAULT_TOP_K = 8
 
 
 def tiling_options(
-    opts: pb.AnalysisOptions, runtime: ModelRuntime, default_batch_size: int
+    opts: pb.AnalysisOptions,
+    runtime: ModelRuntime,
+    default_batch_size: int,
+    mask_min_um_per_px: float = 0.0,
 ) -> tuple[TilingOptions, int]:
-    """Tiling options (every default filled from the model's manifest) and batch size.
+    """Tiling options (every default filled from the model's manifest, the mask's
+    resolution bound from the server's ``--mask-min-um-per-px``) and batch size.
 
     Raises:
         InvalidOptionsError: an option out of range or unknown.
@@ -72,6 +76,7 @@ def tiling_options(
         "target": target,
         "stride_px": opts.stride_px or None,
         "edge_mode": _EDGE_MODES[opts.edge_mode],
+        "mask_min_um_per_px": mask_min_um_per_px,
     }
     if opts.HasField("min_tissue_fraction"):
         kwargs["min_tissue_fraction"] = float(opts.min_tissue_fraction)

@@ -106,7 +106,10 @@ class SlideAnalysisServicer:
 
     def _analysis_spec(self, request: pb.AnalyzeSlideRequest, call: Call) -> AnalysisSpec:
         tiling, batch_size = convert.tiling_options(
-            request.options, self.runtime, self.config.batch_size
+            request.options,
+            self.runtime,
+            self.config.batch_size,
+            self.config.mask_min_um_per_px,
         )
         opts = request.options
         return AnalysisSpec(

@@ -83,6 +83,12 @@ class TilingOptions:
             :data:`PLAUSIBLE_MPP_RANGE`.
         mask_target_side_px: longest side of the low-resolution image the mask is
             computed on (px); the mask is read from the pyramid near this size.
+        mask_min_um_per_px: when > 0, the mask image is made no finer than this many
+            um per mask px (from the resolved level-0 mpp): the longest side becomes
+            ``min(mask_target_side_px, slide side in um / mask_min_um_per_px)``, at
+            least 16 px. A small biopsy then reads a reduced level instead of decoding
+            level 0 for a mask finer than its patches need (CLAM segments at a 1/64
+            level, ~16 um/px at 40x). 0 (the default) keeps ``mask_target_side_px``.
         mask_method: ``"saturation"`` (Otsu on HSV saturation, CLAM's recipe; the
             default) or ``"gray"`` (Otsu on inverted grayscale, for comparison).
         mask_median_ksize: median blur kernel on the thresholded channel (odd, 0 or
@@ -115,6 +121,7 @@ class TilingOptions:
     edge_mode: EdgeMode = "pad"
     mpp_override: float | None = None
     mask_target_side_px: int = 1024
+    mask_min_um_per_px: float = 0.0
     mask_method: MaskMethod = "saturation"
     mask_median_ksize: int = 7
     mask_close_ksize: int = 5
@@ -150,6 +157,8 @@ class TilingOptions:
             raise bad(f"mpp_override must be a number of um/px in [{lo:g}, {hi:g}]")
         if not (16 <= self.mask_target_side_px <= 16384):
             raise bad("mask_target_side_px must be in [16, 16384]")
+        if not (0.0 <= self.mask_min_um_per_px <= 1000.0):
+            raise bad("mask_min_um_per_px must be in [0, 1000]")
         if self.mask_method not in ("saturation", "gray"):
             raise bad("mask_method must be 'saturation' or 'gray'")
         if self.mask_median_ksize < 0 or (

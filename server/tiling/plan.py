@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import cv2
@@ -348,6 +348,19 @@ def _thumbnail(
     return img, scale_x * cw / img.shape[1], scale_y * ch / img.shape[0]
 
 
+def _mask_read_options(
+    md: SlideMetadata, options: TilingOptions, mpp_x: float, mpp_y: float
+) -> TilingOptions:
+    """``options`` with the mask side capped by ``mask_min_um_per_px`` (see there)."""
+    if options.mask_min_um_per_px <= 0:
+        return options
+    side_um = max(md.width_l0 * mpp_x, md.height_l0 * mpp_y)
+    side_px = max(16, math.ceil(side_um / options.mask_min_um_per_px))
+    if side_px >= options.mask_target_side_px:
+        return options
+    return replace(options, mask_target_side_px=side_px)
+
+
 def plan_tiling(
     slide: Slide, options: TilingOptions, stop: threading.Event | None = None
 ) -> TilingPlan:
@@ -392,7 +405,7 @@ def plan_tiling(
     else:
         level = forced_level
     effective_mpp = options.target.value if options.target.unit == "mpp" else mpp_x * ds_x
-    low = read_low_res(slide, options, stop)
+    low = read_low_res(slide, _mask_read_options(md, options, mpp_x, mpp_y), stop)
     if low.failed_reads:
         warnings.append(
             f"{100 * low.failed_reads / low.total_reads:.2f}% of the low-resolution image "
