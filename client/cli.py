@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from histohelper.cli import missing_extra_message
 from histohelper.errors import HistoHelperError
 from histohelper.model_parts import describe_untrained, untrained_warning
 
@@ -217,7 +218,7 @@ def _add_features(subparsers: Any) -> None:
         "features_index.csv. Slides already written with the same model and options are "
         "skipped; files of another model make the command refuse (exit 2) unless "
         "--overwrite. Exit 1 when any slide failed. Needs h5py "
-        "(pip install 'histohelper[features]').",
+        "(the 'features' extra; README: Install).",
     )
     features.add_argument("cohort", metavar="COHORT", type=Path, help="cohort CSV")
     _add_connection_arguments(features)
@@ -600,7 +601,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import importlib.util
 
     if importlib.util.find_spec("sklearn") is None:
-        raise _UsageError("evaluate needs scikit-learn: pip install 'histohelper[evaluate]'")
+        raise _UsageError(missing_extra_message("evaluate", "sklearn"))
     if not 1 <= args.batch_size <= 1024:
         raise _UsageError("--batch-size must be in [1, 1024]")
     if args.bootstrap < 0:
@@ -662,7 +663,7 @@ def _features(args: argparse.Namespace) -> int:
     import importlib.util
 
     if importlib.util.find_spec("h5py") is None:
-        raise _UsageError("features needs h5py: pip install 'histohelper[features]'")
+        raise _UsageError(missing_extra_message("features", "h5py"))
     if args.jobs < 1:
         raise _UsageError("--jobs must be >= 1")
     from histohelper.client.features import CohortError, read_cohort

@@ -42,13 +42,52 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as exc:  # a part whose extra is not installed
             if exc.name and exc.name.startswith("histohelper"):
                 raise
-            continue
+            for command in _MODULE_COMMANDS.get(name, ()):
+                _add_missing_extra_command(sub, command, exc.name or "?")
     return parser
+
+
+# Commands of the modules that need an extra at import (their parsers cannot be built
+# without it): the thin install still lists them and names the extra when they are run.
+_MODULE_COMMANDS = {
+    "histohelper.model_export.cli": ("export", "train-mil"),
+    "histohelper.server.serve_cli": ("serve",),
+    "histohelper.server.cli": ("tile",),
+}
+
+
+def missing_extra_message(command: str, package: str) -> str:
+    """What to install for ``command`` when its Python ``package`` is missing."""
+    extra = _EXTRAS.get(command, "server")
+    return (
+        f"histohelper {command}: needs the Python package {package!r}, which the "
+        f"plain install leaves out: install the {extra!r} extra, e.g. "
+        f"pip install 'histohelper[{extra}] @ git+<repository URL>' (not on PyPI; "
+        "README: Install)"
+    )
+
+
+def _add_missing_extra_command(sub: argparse._SubParsersAction, command: str, package: str) -> None:
+    p = sub.add_parser(
+        command,
+        help=f"(needs the {_EXTRAS.get(command, 'server')!r} extra)",
+        add_help=False,
+        prefix_chars="\0",  # every argument, flags too, goes to "rest": the run refuses
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def run(args: argparse.Namespace) -> int:
+        print(missing_extra_message(command, package), file=sys.stderr)
+        return 2
+
+    p.set_defaults(func=run)
 
 
 # Which extra brings the heavy dependencies of each command.
 _EXTRAS = {
     "export": "export",
+    "train-mil": "export",
+    "features": "features",
     "serve": "server",
     "tile": "server",
     "evaluate": "evaluate",
@@ -79,14 +118,7 @@ def _run(argv: Sequence[str] | None) -> int:
     except ModuleNotFoundError as exc:  # the thin install lacks this command's extra
         if not exc.name or exc.name.split(".")[0] == "histohelper":
             raise
-        extra = _EXTRAS.get(args.command, "server")
-        print(
-            f"histohelper {args.command}: needs the Python package {exc.name!r}, which the "
-            f"plain install leaves out: install the {extra!r} extra, e.g. "
-            f"pip install 'histohelper[{extra}] @ git+<repository URL>' (not on PyPI; "
-            "README: Install)",
-            file=sys.stderr,
-        )
+        print(missing_extra_message(args.command, exc.name), file=sys.stderr)
         return 2
 
 

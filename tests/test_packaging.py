@@ -191,3 +191,12 @@ def test_wheel_installs_as_thin_client_and_talks_to_a_server(
     assert "untrained" in info.stdout.lower(), info.stdout
     assert analysed.returncode == 0, analysed.stdout + analysed.stderr
     assert (tmp_path / "out" / "summary.json").is_file()
+    # Commands of the heavy extras are listed and name their extra when run (exit 2).
+    for args, extra in (
+        (("serve", "--model", "m.pt"), "server"),
+        (("export", "out.pt"), "export"),
+        (("tile", "slide.svs", "--out", "o"), "server"),
+    ):
+        refused = run(*args)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert f"install the {extra!r} extra" in refused.stderr, refused.stderr
