@@ -367,7 +367,6 @@ def result_row(
         if u is not None and p.predicted_class in p.class_names:
             row["mc_std"] = _fmt(u.std[p.class_names.index(p.predicted_class)])
             row["mc_entropy_nats"] = _fmt(u.entropy_nats)
-    cached = getattr(r, "cached", None)
     report = out_dir / str(item.id) / "report.html"
     row.update(
         patch_count=str(r.patch_count),
@@ -378,7 +377,7 @@ def result_row(
         total_s=f"{r.timings.total_s:.3f}",
         patches_per_s=f"{r.timings.patches_per_s:.1f}",
         request_id=r.request_id,
-        cached="" if cached is None else str(bool(cached)).lower(),
+        cached=str(r.cached).lower(),
         report=f"{item.id}/report.html" if report.is_file() else "",
     )
     return row
@@ -404,17 +403,11 @@ def write_table(out_dir: Path, rows: Sequence[dict[str, str]], classes: Sequence
     return dest
 
 
-def write_index(out_dir: Path, rows: list[dict[str, str]]) -> Path | None:
-    """``index.html`` by :func:`histohelper.client.report.write_cohort_index` where the
-    installed client has it; ``None`` otherwise."""
-    import importlib
+def write_index(out_dir: Path, rows: list[dict[str, str]]) -> Path:
+    """``index.html`` by :func:`histohelper.client.report.write_cohort_index`."""
+    from histohelper.client.report import write_cohort_index
 
-    try:
-        report = importlib.import_module("histohelper.client.report")
-    except ImportError:
-        return None
-    write_cohort_index = getattr(report, "write_cohort_index", None)
-    return None if write_cohort_index is None else Path(write_cohort_index(out_dir, rows))
+    return Path(write_cohort_index(out_dir, rows))
 
 
 # --- the run --------------------------------------------------------------------------
@@ -427,7 +420,7 @@ class CohortRunResult:
     rows: list[dict[str, str]]
     failed: list[dict[str, str]]
     table: Path
-    index_html: Path | None
+    index_html: Path
 
 
 def _utc(t: float) -> str:
