@@ -149,6 +149,59 @@ class ParityError(HistoHelperError):
     reason = "PARITY_FAILED"
 
 
+class ModelNotFoundError(HistoHelperError):
+    """A request named a model or version the server's repository does not hold."""
+
+    code = "NOT_FOUND"
+    reason = "MODEL_NOT_FOUND"
+
+
+class ModelLoadError(HistoHelperError):
+    """A model version failed to load or its parity gate; the previous state serves."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "MODEL_LOAD_FAILED"
+
+
+class ModelInUseError(HistoHelperError):
+    """A model version cannot be unloaded: it is a default or has calls in flight."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "MODEL_IN_USE"
+
+
+# --- DICOM and DICOMweb (PACS) --------------------------------------------------------
+
+
+class DicomWebNotConfiguredError(HistoHelperError):
+    """A request named a DICOMweb server the operator did not configure
+    (``serve --dicomweb NAME=URL``); requests never carry URLs."""
+
+    code = "INVALID_ARGUMENT"
+    reason = "DICOMWEB_NOT_CONFIGURED"
+
+
+class DicomInvalidError(HistoHelperError):
+    """Bytes sent to be stored are not a valid DICOM Part 10 instance."""
+
+    code = "INVALID_ARGUMENT"
+    reason = "DICOM_INVALID"
+
+
+class PacsUnavailableError(HistoHelperError):
+    """A configured DICOMweb server could not be reached or timed out; retry later."""
+
+    code = "UNAVAILABLE"
+    reason = "PACS_UNAVAILABLE"
+
+
+class PacsPermissionDeniedError(HistoHelperError):
+    """A configured DICOMweb server refused the operator's credentials (401/403)."""
+
+    code = "PERMISSION_DENIED"
+    reason = "PACS_PERMISSION_DENIED"
+
+
 # --- service ------------------------------------------------------------------------
 
 

@@ -10,7 +10,8 @@ Tokens file (``--tokens-file``), JSON::
 Only hashes are stored; the server never stores, logs or echoes a raw token. A
 presented token is hashed and compared with every stored hash in constant time
 (``hmac.compare_digest``). ``roles`` defaults to ``["analyze"]``; ``"upload"`` is
-needed for UploadSlide. ``histohelper token --identity NAME --roles
+needed for UploadSlide, ``"store"`` for StoreDicom, ``"admin"`` for
+ModelAdminService. ``histohelper token --identity NAME --roles
 analyze,upload --file tokens.json`` (or ``python -m histohelper.server.auth`` with the
 same flags) makes a new random token: the token on stdout (give it to the caller), its
 entry added to the tokens file (created if absent, existing entries kept), or printed
@@ -55,7 +56,9 @@ log = logging.getLogger(__name__)
 
 ROLE_ANALYZE = "analyze"
 ROLE_UPLOAD = "upload"
-ROLES = frozenset({ROLE_ANALYZE, ROLE_UPLOAD})
+ROLE_STORE = "store"
+ROLE_ADMIN = "admin"
+ROLES = frozenset({ROLE_ANALYZE, ROLE_UPLOAD, ROLE_STORE, ROLE_ADMIN})
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _IDENTITY = re.compile(r"^[A-Za-z0-9._@:/+-]{1,128}$")
@@ -234,7 +237,9 @@ def add_token_to_file(path: Path, identity: str, roles: Sequence[str]) -> str:
 
 def _add_token_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity", required=True, help="caller identity for the audit log")
-    parser.add_argument("--roles", default=ROLE_ANALYZE, help="comma-separated: analyze,upload")
+    parser.add_argument(
+        "--roles", default=ROLE_ANALYZE, help="comma-separated: analyze,upload,store,admin"
+    )
     parser.add_argument(
         "--file",
         type=Path,

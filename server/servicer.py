@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histohelper.errors import AnalysisCancelledError, UploadError
+from histohelper.errors import AnalysisCancelledError, DicomWebNotConfiguredError, UploadError
 from histohelper.server import audit, convert
 from histohelper.server.cache import AnalysisCache
 from histohelper.server.callpath import Call, Rpc, SlotPool
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ROLE_ANALYZE = "analyze"
 ROLE_UPLOAD = "upload"
+ROLE_STORE = "store"
 
 
 class SlideAnalysisServicer:
@@ -89,6 +90,7 @@ class SlideAnalysisServicer:
             "ClassifyPatches": Rpc(self._classify, pool="classify"),
             "UploadSlide": Rpc(self._upload, role=ROLE_UPLOAD, pool="upload"),
             "GetModelInfo": Rpc(self._model_info, default_deadline=False),
+            "StoreDicom": Rpc(self._store_dicom, role=ROLE_STORE, pool="upload"),
         }
 
     # --- validation (worker threads, before admission) -----------------------------------
@@ -223,6 +225,17 @@ class SlideAnalysisServicer:
             size_bytes=stored.size_bytes,
             sha256_hex=stored.sha256_hex,
             expires_in_s=store.ttl_s,
+        )
+
+    async def _store_dicom(
+        self, requests: AsyncIterator[pb.StoreDicomRequest], call: Call
+    ) -> pb.StoreDicomResponse:
+        first = await anext(aiter(requests), None)
+        name = first.dicomweb_server if first is not None else ""
+        raise DicomWebNotConfiguredError(
+            "no DICOMweb server is configured on this server"
+            if not name
+            else "that DICOMweb server is not configured on this server (serve --dicomweb)"
         )
 
     async def _model_info(

@@ -60,6 +60,11 @@ class SlideAnalysisServiceStub:
                 request_serializer=histohelper_dot_v1_dot_slide__analysis__pb2.UploadSlideRequest.SerializeToString,
                 response_deserializer=histohelper_dot_v1_dot_slide__analysis__pb2.UploadSlideResponse.FromString,
                 _registered_method=True)
+        self.StoreDicom = channel.stream_unary(
+                '/histohelper.v1.SlideAnalysisService/StoreDicom',
+                request_serializer=histohelper_dot_v1_dot_slide__analysis__pb2.StoreDicomRequest.SerializeToString,
+                response_deserializer=histohelper_dot_v1_dot_slide__analysis__pb2.StoreDicomResponse.FromString,
+                _registered_method=True)
 
 
 class SlideAnalysisServiceServicer:
@@ -119,6 +124,21 @@ class SlideAnalysisServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StoreDicom(self, request_iterator, context):
+        """Stores DICOM result objects (DICOM Part 10 instances the client built, e.g. with
+        `histohelper analyze --dicom-out`) on a DICOMweb server the operator configured
+        (`serve --dicomweb NAME=URL`), by STOW-RS with the operator's credentials; the
+        caller never sees or sends them. The first message names the server; then each
+        instance is announced by its size and sent in chunks of at most 1 MiB. Errors:
+        DICOMWEB_NOT_CONFIGURED (INVALID_ARGUMENT) for a name the operator did not configure,
+        DICOM_INVALID (INVALID_ARGUMENT) for bytes that are not a DICOM instance,
+        PACS_UNAVAILABLE (UNAVAILABLE), PACS_PERMISSION_DENIED (PERMISSION_DENIED). Needs
+        the "store" role when tokens are configured.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SlideAnalysisServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +166,11 @@ def add_SlideAnalysisServiceServicer_to_server(servicer, server):
                     servicer.UploadSlide,
                     request_deserializer=histohelper_dot_v1_dot_slide__analysis__pb2.UploadSlideRequest.FromString,
                     response_serializer=histohelper_dot_v1_dot_slide__analysis__pb2.UploadSlideResponse.SerializeToString,
+            ),
+            'StoreDicom': grpc.stream_unary_rpc_method_handler(
+                    servicer.StoreDicom,
+                    request_deserializer=histohelper_dot_v1_dot_slide__analysis__pb2.StoreDicomRequest.FromString,
+                    response_serializer=histohelper_dot_v1_dot_slide__analysis__pb2.StoreDicomResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -284,6 +309,33 @@ class SlideAnalysisService:
             '/histohelper.v1.SlideAnalysisService/UploadSlide',
             histohelper_dot_v1_dot_slide__analysis__pb2.UploadSlideRequest.SerializeToString,
             histohelper_dot_v1_dot_slide__analysis__pb2.UploadSlideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreDicom(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/histohelper.v1.SlideAnalysisService/StoreDicom',
+            histohelper_dot_v1_dot_slide__analysis__pb2.StoreDicomRequest.SerializeToString,
+            histohelper_dot_v1_dot_slide__analysis__pb2.StoreDicomResponse.FromString,
             options,
             channel_credentials,
             insecure,
