@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ("server_fixtures",)
+pytest_plugins = ("server_fixtures", "orthanc_support")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("HISTOHELPER_SHARED", REPO_ROOT.parent / "shared")).resolve()

@@ -1,0 +1,311 @@
+"""A real Orthanc PACS with its DICOMweb plugin, for tests (a pytest plugin).
+
+Orthanc (Debian packages ``orthanc`` and ``orthanc-dicomweb``, installed by
+``.ci/run``) runs as a plain child process on a free loopback port with a generated
+configuration and a temporary storage folder. Orthanc 1.10 ignores its bind address,
+so ``RemoteAccessAllowed: false`` is what keeps a test instance to loopback clients;
+its DICOM (DIMSE) listener is off, so parallel test runs never clash on port 4242.
+
+Fixtures:
+    ``orthanc``: session-wide Orthanc without authentication -> :class:`Orthanc`.
+    ``orthanc_auth``: session-wide Orthanc with HTTP basic authentication
+        (``RegisteredUsers``), for 401 tests -> :class:`Orthanc` (``username``/``password`` set).
+    ``dicomweb_dicom_dir``: the real slide ``CMU-1-Small-Region.svs`` converted to DICOM
+        WSI with wsidicomizer once per session (JPEG tiles copied, not re-encoded;
+        one level, no label/overview/thumbnail) -> folder of ``.dcm`` instances.
+    ``dicomweb_slide``: that series stored in ``orthanc`` with STOW-RS -> :class:`DicomWebSlide`.
+
+Helpers: :func:`start_orthanc` (a context manager for other configurations),
+:func:`stow` (store pydicom datasets or files), :func:`free_port`.
+
+Tests skip only when the ``Orthanc`` binary or the DICOMweb plugin is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+#: Where Debian's orthanc-dicomweb puts the plugin (``dpkg -L orthanc-dicomweb``).
+DICOMWEB_PLUGIN_PATHS = (
+    Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+    Path("/usr/lib/orthanc/libOrthancDicomWeb.so.1.7"),
+)
+READY_TIMEOUT_S = 60.0
+#: The DICOMweb server name tests configure on HistoHelper (``serve --dicomweb pacs=URL``).
+PACS_NAME = "pacs"
+
+
+def orthanc_binary() -> str | None:
+    """Path of the ``Orthanc`` executable, or None when it is not installed."""
+    return shutil.which("Orthanc") or next(
+        (p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if Path(p).is_file()), None
+    )
+
+
+def dicomweb_plugin() -> Path | None:
+    """Path of the DICOMweb plugin library, or None when it is not installed."""
+    return next((p for p in DICOMWEB_PLUGIN_PATHS if p.is_file()), None)
+
+
+def require_orthanc() -> tuple[str, Path]:
+    """``(binary, plugin)``, or skip the test when either is not installed."""
+    binary, plugin = orthanc_binary(), dicomweb_plugin()
+    if binary is None or plugin is None:
+        pytest.skip(
+            "Orthanc with its DICOMweb plugin is not installed "
+            "(apt-get install orthanc orthanc-dicomweb; .ci/run does it)"
+        )
+    return binary, plugin
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (bound then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Orthanc:
+    """A running Orthanc.
+
+    Attributes:
+        base_url: ``http://127.0.0.1:PORT`` (Orthanc's REST API).
+        dicomweb_url: ``base_url + "/dicom-web"`` (QIDO/WADO/STOW-RS root).
+        storage_dir: Orthanc's storage and index folder.
+        port: the HTTP port.
+        process: the child process.
+        log_path: Orthanc's stdout/stderr.
+        username: basic-auth user when authentication is on, else None.
+        password: its password, else None.
+    """
+
+    base_url: str
+    dicomweb_url: str
+    storage_dir: Path
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    username: str | None = None
+    password: str | None = None
+
+    def session(self) -> Any:
+        """A ``requests.Session`` carrying this Orthanc's credentials (if any)."""
+        import requests
+
+        session = requests.Session()
+        if self.username is not None:
+            session.auth = (self.username, self.password or "")
+        return session
+
+    def client(self) -> Any:
+        """A :class:`dicomweb_client.DICOMwebClient` for this Orthanc."""
+        from dicomweb_client import DICOMwebClient
+
+        return DICOMwebClient(self.dicomweb_url, session=self.session())
+
+    def serve_flag(self, name: str = PACS_NAME) -> list[str]:
+        """``["--dicomweb", "NAME=URL"]`` for ``histohelper serve``."""
+        return ["--dicomweb", f"{name}={self.dicomweb_url}"]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _config(workdir: Path, port: int, plugin: Path, users: dict[str, str] | None) -> Path:
+    storage = workdir / "storage"
+    storage.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "histohelper-test",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "HttpPort": port,
+        # Orthanc 1.10 ignores its bind address: refusing remote clients is what
+        # keeps this instance to loopback.
+        "RemoteAccessAllowed": False,
+        "DicomServerEnabled": False,
+        "AuthenticationEnabled": users is not None,
+        "RegisteredUsers": users or {},
+        "Plugins": [str(plugin)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
+        "StorageCompression": False,
+        "HttpThreadsCount": 16,
+        "KeepAlive": True,
+        "SaveJobs": False,
+        "StableAge": 1,
+    }
+    path = workdir / "orthanc.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+@contextlib.contextmanager
+def start_orthanc(workdir: Path, users: dict[str, str] | None = None) -> Iterator[Orthanc]:
+    """Run Orthanc on a free loopback port until the ``with`` block ends.
+
+    Args:
+        workdir: empty folder for the configuration, storage and log.
+        users: ``{username: password}`` to turn HTTP basic authentication on.
+
+    Yields:
+        :class:`Orthanc`, ready (its ``/system`` answered).
+
+    Raises:
+        RuntimeError: Orthanc exited or did not answer within :data:`READY_TIMEOUT_S`.
+        pytest.skip.Exception: Orthanc or its DICOMweb plugin is not installed.
+    """
+    import requests
+
+    binary, plugin = require_orthanc()
+    port = free_port()
+    config = _config(workdir, port, plugin, users)
+    log_path = workdir / "orthanc.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [binary, str(config)], stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir
+        )
+    base = f"http://127.0.0.1:{port}"
+    user = next(iter(users.items())) if users else None
+    server = Orthanc(
+        base, base + "/dicom-web", workdir / "storage", port, proc, log_path,
+        user[0] if user else None, user[1] if user else None,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        with server.session() as session:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"Orthanc exited early:\n{server.log_text()[-4000:]}")
+                try:
+                    if session.get(base + "/system", timeout=2).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Orthanc not ready:\n{server.log_text()[-4000:]}")
+                time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def stow(server: Orthanc, instances: Iterable[Any]) -> None:
+    """Store instances in ``server`` with STOW-RS.
+
+    Args:
+        server: the Orthanc.
+        instances: pydicom ``Dataset`` objects or paths of DICOM Part 10 files.
+    """
+    import pydicom
+
+    datasets = [
+        item if isinstance(item, pydicom.Dataset) else pydicom.dcmread(item) for item in instances
+    ]
+    server.client().store_instances(datasets)
+
+
+@dataclass(frozen=True)
+class DicomWebSlide:
+    """A DICOM WSI series stored in a test Orthanc.
+
+    Attributes:
+        server: the Orthanc holding it.
+        name: the DICOMweb server name to configure on HistoHelper (:data:`PACS_NAME`).
+        study_instance_uid: Study Instance UID.
+        series_instance_uid: Series Instance UID.
+        dicom_dir: the local folder of the same instances (a local DICOM WSI).
+        source_path: the slide file it was converted from.
+    """
+
+    server: Orthanc
+    name: str
+    study_instance_uid: str
+    series_instance_uid: str
+    dicom_dir: Path
+    source_path: Path
+
+    @property
+    def uri(self) -> str:
+        """``dicomweb://NAME/STUDY_UID/SERIES_UID``."""
+        return f"dicomweb://{self.name}/{self.study_instance_uid}/{self.series_instance_uid}"
+
+
+def convert_to_dicom(source: Path, out_dir: Path) -> list[Path]:
+    """Convert a slide file to DICOM WSI instances with wsidicomizer.
+
+    Tiles are copied, not re-encoded, where opentile reads the format (SVS: level 0
+    byte-identical); no levels are added; label, overview and thumbnail are left out.
+
+    Returns:
+        The written ``.dcm`` files.
+    """
+    from wsidicomizer import WsiDicomizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = WsiDicomizer.convert(
+        source,
+        out_dir,
+        include_label=False,
+        include_overview=False,
+        include_thumbnail=False,
+        workers=1,
+    )
+    return [Path(f) for f in files]
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """Orthanc without authentication on a loopback port, for the whole session."""
+    with start_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def orthanc_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """Orthanc with HTTP basic authentication (user ``histo``), for the whole session."""
+    with start_orthanc(
+        tmp_path_factory.mktemp("orthanc-auth"), users={"histo": "not-the-real-secret"}
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dicomweb_dicom_dir(real_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``CMU-1-Small-Region.svs`` as DICOM WSI (wsidicomizer, ~3 s), once per session."""
+    out = tmp_path_factory.mktemp("dicom-cmu1")
+    convert_to_dicom(real_slide, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dicomweb_slide(orthanc: Orthanc, dicomweb_dicom_dir: Path, real_slide: Path) -> DicomWebSlide:
+    """The converted real slide stored in ``orthanc`` with STOW-RS."""
+    import pydicom
+
+    files = sorted(dicomweb_dicom_dir.glob("*.dcm"))
+    stow(orthanc, files)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return DicomWebSlide(
+        orthanc,
+        PACS_NAME,
+        str(first.StudyInstanceUID),
+        str(first.SeriesInstanceUID),
+        dicomweb_dicom_dir,
+        real_slide,
+    )
