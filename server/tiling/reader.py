@@ -38,7 +38,7 @@ from histohelper.errors import (
 )
 
 from .plan import PatchGrid
-from .slide import Slide, SlideCache, open_slide
+from .slide import Slide, SlideCache, SlideSource, open_slide
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,8 @@ class PatchReader:
     holds one read region (at most :data:`~.slide.MAX_REGION_PX` px) while reading.
 
     Args:
-        path: slide file (each worker opens its own handle).
+        path: slide file (each worker opens its own handle), or a
+            :class:`~.slide.SlideSource` (e.g. a DICOMweb series; each worker opens it).
         grid: the :class:`PatchGrid` to read.
         batch_size: patches per batch (>= 1).
         num_workers: reader threads (>= 1), each with its own OpenSlide handle.
@@ -205,7 +206,7 @@ class PatchReader:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | SlideSource,
         grid: PatchGrid,
         *,
         batch_size: int = 64,
@@ -230,7 +231,7 @@ class PatchReader:
             raise InvalidOptionsError("max_failed_fraction must be in [0, 1]")
         if output_size_px is not None and output_size_px < 1:
             raise InvalidOptionsError("output_size_px must be >= 1")
-        self._path = os.fspath(path)
+        self._path: str | SlideSource = path if isinstance(path, SlideSource) else os.fspath(path)
         self.grid = grid
         self.output_size_px = grid.patch_size_px if output_size_px is None else output_size_px
         patch_bytes = 3 * self.output_size_px**2
@@ -421,7 +422,7 @@ class PatchReader:
         )
 
     def _open(self) -> Slide:
-        if self.cache is not None:
+        if self.cache is not None and not isinstance(self._path, SlideSource):
             return self.cache.acquire(self._path)
         return open_slide(self._path)
 

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -42,6 +43,7 @@ from histohelper.errors import (
 )
 
 from .options import plausible_mpp
+from .tiffmeta import TiffDeclarations, read_tiff_declarations
 from .tiffread import TiffLevelReader, TiffPyramid, TileCache
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,15 @@ class SlideMetadata:
         level_count: number of pyramid levels.
         is_plain_image: read through ImageSlide (no pyramid, no slide metadata).
         warnings: notes from opening (e.g. implausible metadata ignored).
+        mpp_declared_by: where ``mpp_x``/``mpp_y`` came from: ``"openslide.mpp-x/y"``
+            (OpenSlide's vendor parsing), or, where OpenSlide gives none, the TIFF
+            declaration :mod:`.tiffmeta` read (``"tiff.XResolution/YResolution
+            (centimeter)"``, ``"OME PhysicalSizeX/Y"``, ``"QPTIFF PixelSizeMicrons"``);
+            empty when there is no mpp.
+        fluorescence: why the slide holds fluorescence or multiplex channels rather
+            than a brightfield RGB picture (QPTIFF / OME description, greyscale
+            channel pages, DICOM illumination), e.g. ``"a QPTIFF multiplex
+            immunofluorescence image (4 channels: DAPI, ...)"``; empty for brightfield.
     """
 
     vendor: str
@@ -112,6 +123,49 @@ class SlideMetadata:
     level_count: int
     is_plain_image: bool = False
     warnings: tuple[str, ...] = ()
+    mpp_declared_by: str = ""
+    fluorescence: str = ""
+    dicom: DicomIdentity | None = None
+
+
+@dataclass(frozen=True)
+class DicomIdentity:
+    """The DICOM identity of a slide read from a DICOM WSI series (never logged).
+
+    Attributes:
+        study_instance_uid: Study Instance UID.
+        series_instance_uid: Series Instance UID.
+        frame_of_reference_uid: Frame of Reference UID ("" when absent).
+        source_image_json: DICOM JSON of the level-0 instance without bulk data and
+            per-frame functional groups.
+        dicomweb_server: the configured DICOMweb server name ("" for local files).
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    source_image_json: str
+    dicomweb_server: str = ""
+
+
+@runtime_checkable
+class SlideSource(Protocol):
+    """A slide that is not a file path (e.g. a DICOMweb series): opened with
+    :meth:`open`, fingerprinted for the result cache with :meth:`fingerprint`.
+
+    Attributes:
+        suffix: what stands for a file suffix in the result cache's key.
+    """
+
+    suffix: str
+
+    def open(self) -> Slide:
+        """An open slide (close it, or use ``with``)."""
+        ...
+
+    def fingerprint(self) -> str:
+        """A string identifying the slide's pixels (for the result cache)."""
+        ...
 
 
 def _float_prop(props: dict[str, str] | object, key: str) -> float | None:
@@ -144,7 +198,40 @@ def _scrub(message: str, path: str) -> str:
     return _PATH_IN_MESSAGE.sub("<path>", message)[:200]
 
 
-def _metadata_from(handle: openslide.AbstractSlide, is_plain: bool) -> SlideMetadata:
+#: DICOM IlluminationTypeCodeSequence code (DCM 111743): "Epifluorescence illumination".
+_DICOM_EPIFLUORESCENCE = "111743"
+
+
+def _fluorescence_from_properties(props: dict[str, str] | object) -> str:
+    """Why OpenSlide's properties say fluorescence (DICOM WSI optical paths), or ""."""
+    items: dict[str, str] = dict(props.items()) if hasattr(props, "items") else {}
+    paths = {
+        k.split("]", 1)[0]
+        for k, v in items.items()
+        if k.startswith("dicom.OpticalPathSequence[")
+        and "IlluminationTypeCodeSequence" in k
+        and (
+            (k.endswith("CodeValue") and v == _DICOM_EPIFLUORESCENCE)
+            or (k.endswith("CodeMeaning") and "fluorescence" in v.lower())
+        )
+    }
+    if paths:
+        return f"a DICOM WSI with {len(paths)} epifluorescence optical path(s)"
+    if items.get("dicom.SamplesPerPixel") == "1" and items.get(
+        "dicom.PhotometricInterpretation", ""
+    ).startswith("MONOCHROME"):
+        return "a DICOM WSI of monochrome (one sample per pixel) frames"
+    return ""
+
+
+def _metadata_from(
+    handle: openslide.AbstractSlide,
+    is_plain: bool,
+    declared: TiffDeclarations | None = None,
+) -> SlideMetadata:
+    """The :class:`SlideMetadata` of an open handle; ``declared`` (the file's TIFF
+    declarations) fills mpp where OpenSlide gives none and says fluorescence."""
+    declared = declared or TiffDeclarations()
     props = handle.properties
     dims = tuple((int(w), int(h)) for w, h in handle.level_dimensions)
     w0, h0 = dims[0]
@@ -159,6 +246,9 @@ def _metadata_from(handle: openslide.AbstractSlide, is_plain: bool) -> SlideMeta
     mpp_y = mpp_y if plausible_mpp(mpp_y) else None
     if mpp_x is None or mpp_y is None:  # one axis only: assume square pixels
         mpp_x = mpp_y = mpp_x if mpp_x is not None else mpp_y
+    mpp_declared_by = "openslide.mpp-x/y" if mpp_x is not None else ""
+    if mpp_x is None and plausible_mpp(declared.mpp_x) and plausible_mpp(declared.mpp_y):
+        mpp_x, mpp_y, mpp_declared_by = declared.mpp_x, declared.mpp_y, declared.mpp_declared_by
     power = _float_prop(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
     if power is not None and not (0.5 <= power <= 200):
         warnings.append(f"implausible objective power {power!r} ignored")
@@ -177,6 +267,8 @@ def _metadata_from(handle: openslide.AbstractSlide, is_plain: bool) -> SlideMeta
         level_count=len(dims),
         is_plain_image=is_plain,
         warnings=tuple(warnings),
+        mpp_declared_by=mpp_declared_by,
+        fluorescence=declared.fluorescence or _fluorescence_from_properties(props),
     )
 
 
@@ -229,7 +321,9 @@ class Slide:
         self._handle = self._open_handle()
         # Stat'ed on both sides of the open: equal, the handle holds these bytes.
         self.identity = before if before == file_identity(path) else None
-        self.metadata = _metadata_from(self._handle, self._is_plain)
+        dims = self._handle.level_dimensions
+        declared = read_tiff_declarations(path, dims[0] if dims else None)
+        self.metadata = _metadata_from(self._handle, self._is_plain, declared)
         self._pyramid: TiffPyramid | None = None  # opened on the first level read
 
     @property
@@ -528,11 +622,14 @@ class Slide:
         return f"<Slide {md.vendor} {md.width_l0}x{md.height_l0} levels={md.level_count}>"
 
 
-def open_slide(path: str | os.PathLike[str], *, cache: SlideCache | None = None) -> Slide:
+def open_slide(
+    path: str | os.PathLike[str] | SlideSource, *, cache: SlideCache | None = None
+) -> Slide:
     """Open and validate a slide.
 
     Args:
-        path: slide file (for DICOM, any file of the series).
+        path: slide file (for DICOM, any file of the series), or a
+            :class:`SlideSource` (opened by its own ``open``; ``cache`` unused).
         cache: shared tile cache and handle pool; when given, the handle uses its
             bounded :class:`openslide.OpenSlideCache` (the handle itself is not pooled:
             use :meth:`SlideCache.acquire` for that).
@@ -546,6 +643,8 @@ def open_slide(path: str | os.PathLike[str], *, cache: SlideCache | None = None)
             type that cannot be decoded (checked by reading one small region).
         SlideTooLargeError: a plain image too large to open without a pyramid.
     """
+    if isinstance(path, SlideSource):
+        return path.open()
     p = os.fspath(path)
     if not Path(p).is_file():
         raise SlideNotFoundError("the slide was not found")

@@ -1,0 +1,451 @@
+"""Slides in a PACS: the DICOMweb servers the operator configured, and series on them.
+
+The operator names each server (``serve --dicomweb NAME=URL``); a request names only
+the server, the study and the series (``DicomWebSeries``), so the server never
+connects anywhere the operator did not configure. Credentials come from files in
+``--dicomweb-secrets-dir`` (``NAME.token``: a bearer token; ``NAME.basic``:
+``user:password``; ``NAME.ca.pem``: a CA bundle for HTTPS), never from requests; no
+URL, credential or UID is logged.
+
+Reading: a series is checked with QIDO-RS (exists? a VL Whole Slide Microscopy
+series?), then opened with wsidicom over dicomweb-client (metadata by WADO-RS, frames
+on demand; the whole series is never downloaded). Opened series are pooled for a
+short while, so the tiler and the reader threads of one analysis share one series
+and its frame cache; several reader threads keep several frame requests in flight.
+
+Storing: :meth:`DicomWebServers.store` sends Part 10 instances with STOW-RS.
+
+HTTP failures map onto the error table: unreachable or timing out -> PACS_UNAVAILABLE
+(with ``retry_after_s``), 401/403 -> PACS_PERMISSION_DENIED naming the configured
+server, unknown UIDs -> SLIDE_NOT_FOUND, not a brightfield WSI -> SLIDE_UNSUPPORTED;
+a frame that cannot be fetched or decoded is one failed patch read (SLIDE_CORRUPT
+only past the reader's failure tolerance).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from histohelper.errors import (
+    DicomWebNotConfiguredError,
+    HistoHelperError,
+    PacsPermissionDeniedError,
+    PacsUnavailableError,
+    SlideNotFoundError,
+    UnsupportedSlideError,
+)
+from histohelper.server.tiling.dicom import VL_WSI_SOP_CLASS, DicomSeries, DicomSlide
+
+log = logging.getLogger(__name__)
+
+#: Seconds a client should wait before retrying after PACS_UNAVAILABLE.
+RETRY_AFTER_S = 10
+#: How many opened series stay pooled while no analysis uses them, and for how long.
+MAX_IDLE_SERIES = 4
+IDLE_SERIES_TTL_S = 60.0
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class DicomWebEndpoint:
+    """One configured DICOMweb server.
+
+    Attributes:
+        name: the operator's name for it (what requests use).
+        url: DICOMweb root (``https://pacs.example/dicom-web``); never logged.
+        bearer_token: from ``NAME.token``, or None.
+        basic: ``(user, password)`` from ``NAME.basic``, or None.
+        ca_bundle: ``NAME.ca.pem`` when present (verifies the server's certificate).
+        timeout_s: connect and read timeout of each HTTP request.
+    """
+
+    name: str
+    url: str = field(repr=False)
+    bearer_token: str | None = field(default=None, repr=False)
+    basic: tuple[str, str] | None = field(default=None, repr=False)
+    ca_bundle: Path | None = None
+    timeout_s: float = 30.0
+
+
+def parse_endpoints(
+    text: str, secrets_dir: Path | None = None, timeout_s: float = 30.0
+) -> dict[str, DicomWebEndpoint]:
+    """The configured servers from ``NAME=URL[,NAME=URL...]`` and the secrets folder.
+
+    Args:
+        text: comma-separated ``NAME=URL`` entries (``serve --dicomweb``, repeatable).
+        secrets_dir: folder of ``NAME.token`` / ``NAME.basic`` / ``NAME.ca.pem`` files.
+        timeout_s: HTTP timeout per request (s).
+
+    Returns:
+        ``{name: endpoint}``.
+
+    Raises:
+        ValueError: a malformed entry, a duplicate name, a URL that is not http(s) or
+            carries credentials, an unreadable or malformed credentials file. Messages
+            name the entry's NAME, never its URL or a credential.
+    """
+    out: dict[str, DicomWebEndpoint] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, sep, url = entry.partition("=")
+        name, url = name.strip(), url.strip().rstrip("/")
+        if not sep or not _NAME.match(name):
+            raise ValueError(
+                "--dicomweb takes NAME=URL (NAME: letters, digits, '_', '.', '-'; up to 64)"
+            )
+        if name in out:
+            raise ValueError(f"--dicomweb: the name {name!r} is given twice")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--dicomweb {name}: the URL must be http:// or https://")
+        if parts.username or parts.password:
+            raise ValueError(
+                f"--dicomweb {name}: put credentials in --dicomweb-secrets-dir, not the URL"
+            )
+        token = basic = ca = None
+        if secrets_dir is not None:
+            token_file = secrets_dir / f"{name}.token"
+            basic_file = secrets_dir / f"{name}.basic"
+            ca_file = secrets_dir / f"{name}.ca.pem"
+            if token_file.is_file():
+                token = token_file.read_text().strip() or None
+            if basic_file.is_file():
+                user, colon, password = basic_file.read_text().strip().partition(":")
+                if not colon or not user:
+                    raise ValueError(f"--dicomweb {name}: {name}.basic must hold user:password")
+                basic = (user, password)
+            if token and basic:
+                raise ValueError(f"--dicomweb {name}: give {name}.token or {name}.basic, not both")
+            ca = ca_file if ca_file.is_file() else None
+        out[name] = DicomWebEndpoint(name, url, token, basic, ca, float(timeout_s))
+    return out
+
+
+def _session(endpoint: DicomWebEndpoint) -> Any:
+    """A ``requests.Session`` with the endpoint's credentials, CA bundle and timeout."""
+    import requests
+
+    class _Session(requests.Session):
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", endpoint.timeout_s)
+            return super().request(*args, **kwargs)
+
+    session = _Session()
+    if endpoint.bearer_token:
+        session.headers["Authorization"] = f"Bearer {endpoint.bearer_token}"
+    elif endpoint.basic:
+        session.auth = endpoint.basic
+    if endpoint.ca_bundle is not None:
+        session.verify = str(endpoint.ca_bundle)
+    return session
+
+
+def translate(name: str, exc: BaseException, *, opening: bool = False) -> HistoHelperError | None:
+    """The error a caller sees for an exception from talking to PACS ``name``.
+
+    Args:
+        name: the configured server name (safe to show: the operator chose it).
+        exc: what requests, dicomweb-client or wsidicom raised.
+        opening: True while the series is being found and opened (a 404 then means
+            unknown UIDs); False for frame reads (a 404 is one failed read).
+
+    Returns:
+        PacsUnavailableError, PacsPermissionDeniedError or SlideNotFoundError, or None
+        when the exception means "this read failed" (counted against the tolerance).
+    """
+    import requests
+
+    if isinstance(exc, HistoHelperError):
+        return exc
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        if status in (401, 403):
+            return PacsPermissionDeniedError(
+                f"the DICOMweb server {name!r} refused this server's credentials "
+                f"(HTTP {status}); the operator must fix them",
+                dicomweb_server=name,
+            )
+        if status == 404 and opening:
+            return SlideNotFoundError("the DICOM series was not found on the DICOMweb server")
+        if status in (408, 429) or status >= 500:
+            return _unavailable(name, f"HTTP {status}")
+        return None
+    if isinstance(exc, requests.Timeout | requests.ConnectionError):
+        return _unavailable(name, type(exc).__name__)
+    return None
+
+
+def _unavailable(name: str, what: str) -> PacsUnavailableError:
+    return PacsUnavailableError(
+        f"the DICOMweb server {name!r} is unavailable ({what}); retry in "
+        f"{RETRY_AFTER_S} s or later",
+        dicomweb_server=name,
+        retry_after_s=str(RETRY_AFTER_S),
+    )
+
+
+@dataclass
+class _Pooled:
+    series: DicomSeries
+    users: int = 0
+    idle_since: float = 0.0
+
+
+class DicomWebServers:
+    """The configured DICOMweb servers and a small pool of opened series.
+
+    Args:
+        endpoints: from :func:`parse_endpoints` (may be empty: nothing configured).
+
+    Thread-safe.
+    """
+
+    def __init__(self, endpoints: dict[str, DicomWebEndpoint]) -> None:
+        self.endpoints = dict(endpoints)
+        self._pool: OrderedDict[tuple[str, str, str], _Pooled] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def endpoint(self, name: str) -> DicomWebEndpoint:
+        """The endpoint called ``name``.
+
+        Raises:
+            DicomWebNotConfiguredError: no such name (or none configured).
+        """
+        found = self.endpoints.get(name)
+        if found is None:
+            raise DicomWebNotConfiguredError(
+                "no DICOMweb server is configured on this server"
+                if not self.endpoints
+                else "that DICOMweb server is not configured on this server (serve --dicomweb)"
+            )
+        return found
+
+    def client(self, name: str) -> Any:
+        """A ``dicomweb_client.DICOMwebClient`` for ``name`` (credentials applied).
+
+        Raises:
+            DicomWebNotConfiguredError: no such name.
+        """
+        from dicomweb_client import DICOMwebClient
+
+        endpoint = self.endpoint(name)
+        client = DICOMwebClient(endpoint.url, session=_session(endpoint))
+        # dicomweb-client retries 5 times with exponential back-off by default (31 s
+        # on a closed port): one quick retry, then PACS_UNAVAILABLE with a retry hint.
+        client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=100)
+        return client
+
+    def source(self, name: str, study_uid: str, series_uid: str) -> DicomWebSource:
+        """The request's series as a slide source (nothing is fetched yet).
+
+        Raises:
+            DicomWebNotConfiguredError: ``name`` is not configured.
+            InvalidOptionsError: a UID is missing or malformed.
+        """
+        from histohelper.errors import InvalidOptionsError
+
+        self.endpoint(name)
+        for what, uid in (("study", study_uid), ("series", series_uid)):
+            if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid or "") or len(uid) > 64:
+                raise InvalidOptionsError(f"dicomweb: the {what} instance UID is not a DICOM UID")
+        return DicomWebSource(self, name, study_uid, series_uid)
+
+    # --- the pool of opened series --------------------------------------------------------
+
+    def acquire(self, key: tuple[str, str, str]) -> DicomSeries:
+        """An opened series for ``(name, study, series)``, pooled or newly opened.
+
+        Raises:
+            As :meth:`open_series`.
+        """
+        stale: list[DicomSeries] = []
+        with self._lock:
+            now = time.monotonic()
+            for k in [k for k, p in self._pool.items() if not p.users]:
+                if now - self._pool[k].idle_since > IDLE_SERIES_TTL_S:
+                    stale.append(self._pool.pop(k).series)
+            pooled = self._pool.get(key)
+            if pooled is not None:
+                pooled.users += 1
+                self._pool.move_to_end(key)
+        for series in stale:
+            series.close()
+        if pooled is not None:
+            return pooled.series
+        series = self.open_series(*key)
+        with self._lock:
+            if key in self._pool:  # opened twice at once: keep the pooled one
+                self._pool[key].users += 1
+                extra, series = series, self._pool[key].series
+            else:
+                self._pool[key] = _Pooled(series, users=1)
+                extra = None
+        if extra is not None:
+            extra.close()
+        return series
+
+    def release(self, series: DicomSeries) -> None:
+        """Give back a series from :meth:`acquire`; idle ones beyond
+        :data:`MAX_IDLE_SERIES` are closed, least recently used first."""
+        evicted: list[DicomSeries] = []
+        with self._lock:
+            for pooled in self._pool.values():
+                if pooled.series is series:
+                    pooled.users -= 1
+                    pooled.idle_since = time.monotonic()
+                    break
+            else:
+                evicted.append(series)
+            idle = [k for k, p in self._pool.items() if not p.users]
+            for k in idle[: max(0, len(idle) - MAX_IDLE_SERIES)]:
+                evicted.append(self._pool.pop(k).series)
+        for s in evicted:
+            s.close()
+
+    def close(self) -> None:
+        """Close every pooled series."""
+        with self._lock:
+            items = [p.series for p in self._pool.values()]
+            self._pool.clear()
+        for series in items:
+            series.close()
+
+    def open_series(self, name: str, study_uid: str, series_uid: str) -> DicomSeries:
+        """Find the series with QIDO-RS and open it with wsidicom (metadata only).
+
+        Raises:
+            SlideNotFoundError: no such study/series on the server.
+            UnsupportedSlideError: not a VL Whole Slide Microscopy series, fluorescence
+                or monochrome, or wsidicom cannot read it.
+            PacsUnavailableError, PacsPermissionDeniedError: from the server.
+            DicomWebNotConfiguredError: ``name`` is not configured.
+        """
+        from wsidicom import WsiDicom, WsiDicomWebClient
+
+        client = self.client(name)
+        try:
+            found = client.search_for_instances(
+                study_uid,
+                series_uid,
+                fields=["SOPClassUID"],
+                search_filters={"SeriesInstanceUID": series_uid},
+            )
+        except Exception as exc:
+            raise self._opening_error(name, exc) from None
+        if not found:
+            raise SlideNotFoundError("the DICOM series was not found on the DICOMweb server")
+        classes = {str(item.get("00080016", {}).get("Value", [""])[0]) for item in found}
+        if VL_WSI_SOP_CLASS not in classes:
+            raise UnsupportedSlideError(
+                "the DICOM series is not a whole-slide image (no VL Whole Slide "
+                "Microscopy Image instances)"
+            )
+        try:
+            wsi = WsiDicom.open_web(WsiDicomWebClient(client), study_uid, series_uid)
+        except Exception as exc:
+            raise self._opening_error(name, exc) from None
+        try:
+            return DicomSeries(wsi, lambda exc: translate(name, exc), name)
+        except BaseException:
+            wsi.close()
+            raise
+
+    @staticmethod
+    def _opening_error(name: str, exc: BaseException) -> HistoHelperError:
+        mapped = translate(name, exc, opening=True)
+        if mapped is not None:
+            return mapped
+        log.warning("opening a DICOMweb series failed: %s", type(exc).__name__)
+        return UnsupportedSlideError(
+            f"the DICOM series could not be opened as a whole-slide image: {type(exc).__name__}"
+        )
+
+    # --- STOW-RS ------------------------------------------------------------------------
+
+    def store(self, name: str, datasets: Sequence[Any]) -> None:
+        """Store pydicom datasets on ``name`` with STOW-RS.
+
+        Raises:
+            DicomWebNotConfiguredError, PacsUnavailableError, PacsPermissionDeniedError;
+            DicomInvalidError when the server refuses the instances (HTTP 4xx).
+        """
+        from histohelper.errors import DicomInvalidError
+
+        client = self.client(name)
+        try:
+            client.store_instances(list(datasets))
+        except Exception as exc:
+            mapped = translate(name, exc)
+            if mapped is not None:
+                raise mapped from None
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            raise DicomInvalidError(
+                f"the DICOMweb server {name!r} refused the instances"
+                + (f" (HTTP {status})" if status else f": {type(exc).__name__}")
+            ) from None
+
+
+@dataclass(frozen=True)
+class DicomWebSource:
+    """A DICOM WSI series on a configured DICOMweb server, as a slide source.
+
+    What a request's ``dicomweb`` field resolves to; the analysis opens it with
+    :meth:`open` wherever it would open a file (:func:`~.tiling.slide.open_slide`).
+
+    Attributes:
+        servers: the configured servers (not part of equality).
+        name: the configured server name.
+        study_instance_uid: Study Instance UID.
+        series_instance_uid: Series Instance UID.
+    """
+
+    servers: DicomWebServers = field(compare=False, repr=False)
+    name: str
+    study_instance_uid: str = field(repr=False)
+    series_instance_uid: str = field(repr=False)
+
+    #: What stands for a file suffix in the result cache's key.
+    suffix = ".dicomweb"
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """``(name, study, series)``."""
+        return (self.name, self.study_instance_uid, self.series_instance_uid)
+
+    def open(self) -> DicomSlide:
+        """Open the series (pooled) as a :class:`DicomSlide`; closing it gives it back.
+
+        Raises:
+            As :meth:`DicomWebServers.open_series`.
+        """
+        series = self.servers.acquire(self.key)
+        return DicomSlide(series, on_close=self.servers.release)
+
+    def fingerprint(self) -> str:
+        """What identifies the pixels for the result cache: the server name, the
+        study and series UIDs and a SHA-256 of the series' instance UIDs and level-0
+        attributes (``dicom:`` + 64 hex digits).
+
+        Raises:
+            As :meth:`open`.
+        """
+        import hashlib
+
+        slide = self.open()
+        try:
+            digest = slide.series.fingerprint
+        finally:
+            slide.close()
+        parts = (self.name, self.study_instance_uid, self.series_instance_uid, digest)
+        return "dicom:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()

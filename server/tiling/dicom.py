@@ -1,0 +1,337 @@
+"""DICOM whole-slide images (VL Whole Slide Microscopy, Supplement 145) read with wsidicom.
+
+:class:`DicomSlide` gives the tiler, the patch reader and the tissue mask the same
+reading interface as the OpenSlide adapter (:class:`~.slide.Slide`): metadata with
+levels, per-axis downsamples and mpp, RGBA region reads in level-0 px and RGB reads
+in level px. The pixels come from a :class:`wsidicom.WsiDicom`, opened by whoever
+knows where the series lives (over DICOMweb: :mod:`histohelper.server.dicomweb`);
+frames are fetched on demand through wsidicom's bounded frame cache (its default
+size: a cache of 0 breaks reads in wsidicom 0.31).
+
+One :class:`WsiDicom` may be shared by several :class:`DicomSlide` objects on
+several threads (wsidicom's caches take locks); each :class:`DicomSlide` is used by
+one thread at a time, like :class:`~.slide.Slide`.
+
+Several focal planes or optical paths: the first brightfield optical path and the
+focal plane nearest the slide (the first listed) are read, with a warning.
+Fluorescence and monochrome series are refused.
+
+Messages never contain UIDs or URLs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from histohelper.errors import (
+    CorruptSlideError,
+    HistoHelperError,
+    RegionOutOfBoundsError,
+    UnsupportedSlideError,
+)
+
+from .options import plausible_mpp
+from .slide import DicomIdentity, Slide, SlideMetadata, composite_on_white
+
+if TYPE_CHECKING:
+    from wsidicom import WsiDicom
+
+logger = logging.getLogger(__name__)
+
+#: VL Whole Slide Microscopy Image Storage.
+VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+#: DICOM code values of IlluminationTypeCodeSequence (DCM CID 8123).
+BRIGHTFIELD_CODES = frozenset({"111744", "111741"})  # brightfield, transmission
+FLUORESCENCE_CODES = frozenset({"111743", "111742"})  # epifluorescence, reflection
+#: Data elements left out of :func:`source_image_json`: pixel data and per-frame groups.
+_LEFT_OUT_TAGS = (0x7FE00010, 0x52009230, 0x00282000)  # PixelData, PerFrame..., ICCProfile
+_BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+
+#: Maps a library or transport exception to the error the caller sees, or None when
+#: it means "this region could not be read" (counted as a failed read).
+ErrorTranslator = Callable[[BaseException], HistoHelperError | None]
+
+
+def _no_translation(exc: BaseException) -> HistoHelperError | None:
+    return None
+
+
+def _illumination_codes(dataset: Any) -> list[str]:
+    codes = []
+    for path in getattr(dataset, "OpticalPathSequence", []) or []:
+        for code in getattr(path, "IlluminationTypeCodeSequence", []) or []:
+            codes.append(str(getattr(code, "CodeValue", "")))
+    return codes
+
+
+def source_image_json(dataset: Any) -> str:
+    """DICOM JSON (PS3.18 F.2) of an instance's attributes without bulk data.
+
+    Pixel data, the per-frame functional groups, the ICC profile and every other
+    binary (OB/OW/OF/OD/OL/OV/UN) top-level element are left out, so the text stays
+    small (a few KiB) whatever the instance's size.
+
+    Args:
+        dataset: a pydicom ``Dataset`` (e.g. wsidicom's level-0 ``WsiDataset``).
+
+    Returns:
+        The JSON text.
+    """
+    import pydicom
+
+    out = pydicom.Dataset()
+    for element in dataset:
+        if element.tag in _LEFT_OUT_TAGS or element.VR in _BULK_VRS:
+            continue
+        out.add(element)
+    return json.dumps(out.to_json_dict(), sort_keys=True, separators=(",", ":"))
+
+
+class DicomSeries:
+    """One opened DICOM WSI series: what every :class:`DicomSlide` on it shares.
+
+    Args:
+        wsi: the opened series (wsidicom).
+        translate: maps exceptions raised while reading frames to the caller's error
+            (PACS unreachable, credentials refused); None means a failed read.
+        server_name: the configured DICOMweb server it is read from ("" for files).
+
+    Attributes:
+        wsi: the :class:`wsidicom.WsiDicom`.
+        metadata: :class:`~.slide.SlideMetadata` (vendor ``"dicom"``).
+        z: focal plane read (um), or None for wsidicom's default.
+        optical_path: optical path identifier read, or None for the default.
+        study_instance_uid, series_instance_uid, frame_of_reference_uid: the series'
+            identity (never logged).
+        source_json: :func:`source_image_json` of the level-0 instance.
+        fingerprint: SHA-256 hex of the instance UIDs and level-0 attributes: what
+            identifies the pixels for the result cache.
+
+    Raises:
+        UnsupportedSlideError: fluorescence or monochrome, no resolution, no levels.
+    """
+
+    def __init__(
+        self, wsi: WsiDicom, translate: ErrorTranslator = _no_translation, server_name: str = ""
+    ) -> None:
+        self.wsi = wsi
+        self.translate = translate
+        self._levels = list(wsi.levels)
+        if not self._levels:
+            raise UnsupportedSlideError("the DICOM series has no whole-slide image levels")
+        base = self._levels[0]
+        dataset = base.datasets[0]
+        warnings: list[str] = []
+        if int(getattr(dataset, "SamplesPerPixel", 3)) != 3:
+            raise UnsupportedSlideError(
+                "the DICOM series is monochrome (fluorescence?): only brightfield RGB "
+                "whole-slide images are analysed"
+            )
+        codes = _illumination_codes(dataset)
+        if codes and not set(codes) & BRIGHTFIELD_CODES and set(codes) & FLUORESCENCE_CODES:
+            raise UnsupportedSlideError(
+                "the DICOM series is fluorescence: only brightfield whole-slide images are analysed"
+            )
+        paths = list(base.optical_paths)
+        self.optical_path: str | None = None
+        if len(paths) > 1:
+            self.optical_path = self._first_brightfield(dataset, paths)
+            warnings.append(
+                f"the series has {len(paths)} optical paths: the first brightfield one is analysed"
+            )
+        planes = list(base.focal_planes)
+        self.z: float | None = None
+        if len(planes) > 1:
+            self.z = planes[0]
+            warnings.append(f"the series has {len(planes)} focal planes: the first is analysed")
+        dims = tuple((int(lv.size.width), int(lv.size.height)) for lv in self._levels)
+        w0, h0 = dims[0]
+        ds = tuple((w0 / w, h0 / h) for w, h in dims)
+        try:
+            mpp_x, mpp_y = float(base.mpp.width), float(base.mpp.height)
+        except Exception:  # wsidicom: WsiDicomNoResolutionError
+            mpp_x = mpp_y = math.nan
+        if not (plausible_mpp(mpp_x) and plausible_mpp(mpp_y)):
+            if math.isfinite(mpp_x):
+                warnings.append("implausible pixel spacing in the DICOM metadata ignored")
+            mpp_x_opt: float | None = None
+            mpp_y_opt: float | None = None
+        else:
+            mpp_x_opt, mpp_y_opt = mpp_x, mpp_y
+        self.study_instance_uid = str(getattr(dataset, "StudyInstanceUID", ""))
+        self.series_instance_uid = str(getattr(dataset, "SeriesInstanceUID", ""))
+        self.frame_of_reference_uid = str(getattr(dataset, "FrameOfReferenceUID", ""))
+        self.source_json = source_image_json(dataset)
+        self.metadata = SlideMetadata(
+            vendor="dicom",
+            level_dimensions=dims,
+            level_downsamples=ds,
+            openslide_downsamples=tuple((dx + dy) / 2 for dx, dy in ds),
+            mpp_x=mpp_x_opt,
+            mpp_y=mpp_y_opt,
+            objective_power=None,
+            width_l0=w0,
+            height_l0=h0,
+            level_count=len(dims),
+            warnings=tuple(warnings),
+            dicom=DicomIdentity(
+                self.study_instance_uid,
+                self.series_instance_uid,
+                self.frame_of_reference_uid,
+                self.source_json,
+                server_name,
+            ),
+        )
+        digest = hashlib.sha256()
+        for level in self._levels:
+            for ds_ in level.datasets:
+                digest.update(str(ds_.SOPInstanceUID).encode() + b"\0")
+        digest.update(self.source_json.encode())
+        self.fingerprint = digest.hexdigest()
+        self._lock = threading.Lock()
+        self._users = 0
+
+    @staticmethod
+    def _first_brightfield(dataset: Any, paths: list[str]) -> str:
+        for path in getattr(dataset, "OpticalPathSequence", []) or []:
+            codes = {
+                str(getattr(c, "CodeValue", ""))
+                for c in getattr(path, "IlluminationTypeCodeSequence", []) or []
+            }
+            if codes & BRIGHTFIELD_CODES:
+                return str(path.OpticalPathIdentifier)
+        return paths[0]
+
+    def level(self, index: int) -> Any:
+        """wsidicom's ``Level`` of pyramid index ``index`` (0 = full resolution)."""
+        return self._levels[index]
+
+    def close(self) -> None:
+        """Close the series (its files or its client's session)."""
+        self.wsi.close()
+
+
+class DicomSlide(Slide):
+    """A :class:`~.slide.Slide` over a :class:`DicomSeries` (same reading interface).
+
+    Args:
+        series: the opened series (shared; not closed by this object unless
+            ``on_close`` is None).
+        on_close: called once by :meth:`close` (e.g. to give the series back to a
+            pool); default: close the series.
+    """
+
+    def __init__(
+        self, series: DicomSeries, on_close: Callable[[DicomSeries], None] | None = None
+    ) -> None:
+        # Not Slide.__init__: nothing of OpenSlide is opened.
+        self.series = series
+        self.metadata = series.metadata
+        self.failed_reads = 0
+        self.identity = None
+        self._on_close = on_close
+        self._closed = False
+        self._cache = None
+        self._pyramid = None
+        self._handle = None
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> str:
+        """No file path: a DICOM series (``"<dicom>"``)."""
+        return "<dicom>"
+
+    def _validate(self) -> None:
+        self.read_level_rgb(self.metadata.level_count - 1, 0, 0, 1, 1)
+
+    def _read_level_rgba(
+        self, level: int, x_lv: int, y_lv: int, width_px: int, height_px: int
+    ) -> npt.NDArray[np.uint8]:
+        """Level px ``[x_lv, x_lv + width_px) x [y_lv, y_lv + height_px)`` as RGBA,
+        alpha 0 (and white) outside the level."""
+        from wsidicom.geometry import Point, Region, Size
+
+        if self._closed:
+            raise CorruptSlideError("the slide handle is closed")
+        self._check_region(level, width_px, height_px)
+        lw, lh = self.metadata.level_dimensions[level]
+        x0, y0 = max(0, x_lv), max(0, y_lv)
+        x1, y1 = min(lw, x_lv + width_px), min(lh, y_lv + height_px)
+        if x1 <= x0 or y1 <= y0:
+            raise RegionOutOfBoundsError("region lies wholly outside the slide")
+        series = self.series
+        try:
+            image = series.level(level).get_region(
+                Region(Point(x0, y0), Size(x1 - x0, y1 - y0)), series.z, series.optical_path
+            )
+            inside = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        except Exception as exc:  # wsidicom, pydicom, PIL, requests: many types
+            mapped = series.translate(exc)
+            if mapped is not None:
+                raise mapped from None
+            self.failed_reads += 1
+            raise CorruptSlideError(
+                f"a region of the slide could not be decoded: {type(exc).__name__}"
+            ) from None
+        out = np.zeros((height_px, width_px, 4), dtype=np.uint8)
+        out[..., :3] = 255
+        oy, ox = y0 - y_lv, x0 - x_lv
+        out[oy : oy + inside.shape[0], ox : ox + inside.shape[1], :3] = inside
+        out[oy : oy + inside.shape[0], ox : ox + inside.shape[1], 3] = 255
+        return out
+
+    def read_region_rgba(
+        self, x_l0: int, y_l0: int, level: int, width_px: int, height_px: int
+    ) -> npt.NDArray[np.uint8]:
+        """As :meth:`Slide.read_region_rgba`; the level position is
+        ``x_l0 / openslide_downsample`` (the same convention as OpenSlide's)."""
+        self._check_level(level)
+        ds = self.metadata.openslide_downsamples[level]
+        return self._read_level_rgba(level, round(x_l0 / ds), round(y_l0 / ds), width_px, height_px)
+
+    def read_level_rgb(
+        self, level: int, x_lv: float, y_lv: float, width_px: int, height_px: int
+    ) -> npt.NDArray[np.uint8]:
+        """As :meth:`Slide.read_level_rgb` (level px, rounded; white outside)."""
+        return composite_on_white(
+            self._read_level_rgba(level, round(x_lv), round(y_lv), width_px, height_px)
+        )
+
+    def level_tile_size(self, level: int) -> tuple[int, int] | None:
+        """The level's frame size ``(width, height)`` in px."""
+        self._check_level(level)
+        size = self.series.level(level).tile_size
+        return int(size.width), int(size.height)
+
+    def reads_directly(self, level: int) -> bool:
+        """False: frames are decoded by wsidicom, not the tifffile fast path."""
+        self._check_level(level)
+        return False
+
+    def close(self) -> None:
+        """Give the series back (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._on_close is not None:
+            self._on_close(self.series)
+        else:
+            self.series.close()
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def __repr__(self) -> str:  # never a UID
+        md = self.metadata
+        return f"<DicomSlide {md.width_l0}x{md.height_l0} levels={md.level_count}>"

@@ -1,0 +1,92 @@
+"""Reading a DICOM WSI series over DICOMweb from a real Orthanc: the same metadata,
+grid and pixels as the SVS file it was converted from (wsidicomizer copied the JPEG
+tiles), and each bad case mapped to its error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from orthanc_support import DicomWebSlide, Orthanc, free_port
+
+from histohelper.errors import (
+    DicomWebNotConfiguredError,
+    PacsPermissionDeniedError,
+    PacsUnavailableError,
+    SlideNotFoundError,
+)
+from histohelper.server.dicomweb import DicomWebServers, parse_endpoints
+from histohelper.server.tiling import PatchReader, TilingOptions, open_slide, plan_tiling
+
+
+@pytest.fixture(scope="module")
+def servers(dicomweb_slide: DicomWebSlide) -> DicomWebServers:
+    servers = DicomWebServers(parse_endpoints(f"pacs={dicomweb_slide.server.dicomweb_url}"))
+    yield servers
+    servers.close()
+
+
+def test_metadata_grid_and_pixels_equal_the_svs(
+    servers: DicomWebServers, dicomweb_slide: DicomWebSlide, real_slide: Path
+) -> None:
+    source = servers.source(
+        "pacs", dicomweb_slide.study_instance_uid, dicomweb_slide.series_instance_uid
+    )
+    with open_slide(real_slide) as svs, open_slide(source) as dcm:
+        assert dcm.metadata.level_dimensions == svs.metadata.level_dimensions
+        assert dcm.metadata.mpp_x == pytest.approx(svs.metadata.mpp_x, rel=1e-6)
+        assert dcm.metadata.dicom is not None
+        assert dcm.metadata.dicom.series_instance_uid == dicomweb_slide.series_instance_uid
+        assert dcm.metadata.dicom.dicomweb_server == "pacs"
+        plan_svs = plan_tiling(svs, TilingOptions())
+        plan_dcm = plan_tiling(dcm, TilingOptions())
+        assert plan_dcm.mpp_source == "metadata"
+    assert len(plan_svs.grid) > 0
+    np.testing.assert_array_equal(plan_dcm.grid.x_l0, plan_svs.grid.x_l0)
+    np.testing.assert_array_equal(plan_dcm.grid.y_l0, plan_svs.grid.y_l0)
+    np.testing.assert_array_equal(plan_dcm.mask.mask, plan_svs.mask.mask)
+    batches = {}
+    for name, slide in (("svs", real_slide), ("dcm", source)):
+        reader = PatchReader(slide, plan_svs.grid, batch_size=16, num_workers=2)
+        images = np.zeros((len(plan_svs.grid), 224, 224, 3), np.uint8)
+        for batch in reader.iter_batches():
+            assert batch.failed.size == 0
+            images[batch.indices] = batch.images
+        batches[name] = images
+    np.testing.assert_array_equal(batches["dcm"], batches["svs"])
+
+
+def test_unknown_uids_are_not_found(
+    servers: DicomWebServers, dicomweb_slide: DicomWebSlide
+) -> None:
+    with pytest.raises(SlideNotFoundError):
+        servers.source("pacs", dicomweb_slide.study_instance_uid, "1.2.3.4.5").open()
+    with pytest.raises(SlideNotFoundError):
+        servers.source("pacs", "1.2.3.4", "1.2.3.4.5").open()
+
+
+def test_unconfigured_name_is_refused(servers: DicomWebServers) -> None:
+    with pytest.raises(DicomWebNotConfiguredError):
+        servers.source("elsewhere", "1.2.3", "1.2.3.4")
+
+
+def test_closed_port_is_unavailable_with_a_retry_hint() -> None:
+    servers = DicomWebServers(parse_endpoints(f"down=http://127.0.0.1:{free_port()}/dicom-web"))
+    with pytest.raises(PacsUnavailableError) as info:
+        servers.source("down", "1.2.3", "1.2.3.4").open()
+    assert info.value.metadata["retry_after_s"]
+    assert "'down'" in info.value.message
+
+
+def test_refused_credentials_name_the_pacs_not_the_secret(
+    orthanc_auth: Orthanc, tmp_path: Path
+) -> None:
+    (tmp_path / "locked.basic").write_text("histo:wrong-password")
+    servers = DicomWebServers(
+        parse_endpoints(f"locked={orthanc_auth.dicomweb_url}", secrets_dir=tmp_path)
+    )
+    with pytest.raises(PacsPermissionDeniedError) as info:
+        servers.source("locked", "1.2.3", "1.2.3.4").open()
+    assert "'locked'" in info.value.message
+    assert "wrong-password" not in info.value.message and "histo" not in info.value.message
