@@ -9,7 +9,8 @@ file suffix, which picks the reader), the served model (:class:`ModelIdentity`:
 artifact SHA-256, engine, precision, device, model-worker concurrency), the server
 code (:func:`code_fingerprint`) and every field of the effective
 :class:`~histohelper.server.pipeline.AnalysisSpec` but the request id and the slide
-path (tiling geometry and thresholds, batch size, return_* flags, MC-dropout passes;
+path (tiling geometry and thresholds, the region of interest by its normalised digest,
+batch size, return_* flags, MC-dropout passes;
 the tiler's ``max_patches`` limit only refuses slides, so it is left out). The batch
 size is in the key: it shapes the stream (patch results and progress come one event
 per batch) and it changes outputs: TorchScript fp32 on CPU gave probabilities up to
@@ -171,6 +172,8 @@ def analysis_key(spec: AnalysisSpec, content_sha256: str, model: ModelIdentity, 
     }
     tiling = dataclasses.asdict(spec.tiling)
     tiling.pop("max_patches", None)  # only refuses slides over it; never shapes a stream
+    # A region of interest enters by the digest of its normalised geometry and mask.
+    tiling["roi"] = spec.tiling.roi.sha256 if spec.tiling.roi is not None else None
     options["tiling"] = tiling
     parts = {
         "format": FORMAT_VERSION,

@@ -364,6 +364,24 @@ class ServerConfig:
         group=_LIMITS,
         help="decoded pixels one ClassifyPatches stream may cost in all its requests together",
     )
+    roi_max_vertices: int = setting(
+        100_000,
+        minimum=3,
+        group=_LIMITS,
+        help="vertices a request's region of interest (AnalysisOptions.roi GeoJSON, include "
+        "and exclude together) may have; more is refused (INVALID_OPTIONS). Validity checks "
+        "cost about 2 s per 100,000 vertices",
+    )
+    roi_max_bytes: int = setting(
+        8 * MIB,
+        name="roi_max_mib",
+        unit="MiB",
+        scale=MIB,
+        above=0,
+        group=_LIMITS,
+        help="bytes of a request's region of interest (GeoJSON text and mask PNG together); "
+        "more is refused (INVALID_OPTIONS)",
+    )
     max_message_bytes: int = setting(
         16 * MIB,
         name="max_message_mib",

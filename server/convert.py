@@ -27,6 +27,7 @@ from histohelper.server.pipeline import (
 from histohelper.server.runtime import ModelRuntime
 from histohelper.server.runtime.types import check_mc_request
 from histohelper.server.tiling import Resolution, TilingOptions, TilingPlan
+from histohelper.server.tiling.roi import RegionLimits, RegionOfInterest, parse_region
 from histohelper.v1 import slide_analysis_pb2 as pb
 
 if TYPE_CHECKING:
@@ -53,12 +54,15 @@ def tiling_options(
     runtime: ModelRuntime,
     default_batch_size: int,
     mask_min_um_per_px: float = 0.0,
+    roi_limits: RegionLimits | None = None,
 ) -> tuple[TilingOptions, int]:
     """Tiling options (every default filled from the model's manifest, the mask's
-    resolution bound from the server's ``--mask-min-um-per-px``) and batch size.
+    resolution bound from the server's ``--mask-min-um-per-px``, the region of interest
+    parsed within ``roi_limits``) and batch size.
 
     Raises:
-        InvalidOptionsError: an option out of range or unknown.
+        InvalidOptionsError: an option out of range or unknown, or a region of interest
+            refused (:func:`region_of_interest`).
     """
     manifest = runtime.manifest
     which = opts.target_resolution.WhichOneof("value")
@@ -77,6 +81,7 @@ def tiling_options(
         "stride_px": opts.stride_px or None,
         "edge_mode": _EDGE_MODES[opts.edge_mode],
         "mask_min_um_per_px": mask_min_um_per_px,
+        "roi": region_of_interest(opts.roi, roi_limits),
     }
     if opts.HasField("min_tissue_fraction"):
         kwargs["min_tissue_fraction"] = float(opts.min_tissue_fraction)
@@ -86,6 +91,20 @@ def tiling_options(
         return TilingOptions(**kwargs), batch_size  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         raise InvalidOptionsError(f"invalid analysis options: {exc}") from None
+
+
+def region_of_interest(
+    msg: pb.RegionOfInterest, limits: RegionLimits | None = None
+) -> RegionOfInterest | None:
+    """The request's region of interest (level-0 px), or None when it has none.
+
+    Raises:
+        InvalidOptionsError: malformed GeoJSON, invalid polygons, too many vertices or
+            bytes for ``limits``, an undecodable mask (:func:`.tiling.roi.parse_region`).
+    """
+    return parse_region(
+        msg.include_geojson, msg.exclude_geojson, msg.mask_png, msg.mask_downsample, limits
+    )
 
 
 def mc_dropout_passes(opts: pb.AnalysisOptions, runtime: ModelRuntime) -> int:
@@ -162,6 +181,7 @@ def quality_control(plan: TilingPlan, failed: int = 0) -> pb.QualityControl:
         patch_count=len(plan.grid),
         failed_patch_count=failed,
         warnings=list(plan.warnings),
+        roi_excluded_patch_count=plan.roi_excluded_patch_count,
     )
 
 

@@ -112,6 +112,9 @@ class SlideAnalysisServicer:
             self.runtime,
             self.config.batch_size,
             self.config.mask_min_um_per_px,
+            roi_limits=convert.RegionLimits(
+                self.config.roi_max_vertices, self.config.roi_max_bytes
+            ),
         )
         opts = request.options
         return AnalysisSpec(

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from histohelper.errors import InvalidOptionsError
+
+if TYPE_CHECKING:  # roi.py imports Shapely and OpenCV; options stay importable without
+    from .roi import RegionOfInterest
 
 #: Plausible level-0 um/px (0.01 to 100: beyond any brightfield scanner either way).
 #: Metadata outside it is treated as missing; an override outside it is refused.
@@ -112,6 +115,9 @@ class TilingOptions:
             The default, 2 Gpx, is about 10 s of JPEG decoding on one core.
         level_tolerance: relative slack when matching level downsamples to the target.
         max_patches: refuse grids with more kept patches than this.
+        roi: a region of interest (:class:`~.roi.RegionOfInterest`, level-0 px): the
+            grid keeps a patch when its tissue fraction counted only inside the region
+            passes ``min_tissue_fraction``. None: the whole slide.
     """
 
     patch_size_px: int = 224
@@ -135,6 +141,7 @@ class TilingOptions:
     mask_max_decode_px: int = 2 * 1024 * 1024 * 1024
     level_tolerance: float = 0.005
     max_patches: int = 2_000_000
+    roi: RegionOfInterest | None = None
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> InvalidOptionsError:
@@ -181,6 +188,8 @@ class TilingOptions:
             raise bad("level_tolerance must be in [0, 0.1]")
         if self.max_patches < 1:
             raise bad("max_patches must be >= 1")
+        if self.roi is not None and not isinstance(getattr(self.roi, "sha256", None), str):
+            raise bad("roi must be a RegionOfInterest (histohelper.server.tiling.roi)")
 
     @property
     def effective_stride_px(self) -> int:
@@ -306,6 +315,6 @@ def tiling_options_from_args(args: argparse.Namespace) -> TilingOptions:
         target = Resolution(float(args.target_mpp), "mpp")
     else:
         target = _DEFAULTS.target
-    names = {f.name for f in fields(TilingOptions)} - {"target"}
+    names = {f.name for f in fields(TilingOptions)} - {"target", "roi"}
     kwargs = {n: getattr(args, n) for n in names if hasattr(args, n)}
     return TilingOptions(target=target, **kwargs)

@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import cv2
@@ -30,6 +30,7 @@ from histohelper.geometry import (
 
 from .mask import TissueMask, compute_tissue_mask, read_low_res
 from .options import TilingOptions
+from .roi import region_raster
 from .slide import MAX_REGION_PX, Slide, SlideMetadata
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,10 @@ class TilingPlan:
         warnings: human-readable notes (missing metadata, ink, no tissue, ...).
         no_tissue: True when no patch was kept (an outcome, not an error).
         tiling_seconds: wall time of :func:`plan_tiling` (s).
+        roi_excluded_patch_count: patches that pass ``min_tissue_fraction`` on the
+            whole slide but not inside ``options.roi`` (0 without a region).
+        region: ``[h, w]`` bool, the region of interest on the tissue mask's pixel
+            grid (centre rule, :func:`.roi.region_raster`), or None without a region.
     """
 
     metadata: SlideMetadata
@@ -133,6 +138,8 @@ class TilingPlan:
     warnings: tuple[str, ...]
     no_tissue: bool
     tiling_seconds: float
+    roi_excluded_patch_count: int = 0
+    region: npt.NDArray[np.bool_] | None = None
 
 
 def resolve_mpp(
@@ -332,6 +339,81 @@ def build_grid(
     )
 
 
+def build_region_grid(
+    md: SlideMetadata,
+    mask: TissueMask,
+    options: TilingOptions,
+    ds_x: float,
+    ds_y: float,
+    level: int,
+    effective_mpp: float,
+    warnings: list[str],
+) -> tuple[PatchGrid, npt.NDArray[np.bool_] | None, int]:
+    """:func:`build_grid` restricted to ``options.roi``, and what the region removed.
+
+    Without a region this is :func:`build_grid`. With one, in three steps:
+
+    1. the region is rasterised on the tissue mask's pixel grid (a mask pixel is inside
+       when its centre is, :func:`.roi.region_raster`);
+    2. :func:`build_grid` runs on ``tissue AND region``: a patch is kept when its tissue
+       fraction *inside the region* (by :func:`build_grid`'s own fraction rule, the
+       share of the footprint) passes ``min_tissue_fraction``; with a threshold of 0
+       a patch must at least touch the region (some inside mask pixel in its
+       footprint);
+    3. :func:`build_grid` runs on the tissue alone (no kept-patch limit) to count the
+       patches the region removed (a patch kept inside the region is kept without it).
+
+    Args:
+        md, mask, options, ds_x, ds_y, level, effective_mpp: as :func:`build_grid`.
+        warnings: QC warnings, extended in place with the region's notes.
+
+    Returns:
+        ``(grid, region raster [h, w] bool or None, patches removed by the region)``.
+
+    Raises:
+        InvalidOptionsError: the region lies wholly outside the slide, or as
+            :func:`build_grid`.
+        SlideTooLargeError: as :func:`build_grid` (for the patches inside the region).
+    """
+    roi = options.roi
+    if roi is None:
+        return build_grid(md, mask, options, ds_x, ds_y, level, effective_mpp), None, 0
+    region, notes = region_raster(
+        roi, mask.mask.shape, mask.scale_x, mask.scale_y, md.width_l0, md.height_l0
+    )
+    warnings += [*roi.notes, *notes]
+    grid = build_grid(
+        md, replace(mask, mask=mask.mask & region), options, ds_x, ds_y, level, effective_mpp
+    )
+    if options.min_tissue_fraction <= 0 and len(grid):
+        touch = box_fractions(
+            mask_integral(region), mask.scale_x, mask.scale_y, grid.x_l0, grid.y_l0,
+            grid.width_l0, grid.height_l0,
+        ) > 0  # fmt: skip
+        grid = _subset(grid, touch)
+    whole = build_grid(
+        md, mask, replace(options, max_patches=MAX_GRID_CELLS), ds_x, ds_y, level, effective_mpp
+    )
+    removed = max(0, len(whole) - len(grid))
+    if removed or not len(grid):
+        warnings.append(
+            f"region of interest: {len(grid)} patches kept inside it, {removed} patches with "
+            "enough tissue outside it left out"
+        )
+    return grid, region, removed
+
+
+def _subset(grid: PatchGrid, keep: npt.NDArray[np.bool_]) -> PatchGrid:
+    """``grid`` with only the patches where ``keep`` ([N] bool) is True."""
+    n = len(grid)
+    arrays = {
+        f.name: getattr(grid, f.name)[keep]
+        for f in fields(grid)
+        if isinstance(getattr(grid, f.name), np.ndarray) and getattr(grid, f.name).shape[:1] == (n,)
+    }
+    return replace(grid, **arrays)
+
+
 def _thumbnail(
     rgb: npt.NDArray[np.uint8], scale_x: float, scale_y: float, md: SlideMetadata
 ) -> tuple[npt.NDArray[np.uint8], float, float]:
@@ -414,7 +496,9 @@ def plan_tiling(
     if low.sampled:
         warnings.append("the coarsest level is very large: the tissue mask was sampled in bands")
     mask = compute_tissue_mask(low, options, mpp_x, mpp_y, md.width_l0, md.height_l0)
-    grid = build_grid(md, mask, options, ds_x, ds_y, level, effective_mpp)
+    grid, region, roi_excluded = build_region_grid(
+        md, mask, options, ds_x, ds_y, level, effective_mpp, warnings
+    )
     if mask.ink_fraction > 0.001:
         n_ink = int((grid.ink_fraction > 0.25).sum())
         warnings.append(
@@ -449,4 +533,6 @@ def plan_tiling(
         warnings=tuple(warnings),
         no_tissue=no_tissue,
         tiling_seconds=time.perf_counter() - t0,
+        roi_excluded_patch_count=roi_excluded,
+        region=region,
     )
