@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from histohelper.errors import AnalysisCancelledError
 from histohelper.server.pipeline import AnalysisSpec
+from histohelper.server.tiling.slide import SlideSource
 from histohelper.v1 import slide_analysis_pb2 as pb
 
 if TYPE_CHECKING:
@@ -671,7 +672,11 @@ class AnalysisCache:
             t0: ``time.perf_counter()`` at the call's arrival.
         """
         try:
-            content = self.store.hashes.sha256(spec.slide_path, stop)
+            content = (
+                spec.slide_path.fingerprint()  # a DICOMweb series: UIDs + metadata hash
+                if isinstance(spec.slide_path, SlideSource)
+                else self.store.hashes.sha256(spec.slide_path, stop)
+            )
         except AnalysisCancelledError:
             return
         except OSError:  # the analysis reports the slide's own error

@@ -138,6 +138,7 @@ _LIMITS = "limits"
 _UPLOADS = "uploads"
 _CACHE = "result cache"
 _METRICS = "metrics"
+_DICOMWEB = "slides in a PACS (DICOMweb)"
 
 
 @dataclass(frozen=True)
@@ -430,6 +431,25 @@ class ServerConfig:
         "127.0.0.1",
         group=_METRICS,
         help="interface of the metrics port (a non-loopback one is logged as a warning)",
+    )
+    dicomweb: str = setting(
+        "",
+        group=_DICOMWEB,
+        help="DICOMweb servers (PACS) that requests may name: NAME=URL, several "
+        "comma-separated; no other server is ever contacted (empty: none)",
+    )
+    dicomweb_secrets_dir: Path | None = setting(
+        None,
+        group=_DICOMWEB,
+        help="folder of per-server credentials: NAME.token (bearer token), NAME.basic "
+        "(user:password), NAME.ca.pem (CA bundle); never logged",
+    )
+    dicomweb_timeout_s: float = setting(
+        30.0,
+        unit="s",
+        above=0,
+        group=_DICOMWEB,
+        help="timeout of each HTTP request to a DICOMweb server (PACS_UNAVAILABLE past it)",
     )
     extra: dict[str, str] = field(default_factory=dict)
 

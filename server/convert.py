@@ -28,6 +28,7 @@ from histohelper.server.runtime import ModelRuntime
 from histohelper.server.runtime.types import check_mc_request
 from histohelper.server.tiling import Resolution, TilingOptions, TilingPlan
 from histohelper.server.tiling.roi import RegionLimits, RegionOfInterest, parse_region
+from histohelper.server.tiling.slide import SlideMetadata
 from histohelper.v1 import slide_analysis_pb2 as pb
 
 if TYPE_CHECKING:
@@ -252,7 +253,22 @@ def started(ev: Started, tiling: TilingOptions, runtime: ModelRuntime) -> pb.Ana
             thumbnail=thumbnail,
             tissue_mask_png=encode_png(plan.mask.mask.astype(np.uint8) * 255),
             tiling_s=ev.tiling_s,
+            dicom=dicom_source(plan.metadata),
         )
+    )
+
+
+def dicom_source(md: SlideMetadata) -> pb.DicomSource | None:
+    """AnalysisStarted.dicom for a slide read from a DICOM series, else None."""
+    d = md.dicom
+    if d is None:
+        return None
+    return pb.DicomSource(
+        study_instance_uid=d.study_instance_uid,
+        series_instance_uid=d.series_instance_uid,
+        frame_of_reference_uid=d.frame_of_reference_uid,
+        source_image_json=d.source_image_json,
+        dicomweb_server=d.dicomweb_server,
     )
 
 

@@ -449,3 +449,99 @@ class DicomWebSource:
             slide.close()
         parts = (self.name, self.study_instance_uid, self.series_instance_uid, digest)
         return "dicom:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+#: Largest instance StoreDicom accepts (bytes; the proto's limit).
+MAX_INSTANCE_BYTES = 256 * 1024 * 1024
+#: Most bytes of one StoreDicom call (all its instances; held in memory until sent).
+MAX_STORE_BYTES = 1024 * 1024 * 1024
+#: Largest chunk of a StoreDicom stream (bytes).
+MAX_STORE_CHUNK_BYTES = 1024 * 1024
+
+
+class InstanceCollector:
+    """The instances of one StoreDicom stream: ``instance_size_bytes`` starts one,
+    ``chunk`` messages fill it, in order.
+
+    Raises (from :meth:`add` and :meth:`datasets`):
+        DicomInvalidError: a chunk before any size, a size out of range, an instance
+            longer or shorter than announced, more than :data:`MAX_STORE_BYTES` in all,
+            no instance, or bytes that are not a DICOM Part 10 file with SOP Class and
+            SOP Instance UIDs.
+    """
+
+    def __init__(self) -> None:
+        self._done: list[bytes] = []
+        self._current: bytearray | None = None
+        self._expected = 0
+        self._total = 0
+
+    def add(self, part: str | None, msg: Any) -> None:
+        """Take one StoreDicomRequest after the first (``part``: its oneof's name)."""
+        from histohelper.errors import DicomInvalidError
+
+        if part == "instance_size_bytes":
+            self._finish()
+            size = int(msg.instance_size_bytes)
+            if not 0 < size <= MAX_INSTANCE_BYTES:
+                raise DicomInvalidError(
+                    f"instance_size_bytes must be 1 to {MAX_INSTANCE_BYTES} bytes"
+                )
+            self._total += size
+            if self._total > MAX_STORE_BYTES:
+                raise DicomInvalidError(
+                    f"one StoreDicom call may send at most {MAX_STORE_BYTES} bytes"
+                )
+            self._current, self._expected = bytearray(), size
+        elif part == "chunk":
+            if self._current is None:
+                raise DicomInvalidError("a chunk came before instance_size_bytes")
+            if not 0 < len(msg.chunk) <= MAX_STORE_CHUNK_BYTES:
+                raise DicomInvalidError(f"chunks must hold 1 to {MAX_STORE_CHUNK_BYTES} bytes")
+            if len(self._current) + len(msg.chunk) > self._expected:
+                raise DicomInvalidError("an instance is longer than its instance_size_bytes")
+            self._current += msg.chunk
+        else:
+            raise DicomInvalidError("only instance_size_bytes and chunks follow the server name")
+
+    def _finish(self) -> None:
+        from histohelper.errors import DicomInvalidError
+
+        if self._current is None:
+            return
+        if len(self._current) != self._expected:
+            raise DicomInvalidError("an instance is shorter than its instance_size_bytes")
+        self._done.append(bytes(self._current))
+        self._current = None
+
+    def datasets(self) -> list[Any]:
+        """The instances parsed with pydicom (Part 10, with File Meta Information).
+
+        Returns:
+            ``pydicom.Dataset`` per instance, in the order sent.
+        """
+        import io
+
+        import pydicom
+
+        from histohelper.errors import DicomInvalidError
+
+        self._finish()
+        if not self._done:
+            raise DicomInvalidError("no DICOM instance was sent")
+        out = []
+        for i, data in enumerate(self._done):
+            try:
+                ds = pydicom.dcmread(io.BytesIO(data))  # force=False: Part 10 preamble needed
+                uid = str(ds.SOPInstanceUID)
+                str(ds.SOPClassUID)
+            except Exception as exc:
+                raise DicomInvalidError(
+                    f"instance {i} is not a DICOM Part 10 file with SOP Class and Instance "
+                    f"UIDs ({type(exc).__name__})"
+                ) from None
+            if not uid:
+                raise DicomInvalidError(f"instance {i} has an empty SOP Instance UID")
+            out.append(ds)
+        self._done = []
+        return out

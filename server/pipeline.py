@@ -40,6 +40,7 @@ from histohelper.server.tiling import (
     open_slide,
     plan_tiling,
 )
+from histohelper.server.tiling.slide import SlideSource
 from histohelper.server.worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class AnalysisSpec:
 
     Attributes:
         request_id: id for logs and events (never the slide name).
-        slide_path: resolved path inside the slide root.
+        slide_path: resolved path inside the slide root, or a slide source that
+            is not a file (a DICOMweb series: :class:`~.dicomweb.DicomWebSource`).
         tiling: tiling options with every default filled in.
         batch_size: patches per model batch.
         return_embeddings: include embeddings [B, D] in patch events.
@@ -66,7 +68,7 @@ class AnalysisSpec:
     """
 
     request_id: str
-    slide_path: Path
+    slide_path: Path | SlideSource
     tiling: TilingOptions
     batch_size: int
     return_embeddings: bool = False

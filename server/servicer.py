@@ -12,13 +12,19 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from histohelper.errors import AnalysisCancelledError, DicomWebNotConfiguredError, UploadError
+from histohelper.errors import AnalysisCancelledError, DicomInvalidError, UploadError
 from histohelper.server import audit, convert
 from histohelper.server.cache import AnalysisCache
 from histohelper.server.callpath import Call, Rpc, SlotPool
 from histohelper.server.config import ServerConfig
+from histohelper.server.dicomweb import (
+    DicomWebServers,
+    DicomWebSource,
+    InstanceCollector,
+    parse_endpoints,
+)
 from histohelper.server.explain import Explainer
 from histohelper.server.pipeline import AnalysisSpec, Analyzer, Started
 from histohelper.server.runtime import ModelRuntime
@@ -72,6 +78,10 @@ class SlideAnalysisServicer:
         self.uploads = uploads
         self.analysis_slots = analysis_slots
         self.cache = cache
+        #: The configured DICOMweb servers (``serve --dicomweb``).
+        self.dicomweb = DicomWebServers(
+            parse_endpoints(config.dicomweb, config.dicomweb_secrets_dir, config.dicomweb_timeout_s)
+        )
 
     @property
     def active_analyses(self) -> int:
@@ -119,7 +129,8 @@ class SlideAnalysisServicer:
         opts = request.options
         return AnalysisSpec(
             request_id=call.request_id,
-            slide_path=self._slide_path(
+            slide_path=self._dicomweb_source(request)
+            or self._slide_path(
                 request.WhichOneof("source") or "", request.slide_path, request.upload_id
             ),
             tiling=tiling,
@@ -137,6 +148,8 @@ class SlideAnalysisServicer:
         as_analysis = pb.AnalyzeSlideRequest(options=request.options)
         if request.WhichOneof("source") == "upload_id":
             as_analysis.upload_id = request.upload_id
+        elif request.WhichOneof("source") == "dicomweb":
+            as_analysis.dicomweb.CopyFrom(request.dicomweb)
         else:
             as_analysis.slide_path = request.slide_path
         return self._analysis_spec(as_analysis, call), selection, class_index, quality
@@ -234,12 +247,34 @@ class SlideAnalysisServicer:
         self, requests: AsyncIterator[pb.StoreDicomRequest], call: Call
     ) -> pb.StoreDicomResponse:
         first = await anext(aiter(requests), None)
-        name = first.dicomweb_server if first is not None else ""
-        raise DicomWebNotConfiguredError(
-            "no DICOMweb server is configured on this server"
-            if not name
-            else "that DICOMweb server is not configured on this server (serve --dicomweb)"
+        if first is None or first.WhichOneof("part") != "dicomweb_server":
+            raise DicomInvalidError("the first StoreDicomRequest must name the DICOMweb server")
+        name = first.dicomweb_server
+        self.dicomweb.endpoint(name)  # DICOMWEB_NOT_CONFIGURED before any byte is taken
+        collector = InstanceCollector()
+        async for msg in requests:
+            collector.add(msg.WhichOneof("part"), msg)
+        datasets = await call.run(collector.datasets)
+        await call.run(self.dicomweb.store, name, datasets)
+        log.info("instances stored", extra={**call.log_extra, "instances": len(datasets)})
+        return pb.StoreDicomResponse(
+            dicomweb_server=name, sop_instance_uids=[str(d.SOPInstanceUID) for d in datasets]
         )
+
+    def _dicomweb_source(self, request: Any) -> DicomWebSource | None:
+        """The request's DICOMweb series (opened once to fingerprint it for the audit
+        log and find the bad cases before admission), or None for other sources.
+
+        Raises:
+            DicomWebNotConfiguredError, SlideNotFoundError, UnsupportedSlideError,
+            PacsUnavailableError, PacsPermissionDeniedError.
+        """
+        if request.WhichOneof("source") != "dicomweb":
+            return None
+        ref = request.dicomweb
+        source = self.dicomweb.source(ref.server, ref.study_instance_uid, ref.series_instance_uid)
+        audit.note(slide_fingerprint=source.fingerprint())
+        return source
 
     async def _model_info(
         self, request: pb.GetModelInfoRequest, call: Call
