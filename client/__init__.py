@@ -17,10 +17,12 @@ Example::
 from histohelper.client._channel import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, RetryPolicy
 from histohelper.client.aio import AsyncSlideClient
 from histohelper.client.cohort import Backoff, CohortProgress, CohortSlide, SlideOutcome
+from histohelper.client.dicomweb import DicomWebSlide, StoredDicom
 from histohelper.client.errors import error_from_rpc
 from histohelper.client.events import (
     Attention,
     Completed,
+    DicomSource,
     Event,
     GridGeometry,
     ModelInfo,
@@ -51,6 +53,8 @@ __all__ = [
     "CohortProgress",
     "CohortSlide",
     "Completed",
+    "DicomSource",
+    "DicomWebSlide",
     "Event",
     "GridGeometry",
     "ModelInfo",
@@ -69,6 +73,7 @@ __all__ = [
     "SlideResult",
     "SlideUncertainty",
     "Started",
+    "StoredDicom",
     "Thumbnail",
     "Timings",
     "UploadedSlide",

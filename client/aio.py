@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import PurePath
@@ -27,6 +28,7 @@ from histohelper.client.cohort import (
     SlideOutcome,
 )
 from histohelper.client.cohort import analyze_many as cohort_analyze_many
+from histohelper.client.dicomweb import DicomWebSlide, StoredDicom, store_requests
 from histohelper.client.errors import error_from_rpc
 from histohelper.client.events import Event, ModelInfo, Progress, Started, event_from_proto
 from histohelper.client.explain import PatchExplanation, explain_request
@@ -104,7 +106,7 @@ class AsyncSlideClient:
 
     async def stream(
         self,
-        slide_path: str | PurePath | UploadedSlide,
+        slide_path: str | PurePath | UploadedSlide | DicomWebSlide,
         options: AnalysisOptions | None = None,
         *,
         request_id: str | None = None,
@@ -130,7 +132,7 @@ class AsyncSlideClient:
 
     async def analyze(
         self,
-        slide_path: str | PurePath | UploadedSlide,
+        slide_path: str | PurePath | UploadedSlide | DicomWebSlide,
         options: AnalysisOptions | None = None,
         on_progress: AsyncProgressCallback | None = None,
         *,
@@ -210,6 +212,32 @@ class AsyncSlideClient:
             raise error_from_rpc(err) from err
         return UploadedSlide.from_proto(reply)
 
+    async def store_dicom(
+        self,
+        instances: Iterable[object],
+        dicomweb_server: str,
+        *,
+        timeout: float | None = None,
+    ) -> StoredDicom:
+        """Store DICOM instances on a configured DICOMweb server (``StoreDicom``); see
+        ``SlideClient.store_dicom``. Instances are serialised in the calling thread.
+
+        Raises:
+            ValueError: a bad server name or an empty instance (before anything is sent).
+            HistoHelperError: a subclass matching the server's error (``PACS_*``,
+                ``DICOMWEB_NOT_CONFIGURED``, ``DICOM_INVALID`` ...).
+        """
+        requests = store_requests(dicomweb_server, instances)
+        first = next(requests)  # checks the name before the call starts
+        deadline = timeout if timeout is not None else self.timeout
+        try:
+            reply = await self._stub.StoreDicom(
+                itertools.chain([first], requests), timeout=deadline, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        return StoredDicom.from_proto(reply)
+
     async def get_model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Return the served model's summary, manifest and server defaults.
 
@@ -227,7 +255,7 @@ class AsyncSlideClient:
 
     async def explain(
         self,
-        slide_path: str | PurePath | UploadedSlide,
+        slide_path: str | PurePath | UploadedSlide | DicomWebSlide,
         *,
         top_k: int = 8,
         rank_by: str = "attention",

@@ -71,7 +71,9 @@ def _add_analyze(subparsers: Any) -> None:
         "slide",
         metavar="SLIDE",
         nargs="+",
-        help="slide path relative to the server's slide root; several slides, FOLDERs "
+        help="slide path relative to the server's slide root, or a series on a PACS the "
+        "server's operator configured: dicomweb://NAME/STUDY_UID/SERIES_UID; several "
+        "slides, FOLDERs "
         "(slide files found by extension) or one manifest CSV make a cohort run "
         "(DIR/<id>/ per slide, DIR/cohort.csv, DIR/run_manifest.json; see "
         "histohelper.client.cohort)",
@@ -104,6 +106,22 @@ def _add_analyze(subparsers: Any) -> None:
         "--upload",
         action="store_true",
         help="SLIDE and FOLDER are local files, uploaded to the server before analysis",
+    )
+    analyze.add_argument(
+        "--dicom-out",
+        type=Path,
+        metavar="DIR",
+        help="for a slide read from DICOM (dicomweb://NAME/STUDY_UID/SERIES_UID or DICOM "
+        "WSI files): write DICOM result objects into DIR (annotations.dcm: one polygon per "
+        "patch with its probabilities and attention; probability_map_<k>.dcm: the heatmap "
+        "of class k); needs the 'dicom' extra (highdicom)",
+    )
+    analyze.add_argument(
+        "--stow",
+        action="store_true",
+        help="send the DICOM result objects back to the PACS the dicomweb:// slide came "
+        "from (StoreDicom; the server stores them with the operator's credentials; needs "
+        "the 'store' role where tokens are configured)",
     )
     analyze.add_argument(
         "--slide-root",
@@ -418,13 +436,21 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise _UsageError("--jobs must be >= 1")
     from histohelper.client.cohort_runner import is_manifest, local_folder
+    from histohelper.client.dicomweb import DicomWebSlide, is_dicomweb_uri
 
     slide_root = args.slide_root or Path.cwd()
     first = args.slide[0]
+    wants_dicom = args.dicom_out is not None or args.stow
+    if wants_dicom:
+        _check_dicom_flags(args)
     if len(args.slide) > 1 or is_manifest(first) or local_folder(first, slide_root, args.upload):
+        if wants_dicom:
+            raise _UsageError("--dicom-out and --stow take one SLIDE, not a cohort run")
         return _analyze_cohort(args, options, slide_root)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)  # fail before the analysis, not after
+    if args.dicom_out is not None:
+        args.dicom_out.mkdir(parents=True, exist_ok=True)
     with _make_client(args) as client:
         if args.overlay_class is not None:  # check before spending the analysis
             classes = client.get_model_info().model.patch_classes
@@ -434,17 +460,76 @@ def _analyze(args: argparse.Namespace) -> int:
                     f"classes: {', '.join(classes)}"
                 )
         with patch_progress("analyze", quiet=args.quiet) as on_progress:
-            ref = client.upload(first) if args.upload else first
+            upload = args.upload and not is_dicomweb_uri(first)
+            ref = client.upload(first) if upload else first
             result = client.analyze(
                 ref, options, on_progress=on_progress, request_id=args.request_id
             )
     from histohelper.client.cohort_runner import write_analysis_files
 
     write_analysis_files(result, out_dir, {**_render_settings(args), "slide_name": first})
-    print(summary_line(first, result, out_dir))
+    # a PACS series is printed by its safe id: UIDs stay out of consoles and their logs
+    label = DicomWebSlide.parse(first).safe_id() if is_dicomweb_uri(first) else first
+    print(summary_line(label, result, out_dir))
     for line in qc_warning_lines(result):
         print(line)
+    if wants_dicom:
+        _dicom_outputs(args, result)
     return EXIT_OK
+
+
+def _check_dicom_flags(args: argparse.Namespace) -> None:
+    """Refuse ``--dicom-out`` / ``--stow`` before the analysis where they cannot work:
+    no highdicom, or ``--stow`` for a slide that is not a ``dicomweb://`` series."""
+    import importlib.util
+
+    from histohelper.client.dicomweb import is_dicomweb_uri
+
+    if importlib.util.find_spec("highdicom") is None:
+        raise _UsageError(
+            "--dicom-out and --stow need the Python package 'highdicom', which the plain "
+            "install leaves out: install the 'dicom' extra, e.g. pip install "
+            "'histohelper[dicom] @ git+<repository URL>' (not on PyPI; README: Install)"
+        )
+    if args.stow and not all(is_dicomweb_uri(s) for s in args.slide):
+        raise _UsageError(
+            "--stow sends the results back to the PACS the slide came from: give the "
+            "slide as dicomweb://NAME/STUDY_UID/SERIES_UID"
+        )
+
+
+def _dicom_outputs(args: argparse.Namespace, result: Any) -> None:
+    """Write (``--dicom-out``) and/or store (``--stow``) the DICOM result objects; one
+    line each on stdout (file names and sizes, SOP Instance UIDs never printed).
+
+    Raises:
+        _UsageError: the slide was not read from DICOM, or it has no patches.
+    """
+    from histohelper.client.dicom_results import export_dicom
+
+    if result.dicom is None:
+        raise _UsageError(
+            "the slide was not read from DICOM, so there is nothing DICOM objects can "
+            "reference: --dicom-out and --stow need a dicomweb://NAME/STUDY_UID/SERIES_UID "
+            f"series or DICOM WSI files (the other files are in {args.out})"
+        )
+    if result.patch_count == 0:
+        print(f"DICOM: no patches ({result.outcome}), no DICOM result objects written")
+        return
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(_make_client(args)).store_dicom if args.stow else None
+        try:
+            paths, stored = export_dicom(result, args.dicom_out, store=store)
+        except ValueError as exc:
+            raise _UsageError(str(exc)) from None
+    if paths:
+        total = sum(p.stat().st_size for p in paths)
+        print(f"DICOM: {len(paths)} objects ({total / 1e6:.2f} MB) -> {args.dicom_out}")
+    if stored is not None:
+        print(
+            f"DICOM: stored {len(stored.sop_instance_uids)} objects on the PACS "
+            f"{stored.dicomweb_server!r} (study of the source slide)"
+        )
 
 
 def _render_settings(args: argparse.Namespace) -> dict[str, Any]:

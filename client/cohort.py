@@ -48,10 +48,14 @@ else is a cohort run:
   ``batch_size``, ``mpp_override``, ``mc_dropout_passes``; an empty cell takes the
   command-line value; a per-slide resolution replaces the command line's; any other
   column is refused, exit 2). With ``--upload`` slides and folders are local files,
-  uploaded before each attempt.
+  uploaded before each attempt. A SLIDE argument or ``slide`` cell
+  ``dicomweb://NAME/STUDY_UID/SERIES_UID`` is a series on a PACS the server's operator
+  configured (:mod:`histohelper.client.dicomweb`), checked before the run and never
+  uploaded.
 - slide ids: the ``id`` cell, else the file stem (``.ome`` dropped, characters outside
   ``[A-Za-z0-9._-]`` replaced by ``_``); stems shared by several slides of the run get
-  ``-<8 hex of SHA-256 of the reference>``.
+  ``-<8 hex of SHA-256 of the reference>``. A DICOMweb series' id is
+  ``NAME-<12 hex of SHA-256 of the URI>``: UIDs never name folders.
 - ``--jobs K`` slides in flight (default 4; with one server at most its
   ``max_concurrent_analyses``, so it refuses none; fewer while servers answer
   SERVER_BUSY, see above); ``--retries N`` attempts per slide (and per gRPC call on
@@ -93,6 +97,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
+from histohelper.client.dicomweb import DicomWebSlide
 from histohelper.client.events import Progress
 from histohelper.client.options import AnalysisOptions
 from histohelper.client.uploads import UploadedSlide
@@ -109,7 +114,7 @@ if TYPE_CHECKING:
 #: Errors worth another attempt (see the module docstring).
 RETRYABLE: tuple[type[HistoHelperError], ...] = (ServerBusyError, ServerUnavailableError)
 
-SlideRef = str | PurePath | UploadedSlide
+SlideRef = str | PurePath | UploadedSlide | DicomWebSlide
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +123,10 @@ class CohortSlide:
 
     Attributes:
         slide: path relative to the server's slide root ("/"-separated), an
-            :class:`UploadedSlide`, or with ``upload`` a local file.
+            :class:`UploadedSlide`, a DICOMweb series (a
+            :class:`~histohelper.client.dicomweb.DicomWebSlide` or a
+            ``dicomweb://NAME/STUDY_UID/SERIES_UID`` string), or with ``upload`` a local
+            file.
         id: the caller's name for the slide (``None``: none).
         options: this slide's options (``None``: the run's options).
         upload: ``slide`` is a local file, uploaded at the start of each attempt.
@@ -294,8 +302,8 @@ async def analyze_many(
     async def attempt_once(item: CohortSlide, opts: AnalysisOptions, index: int, n: int) -> Any:
         ref = item.slide
         if item.upload:
-            if isinstance(ref, UploadedSlide):
-                raise ValueError("upload=True needs a local file, not an UploadedSlide")
+            if isinstance(ref, UploadedSlide | DicomWebSlide):
+                raise ValueError(f"upload=True needs a local file, not a {type(ref).__name__}")
             ref = await client.upload(ref)
 
         def progress(p: Progress) -> None:

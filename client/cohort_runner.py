@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 from histohelper import __version__
 from histohelper.client._channel import resolve_target
 from histohelper.client.cohort import CohortProgress, CohortSlide, SlideOutcome, analyze_many
+from histohelper.client.dicomweb import DicomWebSlide, is_dicomweb_uri
 from histohelper.client.features import ModelIdentity, slide_stem
 from histohelper.client.options import AnalysisOptions
 from histohelper.cohort_csv import CohortError, read_cohort_csv
-from histohelper.errors import InvalidOptionsError
+from histohelper.errors import InvalidOptionsError, SlidePathError
 
 if TYPE_CHECKING:
     from histohelper.client.aio import AsyncSlideClient
@@ -122,6 +123,9 @@ def slides_from_arguments(
     items: list[CohortSlide] = []
     root = slide_root.resolve()
     for arg in args:
+        if is_dicomweb_uri(arg):  # a PACS series: checked now, never uploaded
+            items.append(CohortSlide(_dicomweb_arg(arg)))
+            continue
         folder = local_folder(arg, slide_root, upload)
         if folder is None:
             items.append(CohortSlide(arg, upload=upload))
@@ -180,8 +184,28 @@ def slides_from_manifest(
             options = dataclasses.replace(base, **changes) if changes else None
         except InvalidOptionsError as exc:
             raise CohortError(f"line {row.line}: {exc}") from None
-        items.append(CohortSlide(row.slide, row.get("id"), options, upload))
+        if is_dicomweb_uri(row.slide):
+            try:
+                ref = _dicomweb_arg(row.slide)
+            except CohortError as exc:
+                raise CohortError(f"line {row.line}: {exc}") from None
+            items.append(CohortSlide(ref, row.get("id"), options))
+        else:
+            items.append(CohortSlide(row.slide, row.get("id"), options, upload))
     return items
+
+
+def _dicomweb_arg(arg: str) -> str:
+    """A ``dicomweb://`` SLIDE argument or manifest cell, checked.
+
+    Raises:
+        CohortError: a malformed URI (the message names the part, never a UID).
+    """
+    try:
+        DicomWebSlide.parse(arg)
+    except SlidePathError as exc:
+        raise CohortError(exc.message) from None
+    return arg
 
 
 def assign_ids(items: Sequence[CohortSlide]) -> list[CohortSlide]:

@@ -349,8 +349,39 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class DicomSource:
+    """The DICOM identity of a slide read from DICOM (a DICOMweb series or local DICOM
+    WSI files), for result objects that reference it
+    (:mod:`histohelper.client.dicom_results`).
+
+    Attributes:
+        study_instance_uid, series_instance_uid, frame_of_reference_uid: DICOM UIDs.
+        source_image_json: DICOM JSON (PS3.18 F.2) of the level-0 (highest resolution)
+            instance, without bulk data and per-frame functional groups.
+        dicomweb_server: the configured DICOMweb server it was read from; ``""`` for files.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    source_image_json: str = field(repr=False)
+    dicomweb_server: str = ""
+
+    @classmethod
+    def from_proto(cls, msg: pb.DicomSource) -> DicomSource:
+        return cls(
+            study_instance_uid=msg.study_instance_uid,
+            series_instance_uid=msg.series_instance_uid,
+            frame_of_reference_uid=msg.frame_of_reference_uid,
+            source_image_json=msg.source_image_json,
+            dicomweb_server=msg.dicomweb_server,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Started:
-    """First event: slide metadata, effective grid, model, QC, thumbnail, tissue mask."""
+    """First event: slide metadata, effective grid, model, QC, thumbnail, tissue mask;
+    ``dicom`` for slides read from DICOM, else ``None``."""
 
     request_id: str
     slide: SlideInfo
@@ -360,6 +391,7 @@ class Started:
     thumbnail: Thumbnail
     tissue_mask_png: bytes = field(repr=False)
     tiling_s: float
+    dicom: DicomSource | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,6 +568,7 @@ def event_from_proto(msg: pb.AnalyzeSlideResponse) -> Event:
             thumbnail=Thumbnail.from_proto(s.thumbnail),
             tissue_mask_png=s.tissue_mask_png,
             tiling_s=s.tiling_s,
+            dicom=DicomSource.from_proto(s.dicom) if s.HasField("dicom") else None,
         )
     if kind == "progress":
         p = msg.progress

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from histohelper.client.dicomweb import DicomWebSlide, slide_ref
 from histohelper.client.options import AnalysisOptions
 from histohelper.client.uploads import UploadedSlide
 from histohelper.errors import InternalError
@@ -100,7 +101,7 @@ class PatchExplanation:
 
 
 def explain_request(
-    slide_path: str | PurePath | UploadedSlide,
+    slide_path: str | PurePath | UploadedSlide | DicomWebSlide,
     *,
     top_k: int | None = 8,
     rank_by: str = "attention",
@@ -112,8 +113,14 @@ def explain_request(
 ) -> pb.ExplainPatchesRequest:
     """Build an ``ExplainPatchesRequest``: explicit ``patch_indices`` win over ``top_k``.
 
-    ``slide_path`` is a path under the server's slide root, or an
-    :class:`~histohelper.client.uploads.UploadedSlide` (sent as ``upload_id``).
+    ``slide_path`` is a path under the server's slide root, an
+    :class:`~histohelper.client.uploads.UploadedSlide` (sent as ``upload_id``), or a
+    DICOMweb series (a :class:`~histohelper.client.dicomweb.DicomWebSlide` or a
+    ``dicomweb://NAME/STUDY_UID/SERIES_UID`` string, sent as ``dicomweb``).
+
+    Raises:
+        ValueError: an unknown ``rank_by``.
+        SlidePathError: a malformed ``dicomweb://`` URI.
     """
     if rank_by not in ("attention", "probability"):
         raise ValueError("rank_by must be 'attention' or 'probability'")
@@ -122,12 +129,11 @@ def explain_request(
         jpeg_quality=jpeg_quality,
         request_id=request_id or "",
     )
-    if isinstance(slide_path, UploadedSlide):
-        request.upload_id = slide_path.upload_id
-    elif isinstance(slide_path, PurePath):
-        request.slide_path = slide_path.as_posix()
+    field, value = slide_ref(slide_path)
+    if isinstance(value, pb.DicomWebSeries):
+        request.dicomweb.CopyFrom(value)
     else:
-        request.slide_path = str(slide_path)
+        setattr(request, field, value)
     if options is not None:
         request.options.CopyFrom(options.to_proto())
     if patch_indices is not None:

@@ -155,7 +155,18 @@ def feature_file_name(slide: str) -> str:
 def slide_stem(slide: str, max_chars: int = 60) -> str:
     """A slide reference's file stem as a safe file name: folder and suffix dropped
     (``.ome.tif(f)`` whole), runs outside ``[A-Za-z0-9._-]`` replaced by ``_``, at most
-    ``max_chars`` characters; ``"slide"`` when nothing is left."""
+    ``max_chars`` characters; ``"slide"`` when nothing is left. A
+    ``dicomweb://NAME/STUDY_UID/SERIES_UID`` reference gives ``NAME-<12 hex>``
+    (:meth:`~histohelper.client.dicomweb.DicomWebSlide.safe_id`): UIDs never name files.
+
+    Raises:
+        SlidePathError: a malformed ``dicomweb://`` URI.
+    """
+    from histohelper.client.dicomweb import as_dicomweb
+
+    dicomweb = as_dicomweb(slide)
+    if dicomweb is not None:
+        return dicomweb.safe_id()[:max_chars]
     stem = Path(slide.replace("\\", "/")).name
     for suffix in (".ome.tiff", ".ome.tif"):
         if stem.lower().endswith(suffix):

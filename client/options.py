@@ -10,6 +10,7 @@ from typing import Literal
 
 import numpy as np
 
+from histohelper.client.dicomweb import DicomWebSlide, slide_ref
 from histohelper.client.uploads import UploadedSlide
 from histohelper.errors import InvalidOptionsError
 from histohelper.v1 import slide_analysis_pb2 as pb
@@ -132,7 +133,7 @@ class AnalysisOptions:
 
 
 def analyze_request(
-    slide_path: str | PurePath | UploadedSlide,
+    slide_path: str | PurePath | UploadedSlide | DicomWebSlide,
     options: AnalysisOptions | None,
     request_id: str | None,
 ) -> pb.AnalyzeSlideRequest:
@@ -140,20 +141,22 @@ def analyze_request(
 
     Args:
         slide_path: slide path relative to the server's slide root, "/"-separated
-            (a ``PurePath`` is converted with ``as_posix()``), or an
-            :class:`~histohelper.client.uploads.UploadedSlide` (sent as ``upload_id``).
+            (a ``PurePath`` is converted with ``as_posix()``), an
+            :class:`~histohelper.client.uploads.UploadedSlide` (sent as ``upload_id``),
+            or a DICOMweb series: a :class:`~histohelper.client.dicomweb.DicomWebSlide`
+            or a ``dicomweb://NAME/STUDY_UID/SERIES_UID`` string (sent as ``dicomweb``).
         options: analysis options; ``None`` takes :class:`AnalysisOptions` defaults.
         request_id: optional id echoed by the server (<= 64 chars of ``[A-Za-z0-9._-]``).
+
+    Raises:
+        SlidePathError: a malformed ``dicomweb://`` URI.
     """
-    if isinstance(slide_path, UploadedSlide):
-        return pb.AnalyzeSlideRequest(
-            upload_id=slide_path.upload_id,
-            options=(options or AnalysisOptions()).to_proto(),
-            request_id=request_id or "",
-        )
-    path = slide_path.as_posix() if isinstance(slide_path, PurePath) else str(slide_path)
-    return pb.AnalyzeSlideRequest(
-        slide_path=path,
-        options=(options or AnalysisOptions()).to_proto(),
-        request_id=request_id or "",
+    request = pb.AnalyzeSlideRequest(
+        options=(options or AnalysisOptions()).to_proto(), request_id=request_id or ""
     )
+    field, value = slide_ref(slide_path)
+    if isinstance(value, pb.DicomWebSeries):
+        request.dicomweb.CopyFrom(value)
+    else:
+        setattr(request, field, value)
+    return request

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from histohelper.client.events import (
     Attention,
     Completed,
+    DicomSource,
     Event,
     GridGeometry,
     ModelSummary,
@@ -125,6 +126,8 @@ class SlideResult:
         wall_s: client wall time from the call to the last event, in seconds.
         cached: the server replayed this result from its result cache (same events and
             arrays as the analysis that stored it; ``timings`` describe this call).
+        dicom: the slide's DICOM identity when it was read from DICOM (a DICOMweb series
+            or DICOM WSI files), else ``None``; what :meth:`to_dicom` references.
     """
 
     request_id: str
@@ -143,6 +146,7 @@ class SlideResult:
     has_attention: bool
     wall_s: float | None = None
     cached: bool = False
+    dicom: DicomSource | None = field(default=None, repr=False)
 
     # --- access ---------------------------------------------------------------------
 
@@ -233,6 +237,27 @@ class SlideResult:
         from histohelper.client.exports import save_geojson
 
         return save_geojson(self, path)
+
+    def to_dicom(self, **kwargs: Any) -> list[Any]:
+        """DICOM result objects referencing the source slide (highdicom, the ``dicom``
+        extra): :func:`histohelper.client.dicom_results.result_objects`.
+
+        Args:
+            kwargs: ``coordinates="3D"`` (slide coordinates, mm; default) or ``"2D"``
+                (level-0 px).
+
+        Returns:
+            ``[MicroscopyBulkSimpleAnnotations, ParametricMap per patch class ...]``
+            (highdicom objects, pydicom Datasets).
+
+        Raises:
+            ValueError: the slide was not read from DICOM (``dicom is None``) or has no
+                patches.
+            ImportError: highdicom is not installed.
+        """
+        from histohelper.client.dicom_results import result_objects
+
+        return result_objects(self, **kwargs)
 
 
 class ResultCollector:
@@ -336,6 +361,7 @@ class ResultCollector:
             has_attention=bool(self._attention),
             wall_s=self._wall_s,
             cached=completed.cached,
+            dicom=started.dicom,
         )
 
     def _table(self, started: Started, num_classes: int) -> PatchTable:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import PurePath
@@ -24,6 +25,7 @@ from histohelper.client.cohort import (
     SlideOutcome,
     analyze_many_blocking,
 )
+from histohelper.client.dicomweb import DicomWebSlide, StoredDicom, store_requests
 from histohelper.client.errors import error_from_rpc
 from histohelper.client.events import Event, ModelInfo, Progress, Started, event_from_proto
 from histohelper.client.explain import PatchExplanation, explain_request
@@ -137,7 +139,7 @@ class SlideClient:
 
     def stream(
         self,
-        slide_path: str | PurePath | UploadedSlide,
+        slide_path: str | PurePath | UploadedSlide | DicomWebSlide,
         options: AnalysisOptions | None = None,
         *,
         request_id: str | None = None,
@@ -152,8 +154,9 @@ class SlideClient:
         and call ``collector.result(partial=True)`` whenever a frame is due.
 
         Args:
-            slide_path: path relative to the server's slide root, "/"-separated, or an
-                :class:`UploadedSlide` from :meth:`upload`.
+            slide_path: path relative to the server's slide root, "/"-separated, an
+                :class:`UploadedSlide` from :meth:`upload`, or a DICOMweb series
+                (``dicomweb://NAME/STUDY_UID/SERIES_UID`` or a :class:`DicomWebSlide`).
             options: analysis options (``None``: defaults).
             request_id: optional id echoed by the server and in its logs.
             timeout: deadline in seconds for the whole stream (``None``: client default).
@@ -175,7 +178,7 @@ class SlideClient:
 
     def analyze(
         self,
-        slide_path: str | PurePath | UploadedSlide,
+        slide_path: str | PurePath | UploadedSlide | DicomWebSlide,
         options: AnalysisOptions | None = None,
         on_progress: ProgressCallback | None = None,
         *,
@@ -185,8 +188,9 @@ class SlideClient:
         """Analyse a slide and return the assembled result.
 
         Args:
-            slide_path: path relative to the server's slide root, "/"-separated, or an
-                :class:`UploadedSlide` from :meth:`upload`.
+            slide_path: path relative to the server's slide root, "/"-separated, an
+                :class:`UploadedSlide` from :meth:`upload`, or a DICOMweb series
+                (``dicomweb://NAME/STUDY_UID/SERIES_UID`` or a :class:`DicomWebSlide`).
             options: analysis options (``None``: defaults, with attention).
             on_progress: called with a :class:`Progress` once the grid is known
                 (``patches_done=0``) and for each progress event.
@@ -287,6 +291,48 @@ class SlideClient:
             raise error_from_rpc(err) from err
         return UploadedSlide.from_proto(reply)
 
+    def store_dicom(
+        self,
+        instances: Iterable[object],
+        dicomweb_server: str,
+        *,
+        timeout: float | None = None,
+    ) -> StoredDicom:
+        """Store DICOM instances on a DICOMweb server the operator configured (``StoreDicom``).
+
+        The server STOWs them with the operator's credentials; the caller names the
+        server only (e.g. a result's ``dicom.dicomweb_server``, the PACS the slide came
+        from). Instances are read and sent one at a time, in 1 MiB chunks.
+
+        Args:
+            instances: DICOM Part 10 bytes, paths of Part 10 files, or pydicom Datasets
+                (e.g. :meth:`SlideResult.to_dicom`'s objects).
+            dicomweb_server: NAME of a configured DICOMweb server.
+            timeout: deadline in seconds (``None``: client default, else none).
+
+        Returns:
+            The :class:`~histohelper.client.dicomweb.StoredDicom` (SOP Instance UIDs
+            stored, in the order sent).
+
+        Raises:
+            ValueError: a bad server name or an empty instance (before anything is sent).
+            DicomWebNotConfiguredError: the server does not know ``dicomweb_server``.
+            DicomInvalidError: bytes that are not a DICOM instance.
+            PacsUnavailableError: the PACS cannot be reached; retry later.
+            PacsPermissionDeniedError: the PACS refused the operator's credentials.
+            PermissionDeniedError: the token lacks the ``store`` role.
+        """
+        requests = store_requests(dicomweb_server, instances)
+        first = next(requests)  # checks the name before the call starts
+        deadline = timeout if timeout is not None else self.timeout
+        try:
+            reply = self._stub.StoreDicom(
+                itertools.chain([first], requests), timeout=deadline, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        return StoredDicom.from_proto(reply)
+
     def get_model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Return the served model's summary, manifest and server defaults.
 
@@ -304,7 +350,7 @@ class SlideClient:
 
     def explain(
         self,
-        slide_path: str | PurePath | UploadedSlide,
+        slide_path: str | PurePath | UploadedSlide | DicomWebSlide,
         *,
         top_k: int = 8,
         rank_by: str = "attention",
@@ -317,8 +363,9 @@ class SlideClient:
         """Explain patches of a slide: each patch's image and its layer4 Grad-CAM.
 
         Args:
-            slide_path: path relative to the server's slide root, or an
-                :class:`UploadedSlide` from :meth:`upload`.
+            slide_path: path relative to the server's slide root, an
+                :class:`UploadedSlide` from :meth:`upload`, or a DICOMweb series
+                (``dicomweb://NAME/STUDY_UID/SERIES_UID`` or a :class:`DicomWebSlide`).
             top_k: how many patches, ranked by ``rank_by`` (ignored with ``patch_indices``;
                 ranking runs the whole analysis on the server).
             rank_by: ``"attention"`` (MIL attention) or ``"probability"`` (of the class).
