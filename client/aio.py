@@ -32,6 +32,7 @@ from histohelper.client.dicomweb import DicomWebSlide, StoredDicom, store_reques
 from histohelper.client.errors import error_from_rpc
 from histohelper.client.events import Event, ModelInfo, Progress, Started, event_from_proto
 from histohelper.client.explain import PatchExplanation, explain_request
+from histohelper.client.models import ModelSpec, model_ref
 from histohelper.client.options import AnalysisOptions, analyze_request
 from histohelper.client.patches import (
     PatchInput,
@@ -111,8 +112,10 @@ class AsyncSlideClient:
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        model: ModelSpec = None,
     ) -> AsyncIterator[Event]:
-        """Analyse a slide and yield typed events (``async for``); see ``SlideClient.stream``.
+        """Analyse a slide and yield typed events (``async for``); see ``SlideClient.stream``
+        (``model``: ``"NAME[:VERSION]"`` of the server's repository).
 
         Closing the iterator early, or cancelling the task, cancels the call.
 
@@ -120,6 +123,7 @@ class AsyncSlideClient:
             HistoHelperError: a subclass matching the server's error.
         """
         request = analyze_request(slide_path, options, request_id)
+        request.model.CopyFrom(model_ref(model).to_proto())
         deadline = timeout if timeout is not None else self.timeout
         call = self._stub.AnalyzeSlide(request, timeout=deadline, metadata=self._metadata)
         try:
@@ -138,6 +142,7 @@ class AsyncSlideClient:
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        model: ModelSpec = None,
     ) -> SlideResult:
         """Analyse a slide and return the assembled result; see ``SlideClient.analyze``.
 
@@ -147,7 +152,10 @@ class AsyncSlideClient:
             HistoHelperError: a subclass matching the server's error.
         """
         collector = ResultCollector()
-        async for event in self.stream(slide_path, options, request_id=request_id, timeout=timeout):
+        events = self.stream(
+            slide_path, options, request_id=request_id, timeout=timeout, model=model
+        )
+        async for event in events:
             collector.add(event)
             if on_progress is not None:
                 progress = None
@@ -238,16 +246,21 @@ class AsyncSlideClient:
             raise error_from_rpc(err) from err
         return StoredDicom.from_proto(reply)
 
-    async def get_model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        """Return the served model's summary, manifest and server defaults.
+    async def get_model_info(
+        self, *, timeout: float | None = None, model: ModelSpec = None
+    ) -> ModelInfo:
+        """Return a model's summary and manifest, the server defaults and the server's
+        repository; as :meth:`SlideClient.get_model_info
+        <histohelper.client.sync.SlideClient.get_model_info>`.
 
         Raises:
             HistoHelperError: a subclass matching the failure.
         """
         deadline = timeout if timeout is not None else (self.timeout or DEFAULT_UNARY_TIMEOUT_S)
+        request = pb.GetModelInfoRequest(model=model_ref(model).to_proto())
         try:
             reply = await self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=deadline, metadata=self._metadata
+                request, timeout=deadline, metadata=self._metadata
             )
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
@@ -264,6 +277,7 @@ class AsyncSlideClient:
         options: AnalysisOptions | None = None,
         jpeg_quality: int = 90,
         timeout: float | None = None,
+        model: ModelSpec = None,
     ) -> list[PatchExplanation]:
         """Explain patches of a slide; as :meth:`SlideClient.explain`.
 
@@ -277,6 +291,7 @@ class AsyncSlideClient:
             slide_path, top_k=top_k, rank_by=rank_by, patch_indices=patch_indices,
             class_name=class_name, options=options, jpeg_quality=jpeg_quality,
         )  # fmt: skip
+        request.model.CopyFrom(model_ref(model).to_proto())
         deadline = timeout if timeout is not None else self.timeout
         call = self._stub.ExplainPatches(request, timeout=deadline, metadata=self._metadata)
         try:
@@ -292,6 +307,7 @@ class AsyncSlideClient:
         max_in_flight: int = 2,
         return_embeddings: bool = False,
         timeout: float | None = None,
+        model: ModelSpec = None,
     ) -> AsyncIterator[PatchPrediction]:
         """Classify client-supplied patch images (``ClassifyPatches``); ``async for``.
 
@@ -315,4 +331,5 @@ class AsyncSlideClient:
             return_embeddings=return_embeddings,
             timeout=timeout if timeout is not None else self.timeout,
             metadata=self._metadata,
+            model=model_ref(model).to_proto(),
         )

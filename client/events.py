@@ -137,6 +137,10 @@ class ModelSummary:
     manifest records them (``"patch"``: the patch classifier, ``"mil"``: the MIL slide
     head; labels in :data:`histohelper.model_parts.PART_LABELS`); empty when all are
     trained or an older server does not say.
+
+    ``name`` and ``version`` are the server's repository names of the version that
+    served (``serve --model-repository``; the manifest's with ``serve --model``);
+    ``artifact_sha256`` is the SHA-256 of its artifact file (empty from older servers).
     """
 
     name: str
@@ -151,6 +155,7 @@ class ModelSummary:
     embedding_dim: int
     engine: str = ""
     untrained_parts: tuple[str, ...] = ()
+    artifact_sha256: str = ""
 
     @classmethod
     def from_proto(cls, msg: pb.ModelSummary) -> ModelSummary:
@@ -167,6 +172,7 @@ class ModelSummary:
             embedding_dim=msg.embedding_dim,
             engine=msg.engine,
             untrained_parts=tuple(msg.untrained_parts),
+            artifact_sha256=msg.artifact_sha256,
         )
 
 
@@ -323,20 +329,26 @@ class Timings:
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """Answer of ``GetModelInfo``: the model summary, its full manifest, server defaults."""
+    """Answer of ``GetModelInfo``: the model summary, its full manifest, server defaults,
+    and every version of the server's repository (``models``, items of
+    :class:`histohelper.client.models.RepositoryModel`)."""
 
     model: ModelSummary
     manifest_json: str = field(repr=False)
     default_batch_size: int
     max_concurrent_analyses: int
+    models: tuple[Any, ...] = ()
 
     @classmethod
     def from_proto(cls, msg: pb.GetModelInfoResponse) -> ModelInfo:
+        from histohelper.client.models import RepositoryModel  # imports this module
+
         return cls(
             model=ModelSummary.from_proto(msg.model),
             manifest_json=msg.manifest_json,
             default_batch_size=msg.default_batch_size,
             max_concurrent_analyses=msg.max_concurrent_analyses,
+            models=tuple(RepositoryModel.from_proto(m) for m in msg.models),
         )
 
     @property
@@ -518,7 +530,9 @@ class Attention:
 class Completed:
     """Last event. ``prediction`` is ``None`` unless ``outcome == "completed"``;
     ``cached``: the server replayed the stream from its result cache (the timings then
-    describe this call: lookup as ``tiling_s``, no inference)."""
+    describe this call: lookup as ``tiling_s``, no inference). ``model_name`` and
+    ``model_version``: the repository version that produced the results (empty from
+    older servers)."""
 
     request_id: str
     outcome: Outcome
@@ -526,6 +540,8 @@ class Completed:
     qc: QualityControl
     timings: Timings
     cached: bool = False
+    model_name: str = ""
+    model_version: str = ""
 
     @classmethod
     def from_proto(cls, msg: pb.AnalysisCompleted) -> Completed:
@@ -544,6 +560,8 @@ class Completed:
             qc=QualityControl.from_proto(msg.qc),
             timings=Timings.from_proto(msg.timings),
             cached=msg.cached,
+            model_name=msg.model.name,
+            model_version=msg.model.version,
         )
 
 

@@ -170,6 +170,7 @@ def classify_stream(
     return_embeddings: bool = False,
     timeout: float | None = None,
     metadata: Any = None,
+    model: pb.ModelRef | None = None,
 ) -> Iterator[PatchPrediction]:
     """Stream ``images`` through ``ClassifyPatches``; yield one prediction per image, in order.
 
@@ -182,6 +183,7 @@ def classify_stream(
         return_embeddings: ask for each image's embedding.
         timeout: deadline of the whole stream in seconds (``None``: none).
         metadata: call metadata (e.g. the bearer token).
+        model: the repository model every request names (``None``: the default).
 
     Yields:
         :class:`PatchPrediction` per image, in input order; undecodable images carry
@@ -208,7 +210,9 @@ def classify_stream(
                 if closed.is_set():
                     return
                 sent.append(len(batch))
-                yield pb.ClassifyPatchesRequest(images=batch, return_embeddings=return_embeddings)
+                yield pb.ClassifyPatchesRequest(
+                    images=batch, return_embeddings=return_embeddings, model=model
+                )
         except Exception as exc:  # surfaced to the caller after the answers so far
             failure.append(exc)
 
@@ -238,6 +242,7 @@ async def aclassify_stream(
     return_embeddings: bool = False,
     timeout: float | None = None,
     metadata: Any = None,
+    model: pb.ModelRef | None = None,
 ) -> AsyncIterator[PatchPrediction]:
     """asyncio form of :func:`classify_stream` over a ``grpc.aio`` stub.
 
@@ -245,7 +250,7 @@ async def aclassify_stream(
         call: the ``grpc.aio`` stub's ``ClassifyPatches`` multi-callable.
         images: ``(id, data)`` pairs, a plain or an async iterable, consumed lazily.
         batch_size, max_in_flight, max_request_bytes, return_embeddings, timeout,
-            metadata: as :func:`classify_stream`.
+            metadata, model: as :func:`classify_stream`.
 
     Yields:
         :class:`PatchPrediction` per image, in input order. Closing the generator
@@ -271,7 +276,9 @@ async def aclassify_stream(
                 for pred in await answer():
                     yield pred
             await stream.write(
-                pb.ClassifyPatchesRequest(images=batch, return_embeddings=return_embeddings)
+                pb.ClassifyPatchesRequest(
+                    images=batch, return_embeddings=return_embeddings, model=model
+                )
             )
             sent.append(len(batch))
         await stream.done_writing()

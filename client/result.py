@@ -109,7 +109,9 @@ class SlideResult:
         request_id: the server's (or caller's) request id.
         slide: slide metadata (level-0 sizes, mpp).
         grid: effective patch grid (``n_rows x n_cols``).
-        model: the served model; ``model.untrained`` means predictions mean nothing.
+        model: the served model; ``model.untrained`` means predictions mean nothing;
+            ``model.name`` and ``model.version`` name the server's repository version
+            that produced every figure (:attr:`model_name`, :attr:`model_version`).
         thumbnail: the slide thumbnail with its level-0-per-thumbnail-px scales.
         tissue_mask_png: the server's tissue mask as PNG (0 background, 255 tissue).
         outcome: ``"completed"``, ``"no_tissue"``, or ``"running"`` for a partial result
@@ -149,6 +151,16 @@ class SlideResult:
     dicom: DicomSource | None = field(default=None, repr=False)
 
     # --- access ---------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        """Name of the model (a folder of the server's repository) that served."""
+        return self.model.name
+
+    @property
+    def model_version(self) -> str:
+        """Version of that model that served."""
+        return self.model.version
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -305,6 +317,10 @@ class ResultCollector:
         elif isinstance(event, Attention):
             self._attention.append(event)
         elif isinstance(event, Completed):
+            served = (event.model_name, event.model_version)
+            named = (self._started.model.name, self._started.model.version)
+            if event.model_version and served != named:
+                raise InternalError("AnalysisStarted and AnalysisCompleted name other models")
             self._completed = event
             self._wall_s = time.perf_counter() - self._t0
 

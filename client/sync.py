@@ -29,6 +29,7 @@ from histohelper.client.dicomweb import DicomWebSlide, StoredDicom, store_reques
 from histohelper.client.errors import error_from_rpc
 from histohelper.client.events import Event, ModelInfo, Progress, Started, event_from_proto
 from histohelper.client.explain import PatchExplanation, explain_request
+from histohelper.client.models import ModelAdmin, ModelSpec, model_ref
 from histohelper.client.options import AnalysisOptions, analyze_request
 from histohelper.client.patches import PatchInputs, PatchPrediction, classify_stream
 from histohelper.client.result import ResultCollector, SlideResult
@@ -144,6 +145,7 @@ class SlideClient:
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        model: ModelSpec = None,
     ) -> Iterator[Event]:
         """Analyse a slide and yield typed events as they arrive (for live rendering).
 
@@ -160,12 +162,16 @@ class SlideClient:
             options: analysis options (``None``: defaults).
             request_id: optional id echoed by the server and in its logs.
             timeout: deadline in seconds for the whole stream (``None``: client default).
+            model: ``"NAME"``, ``"NAME:VERSION"`` or a :class:`ModelRef` of the server's
+                repository (``None``: the server's default model and version).
 
         Raises:
             HistoHelperError: a subclass matching the server's error (e.g.
-                ``SlideNotFoundError``), or ``ServerUnavailableError`` after retries.
+                ``SlideNotFoundError``, ``ModelNotFoundError``), or
+                ``ServerUnavailableError`` after retries.
         """
         request = analyze_request(slide_path, options, request_id)
+        request.model.CopyFrom(model_ref(model).to_proto())
         deadline = timeout if timeout is not None else self.timeout
         call = self._stub.AnalyzeSlide(request, timeout=deadline, metadata=self._metadata)
         try:
@@ -184,6 +190,7 @@ class SlideClient:
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        model: ModelSpec = None,
     ) -> SlideResult:
         """Analyse a slide and return the assembled result.
 
@@ -196,6 +203,8 @@ class SlideClient:
                 (``patches_done=0``) and for each progress event.
             request_id: optional id echoed by the server.
             timeout: deadline in seconds (``None``: client default).
+            model: the repository model (and version) to analyse with, as :meth:`stream`;
+                ``result.model`` names the version that served.
 
         Returns:
             The :class:`SlideResult` (``outcome == "no_tissue"`` for a slide without tissue).
@@ -205,7 +214,10 @@ class SlideClient:
                 early or breaks the protocol.
         """
         collector = ResultCollector()
-        for event in self.stream(slide_path, options, request_id=request_id, timeout=timeout):
+        events = self.stream(
+            slide_path, options, request_id=request_id, timeout=timeout, model=model
+        )
+        for event in events:
             collector.add(event)
             if on_progress is not None:
                 if isinstance(event, Started):
@@ -333,17 +345,19 @@ class SlideClient:
             raise error_from_rpc(err) from err
         return StoredDicom.from_proto(reply)
 
-    def get_model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        """Return the served model's summary, manifest and server defaults.
+    def get_model_info(self, *, timeout: float | None = None, model: ModelSpec = None) -> ModelInfo:
+        """Return a model's summary and manifest (``model``: ``"NAME[:VERSION]"``;
+        ``None``: the server's default), the server defaults and every version of the
+        server's repository (``models``).
 
         Raises:
-            HistoHelperError: a subclass matching the failure.
+            HistoHelperError: a subclass matching the failure (``ModelNotFoundError``
+                for an unknown model).
         """
         deadline = timeout if timeout is not None else (self.timeout or DEFAULT_UNARY_TIMEOUT_S)
+        request = pb.GetModelInfoRequest(model=model_ref(model).to_proto())
         try:
-            reply = self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=deadline, metadata=self._metadata
-            )
+            reply = self._stub.GetModelInfo(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
         return ModelInfo.from_proto(reply)
@@ -359,6 +373,7 @@ class SlideClient:
         options: AnalysisOptions | None = None,
         jpeg_quality: int = 90,
         timeout: float | None = None,
+        model: ModelSpec = None,
     ) -> list[PatchExplanation]:
         """Explain patches of a slide: each patch's image and its layer4 Grad-CAM.
 
@@ -375,6 +390,7 @@ class SlideClient:
             options: tiling options; must match the analysis the indices came from.
             jpeg_quality: quality of the returned patch images, 1..100.
             timeout: deadline in seconds (``None``: client default).
+            model: the repository model (``"NAME[:VERSION]"``; ``None``: the default).
 
         Returns:
             Explanations in rank order (indices: in the given order).
@@ -387,6 +403,7 @@ class SlideClient:
             slide_path, top_k=top_k, rank_by=rank_by, patch_indices=patch_indices,
             class_name=class_name, options=options, jpeg_quality=jpeg_quality,
         )  # fmt: skip
+        request.model.CopyFrom(model_ref(model).to_proto())
         deadline = timeout if timeout is not None else self.timeout
         call = self._stub.ExplainPatches(request, timeout=deadline, metadata=self._metadata)
         try:
@@ -402,6 +419,7 @@ class SlideClient:
         max_in_flight: int = 2,
         return_embeddings: bool = False,
         timeout: float | None = None,
+        model: ModelSpec = None,
     ) -> Iterator[PatchPrediction]:
         """Classify client-supplied patch images (``ClassifyPatches``), lazily and in order.
 
@@ -416,6 +434,7 @@ class SlideClient:
             max_in_flight: requests sent ahead of the answers (bounds memory).
             return_embeddings: include each image's embedding.
             timeout: deadline in seconds for the whole stream (``None``: client default).
+            model: the repository model (``"NAME[:VERSION]"``; ``None``: the default).
 
         Yields:
             One :class:`~histohelper.client.patches.PatchPrediction` per image, in
@@ -432,4 +451,18 @@ class SlideClient:
             return_embeddings=return_embeddings,
             timeout=timeout if timeout is not None else self.timeout,
             metadata=self._metadata,
+            model=model_ref(model).to_proto(),
         )
+
+    def admin(self, *, timeout: float | None = None) -> ModelAdmin:
+        """``ModelAdminService`` over this client's channel and token (load, unload,
+        set default, rescan; the caller needs the ``admin`` role).
+
+        Args:
+            timeout: deadline of each admin call in seconds (default: the client's,
+                else 10 x ``DEFAULT_UNARY_TIMEOUT_S``: a load warms a model up).
+        """
+        deadline = (
+            timeout if timeout is not None else (self.timeout or 10 * DEFAULT_UNARY_TIMEOUT_S)
+        )
+        return ModelAdmin(self._channel, self._metadata, deadline)

@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,22 +44,29 @@ from histohelper.errors import (
     UploadQuotaError,
 )
 from histohelper.model_parts import untrained_warning
+from histohelper.server.admin import ModelAdminServicer
 from histohelper.server.audit import AuditLog
 from histohelper.server.audit import current as current_call
 from histohelper.server.auth import Authenticator, TokenStore
-from histohelper.server.cache import AnalysisCache, ResultCache, model_identity
+from histohelper.server.cache import ResultCache
 from histohelper.server.callpath import CallLimits, CallPath, SlotPool, build_service
-from histohelper.server.classify import Classifier
 from histohelper.server.config import ServerConfig
 from histohelper.server.metrics import ServerMetrics
-from histohelper.server.observe import NULL_OBSERVER, Observer
-from histohelper.server.pipeline import FIRST_BATCH_SIZE, Analyzer
-from histohelper.server.runtime import ModelRuntime, load_runtime
+from histohelper.server.models import ModelBuilder, ServedModel
+from histohelper.server.observe import NULL_OBSERVER
+from histohelper.server.repository import (
+    ModelRepository,
+    VersionPolicy,
+    discover,
+    single_model,
+)
+from histohelper.server.runtime import ModelRuntime
+from histohelper.server.runtime.manifest import read_manifest
 from histohelper.server.servicer import SlideAnalysisServicer
-from histohelper.server.tiling import SlideCache
 from histohelper.server.tls import check_transport_policy, server_credentials
 from histohelper.server.uploads import UploadStore
 from histohelper.server.worker import ModelWorker
+from histohelper.v1 import model_admin_pb2 as admin_pb
 from histohelper.v1 import slide_analysis_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SlideAnalysisService"].full_name
+ADMIN_SERVICE_NAME = admin_pb.DESCRIPTOR.services_by_name["ModelAdminService"].full_name
+
+
+def model_health_name(name: str, version: str) -> str:
+    """The health service name of a loaded model version:
+    ``histohelper.v1.SlideAnalysisService/NAME:VERSION``."""
+    return f"{SERVICE_NAME}/{name}:{version}"
 
 
 @dataclass
@@ -91,7 +105,33 @@ class RunningServer:
     call_path: CallPath
     health_server: grpc.aio.Server | None = None
     metrics: ServerMetrics | None = None
+    models: ModelRepository[ServedModel] | None = None
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
+    _poller: threading.Thread | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
+    def rescan(self) -> list[str]:
+        """Rescan the model repository now (SIGHUP, the poll); changes as log lines.
+        A failure to list the repository is logged and changes nothing."""
+        assert self.models is not None
+        try:
+            changes = self.models.rescan()
+        except OSError as exc:
+            log.warning("model repository could not be listed: %s", type(exc).__name__)
+            return []
+        if changes:
+            log.info("model repository rescanned", extra={"changes": changes})
+        return changes
+
+    def start_polling(self, every_s: float) -> None:
+        """Rescan every ``every_s`` seconds on a daemon thread until :meth:`stop`."""
+
+        def poll() -> None:
+            while not self._stopping.wait(every_s):
+                self.rescan()
+
+        self._poller = threading.Thread(target=poll, name="repository-poll", daemon=True)
+        self._poller.start()
 
     @property
     def target(self) -> str:
@@ -118,6 +158,9 @@ class RunningServer:
             self._stop(grace, drain)
 
     def _stop(self, grace: float | None, drain: float | None) -> None:
+        self._stopping.set()
+        if self._poller is not None:
+            self._poller.join()
         self._await(self.health.enter_graceful_shutdown())
         drain_s = self.config.drain_s if drain is None else drain
         if drain_s > 0:
@@ -133,7 +176,11 @@ class RunningServer:
         self.loop_thread.join()
         self.loop.close()
         self.executor.shutdown(wait=True)
-        self.worker.close()
+        if self.models is not None:
+            self.models.on_change = None  # the event loop is closed: no health updates
+            self.models.close()
+        else:
+            self.worker.close()
         self.uploads.close()
         self.audit_log.close()
         if self.metrics is not None:
@@ -183,32 +230,52 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
-def _load_and_warm(
-    config: ServerConfig, runtime: ModelRuntime | None, observer: Observer = NULL_OBSERVER
-) -> ModelWorker:
-    """The model's worker (reporting to ``observer``); a model loaded here is warmed up
-    first."""
-    warm = runtime is None
-    if runtime is None:
-        runtime = load_runtime(
-            config.model_path,
-            device=config.device,
-            precision=config.precision,
-            num_threads=config.num_threads,
-            backend=config.backend,
-        )
-    worker = ModelWorker(runtime, observer=observer)
-    if warm:
-        sizes = (min(FIRST_BATCH_SIZE, config.batch_size), config.batch_size)
+def _repository(config: ServerConfig, builder: ModelBuilder) -> ModelRepository[ServedModel]:
+    """The model repository of ``--model-repository``, or the one-model repository of
+    ``--model`` (served under the manifest's model name and version), scanned and its
+    defaults loaded.
+
+    Raises:
+        ModelArtifactError: no default version could be loaded (every one failed, or
+            the repository holds none).
+    """
+    if config.model_repository is not None:
+        root = config.model_repository
+
+        def scan() -> dict:
+            return discover(root)
+    else:
+        assert config.model_path is not None
+        artifact = config.model_path
         try:
-            warm_s = worker.warm_up(sizes).result()
-        except Exception as exc:  # any engine error: the model cannot serve
-            worker.close()
+            manifest = read_manifest(artifact)
+        except ModelArtifactError:
+            raise
+        except Exception as exc:
             raise ModelArtifactError(
-                f"the model failed its warm-up batch: {type(exc).__name__}"
-            ) from exc
-        log.info("model warmed up in %.2f s", warm_s)
-    return worker
+                f"model artifact cannot be read: {type(exc).__name__}"
+            ) from None
+        folders = single_model(artifact, manifest.model_name, manifest.model_version)
+
+        def scan() -> dict:
+            return folders
+
+    models: ModelRepository[ServedModel] = ModelRepository(
+        scan,
+        builder,
+        policy=VersionPolicy.parse(config.version_policy),
+        default_model=config.default_model,
+        max_loaded=config.max_loaded_models,
+    )
+    models.rescan()
+    if models.default_loaded() is None:
+        failed = [s.error for s in models.listing() if s.state == "failed"]
+        models.close()
+        raise ModelArtifactError(
+            "no model version could be loaded"
+            + (f" ({failed[0]})" if failed else " (the repository holds no model)")
+        )
+    return models
 
 
 def _slot_pools(config: ServerConfig) -> dict[str, SlotPool]:
@@ -235,28 +302,11 @@ def _slot_pools(config: ServerConfig) -> dict[str, SlotPool]:
 
 def _build_servicer(
     config: ServerConfig,
-    worker: ModelWorker,
+    models: ModelRepository[ServedModel],
     pools: dict[str, SlotPool],
-    observer: Observer = NULL_OBSERVER,
-    cache: AnalysisCache | None = None,
 ) -> SlideAnalysisServicer:
-    """The transport-free parts behind the service: analyzer, classifier, uploads (and
-    the result cache, when configured)."""
-    analyzer = Analyzer(
-        worker,
-        num_readers=config.num_readers,
-        max_patches_per_slide=config.max_patches_per_slide,
-        max_failed_fraction=config.max_failed_fraction,
-        slide_cache=SlideCache(),
-        observer=observer,
-    )
-    classifier = Classifier(
-        worker,
-        batch_size=config.batch_size,
-        max_images_per_request=config.max_images_per_request,
-        request_max_px=config.classify_request_max_px,
-        stream_max_px=config.classify_stream_max_px,
-    )
+    """The transport-free parts behind the service: the model repository (each
+    version's analyzer, classifier and result-cache view) and uploads."""
     uploads = UploadStore(
         config.upload_dir,
         max_bytes=config.upload_max_bytes,
@@ -264,22 +314,13 @@ def _build_servicer(
         ttl_s=config.upload_ttl_s,
         max_concurrent=config.max_concurrent_uploads,
     )
-    return SlideAnalysisServicer(
-        config,
-        worker.runtime,
-        worker,
-        analyzer,
-        classifier,
-        uploads=uploads,
-        analysis_slots=pools["analysis"],
-        cache=cache,
-    )
+    return SlideAnalysisServicer(config, models, uploads=uploads, analysis_slots=pools["analysis"])
 
 
 async def _start_grpc(
     config: ServerConfig,
     credentials: grpc.ServerCredentials | None,
-    service: grpc.GenericRpcHandler,
+    *services: grpc.GenericRpcHandler,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer, grpc.aio.Server | None]:
     """Bind and start the main port (the service, health, reflection) and the optional
     health port, on the running event loop; health then says SERVING.
@@ -288,11 +329,11 @@ async def _start_grpc(
         PortBindError: a port cannot be bound.
     """
     server = grpc.aio.server(options=grpc_options(config))
-    server.add_generic_rpc_handlers((service,))
+    server.add_generic_rpc_handlers(services)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = _bind(server, f"{config.host}:{config.port}", credentials)
     if port == 0:
@@ -309,7 +350,7 @@ async def _start_grpc(
             await server.stop(0)
             raise PortBindError(f"could not bind the health port {config.health_port}")
         await health_server.start()
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer, health_server
 
@@ -319,15 +360,16 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
 
     Args:
         config: the server configuration.
-        runtime: an already loaded model (tests share one); default loads
-            ``config.model_path`` on ``config.device``.
+        runtime: an already loaded model (tests share one) of ``config.model_path``;
+            default loads it (or the repository's defaults) on ``config.device``.
 
     Returns:
         The running server; its ``port`` is the bound port (``config.port`` may be 0).
 
     Raises:
-        ModelArtifactError: the artifact cannot be loaded, or fails its warm-up batches
-            (one of the first-batch size and one of ``config.batch_size``).
+        ModelArtifactError: the artifact (every version of a default model) cannot be
+            loaded, or fails its warm-up batches (one of the first-batch size and one of
+            ``config.batch_size``).
         TransportPolicyError: plaintext on a non-loopback host without ``allow_insecure``,
             or an unreadable TLS file.
         TokensFileError: the tokens file is unreadable or malformed.
@@ -344,15 +386,13 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
     # The cache directory is checked before the model loads: an unusable one stops the
     # start at once (CacheDirError).
     store = ResultCache(config.cache_dir, config.cache_max_bytes) if config.cache_dir else None
-    worker = _load_and_warm(config, runtime, observer)
-    cache = None
-    if store is not None:
-        identity = model_identity(worker.runtime, config.model_path, worker.concurrency)
-        cache = AnalysisCache(
-            store, identity, lambda result: observer.cache_lookup(result == "hit")
-        )
+    preloaded = {config.model_path: runtime} if runtime and config.model_path else {}
+    models = _repository(config, ModelBuilder(config, observer, store, preloaded))
+    default = models.default_loaded()
+    assert default is not None
+    worker = default.parts.worker
     pools = _slot_pools(config)
-    servicer = _build_servicer(config, worker, pools, observer, cache)
+    servicer = _build_servicer(config, models, pools)
     audit_log = AuditLog(config.audit_log)
     # Threads for blocking work: one per slot that can run some, and a few for
     # validation of calls that are then refused and for GetModelInfo-sized work.
@@ -360,19 +400,26 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         max_workers=sum(p.size for p in pools.values()) + 4, thread_name_prefix="call"
     )
     path = CallPath(
-        Authenticator(tokens),
+        Authenticator(tokens, anonymous_admin=config.allow_anonymous_admin),
         audit_log,
         pools,
         CallLimits(config.default_deadline_s, config.stalled_stream_s),
         executor,
-        worker.runtime.manifest.model_version,
+        default.parts.label,
         observer,
+        models,
     )
     if metrics is not None:
         metrics.watch_pools(pools, path.waiting)
-        metrics.set_model(worker.runtime)
+        for loaded in models.loaded():
+            metrics.set_model(loaded.parts.runtime, loaded.name, loaded.version)
     service = build_service(
         pb.DESCRIPTOR.services_by_name["SlideAnalysisService"], path, servicer.rpcs()
+    )
+    admin_service = build_service(
+        admin_pb.DESCRIPTOR.services_by_name["ModelAdminService"],
+        path,
+        ModelAdminServicer(models).rpcs(),
     )
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
@@ -381,8 +428,16 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         if metrics is not None:
             _serve_metrics(metrics, config)
         server, port, health_servicer, health_server = asyncio.run_coroutine_threadsafe(
-            _start_grpc(config, credentials, service), loop
+            _start_grpc(config, credentials, service, admin_service), loop
         ).result()
+        for loaded in models.loaded():
+            asyncio.run_coroutine_threadsafe(
+                health_servicer.set(
+                    model_health_name(loaded.name, loaded.version),
+                    health_pb2.HealthCheckResponse.SERVING,
+                ),
+                loop,
+            ).result()
     except BaseException:
         if metrics is not None:
             metrics.close()
@@ -390,7 +445,7 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         loop_thread.join()
         loop.close()
         executor.shutdown()
-        worker.close()
+        models.close()
         servicer.uploads.close()
         audit_log.close()
         raise
@@ -414,7 +469,8 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
             untrained_warning(worker.runtime.manifest.untrained_parts),
             extra={"untrained_parts": list(worker.runtime.manifest.untrained_parts)},
         )
-    return RunningServer(
+    models.on_change = _model_listener(loop, health_servicer, metrics)
+    running = RunningServer(
         server,
         port,
         config,
@@ -429,7 +485,38 @@ def start_server(config: ServerConfig, runtime: ModelRuntime | None = None) -> R
         path,
         health_server,
         metrics,
+        models,
     )
+    if config.repository_poll_s > 0:
+        running.start_polling(config.repository_poll_s)
+    return running
+
+
+def _model_listener(
+    loop: asyncio.AbstractEventLoop,
+    health_servicer: health.aio.HealthServicer,
+    metrics: ServerMetrics | None,
+) -> Callable[[str, str, ServedModel | None], None]:
+    """Tell the health service (SERVING / NOT_SERVING per ``NAME:VERSION``) and the
+    metrics (``model_info`` series) that a version loaded or unloaded."""
+
+    def changed(name: str, version: str, served: ServedModel | None) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if served is not None
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        if not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(
+                health_servicer.set(model_health_name(name, version), status), loop
+            )
+        if metrics is not None:
+            if served is not None:
+                metrics.set_model(served.runtime, name, version)
+            else:
+                metrics.drop_model(name, version)
+
+    return changed
 
 
 def _serve_metrics(metrics: ServerMetrics, config: ServerConfig) -> None:
@@ -555,8 +642,13 @@ def serve(config: ServerConfig) -> int:
         log.info("shutdown requested", extra={"signal": signal.Signals(signum).name})
         stopping.set()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        log.info("model repository rescan requested", extra={"signal": "SIGHUP"})
+        threading.Thread(target=running.rescan, name="repository-rescan", daemon=True).start()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     stopping.wait()
     running.stop()
     log.info("stopped")

@@ -26,6 +26,8 @@ on stderr without ``--file``.
 * without one, callers are trusted: ``cert:<CN>`` when mutual TLS presented a client
   certificate (the handshake already checked it against the client CA), else
   ``anonymous`` (the transport policy allows that only on loopback or by opt-in);
+  ``anonymous`` lacks the ``admin`` role (model loading and unloading) unless the
+  server runs with ``--allow-anonymous-admin``;
 * ``grpc.health.v1.Health`` and server reflection stay open (load balancers and
   orchestrators probe them without credentials; they reveal no data);
 * every call gets an audit record (:mod:`histohelper.server.audit`).
@@ -163,11 +165,15 @@ class Authenticator:
 
     Args:
         tokens: accepted tokens; None disables token authentication (callers are then
-            identified by their client certificate, else ``anonymous``, with all roles).
+            identified by their client certificate, with all roles, else ``anonymous``,
+            with every role but ``admin``).
+        anonymous_admin: give ``anonymous`` the ``admin`` role too
+            (``--allow-anonymous-admin``: a loopback-only development server).
     """
 
-    def __init__(self, tokens: TokenStore | None) -> None:
+    def __init__(self, tokens: TokenStore | None, *, anonymous_admin: bool = False) -> None:
         self.tokens = tokens
+        self.anonymous_roles = ROLES if anonymous_admin else ROLES - {ROLE_ADMIN}
 
     def authenticate(
         self, metadata: Sequence[tuple[str, str | bytes]] | None, client_cn: str | None
@@ -179,7 +185,9 @@ class Authenticator:
         """
         token = bearer_token(metadata)
         if self.tokens is None:
-            return Principal(f"cert:{client_cn}" if client_cn else "anonymous", ROLES)
+            if client_cn:
+                return Principal(f"cert:{client_cn}", ROLES)
+            return Principal("anonymous", self.anonymous_roles)
         if token is None:
             raise UnauthenticatedError("missing bearer token (authorization: Bearer <token>)")
         principal = self.tokens.lookup(token)

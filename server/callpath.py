@@ -1,4 +1,5 @@
-"""The one call path: every RPC of ``histohelper.v1.SlideAnalysisService`` runs through it.
+"""The one call path: every RPC of the server's services (``SlideAnalysisService``,
+``ModelAdminService``) runs through it.
 
 :func:`build_service` turns a table of :class:`Rpc` entries into the service's gRPC
 handlers (``grpc.aio``). For every call, in this order, the call path owns:
@@ -9,8 +10,10 @@ handlers (``grpc.aio``). For every call, in this order, the call path owns:
 3. decoding of the request bytes (undecodable bytes are INVALID_ARGUMENT with
    ``MALFORMED_REQUEST``, never grpcio's INTERNAL "Exception deserializing request");
 4. the request id (the request's own ``request_id`` where valid, else a new one);
-5. validation (the RPC's ``prepare``, on a worker thread) *before* admission, so a bad
-   request gets its own error, not SERVER_BUSY;
+5. the model version the request names (:attr:`Rpc.model`), leased from the model
+   repository for the whole call (MODEL_NOT_FOUND before admission), then validation
+   (the RPC's ``prepare``, on a worker thread) *before* admission, so a bad request
+   gets its own error, not SERVER_BUSY;
 6. admission to the RPC's slot pool (:class:`SlotPool`), refused at once when full;
 7. the stop event (set on cancellation, deadline, stall or server shutdown; domain
    code checks it between batches) and the server's default deadline for calls whose
@@ -41,7 +44,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -133,6 +136,11 @@ class Rpc:
         pool: name of the slot pool the call holds while it runs; None: no slot.
         default_deadline: the server's default deadline applies when the client set
             none.
+        model: the model version a unary request names: ``model(request)`` gives an
+            object with ``name`` and ``version`` (a ``ModelRef``); the call path leases
+            that version (:attr:`Call.model`) before ``prepare`` and releases it when the
+            call ends. None: the call uses no model, or leases one itself
+            (:meth:`Call.use_model`, streaming requests).
     """
 
     handle: Callable[..., Awaitable[Any]]
@@ -140,6 +148,16 @@ class Rpc:
     role: str = "analyze"
     pool: str | None = None
     default_deadline: bool = True
+    model: Callable[[Any], Any] | None = None
+
+
+class ModelLeases(Protocol):
+    """Where the call path leases model versions (the model repository)."""
+
+    def lease(self, name: str = "", version: str = "") -> Any:
+        """A lease with ``parts`` (the version's parts) and ``release()``; raises
+        ``HistoHelperError`` (MODEL_NOT_FOUND, MODEL_LOAD_FAILED, ...)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -166,6 +184,7 @@ class Call:
         stop: set when the call must end (cancelled, deadline, stall, shutdown);
             domain code checks it between batches.
         t0: ``time.perf_counter()`` when the call arrived.
+        model: the leased model version's parts (:meth:`use_model`; None before).
     """
 
     rpc: str
@@ -174,6 +193,8 @@ class Call:
     executor: Executor
     limits: CallLimits
     request_id: str = ""
+    model: Any = None
+    models: ModelLeases | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     t0: float = field(default_factory=time.perf_counter)
     _pending: set[concurrent.futures.Future[Any]] = field(default_factory=set)
@@ -200,6 +221,23 @@ class Call:
         path closes it (on a worker thread) when the call ends."""
         self._generators.append(gen)
         return _Steps(self, gen)
+
+    async def use_model(self, ref: Any = None) -> Any:
+        """Lease the model version ``ref`` names (``name``/``version``; None or empty:
+        the default) for the rest of the call, on a worker thread (a first use may load
+        it); the audit record names it. Returns its parts (also :attr:`model`).
+
+        Raises:
+            HistoHelperError: MODEL_NOT_FOUND, MODEL_LOAD_FAILED or MODEL_IN_USE.
+        """
+        if self.models is None:
+            raise InternalError("this server has no model repository")
+        name, version = (getattr(ref, "name", ""), getattr(ref, "version", ""))
+        lease = await self.run(self.models.lease, name, version)
+        self.on_end(lease.release)
+        self.model = lease.parts
+        self.record.model_version = f"{lease.loaded.name}:{lease.loaded.version}"
+        return self.model
 
     def on_end(self, fn: Callable[[], object]) -> None:
         """Run blocking ``fn()`` on a worker thread when the call ends, however it ends."""
@@ -305,8 +343,10 @@ class CallPath:
         pools: slot pools by name (``Rpc.pool``).
         limits: deadlines and stall limit.
         executor: threads for blocking work.
-        model_version: written into each audit record.
+        model_version: written into each audit record (replaced by ``name:version`` of
+            the version a call leases).
         observer: told of every call's end (metrics), where the audit record is written.
+        models: where calls lease model versions (:attr:`Rpc.model`, :meth:`Call.use_model`).
     """
 
     def __init__(
@@ -318,7 +358,9 @@ class CallPath:
         executor: Executor,
         model_version: str,
         observer: Observer = NULL_OBSERVER,
+        models: ModelLeases | None = None,
     ) -> None:
+        self.models = models
         self.authenticator = authenticator
         self.audit_log = audit_log
         self.pools = dict(pools)
@@ -358,7 +400,9 @@ class CallPath:
         except Exception:
             record.peer = ""
         audit.set_current(record)
-        return Call(rpc, context, record, self.executor, self.limits, record.request_id)
+        call = Call(rpc, context, record, self.executor, self.limits, record.request_id)
+        call.models = self.models
+        return call
 
     def _authorise(self, call: Call, role: str) -> None:
         record, context = call.record, call.context
@@ -367,7 +411,13 @@ class CallPath:
         principal = self.authenticator.authenticate(metadata, record.client_cert)
         record.caller = principal.identity
         if role not in principal.roles:
-            raise PermissionDeniedError(f"the caller lacks the '{role}' role")
+            hint = ""
+            if principal.identity == "anonymous":
+                hint = (
+                    " (anonymous callers never have it: serve with --tokens-file or mutual "
+                    "TLS, or --allow-anonymous-admin on a loopback development server)"
+                )
+            raise PermissionDeniedError(f"the caller lacks the '{role}' role{hint}")
 
     @staticmethod
     def _take_request_id(call: Call, request: Message) -> None:
@@ -435,6 +485,8 @@ class CallPath:
                     raise decode_error
                 if request is not None:
                     self._take_request_id(call, request)
+                    if rpc.model is not None:
+                        await call.use_model(rpc.model(request))
                 prepared: Any = request
                 if rpc.prepare is not None and request is not None:
                     prepared = await call.run(rpc.prepare, request, call)

@@ -139,6 +139,7 @@ _UPLOADS = "uploads"
 _CACHE = "result cache"
 _METRICS = "metrics"
 _DICOMWEB = "slides in a PACS (DICOMweb)"
+_MODELS = "model repository"
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,53 @@ class ServerConfig:
             message names the flag.
     """
 
-    model_path: Path = setting(name="model", help="exported model artifact (histohelper export)")
     slide_root: Path = setting(
         help="directory that request slide paths are relative to; nothing outside it is readable"
+    )
+    model_path: Path | None = setting(
+        None,
+        name="model",
+        help="exported model artifact (histohelper export), served as a one-model repository; "
+        "this or --model-repository is required",
+    )
+    model_repository: Path | None = setting(
+        None,
+        group=_MODELS,
+        help="model repository: one folder per model name, one sub-folder or .pt file per "
+        "version (README: Model repository); instead of --model",
+    )
+    version_policy: str = setting(
+        "latest:1",
+        group=_MODELS,
+        help="versions served of each model without its own model.json policy: latest:N, "
+        "all, or specific:V1,V2",
+    )
+    default_model: str = setting(
+        "",
+        group=_MODELS,
+        help="model name that serves requests naming none (empty: the only, or first by "
+        "name, model)",
+    )
+    repository_poll_s: float = setting(
+        0.0,
+        unit="s",
+        minimum=0,
+        group=_MODELS,
+        help="rescan the repository this often (new versions are loaded and warmed before "
+        "they take traffic; SIGHUP rescans too); 0: only on SIGHUP or RescanRepository",
+    )
+    max_loaded_models: int = setting(
+        0,
+        minimum=0,
+        group=_MODELS,
+        help="most model versions loaded at once; the least recently used one without "
+        "calls in flight is unloaded first (0: no bound)",
+    )
+    allow_anonymous_admin: bool = setting(
+        False,
+        group=_MODELS,
+        help="let callers without a token or client certificate use ModelAdminService "
+        "(without it they get PERMISSION_DENIED; a loopback development server only)",
     )
     host: str = setting("127.0.0.1", help="interface to bind (0.0.0.0 in containers)")
     port: int = setting(50051, minimum=0, maximum=65535, help="TCP port; 0 picks a free one")
@@ -462,6 +507,16 @@ class ServerConfig:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.upload_max_bytes > self.upload_quota_bytes:
             raise ValueError("--upload-max-mib must be <= --upload-quota-mib")
+        if self.model_path is None and self.model_repository is None:
+            raise ValueError("--model (or HISTOHELPER_MODEL) is required, or --model-repository")
+        if self.model_path is not None and self.model_repository is not None:
+            raise ValueError("--model and --model-repository exclude each other")
+        from histohelper.server.repository import VersionPolicy  # stdlib-only module
+
+        try:
+            VersionPolicy.parse(self.version_policy)
+        except ValueError as exc:
+            raise ValueError(f"--version-policy: {exc}") from None
 
     @property
     def tls(self) -> bool:

@@ -14,19 +14,22 @@ Metrics (all prefixed ``histohelper_``):
   slot; ``analyses_queued``: such calls that arrived and are not yet admitted
   (authentication and validation run before admission; admission itself never waits).
 - ``slots_free{pool}``: free slots of each admission pool (analysis, classify, upload).
-- ``patches_classified_total``: patches the model classified (every RPC).
+- ``patches_classified_total{model,version}``: patches each model version classified
+  (every RPC).
 - ``slide_seconds``: histogram of the whole AnalyzeSlide call, arrival to end, of
   calls that ended OK.
 - ``stage_seconds{stage}``: histograms of ``tiling`` (per slide), ``read`` (per batch
   and reader thread), ``model_batch`` (per model call), ``mil`` (per bag).
 - ``cache_requests_total{result}``: result-cache lookups, ``hit`` or ``miss``.
-- ``model_info{name,version,engine,precision,untrained}``: 1 for the served model.
+- ``model_info{name,version,engine,precision,untrained}``: 1 per loaded model version
+  (a version's series goes when it unloads).
 
 Gauges are computed when scraped (``set_function``), so they cost nothing per call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import threading
@@ -89,7 +92,10 @@ class ServerMetrics(Observer):
             f"{PREFIX}slots_free", "Free slots of each admission pool", ("pool",), registry=r
         )
         self.patches = Counter(
-            f"{PREFIX}patches_classified", "Patches the model classified (every RPC)", registry=r
+            f"{PREFIX}patches_classified",
+            "Patches each model version classified (every RPC)",
+            ("model", "version"),
+            registry=r,
         )
         self.slide_seconds = Histogram(
             f"{PREFIX}slide_seconds",
@@ -110,7 +116,7 @@ class ServerMetrics(Observer):
         )
         self.model_info = Gauge(
             f"{PREFIX}model_info",
-            "The served model (value 1)",
+            "Each loaded model version (value 1)",
             ("name", "version", "engine", "precision", "untrained"),
             registry=r,
         )
@@ -119,6 +125,8 @@ class ServerMetrics(Observer):
         self._cache = {
             hit: self.cache_requests.labels("hit" if hit else "miss") for hit in (True, False)
         }
+        self._models_lock = threading.Lock()
+        self._model_labels: dict[tuple[str, str], tuple[str, ...]] = {}
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -139,16 +147,33 @@ class ServerMetrics(Observer):
             self.in_flight.set_function(lambda: analysis.in_use)
         self.queued.set_function(lambda: waiting(ANALYSIS_POOL))
 
-    def set_model(self, runtime: ModelRuntime) -> None:
-        """Label ``model_info`` with the served model's name, version, engine, precision."""
+    def set_model(self, runtime: ModelRuntime, name: str = "", version: str = "") -> None:
+        """Add a ``model_info`` series for a loaded version: its repository ``name`` and
+        ``version`` (default: the manifest's), engine, precision, untrained."""
         m = runtime.manifest
-        self.model_info.labels(
-            m.model_name,
-            m.model_version,
+        labels = (
+            name or m.model_name,
+            version or m.model_version,
             runtime.engine,
             runtime.precision,
             "true" if m.untrained else "false",
-        ).set(1)
+        )
+        with self._models_lock:
+            self._model_labels[(labels[0], labels[1])] = labels
+        self.model_info.labels(*labels).set(1)
+
+    def drop_model(self, name: str, version: str) -> None:
+        """Remove the ``model_info`` series of an unloaded version (counts stay)."""
+        with self._models_lock:
+            labels = self._model_labels.pop((name, version), None)
+        if labels is not None:
+            with contextlib.suppress(KeyError):
+                self.model_info.remove(*labels)
+
+    def for_model(self, name: str, version: str) -> Observer:
+        """The observer of one model version's worker and pipeline: patch counts
+        labelled with ``model`` and ``version``, everything else as this one."""
+        return _ModelObserver(self, self.patches.labels(name, version))
 
     # --- Observer -----------------------------------------------------------------------
 
@@ -157,7 +182,7 @@ class ServerMetrics(Observer):
         (child if child is not None else self.stage_seconds.labels(stage)).observe(seconds)
 
     def patches_classified(self, count: int) -> None:
-        self.patches.inc(count)
+        self.patches.labels("", "").inc(count)
 
     def call_ended(self, rpc: str, code: str, reason: str | None, duration_s: float) -> None:
         self.calls.labels(rpc, code, reason or "").inc()
@@ -203,6 +228,26 @@ class ServerMetrics(Observer):
         httpd.server_close()
         if thread is not None:
             thread.join()
+
+
+class _ModelObserver(Observer):
+    """One model version's reports: its patches under its labels (see ``for_model``)."""
+
+    def __init__(self, base: ServerMetrics, patches: Counter) -> None:
+        self._base = base
+        self._patches = patches
+
+    def stage(self, stage: str, seconds: float) -> None:
+        self._base.stage(stage, seconds)
+
+    def patches_classified(self, count: int) -> None:
+        self._patches.inc(count)
+
+    def call_ended(self, rpc: str, code: str, reason: str | None, duration_s: float) -> None:
+        self._base.call_ended(rpc, code, reason, duration_s)
+
+    def cache_lookup(self, hit: bool) -> None:
+        self._base.cache_lookup(hit)
 
 
 def _free_slots(pool: _Pool) -> Callable[[], float]:

@@ -59,7 +59,12 @@ def run(args: argparse.Namespace) -> int:
             TokenStore.load(config.tokens_file)
     except (TransportPolicyError, TokensFileError) as exc:
         raise SystemExit(f"histohelper serve: {exc}") from None
-    if not config.model_path.is_file():  # the operator's own path: say where we looked
+    if config.model_repository is not None and not config.model_repository.is_dir():
+        raise SystemExit(
+            f"histohelper serve: model repository not found: {config.model_repository} "
+            f"(looked for {config.model_repository.resolve()}; --model-repository)"
+        )
+    if config.model_path is not None and not config.model_path.is_file():
         raise SystemExit(
             f"histohelper serve: model artifact not found: {config.model_path} (looked for "
             f"{config.model_path.resolve()}; --model / HISTOHELPER_MODEL; "

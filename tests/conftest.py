@@ -52,3 +52,20 @@ def model_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
         warnings.simplefilter("ignore", RuntimeWarning)
         export_model(out, seed=0, variants=("bf16",), calibration_patches=16, onnx=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def model_artifact_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second seeded UNTRAINED artifact (seed 1, fp32 only): same architecture and
+    classes as ``model_artifact``, different weights, so its results differ (model
+    repository tests: two versions, two models). ~3 s on 2 cores."""
+    import warnings
+
+    from histohelper.model_export.export import UntrainedModelWarning, export_model
+
+    out = tmp_path_factory.mktemp("model-v2") / "histohelper-untrained-seed1.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedModelWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        export_model(out, seed=1, variants=(), calibration_patches=16, onnx=False)
+    return out

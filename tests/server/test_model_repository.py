@@ -1,0 +1,317 @@
+"""The model repository (issue 22) over real servers on loopback.
+
+Two seeded untrained exports (seeds 0 and 1: same architecture, different weights)
+are the versions. A swap from version 1 to 2 under a steady stream of analyses drops
+no call, every result names its version and equals a one-version server's; a corrupt
+version is refused while the old one serves; unknown models are NOT_FOUND; admin RPCs
+need the admin role; an in-use version cannot be unloaded; ``--max-loaded-models``
+unloads the least recently used idle version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import synthetic_slides as syn
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from histohelper.client import SlideClient
+from histohelper.errors import (
+    ModelInUseError,
+    ModelLoadError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+)
+from histohelper.server.app import model_health_name, start_server
+from histohelper.server.config import ServerConfig
+from histohelper.server.repository import VersionPolicy, discover, version_key
+
+#: Small batches: quick warm-ups.
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def slide_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """a.tiff: a small synthetic slide (a few dozen patches at 0.5 um/px)."""
+    root = tmp_path_factory.mktemp("repo-slides")
+    img = syn.slide_with_tissue(1400, 1800, [(100, 100, 900, 700)], seed=1)
+    syn.write_slide(root / "a.tiff", img, [(450, 350)])
+    return root
+
+
+def add_version(repo: Path, name: str, version: str, artifact: Path) -> Path:
+    """Drop ``artifact`` in as ``repo/name/version/model.pt`` atomically (a hidden
+    folder renamed into place, as the README tells operators)."""
+    folder = repo / name
+    folder.mkdir(parents=True, exist_ok=True)
+    hidden = folder / f".{version}.incoming"
+    hidden.mkdir()
+    (hidden / "model.pt").symlink_to(artifact)
+    os.rename(hidden, folder / version)
+    return folder / version
+
+
+@pytest.fixture
+def serve(slide_root: Path):
+    """Factory: a server over a repository (``**config`` overrides), stopped at the end."""
+    started = []
+
+    def start(**overrides: object):
+        values: dict[str, object] = {
+            "slide_root": slide_root,
+            "port": 0,
+            "precision": "fp32",
+            "device": "cpu",
+            "batch_size": BATCH,
+            "grace_s": 2.0,
+        }
+        values.update(overrides)
+        running = start_server(ServerConfig(**values))  # type: ignore[arg-type]
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop(grace=0, drain=0)
+
+
+def _probabilities(result) -> np.ndarray:
+    return np.asarray(result.patches.probabilities)
+
+
+# --- units: layout and policy -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "versions", "served"),
+    [
+        ("latest:1", ["1", "2", "10"], ["10"]),
+        ("latest:2", ["1", "2", "10"], ["2", "10"]),
+        ("all", ["1", "2"], ["1", "2"]),
+        ("specific:1,10", ["1", "2", "10"], ["1", "10"]),
+    ],
+    ids=["latest1", "latest2", "all", "specific"],
+)
+def test_version_policy_selects(text: str, versions: list[str], served: list[str]) -> None:
+    assert VersionPolicy.parse(text).select(sorted(versions, key=version_key)) == served
+
+
+@pytest.mark.parametrize("text", ["latest:0", "newest", "specific:", "all:3"])
+def test_bad_version_policy_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="latest:N"):
+        VersionPolicy.parse(text)
+
+
+def test_discover_reads_folders_files_and_settings(tmp_path: Path, model_artifact: Path) -> None:
+    add_version(tmp_path, "tumour", "2", model_artifact)
+    (tmp_path / "tumour" / "10.pt").symlink_to(model_artifact)
+    (tmp_path / "tumour" / "3.pt.part").write_bytes(b"half a copy")  # ignored
+    (tmp_path / "tumour" / "4").mkdir()  # no artifact: found, refused
+    (tmp_path / "tumour" / "model.json").write_text('{"version_policy": "all"}')
+    (tmp_path / ".hidden").mkdir()
+    found = discover(tmp_path)
+    assert list(found) == ["tumour"]
+    folder = found["tumour"]
+    assert list(folder.versions) == ["2", "4", "10"]
+    assert folder.versions["4"].problem == "no .pt artifact"
+    assert folder.policy == VersionPolicy("all")
+
+
+# --- acceptance: swap under load --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_swap_under_a_stream_of_analyses_drops_no_call(
+    serve, tmp_path: Path, model_artifact: Path, model_artifact_v2: Path, slide_root: Path
+) -> None:
+    repo = tmp_path / "repo"
+    add_version(repo, "tumour", "1", model_artifact)
+    running = serve(model_repository=repo, repository_poll_s=0.2, max_concurrent_analyses=2)
+    # (stream, version, version as SlideResult records it, result); the collector has
+    # checked that Started and Completed name the same version.
+    results: list[tuple[int, str, str, Any]] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+    seen_v2 = threading.Event()
+
+    def stream(i: int) -> None:
+        with SlideClient(running.target) as client:
+            while not stop.is_set():
+                try:
+                    r = client.analyze("a.tiff")
+                except Exception as exc:  # every failure counts against the swap
+                    failures.append(exc)
+                    return
+                results.append((i, r.model.version, r.model_version, r))
+                if r.model.version == "2":
+                    seen_v2.set()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    while len(results) < 4 and not failures:
+        time.sleep(0.05)
+    add_version(repo, "tumour", "2", model_artifact_v2)  # the poll picks it up
+    assert seen_v2.wait(120), "version 2 never served"
+    n_after = len(results) + 4
+    while len(results) < n_after and not failures:
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    versions = [(i, started, completed) for i, started, completed, _ in results]
+    assert all(s == c and s in ("1", "2") for _, s, c in versions), versions
+    for i in range(2):  # each client saw 1 ... 1 then 2 ... 2, never back
+        seq = [s for j, s, _ in versions if j == i]
+        assert seq == sorted(seq, key=int), seq
+    by_version = {v: [r for _, s, _, r in results if s == v] for v in ("1", "2")}
+    assert by_version["1"] and by_version["2"]
+    # Each version's results equal those of a server that serves only that version.
+    for version, artifact in (("1", model_artifact), ("2", model_artifact_v2)):
+        alone = serve(model_path=artifact)
+        with SlideClient(alone.target) as client:
+            reference = client.analyze("a.tiff")
+        for r in by_version[version]:
+            assert np.array_equal(_probabilities(r), _probabilities(reference))
+            assert r.prediction.probabilities == reference.prediction.probabilities
+    # The retired version unloaded once its calls ended; health says so.
+    assert [(v.name, v.version) for v in running.models.loaded()] == [("tumour", "2")]
+    print(
+        f"swap: {len(results)} analyses, 0 failed, "
+        f"{len(by_version['1'])} on version 1, {len(by_version['2'])} on version 2"
+    )
+
+
+def test_a_corrupt_version_is_refused_and_the_old_one_serves(
+    serve, tmp_path: Path, model_artifact: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = tmp_path / "repo"
+    add_version(repo, "tumour", "1", model_artifact)
+    running = serve(model_repository=repo)
+    bad = repo / "tumour" / "2"
+    bad.mkdir()
+    (bad / "model.pt").write_bytes(b"PK\x03\x04 not a TorchScript archive" * 100)
+    with caplog.at_level(logging.WARNING, logger="histohelper.server.repository"):
+        running.rescan()
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert refused and all(str(tmp_path) not in r.getMessage() for r in refused)
+    assert (refused[0].model, refused[0].version) == ("tumour", "2")
+    with SlideClient(running.target) as client:
+        result = client.analyze("a.tiff")
+        assert (result.model.name, result.model.version) == ("tumour", "1")
+        listing = {m.ref.version: m for m in client.get_model_info().models}
+        assert listing["1"].state == "loaded" and listing["1"].default_version
+        assert listing["2"].state == "failed" and listing["2"].error
+        assert str(tmp_path) not in listing["2"].error
+        with pytest.raises(ModelLoadError):
+            client.analyze("a.tiff", model="tumour:2")
+
+
+def test_unknown_models_and_versions_are_not_found(serve, model_artifact: Path) -> None:
+    running = serve(model_path=model_artifact)
+    with SlideClient(running.target) as client:
+        info = client.get_model_info()
+        name = info.model.name
+        assert [m.state for m in info.models] == ["loaded"]
+        assert len(info.model.artifact_sha256) == 64
+        for model in ("no-such-model", f"{name}:no-such-version"):
+            with pytest.raises(ModelNotFoundError):
+                client.analyze("a.tiff", model=model)
+            with pytest.raises(ModelNotFoundError):
+                client.get_model_info(model=model)
+        result = client.analyze("a.tiff", model=name)
+        assert (result.model_name, result.model_version) == (name, info.model.version)
+        predictions = list(client.classify([("p", np.zeros((64, 64, 3), np.uint8))], model=name))
+        assert predictions[0].error == ""
+
+
+def test_admin_rpcs_need_the_admin_role(serve, model_artifact: Path, tmp_path: Path) -> None:
+    anonymous = serve(model_path=model_artifact)
+    with SlideClient(anonymous.target) as client:
+        with pytest.raises(PermissionDeniedError, match="allow-anonymous-admin"):
+            client.admin().rescan()
+        client.get_model_info()  # analysis calls stay open to anonymous callers
+    tokens = tmp_path / "tokens.json"
+    entries = [("lis", "t-analyze", ["analyze"]), ("ops", "t-admin", ["analyze", "admin"])]
+    tokens.write_text(json.dumps({"tokens": [
+        {"sha256": hashlib.sha256(t.encode()).hexdigest(), "identity": i, "roles": r}
+        for i, t, r in entries
+    ]}))  # fmt: skip
+    audit = tmp_path / "audit.jsonl"
+    guarded = serve(model_path=model_artifact, tokens_file=tokens, audit_log=audit)
+    with (
+        SlideClient(guarded.target, token="t-analyze") as client,
+        pytest.raises(PermissionDeniedError),
+    ):
+        client.admin().rescan()
+    with SlideClient(guarded.target, token="t-admin") as client:
+        assert [m.state for m in client.admin().rescan()] == ["loaded"]
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    rescans = [(r["caller"], r["outcome"]) for r in records if r["rpc"] == "RescanRepository"]
+    assert rescans == [("lis", "PERMISSION_DENIED"), ("ops", "OK")]
+
+
+def test_an_in_use_version_cannot_be_unloaded_and_lru_bounds_loaded_versions(
+    serve, tmp_path: Path, model_artifact: Path, model_artifact_v2: Path
+) -> None:
+    repo = tmp_path / "repo"
+    for version, artifact in (
+        ("1", model_artifact),
+        ("2", model_artifact_v2),
+        ("3", model_artifact),
+    ):
+        add_version(repo, "tumour", version, artifact)
+    (repo / "tumour" / "model.json").write_text('{"version_policy": "all"}')
+    running = serve(model_repository=repo, max_loaded_models=2, allow_anonymous_admin=True)
+    loaded = lambda: sorted(v.version for v in running.models.loaded())  # noqa: E731
+    assert loaded() == ["3"]  # the default (newest) only; the others load on first use
+    with SlideClient(running.target) as client, grpc.insecure_channel(running.target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+
+        def status(version: str) -> int:
+            request = health_pb2.HealthCheckRequest(service=model_health_name("tumour", version))
+            return health.Check(request).status
+
+        assert client.analyze("a.tiff", model="tumour:1").model.version == "1"
+        assert loaded() == ["1", "3"] and status("1") == health_pb2.HealthCheckResponse.SERVING
+        client.analyze("a.tiff", model="tumour:2")  # 3 is the least recently used
+        assert loaded() == ["1", "2"]
+        deadline = time.monotonic() + 10
+        while status("3") != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # A call in flight holds version 2: it cannot be unloaded.
+        gate = threading.Event()
+        served = running.models.lease("tumour", "2")
+        blocked = served.parts.worker.call(gate.wait)
+        stream = client.stream("a.tiff", model="tumour:2")
+        first = next(stream)  # started: the call holds its lease
+        assert first.model.version == "2"
+        with pytest.raises(ModelInUseError):
+            client.admin().unload("tumour:2")
+        # The bound: with 1 and 2 both in use, version 3 cannot load.
+        lease1 = running.models.lease("tumour", "1")
+        with pytest.raises(ModelInUseError):
+            client.analyze("a.tiff", model="tumour:3")
+        gate.set()
+        blocked.result()
+        lease1.release()
+        served.release()
+        list(stream)
+        listing = client.admin().unload("tumour:2")
+        assert {m.model.version: m.state for m in listing} == {
+            "1": "loaded",
+            "2": "available",
+            "3": "available",
+        }
