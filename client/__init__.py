@@ -41,6 +41,7 @@ from histohelper.client.events import (
 )
 from histohelper.client.options import AnalysisOptions
 from histohelper.client.result import PatchTable, ResultCollector, SlideResult
+from histohelper.client.roi import RegionOfInterest
 from histohelper.client.sync import SlideClient
 from histohelper.client.uploads import UploadedSlide
 
@@ -64,6 +65,7 @@ __all__ = [
     "Progress",
     "PyramidLevel",
     "QualityControl",
+    "RegionOfInterest",
     "ResultCollector",
     "RetryPolicy",
     "SlideClient",

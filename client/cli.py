@@ -271,6 +271,31 @@ def _add_tiling_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-mode", choices=("pad", "drop"), help="patches past the edge")
     p.add_argument("--batch-size", type=int, help="patches per model batch on the server")
     p.add_argument("--mpp-override", type=float, help="level-0 um/px to use instead")
+    roi = p.add_argument_group(
+        "region of interest",
+        "analyse only patches whose tissue fraction inside the region passes --min-tissue "
+        "(coordinates in level-0 px; README: Regions of interest)",
+    )
+    roi.add_argument(
+        "--roi",
+        type=Path,
+        metavar="GEOJSON",
+        help="include these annotations (QuPath: File > Export objects as GeoJSON; Polygon "
+        "and MultiPolygon, holes honoured)",
+    )
+    roi.add_argument("--roi-exclude", type=Path, metavar="GEOJSON", help="leave these out")
+    roi.add_argument(
+        "--roi-mask",
+        type=Path,
+        metavar="PNG",
+        help="binary mask (nonzero = inside) anchored at level-0 (0, 0)",
+    )
+    roi.add_argument(
+        "--roi-mask-downsample",
+        type=float,
+        metavar="D",
+        help="level-0 px per --roi-mask px",
+    )
 
 
 def _request_options(args: argparse.Namespace, **extra: Any) -> AnalysisOptions:
@@ -288,7 +313,24 @@ def _request_options(args: argparse.Namespace, **extra: Any) -> AnalysisOptions:
         edge_mode=args.edge_mode,
         batch_size=args.batch_size,
         mpp_override=args.mpp_override,
+        roi=_region_of_interest(args),
         **extra,
+    )
+
+
+def _region_of_interest(args: argparse.Namespace) -> Any:
+    """The :class:`~histohelper.client.roi.RegionOfInterest` of the ``--roi*`` flags, or
+    None. Raises OSError for an unreadable file, _UsageError for a lone downsample."""
+    from histohelper.client.roi import RegionOfInterest
+
+    if args.roi is None and args.roi_exclude is None and args.roi_mask is None:
+        if args.roi_mask_downsample is not None:
+            raise _UsageError("--roi-mask-downsample needs --roi-mask")
+        return None
+    if args.roi_mask is not None and args.roi_mask_downsample is None:
+        raise _UsageError("--roi-mask needs --roi-mask-downsample (level-0 px per mask px)")
+    return RegionOfInterest.from_files(
+        args.roi, args.roi_exclude, args.roi_mask, args.roi_mask_downsample or 0.0
     )
 
 

@@ -30,6 +30,7 @@ from histohelper.client.cohort import CohortProgress, CohortSlide, SlideOutcome,
 from histohelper.client.dicomweb import DicomWebSlide, is_dicomweb_uri
 from histohelper.client.features import ModelIdentity, slide_stem
 from histohelper.client.options import AnalysisOptions
+from histohelper.client.roi import RegionOfInterest
 from histohelper.cohort_csv import CohortError, read_cohort_csv
 from histohelper.errors import InvalidOptionsError, SlidePathError
 
@@ -61,6 +62,10 @@ OPTION_COLUMNS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "mc_dropout_passes": ("mc_dropout_passes", int),
 }
 _RESOLUTION = ("target_mpp", "target_magnification", "target_level")
+#: Manifest columns naming a slide's region of interest: GeoJSON files (QuPath exports,
+#: level-0 px) relative to the manifest's folder; they replace the command line's --roi
+#: and --roi-exclude for that slide.
+ROI_COLUMNS = ("roi", "roi_exclude")
 #: Options that do not change a result (a re-run with another value skips the slide).
 _RESULT_NEUTRAL = ("batch_size",)
 
@@ -154,7 +159,9 @@ def slides_from_manifest(
     """Cohort items from a manifest CSV (``slide``, optional ``id`` and option columns).
 
     Each option cell replaces the command line's value for that slide; a resolution cell
-    (mpp, magnification or level) replaces the command line's resolution.
+    (mpp, magnification or level) replaces the command line's resolution; ``roi`` and
+    ``roi_exclude`` cells (:data:`ROI_COLUMNS`) name GeoJSON files and replace the
+    command line's whole region of interest.
 
     Raises:
         CohortError: an unknown column (the message lists the allowed ones), a bad
@@ -162,7 +169,7 @@ def slides_from_manifest(
             :func:`histohelper.cohort_csv.read_cohort_csv` refuses.
         OSError: the file cannot be read.
     """
-    _, rows = read_cohort_csv(path, ("slide", "id", *OPTION_COLUMNS))
+    _, rows = read_cohort_csv(path, ("slide", "id", *OPTION_COLUMNS, *ROI_COLUMNS))
     items = []
     for row in rows:
         changes: dict[str, Any] = {}
@@ -178,6 +185,8 @@ def slides_from_manifest(
             if name in changes and changes[name] != value:
                 raise CohortError(f"line {row.line}: {name} given twice with different values")
             changes[name] = value
+        if any(row.get(c) for c in ROI_COLUMNS):
+            changes["roi"] = _manifest_roi(row, Path(path).parent)
         if any(name in changes for name in _RESOLUTION):
             changes = {**dict.fromkeys(_RESOLUTION), **changes}
         try:
@@ -206,6 +215,21 @@ def _dicomweb_arg(arg: str) -> str:
     except SlidePathError as exc:
         raise CohortError(exc.message) from None
     return arg
+
+
+def _manifest_roi(row: Any, folder: Path) -> RegionOfInterest:
+    """The region of interest of a manifest row's ``roi`` / ``roi_exclude`` cells.
+
+    Raises:
+        CohortError: a file that cannot be read (with the row's line).
+    """
+    files = {c: folder / str(row.get(c)) if row.get(c) else None for c in ROI_COLUMNS}
+    try:
+        return RegionOfInterest.from_files(files["roi"], files["roi_exclude"])
+    except OSError as exc:
+        raise CohortError(
+            f"line {row.line}: cannot read the region of interest: {exc.strerror or exc}"
+        ) from None
 
 
 def assign_ids(items: Sequence[CohortSlide]) -> list[CohortSlide]:
@@ -246,6 +270,8 @@ def options_identity(options: AnalysisOptions, render: RenderSettings) -> dict[s
     """What must match for a finished slide to be skipped: the request options (except
     :data:`_RESULT_NEUTRAL`) and the render settings, as JSON-ready values."""
     values = {k: v for k, v in dataclasses.asdict(options).items() if k not in _RESULT_NEUTRAL}
+    if options.roi is not None:  # by digest: the files' text need not be in the manifest
+        values["roi"] = options.roi.sha256()
     values["render"] = dict(render)
     return json.loads(json.dumps(values, sort_keys=True))
 

@@ -178,12 +178,15 @@ class ModelSummary:
 
 @dataclass(frozen=True, slots=True)
 class QualityControl:
-    """QC figures: tissue fraction of the slide area in [0, 1], patch counts, warnings."""
+    """QC figures: tissue fraction of the slide area in [0, 1], patch counts, warnings;
+    ``roi_excluded_patch_count``: patches with enough tissue that the request's region of
+    interest left out (0 without one)."""
 
     tissue_fraction: float
     patch_count: int
     failed_patch_count: int
     warnings: tuple[str, ...]
+    roi_excluded_patch_count: int = 0
 
     @classmethod
     def from_proto(cls, msg: pb.QualityControl) -> QualityControl:
@@ -192,6 +195,7 @@ class QualityControl:
             patch_count=msg.patch_count,
             failed_patch_count=msg.failed_patch_count,
             warnings=tuple(msg.warnings),
+            roi_excluded_patch_count=msg.roi_excluded_patch_count,
         )
 
 

@@ -100,6 +100,7 @@ def summary_dict(result: SlideResult) -> dict[str, Any]:
         },
         "patch_count": result.patch_count,
         "failed_patch_count": result.qc.failed_patch_count,
+        "roi_excluded_patch_count": result.qc.roi_excluded_patch_count,
         "tissue_fraction": _finite(result.qc.tissue_fraction),
         "warnings": list(result.qc.warnings),
         "patch_class_mean_probability": mean_probs,

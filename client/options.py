@@ -11,6 +11,7 @@ from typing import Literal
 import numpy as np
 
 from histohelper.client.dicomweb import DicomWebSlide, slide_ref
+from histohelper.client.roi import RegionOfInterest
 from histohelper.client.uploads import UploadedSlide
 from histohelper.errors import InvalidOptionsError
 from histohelper.v1 import slide_analysis_pb2 as pb
@@ -48,6 +49,9 @@ class AnalysisOptions:
         mc_dropout_passes: Monte-Carlo dropout passes of the slide head (0: off; the
             server allows at most 256 and refuses any for a model without dropout);
             the result's :attr:`SlidePrediction.uncertainty` carries their summary.
+        roi: a :class:`~histohelper.client.roi.RegionOfInterest` (QuPath GeoJSON or a
+            mask, level-0 px): only patches whose tissue fraction inside it passes
+            ``min_tissue_fraction`` are analysed; ``None``: the whole slide.
 
     Raises:
         InvalidOptionsError: on construction, for out-of-range or conflicting values.
@@ -66,6 +70,7 @@ class AnalysisOptions:
     mpp_override: float | None = None
     return_cams: bool = False
     mc_dropout_passes: int = 0
+    roi: RegionOfInterest | None = None
 
     def __post_init__(self) -> None:
         for name in ("target_mpp", "target_magnification", "mpp_override", "min_tissue_fraction"):
@@ -105,6 +110,8 @@ class AnalysisOptions:
             raise InvalidOptionsError(
                 f"edge_mode must be one of {sorted(_EDGE_MODES)}, got {self.edge_mode!r}"
             )
+        if self.roi is not None and not isinstance(self.roi, RegionOfInterest):
+            raise InvalidOptionsError("roi must be a histohelper.client.roi.RegionOfInterest")
 
     def to_proto(self) -> pb.AnalysisOptions:
         """Return the wire message; unset values stay unset (server defaults)."""
@@ -129,6 +136,8 @@ class AnalysisOptions:
             msg.edge_mode = _EDGE_MODES[self.edge_mode]
         if self.mpp_override is not None:
             msg.mpp_override = self.mpp_override
+        if self.roi is not None:
+            msg.roi.CopyFrom(self.roi.to_proto())
         return msg
 
 

@@ -338,6 +338,7 @@ def _qc_section(result: SlideResult) -> str:
         ("tissue fraction", _num(q.tissue_fraction, ".1%")),
         ("patches analysed", f"{result.patch_count} of {g.patch_count}"),
         ("patches that failed to read", str(q.failed_patch_count)),
+        ("patches left out by the region of interest", str(q.roi_excluded_patch_count)),
         ("grid", f"{g.n_rows} rows &times; {g.n_cols} cols"),
         ("patch size / stride", f"{g.patch_size_px} / {g.stride_px} px"),
         ("effective resolution", f"{_num(g.effective_mpp, '.4g')} µm/px"),

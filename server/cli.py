@@ -7,6 +7,10 @@ heavy imports (OpenSlide, OpenCV) stay inside the run functions.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from histohelper.server.tiling.roi import RegionOfInterest
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +46,17 @@ def _add_tile(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output directory (created)")
     add_tiling_arguments(p)
+    roi = p.add_argument_group(
+        "region of interest",
+        "preview the grid restricted to a region, as AnalyzeSlide applies it (grid.png "
+        "draws the region's outline in red; level-0 px; README: Regions of interest)",
+    )
+    roi.add_argument("--roi", metavar="GEOJSON", help="include these annotations (QuPath export)")
+    roi.add_argument("--roi-exclude", metavar="GEOJSON", help="leave these annotations out")
+    roi.add_argument("--roi-mask", metavar="PNG", help="binary mask anchored at level-0 (0, 0)")
+    roi.add_argument(
+        "--roi-mask-downsample", type=float, default=0.0, metavar="D", help="level-0 px per mask px"
+    )
     p.set_defaults(func=_run_tile)
 
 
@@ -49,6 +64,7 @@ def _run_tile(args: argparse.Namespace) -> int:
     import csv
     import json
     import sys
+    from dataclasses import replace
     from pathlib import Path
 
     import cv2
@@ -65,6 +81,7 @@ def _run_tile(args: argparse.Namespace) -> int:
         return 2
     try:
         options = tiling_options_from_args(args)
+        options = replace(options, roi=_region_from_files(args))
         slide_path = (
             Path(args.slide)
             if args.slide_root is None
@@ -117,12 +134,43 @@ def _run_tile(args: argparse.Namespace) -> int:
         "mask_scale_l0": [plan.mask.scale_x, plan.mask.scale_y],
         "ink_fraction": plan.mask.ink_fraction,
         "no_tissue": plan.no_tissue,
+        "roi_sha256": options.roi.sha256 if options.roi is not None else None,
+        "roi_excluded_patch_count": plan.roi_excluded_patch_count,
         "warnings": list(plan.warnings),
         "tiling_seconds": plan.tiling_seconds,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    roi_note = (
+        f", {plan.roi_excluded_patch_count} left out by the region of interest"
+        if options.roi is not None
+        else ""
+    )
     print(
-        f"{len(g)} patches, tissue fraction {plan.mask.tissue_fraction:.3f}"
+        f"{len(g)} patches{roi_note}, tissue fraction {plan.mask.tissue_fraction:.3f}"
         f"{' (no tissue)' if plan.no_tissue else ''} -> {out}"
     )
     return 0
+
+
+def _region_from_files(args: argparse.Namespace) -> RegionOfInterest | None:
+    """The region of interest of ``tile``'s ``--roi*`` flags (server default limits).
+
+    Raises:
+        InvalidOptionsError: as AnalyzeSlide refuses it; an unreadable file too.
+    """
+    from pathlib import Path
+
+    from histohelper.errors import InvalidOptionsError
+    from histohelper.server.tiling.roi import parse_region
+
+    try:
+        return parse_region(
+            Path(args.roi).read_text(encoding="utf-8-sig") if args.roi else "",
+            Path(args.roi_exclude).read_text(encoding="utf-8-sig") if args.roi_exclude else "",
+            Path(args.roi_mask).read_bytes() if args.roi_mask else b"",
+            args.roi_mask_downsample,
+        )
+    except OSError as exc:
+        raise InvalidOptionsError(
+            f"cannot read a region of interest file: {exc.strerror}"
+        ) from None

@@ -33,7 +33,7 @@ BOUNDARIES = [
     ),
     (
         "histohelper.client",
-        ["torch", "torchvision", "openslide", "histohelper.server", "cv2", "h5py"],
+        ["torch", "torchvision", "openslide", "histohelper.server", "cv2", "h5py", "shapely"],
     ),
     ("histohelper.client.cli", ["torch", "torchvision", "openslide", "histohelper.server", "h5py"]),
     ("histohelper.client.features", ["torch", "openslide", "histohelper.server", "h5py"]),

@@ -15,11 +15,13 @@ def mask_image(plan: TilingPlan) -> npt.NDArray[np.uint8]:
 
 
 def grid_overlay(plan: TilingPlan) -> npt.NDArray[np.uint8]:
-    """The thumbnail with the tissue outline (blue) and kept patches drawn.
+    """The thumbnail with the tissue outline (blue), the region of interest's outline
+    (red, 2 px, when the plan has one) and kept patches drawn.
 
     Kept patches are green rectangles (orange when flagged ``is_edge``, magenta when
     more than 25% ink). Boxes are mapped from level-0 px with the thumbnail's
-    per-axis scales.
+    per-axis scales. The region is drawn as the grid rule saw it: its raster on the
+    tissue mask's pixel grid (:attr:`TilingPlan.region`).
 
     Returns:
         ``[h, w, 3]`` uint8 RGB in the thumbnail frame.
@@ -34,6 +36,12 @@ def grid_overlay(plan: TilingPlan) -> npt.NDArray[np.uint8]:
     mask_t = mask_t[:th, :tw]
     contours, _ = cv2.findContours(mask_t, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(img, contours, -1, (0, 90, 255), 1)
+    if plan.region is not None:
+        region_t = cv2.resize(
+            plan.region.astype(np.uint8), (mw, mh), interpolation=cv2.INTER_NEAREST
+        )[:th, :tw]
+        outline, _ = cv2.findContours(region_t, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(img, outline, -1, (230, 0, 0), 2)
     g = plan.grid
     sx, sy = plan.thumbnail_scale_x, plan.thumbnail_scale_y
     for i in range(len(g)):
