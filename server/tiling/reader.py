@@ -407,6 +407,9 @@ class PatchReader:
         images = np.empty((chunk.size, size, size, 3), dtype=np.uint8)
         ok: list[int] = []
         failed: list[int] = []
+        prefetch = getattr(slide, "prefetch_patches", None)
+        if prefetch is not None:  # a DICOMweb series: the batch's frames in one request
+            prefetch(self.grid, chunk)
         for i in chunk.tolist():
             if halted():
                 return None
