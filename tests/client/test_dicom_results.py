@@ -8,10 +8,8 @@ orientation stays the file's own, rows along -y and columns along -x). The resul
 comes from a synthetic stream (tests/client/client_fakes.py) assembled by the real
 ResultCollector; the written files are parsed back with highdicom.
 
-Expected slide coordinates are computed here from the DICOM attributes, not with
-highdicom: level-0 point (x, y) -> origin + (x - 0.5) * column spacing * row
-direction + (y - 0.5) * row spacing * column direction (PS3.3 C.7.6.2.1.1 with the
-origin at the centre of the first pixel, highdicom's convention).
+Expected slide coordinates are computed from the DICOM attributes, not with highdicom
+(tests/dicom_results_support.py).
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ pydicom = pytest.importorskip("pydicom")
 hd = pytest.importorskip("highdicom")
 
 from client_fakes import StreamSpec, build_stream  # noqa: E402
+from dicom_results_support import box_corners, expected_slide_mm, source_json  # noqa: E402
 
 from histohelper.client import ResultCollector, event_from_proto  # noqa: E402
 from histohelper.client.dicom_results import (  # noqa: E402
@@ -36,21 +35,7 @@ from histohelper.client.dicom_results import (  # noqa: E402
 )
 from histohelper.v1 import slide_analysis_pb2 as pb  # noqa: E402
 
-BOXES = Path(__file__).resolve().parents[2] / ".." / "shared" / "slides" / "dicom-boxes"
-ORIGIN_MM = (20.5, 40.25)
 SPEC = {"n_rows": 6, "n_cols": 7, "slide_l0": (720, 600), "seed": 3}
-
-
-def source_json(width: int, height: int) -> tuple[str, object]:
-    """DICOM JSON (no bulk data) of boxes_0.dcm with a ``width x height`` pixel matrix."""
-    path = BOXES / "boxes_0.dcm"
-    if not path.is_file():
-        pytest.skip(f"the real DICOM series is missing: {path}")
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = width, height
-    origin = ds.TotalPixelMatrixOriginSequence[0]
-    origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = ORIGIN_MM
-    return ds.to_json(), ds
 
 
 def dicom_result(server: str = "pacs", **spec: object):
@@ -71,25 +56,6 @@ def dicom_result(server: str = "pacs", **spec: object):
     for m in msgs:
         collector.add(event_from_proto(m))
     return collector.result(), expected, ds
-
-
-def expected_slide_mm(ds: object, xy_l0: np.ndarray) -> np.ndarray:
-    """Level-0 (x, y) [n, 2] -> slide (x, y, z) mm [n, 3], from the DICOM attributes."""
-    o = ds.TotalPixelMatrixOriginSequence[0]
-    origin = np.array(
-        [
-            float(o.XOffsetInSlideCoordinateSystem),
-            float(o.YOffsetInSlideCoordinateSystem),
-            float(o.get("ZOffsetInSlideCoordinateSystem", 0.0)),
-        ]
-    )
-    cosines = np.array([float(v) for v in ds.ImageOrientationSlide])
-    along_x, along_y = cosines[:3], cosines[3:]
-    row_mm, col_mm = (
-        float(v) for v in ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
-    )
-    x, y = xy_l0[:, :1] - 0.5, xy_l0[:, 1:] - 0.5
-    return origin + x * col_mm * along_x + y * row_mm * along_y
 
 
 def read_back(paths: list[Path]) -> tuple[object, list[object]]:
@@ -119,15 +85,7 @@ def test_annotations_one_polygon_per_patch_in_slide_coordinates(tmp_path: Path) 
     assert sorted(g.label for g in groups) == sorted(
         result.class_names[k] for k in np.unique(predicted)
     )
-    corners = np.stack(
-        [
-            np.stack([p.x_l0, p.y_l0], 1),
-            np.stack([p.x_l0 + p.width_l0, p.y_l0], 1),
-            np.stack([p.x_l0 + p.width_l0, p.y_l0 + p.height_l0], 1),
-            np.stack([p.x_l0, p.y_l0 + p.height_l0], 1),
-        ],
-        1,
-    )
+    corners = box_corners(p.x_l0, p.y_l0, p.width_l0, p.height_l0)
     worst_um, worst_value = 0.0, 0.0
     for g in groups:
         rows = np.flatnonzero(predicted == result.class_names.index(g.label))
@@ -191,7 +149,7 @@ def test_probability_maps_hold_the_heatmap_registered_to_the_slide(tmp_path: Pat
         assert pm.SeriesInstanceUID == maps[0].SeriesInstanceUID
         shared = pm.SharedFunctionalGroupsSequence[0]
         frame = pm.PerFrameFunctionalGroupsSequence[0]
-        mapping = (shared if "RealWorldValueMappingSequence" in shared else frame)
+        mapping = shared if "RealWorldValueMappingSequence" in shared else frame
         assert mapping.RealWorldValueMappingSequence[0].LUTLabel == result.class_names[k]
         assert float(pm.FloatPixelPaddingValue) == NO_PATCH
         assert (pm.TotalPixelMatrixRows, pm.TotalPixelMatrixColumns) == (g.n_rows, g.n_cols)
@@ -199,9 +157,7 @@ def test_probability_maps_hold_the_heatmap_registered_to_the_slide(tmp_path: Pat
         want = np.nan_to_num(result.heatmaps[k], nan=NO_PATCH)
         np.testing.assert_array_equal(pixels, want)
         # map pixel (r, c)'s centre is patch (r, c)'s centre on the slide
-        to_slide = hd.spatial.ImageToReferenceTransformer.for_image(
-            pm, for_total_pixel_matrix=True
-        )
+        to_slide = hd.spatial.ImageToReferenceTransformer.for_image(pm, for_total_pixel_matrix=True)
         got_mm = to_slide(np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], 1))
         assert float(np.abs(got_mm - want_mm).max()) * 1000.0 < 1.0
 

@@ -98,9 +98,7 @@ def test_output_names_never_hold_a_uid() -> None:
 
 
 def test_cohort_inputs_take_dicomweb_uris(tmp_path: Path) -> None:
-    items = assign_ids(
-        slides_from_arguments([URI, "real/x.svs"], slide_root=tmp_path, upload=True)
-    )
+    items = assign_ids(slides_from_arguments([URI, "real/x.svs"], slide_root=tmp_path, upload=True))
     assert items[0].slide == URI and items[0].upload is False  # never uploaded
     assert items[0].id == slide_stem(URI)
     assert items[1].upload is True
@@ -138,7 +136,7 @@ def test_store_requests_announce_each_instance_then_chunk_it(tmp_path: Path) -> 
 
 
 def _dicom_stream(server: str = "pacs") -> list[pb.AnalyzeSlideResponse]:
-    from test_dicom_results import source_json
+    from dicom_results_support import source_json
 
     spec = StreamSpec()
     msgs, _ = build_stream(spec)
