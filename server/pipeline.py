@@ -41,6 +41,14 @@ from histohelper.server.tiling import (
     plan_tiling,
 )
 from histohelper.server.tiling.slide import SlideSource
+from histohelper.server.tiling.stain import (
+    NO_STAIN,
+    NOT_APPLIED,
+    AppliedStain,
+    StainChoice,
+    StainNormalizer,
+    fit_normalizer,
+)
 from histohelper.server.worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,8 @@ class AnalysisSpec:
         return_cams: include class activation maps and logits in patch events.
         mc_dropout_passes: Monte-Carlo dropout passes of the slide head after the
             deterministic one (0: off); validated against the model beforehand.
+        stain: the stain normalisation, resolved (fitted once per slide on the plan's
+            tissue pixels, applied per patch in the reader threads).
     """
 
     request_id: str
@@ -75,15 +85,17 @@ class AnalysisSpec:
     return_attention: bool = False
     return_cams: bool = False
     mc_dropout_passes: int = 0
+    stain: StainChoice = NO_STAIN
 
 
 @dataclass(frozen=True)
 class Started:
-    """Tiling is done: the grid, mask and thumbnail are known."""
+    """Tiling is done: the grid, mask and thumbnail are known (and the stain fit)."""
 
     request_id: str
     plan: TilingPlan
     tiling_s: float
+    stain: AppliedStain = NOT_APPLIED
 
 
 @dataclass(frozen=True)
@@ -244,8 +256,26 @@ class Analyzer:
         self.observer.stage("tiling", time.perf_counter() - t0)
         return plan
 
-    def _reader(self, spec: AnalysisSpec, plan: TilingPlan) -> PatchReader:
-        """The reader of the whole grid, in batches shaped for the model worker."""
+    @staticmethod
+    def fit_stain(
+        spec: AnalysisSpec, plan: TilingPlan
+    ) -> tuple[StainNormalizer | None, AppliedStain, TilingPlan]:
+        """Fit the request's stain normalisation on the plan's tissue pixels (once per
+        slide). A failed fit is no error: the patches go unnormalised and the returned
+        plan carries the warning among its QC warnings."""
+        normalizer, applied = fit_normalizer(spec.stain, plan.tissue_rgb)
+        if applied.warning:
+            plan = replace(plan, warnings=(*plan.warnings, applied.warning))
+        return normalizer, applied, plan
+
+    def _reader(
+        self,
+        spec: AnalysisSpec,
+        plan: TilingPlan,
+        normalizer: StainNormalizer | None = None,
+    ) -> PatchReader:
+        """The reader of the whole grid, in batches shaped for the model worker
+        (stain-normalised on the reader threads when ``normalizer`` is given)."""
         return PatchReader(
             spec.slide_path,
             plan.grid,
@@ -264,6 +294,7 @@ class Analyzer:
             # (up to 8192 px) never exists at full size in a batch.
             output_size_px=self.worker.runtime.manifest.patch_size_px,
             on_batch_read=self.observer.read_batch,
+            transform=normalizer,
         )
 
     def run(
@@ -297,8 +328,9 @@ class Analyzer:
                 plan = self.plan(spec, stop)
             except AnalysisCancelledError:
                 return  # stopped during tiling: nothing after stop is set
+        normalizer, applied, plan = self.fit_stain(spec, plan)
         tiling_s = time.perf_counter() - t0
-        started = Started(spec.request_id, plan, tiling_s)
+        started = Started(spec.request_id, plan, tiling_s, applied)
         grid = plan.grid
         n = len(grid)
         timings = {"tiling_s": tiling_s, "first_result_s": 0.0, "inference_s": 0.0}
@@ -327,7 +359,7 @@ class Analyzer:
 
         stage = predict_in_order(
             self.worker,
-            self._reader(spec, plan).iter_batches(stop=stop),
+            self._reader(spec, plan, normalizer).iter_batches(stop=stop),
             lambda batch: batch.images,
             # One batch per worker thread plus one more, so every thread has its next
             # batch queued while the oldest result is sent.

@@ -31,10 +31,11 @@ MIL_WEIGHTS_NAME = "mil_head.npz"
 #: (:attr:`OnnxInfo.int8_gates`). 3: adds :attr:`Manifest.mil_dropout` and
 #: :attr:`Manifest.mil_training` (optional; format 1 and 2 manifests read with their
 #: defaults). A runtime that reads only 1 and 2 refuses format 3 by its version,
-#: rather than failing on the unknown fields.
-FORMAT_VERSION = 3
+#: rather than failing on the unknown fields. 4: adds :attr:`Manifest.stain_normalization`
+#: (optional).
+FORMAT_VERSION = 4
 #: The formats this code reads (1: one int8 parity field per engine); others are refused.
-READABLE_FORMAT_VERSIONS = (1, 2, 3)
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
 #: Format 1's int8 parity fields -> the engine they gated.
 _FORMAT1_GATES = {
     "int8_parity": "onnxruntime",
@@ -244,6 +245,49 @@ class MilTraining(_Frozen):
     report_sha256: str | None = None
 
 
+class StainTarget(_Frozen):
+    """Target statistics of a stain normalisation method (see
+    ``histohelper.server.tiling.stain.StainStats``, which has the same fields).
+
+    Attributes:
+        stain_matrix: Macenko: ``[2, 3]`` row-major H and E optical-density vectors.
+        max_concentrations: Macenko: 99th-percentile H and E concentrations.
+        means: Reinhard: l-alpha-beta channel means.
+        stds: Reinhard: l-alpha-beta channel standard deviations.
+    """
+
+    stain_matrix: tuple[float, ...] = ()
+    max_concentrations: tuple[float, ...] = ()
+    means: tuple[float, ...] = ()
+    stds: tuple[float, ...] = ()
+
+
+class StainDeclaration(_Frozen):
+    """The stain normalisation the model was trained with (``export --stain-method``).
+
+    The server applies it by default (results say source ``"model"``).
+
+    Attributes:
+        method: ``"macenko"``, ``"reinhard"`` or ``"none"``.
+        reference: ``"model"``: the target fitted on the export's reference image
+            (``export --stain-reference IMG``); ``"published"``: the published default.
+        targets: method -> target fitted on the export's reference image, for every
+            method (so a request may pick another method with the model's reference).
+        reference_sha256: SHA-256 of the reference image file (provenance).
+    """
+
+    method: Literal["none", "macenko", "reinhard"]
+    reference: Literal["published", "model"] = "published"
+    targets: dict[str, StainTarget] = Field(default_factory=dict)
+    reference_sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _target_present(self) -> StainDeclaration:
+        if self.reference == "model" and self.method not in self.targets:
+            raise ValueError(f"stain reference 'model' needs a {self.method} target")
+        return self
+
+
 class Manifest(_Frozen):
     """Everything a runtime needs to serve an artifact, and its provenance.
 
@@ -277,6 +321,8 @@ class Manifest(_Frozen):
             (``aggregate_mc``, Monte-Carlo dropout); 0: none, MC dropout is refused.
         mil_training: provenance of a trained MIL head (None: untrained, or weights
             made outside ``train-mil``).
+        stain_normalization: the stain normalisation the model was trained with
+            (None: none declared; the server then applies none by default).
     """
 
     format_version: int = FORMAT_VERSION
@@ -306,6 +352,7 @@ class Manifest(_Frozen):
     onnx: OnnxInfo | None = None
     mil_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     mil_training: MilTraining | None = None
+    stain_normalization: StainDeclaration | None = None
 
     def precision_names(self) -> tuple[str, ...]:
         """Names of the precisions whose gate passed (fp32 always)."""

@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import cv2
@@ -44,6 +44,8 @@ MAX_GRID_CELLS = 50_000_000
 #: level-0 px than any slide has. Both mean a mistaken target or mpp.
 DOWNSAMPLE_RANGE = (1.0 / 16.0, float(2**20))
 
+#: Most tissue pixels a plan keeps for per-slide fits (:attr:`TilingPlan.tissue_rgb`).
+MAX_TISSUE_SAMPLE = 262_144
 
 @dataclass(frozen=True)
 class PatchGrid:
@@ -149,6 +151,9 @@ def resolve_mpp(
 
     Order: ``options.mpp_override``; metadata mpp; objective power (mpp = 10 /
     power, the usual 10x ~ 1 um/px convention); else level 0 is taken at face value
+        tissue_rgb: ``[N, 3]`` uint8 RGB of the low-resolution image's tissue pixels
+            (an even subsample of at most :data:`MAX_TISSUE_SAMPLE`), for fitting
+            per-slide statistics such as stain normalisation (:mod:`.stain`).
     (assumed to be at the target resolution, or at 10 / magnification).
 
     Returns:
@@ -170,6 +175,7 @@ def resolve_mpp(
             ],
         )
     t = options.target
+    tissue_rgb: npt.NDArray[np.uint8] = field(default_factory=lambda: np.zeros((0, 3), np.uint8))
     mpp = t.value if t.unit == "mpp" else (10.0 / t.value if t.unit == "magnification" else 1.0)
     note = (
         "slide has no mpp or objective-power metadata; level 0 taken at face value "
@@ -536,3 +542,17 @@ def plan_tiling(
         roi_excluded_patch_count=roi_excluded,
         region=region,
     )
+        tissue_rgb=_tissue_sample(low.rgb, mask.mask),
+
+
+def _tissue_sample(
+    rgb: npt.NDArray[np.uint8], tissue: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.uint8]:
+    """``[N, 3]`` uint8: the tissue pixels of the low-res image, at most
+    :data:`MAX_TISSUE_SAMPLE` (evenly spaced in raster order), read-only."""
+    px = rgb[: tissue.shape[0], : tissue.shape[1]][tissue[: rgb.shape[0], : rgb.shape[1]]]
+    if px.shape[0] > MAX_TISSUE_SAMPLE:
+        px = px[np.linspace(0, px.shape[0] - 1, MAX_TISSUE_SAMPLE).astype(np.int64)]
+    px = np.ascontiguousarray(px, dtype=np.uint8)
+    px.setflags(write=False)
+    return px
