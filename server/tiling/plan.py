@@ -540,9 +540,9 @@ def plan_tiling(
         no_tissue=no_tissue,
         tiling_seconds=time.perf_counter() - t0,
         roi_excluded_patch_count=roi_excluded,
+        tissue_rgb=_tissue_sample(low.rgb, mask.mask),
         region=region,
     )
-        tissue_rgb=_tissue_sample(low.rgb, mask.mask),
 
 
 def _tissue_sample(
