@@ -300,6 +300,19 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--model-version", default="0.1.0", help="model version recorded in the manifest"
     )
+    m.add_argument(
+        "--stain-method",
+        choices=("none", "macenko", "reinhard"),
+        default="none",
+        help="stain normalisation the model was trained with, declared in the manifest: "
+        "the server applies it by default (default: none)",
+    )
+    m.add_argument(
+        "--stain-reference",
+        metavar="IMG",
+        help="reference image of that normalisation (PNG/JPEG/TIFF of typical H&E): every "
+        "method's target is fitted on it and recorded (default: the published reference)",
+    )
 
 
 def _add_check_flags(p: argparse.ArgumentParser) -> None:
@@ -413,6 +426,8 @@ def run(args: argparse.Namespace) -> int:
                 onnx_int8=args.onnx_int8,
                 onnx_opset=args.onnx_opset,
                 strict_variants=args.strict_variants,
+                stain_method=args.stain_method,
+                stain_reference=args.stain_reference,
             )
             progress = None if args.quiet else _stage_printer()
             manifest = export_model(args.out, options, progress=progress)

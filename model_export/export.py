@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import logging
 import os
@@ -52,8 +53,16 @@ from histohelper.server.runtime.manifest import (
     OnnxInfo,
     ParityFigures,
     PrecisionVariant,
+    StainDeclaration,
+    StainTarget,
     WeightFile,
     read_manifest,
+)
+from histohelper.server.tiling.stain import (
+    STAIN_METHODS,
+    StainFitError,
+    read_reference_image,
+    reference_targets,
 )
 
 from .calibration import CalibrationSet, slide_patches, synthetic_patches
@@ -463,6 +472,12 @@ class ExportOptions:
         parity_batch: patches in the fixed fp32 parity batch.
         check_served: also gate the frozen channels-last module the runtime serves.
         strict_variants: a variant (or int8) missing its gate fails the export.
+        stain_method: the stain normalisation the model was trained with
+            (``"none"``, ``"macenko"``, ``"reinhard"``), declared in the manifest so the
+            server applies it by default.
+        stain_reference: the reference image of that normalisation (PNG/JPEG/TIFF);
+            every method's target is fitted on it and recorded. None: the published
+            default reference.
 
     Raises:
         InvalidOptionsError: inconsistent options (on construction).
@@ -490,6 +505,8 @@ class ExportOptions:
     parity_batch: int = 8
     check_served: bool = True
     strict_variants: bool = False
+    stain_method: str = "none"
+    stain_reference: str | os.PathLike[str] | None = None
     mil_info: MilHeadInfo = field(init=False, repr=False, compare=False)
     slide_class_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
@@ -539,6 +556,13 @@ class ExportOptions:
             raise InvalidOptionsError("onnx_int8 needs onnx=True")
         if self.onnx and self.onnx_opset < 17:
             raise InvalidOptionsError(f"ONNX opset must be >= 17, got {self.onnx_opset}")
+        if self.stain_method not in STAIN_METHODS:
+            raise InvalidOptionsError(
+                f"unknown stain method {self.stain_method!r} "
+                f"(choose from {', '.join(STAIN_METHODS)})"
+            )
+        if self.stain_reference is not None and self.stain_method == "none":
+            raise InvalidOptionsError("a stain reference image needs a stain method")
 
     @property
     def calibrates(self) -> bool:
@@ -687,7 +711,36 @@ def _manifest_fields(
         "calibration": calib.source if opts.calibrates else "none",
         "mil_dropout": opts.mil_info.dropout,
         "mil_training": opts.mil_info.training,
+        "stain_normalization": stain_declaration(opts.stain_method, opts.stain_reference),
     }
+
+
+def stain_declaration(
+    method: str, reference: str | os.PathLike[str] | None
+) -> StainDeclaration | None:
+    """The manifest's stain declaration: the method the model was trained with and its
+    reference (every method's target fitted on the reference image, with the image's
+    SHA-256), or None for ``"none"`` without a reference.
+
+    Raises:
+        InvalidOptionsError: the reference image cannot be read or has too little
+            stained tissue to fit.
+    """
+    if method == "none" and reference is None:
+        return None
+    if reference is None:
+        return StainDeclaration(method=method, reference="published")  # type: ignore[arg-type]
+    path = Path(reference)
+    try:
+        targets = reference_targets(read_reference_image(path))
+    except StainFitError as exc:
+        raise InvalidOptionsError(f"the stain reference image is unusable: {exc}") from None
+    return StainDeclaration(
+        method=method,  # type: ignore[arg-type]
+        reference="model",
+        targets={k: StainTarget(**dataclasses.asdict(v)) for k, v in targets.items()},
+        reference_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+    )
 
 
 class _Staging:

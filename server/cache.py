@@ -176,6 +176,9 @@ def analysis_key(spec: AnalysisSpec, content_sha256: str, model: ModelIdentity, 
     # A region of interest enters by the digest of its normalised geometry and mask.
     tiling["roi"] = spec.tiling.roi.sha256 if spec.tiling.roi is not None else None
     options["tiling"] = tiling
+    # The stain choice as data (method, reference, source and the target's statistics):
+    # another reference image or method is another key.
+    options["stain"] = dataclasses.asdict(spec.stain)
     parts = {
         "format": FORMAT_VERSION,
         "code": code,

@@ -12,8 +12,8 @@ computing the previous one. A bad image gets its own error; the others still cla
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -23,6 +23,14 @@ from histohelper.errors import InvalidImageError, InvalidOptionsError
 from histohelper.server.images import PixelBudget, patch_pixels, patch_px
 from histohelper.server.pipeline import resize_batch
 from histohelper.server.stage import Predicted, predict_in_order
+from histohelper.server.tiling.stain import (
+    NO_STAIN,
+    AppliedStain,
+    StainChoice,
+    fit_normalizer,
+    sample_pixels,
+    stained_pixels,
+)
 from histohelper.server.worker import ModelWorker
 from histohelper.v1 import slide_analysis_pb2 as pb
 
@@ -112,6 +120,8 @@ class Classifier:
         return_embeddings: bool,
         stream_budget: PixelBudget,
         stop: threading.Event,
+        stain: StainChoice = NO_STAIN,
+        on_stain: Callable[[AppliedStain], None] | None = None,
     ) -> list[PatchPrediction] | None:
         """Classify one request's images.
 
@@ -122,6 +132,11 @@ class Classifier:
             stream_budget: the stream's budget (:meth:`stream_budget`), charged with
                 this request's pixels.
             stop: when set, the work ends within one image or one model batch.
+            stain: stain normalisation, fitted once on the stained pixels of all the
+                request's decoded images together (:func:`~.tiling.stain.stained_pixels`),
+                so the request's images are decoded before the first model batch.
+            on_stain: told what the normalisation applied (also when none), before the
+                predictions are returned.
 
         Returns:
             One prediction per image, in request order; None once ``stop`` is set.
@@ -149,9 +164,14 @@ class Classifier:
         stream_budget.charge(total_px)
 
         outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        batches = self._decoded_batches(images, list(sizes_px), errors, stop)
+        if stain.method != "none":
+            batches = self._normalized(list(batches), stain, on_stain)
+        elif on_stain is not None:
+            on_stain(AppliedStain("none", "", stain.source))
         stage = predict_in_order(
             self.worker,
-            self._decoded_batches(images, list(sizes_px), errors, stop),
+            batches,
             lambda batch: batch.pixels,
             # One batch per model-worker thread in flight: an OpenVINO call runs on one
             # stream (its share of the cores), so one call at a time would idle the rest.
@@ -171,6 +191,24 @@ class Classifier:
             self._prediction(image.id, errors.get(i), outputs.get(i), return_embeddings)
             for i, image in enumerate(images)
         ]
+
+    @staticmethod
+    def _normalized(
+        batches: list[_Batch],
+        stain: StainChoice,
+        on_stain: Callable[[AppliedStain], None] | None,
+    ) -> Iterator[_Batch]:
+        """The decoded batches stain-normalised, the fit made on all of them together."""
+        pixels = [sample_pixels(stained_pixels(b.pixels)) for b in batches if len(b.positions)]
+        tissue = np.concatenate(pixels) if pixels else np.zeros((0, 3), np.uint8)
+        normalizer, applied = fit_normalizer(stain, tissue)
+        if on_stain is not None:
+            on_stain(applied)
+        for batch in batches:
+            if normalizer is None or not batch.positions:
+                yield batch
+            else:
+                yield replace(batch, pixels=normalizer(batch.pixels))
 
     def _decoded_batches(
         self,

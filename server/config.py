@@ -238,6 +238,11 @@ class ServerConfig:
         help="tissue masks no finer than this (0: a 1,024 px mask whatever the slide's size); "
         "8 spares small biopsies a full level-0 decode (benchmarks/cohort_bench.py)",
     )
+    stain_reference: Path | None = setting(
+        None,
+        help="reference image (PNG/JPEG/TIFF of typical H&E) whose stain statistics are the "
+        "target of STAIN_REFERENCE_SERVER (and of an unspecified reference); unset: none",
+    )
     max_patches_per_slide: int = setting(
         1_000_000,
         minimum=1,

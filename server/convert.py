@@ -8,6 +8,7 @@ um/px; grid indices are bag indices into the tiling plan's grid arrays.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cv2
@@ -25,10 +26,21 @@ from histohelper.server.pipeline import (
     Started,
 )
 from histohelper.server.runtime import ModelRuntime
+from histohelper.server.runtime.manifest import Manifest
 from histohelper.server.runtime.types import check_mc_request
 from histohelper.server.tiling import Resolution, TilingOptions, TilingPlan
 from histohelper.server.tiling.roi import RegionLimits, RegionOfInterest, parse_region
 from histohelper.server.tiling.slide import SlideMetadata
+from histohelper.server.tiling.stain import (
+    NO_STAIN,
+    PUBLISHED,
+    AppliedStain,
+    StainChoice,
+    StainFitError,
+    StainStats,
+    get_stain_method,
+    reference_file_targets,
+)
 from histohelper.v1 import slide_analysis_pb2 as pb
 
 if TYPE_CHECKING:
@@ -45,6 +57,18 @@ _RANK_BY = {
 }
 #: Patches explained when an ExplainPatchesRequest names no selection.
 DEFAULT_TOP_K = 8
+_STAIN_METHODS = {
+    pb.STAIN_METHOD_NONE: "none",
+    pb.STAIN_METHOD_MACENKO: "macenko",
+    pb.STAIN_METHOD_REINHARD: "reinhard",
+}
+_STAIN_METHOD_TO_PB = {v: k for k, v in _STAIN_METHODS.items()}
+_STAIN_REFERENCES = {
+    pb.STAIN_REFERENCE_PUBLISHED: "published",
+    pb.STAIN_REFERENCE_MODEL: "model",
+    pb.STAIN_REFERENCE_SERVER: "server",
+}
+_STAIN_REFERENCE_TO_PB = {v: k for k, v in _STAIN_REFERENCES.items()}
 
 
 # --- wire -> domain ---------------------------------------------------------------------
@@ -92,6 +116,105 @@ def tiling_options(
         return TilingOptions(**kwargs), batch_size  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         raise InvalidOptionsError(f"invalid analysis options: {exc}") from None
+
+
+def server_stain_targets(reference_image: Path | None) -> dict[str, StainStats]:
+    """The operator's stain targets (``serve --stain-reference``), one per method,
+    fitted once per process; empty when no reference image is configured.
+
+    Raises:
+        InvalidOptionsError: the image cannot be read or has too little stained tissue
+            (the server checks it at start-up, so calls do not meet this).
+    """
+    if reference_image is None:
+        return {}
+    try:
+        return reference_file_targets(str(reference_image))
+    except StainFitError as exc:
+        raise InvalidOptionsError(
+            f"the server's stain reference image is unusable: {exc}"
+        ) from None
+
+
+def _model_target(manifest: Manifest, method: str) -> StainStats | None:
+    declared = manifest.stain_normalization
+    if declared is None or method not in declared.targets:
+        return None
+    return StainStats.from_dict(declared.targets[method].model_dump())
+
+
+def stain_choice(
+    msg: pb.StainNormalization, manifest: Manifest, server_targets: dict[str, StainStats]
+) -> StainChoice:
+    """The stain normalisation one call applies (rules in the proto's comments).
+
+    Method unspecified: the manifest's declaration with its reference (source
+    ``"model"``), else none (``"default"``); a reference named without a method picks
+    that reference for the declared method. Method given (source ``"request"``):
+    reference published, model (the export's reference image, from the manifest) or
+    server (``serve --stain-reference``); unspecified: the server's when configured,
+    else the model's when the manifest has one for this method, else published.
+
+    Args:
+        msg: the request's ``stain_normalization``.
+        manifest: the served model's manifest.
+        server_targets: :func:`server_stain_targets` (method -> target).
+
+    Raises:
+        InvalidOptionsError: an unknown or unsupported method (Vahadane), a reference
+            that does not exist here (MODEL without a manifest target, SERVER without
+            ``--stain-reference``), or a reference without a method to apply it to.
+    """
+    declared = manifest.stain_normalization
+    if msg.method == pb.STAIN_METHOD_UNSPECIFIED:
+        if declared is None or declared.method == "none":
+            if msg.reference != pb.STAIN_REFERENCE_UNSPECIFIED:
+                raise InvalidOptionsError(
+                    "a stain reference needs a stain method: the model declares none"
+                )
+            return NO_STAIN
+        method: str = declared.method
+        source = "model"
+        reference = (
+            declared.reference
+            if msg.reference == pb.STAIN_REFERENCE_UNSPECIFIED
+            else _STAIN_REFERENCES.get(msg.reference, "")
+        )
+    elif msg.method == pb.STAIN_METHOD_VAHADANE:
+        raise InvalidOptionsError(
+            "Vahadane stain normalisation is not offered by this server (use macenko or reinhard)"
+        )
+    elif msg.method not in _STAIN_METHODS:
+        raise InvalidOptionsError("unknown stain_normalization.method")
+    else:
+        method, source = _STAIN_METHODS[msg.method], "request"
+        if method == "none":
+            return StainChoice("none", "", "request")
+        if msg.reference == pb.STAIN_REFERENCE_UNSPECIFIED:
+            if method in server_targets:
+                reference = "server"
+            elif _model_target(manifest, method) is not None:
+                reference = "model"
+            else:
+                reference = "published"
+        else:
+            reference = _STAIN_REFERENCES.get(msg.reference, "")
+    get_stain_method(method)  # registered
+    target = {
+        "published": PUBLISHED.get(method),
+        "model": _model_target(manifest, method),
+        "server": server_targets.get(method),
+    }.get(reference)
+    if target is None:
+        raise InvalidOptionsError(
+            {
+                "model": f"STAIN_REFERENCE_MODEL: the model's manifest records no {method} "
+                "stain reference (export --stain-reference)",
+                "server": "STAIN_REFERENCE_SERVER: this server has no stain reference image "
+                "(serve --stain-reference)",
+            }.get(reference, "unknown stain_normalization.reference")
+        )
+    return StainChoice(method, reference, source, target)
 
 
 def region_of_interest(
@@ -232,6 +355,20 @@ def _grid_geometry(plan: TilingPlan, tiling: TilingOptions) -> pb.GridGeometry:
     )
 
 
+def applied_stain(applied: AppliedStain) -> pb.AppliedStainNormalization:
+    """What a call's stain normalisation applied, as the API reports it."""
+    return pb.AppliedStainNormalization(
+        method=_STAIN_METHOD_TO_PB.get(applied.method, pb.STAIN_METHOD_NONE),
+        reference=_STAIN_REFERENCE_TO_PB.get(applied.reference, pb.STAIN_REFERENCE_UNSPECIFIED),
+        source=applied.source,
+        fitted_stain_matrix=list(applied.fitted.stain_matrix),
+        fitted_max_concentrations=list(applied.fitted.max_concentrations),
+        fitted_means=list(applied.fitted.means),
+        fitted_stds=list(applied.fitted.stds),
+        warning=applied.warning,
+    )
+
+
 def started(ev: Started, tiling: TilingOptions, runtime: ModelRuntime) -> pb.AnalyzeSlideResponse:
     """The AnalysisStarted event: slide, grid, model, QC, thumbnail and tissue mask."""
     plan = ev.plan
@@ -253,6 +390,7 @@ def started(ev: Started, tiling: TilingOptions, runtime: ModelRuntime) -> pb.Ana
             thumbnail=thumbnail,
             tissue_mask_png=encode_png(plan.mask.mask.astype(np.uint8) * 255),
             tiling_s=ev.tiling_s,
+            stain=applied_stain(ev.stain),
             dicom=dicom_source(plan.metadata),
         )
     )
@@ -379,9 +517,11 @@ def explanation(
     return pb.ExplainPatchesResponse(explanation=msg)
 
 
-def classify_response(predictions: Sequence[PatchPrediction]) -> pb.ClassifyPatchesResponse:
+def classify_response(
+    predictions: Sequence[PatchPrediction], stain: AppliedStain | None = None
+) -> pb.ClassifyPatchesResponse:
     """One ClassifyPatchesResponse: per image its logits, probabilities and embedding
-    (when computed), or its error message."""
+    (when computed), or its error message; and the stain normalisation applied."""
     out = []
     for p in predictions:
         msg = pb.PatchPrediction(id=p.id)
@@ -395,4 +535,7 @@ def classify_response(predictions: Sequence[PatchPrediction]) -> pb.ClassifyPatc
             if p.embedding is not None:
                 msg.embedding.extend(p.embedding.tolist())
         out.append(msg)
-    return pb.ClassifyPatchesResponse(predictions=out)
+    response = pb.ClassifyPatchesResponse(predictions=out)
+    if stain is not None:
+        response.stain.CopyFrom(applied_stain(stain))
+    return response

@@ -59,6 +59,14 @@ def run(args: argparse.Namespace) -> int:
             TokenStore.load(config.tokens_file)
     except (TransportPolicyError, TokensFileError) as exc:
         raise SystemExit(f"histohelper serve: {exc}") from None
+    if config.stain_reference is not None:  # fitted once here; an unusable one stops serve
+        from histohelper.errors import InvalidOptionsError
+        from histohelper.server.tiling.stain import StainFitError, reference_file_targets
+
+        try:
+            reference_file_targets(str(config.stain_reference))
+        except (InvalidOptionsError, StainFitError) as exc:
+            raise SystemExit(f"histohelper serve: --stain-reference: {exc}") from None
     if config.model_repository is not None and not config.model_repository.is_dir():
         raise SystemExit(
             f"histohelper serve: model repository not found: {config.model_repository} "

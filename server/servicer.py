@@ -36,6 +36,7 @@ from histohelper.server.pipeline import AnalysisSpec, Analyzer, Started
 from histohelper.server.repository import ModelRepository
 from histohelper.server.runtime import ModelRuntime
 from histohelper.server.sandbox import resolve_slide_path
+from histohelper.server.tiling.stain import AppliedStain
 from histohelper.server.uploads import MAX_CHUNK_BYTES, UploadStore, UploadWriter
 from histohelper.server.worker import ModelWorker
 from histohelper.v1 import slide_analysis_pb2 as pb
@@ -198,6 +199,11 @@ class SlideAnalysisServicer:
             return_attention=opts.return_attention,
             return_cams=opts.return_cams,
             mc_dropout_passes=convert.mc_dropout_passes(opts, served.runtime),
+            stain=convert.stain_choice(
+                opts.stain_normalization,
+                served.runtime.manifest,
+                convert.server_stain_targets(self.config.stain_reference),
+            ),
         )
 
     def _explain_request(self, request: pb.ExplainPatchesRequest, call: Call):
@@ -265,15 +271,22 @@ class SlideAnalysisServicer:
         def answer(
             request: pb.ClassifyPatchesRequest, served: ServedModel, budget: PixelBudget
         ) -> pb.ClassifyPatchesResponse | None:
+            applied: list[AppliedStain] = []
             predictions = served.classifier.classify(
                 request.images,
                 return_embeddings=request.return_embeddings,
                 stream_budget=budget,
                 stop=call.stop,
+                stain=convert.stain_choice(
+                    request.stain_normalization,
+                    served.runtime.manifest,
+                    convert.server_stain_targets(self.config.stain_reference),
+                ),
+                on_stain=applied.append,
             )
             if predictions is None:
                 return None
-            response = convert.classify_response(predictions)
+            response = convert.classify_response(predictions, applied[0] if applied else None)
             response.model.CopyFrom(served.ref())
             return response
 

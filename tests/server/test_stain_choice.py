@@ -1,0 +1,175 @@
+"""Which stain normalisation a call gets (server/convert.py ``stain_choice``, the rules
+in the proto's comments), that the result cache keys on it, and that a failed fit is a
+QC warning rather than an error. No server: pure functions over a real manifest."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histohelper.errors import InvalidOptionsError
+from histohelper.server import convert
+from histohelper.server.cache import ModelIdentity, analysis_key
+from histohelper.server.pipeline import AnalysisSpec, Analyzer
+from histohelper.server.runtime.manifest import (
+    Manifest,
+    StainDeclaration,
+    StainTarget,
+    read_manifest,
+)
+from histohelper.server.tiling import TilingOptions
+from histohelper.server.tiling import stain as st
+from histohelper.v1 import slide_analysis_pb2 as pb
+
+MODEL_MACENKO = st.StainStats(
+    stain_matrix=(0.6, 0.7, 0.39, 0.2, 0.8, 0.57), max_concentrations=(1.5, 0.9)
+)
+SERVER_TARGETS = {
+    "macenko": st.StainStats(
+        stain_matrix=(0.55, 0.72, 0.42, 0.22, 0.79, 0.57), max_concentrations=(1.8, 1.1)
+    ),
+    "reinhard": st.StainStats(means=(8.5, -0.1, 0.04), stds=(0.6, 0.1, 0.03)),
+}
+
+
+@pytest.fixture(scope="module")
+def plain(model_artifact: Path) -> Manifest:
+    return read_manifest(model_artifact)
+
+
+@pytest.fixture(scope="module")
+def declared(plain: Manifest) -> Manifest:
+    """The same model, declaring Macenko to its export-time reference."""
+    decl = StainDeclaration(
+        method="macenko",
+        reference="model",
+        targets={"macenko": StainTarget(**MODEL_MACENKO.as_dict())},
+    )
+    return plain.model_copy(update={"stain_normalization": decl})
+
+
+def _msg(method: int = 0, reference: int = 0) -> pb.StainNormalization:
+    return pb.StainNormalization(method=method, reference=reference)
+
+
+M, R = pb.STAIN_METHOD_MACENKO, pb.STAIN_METHOD_REINHARD
+PUB, MOD, SRV = pb.STAIN_REFERENCE_PUBLISHED, pb.STAIN_REFERENCE_MODEL, pb.STAIN_REFERENCE_SERVER
+
+
+@pytest.mark.parametrize(
+    ("model", "server", "msg", "want"),
+    [
+        ("plain", False, _msg(), ("none", "", "default")),
+        ("plain", False, _msg(pb.STAIN_METHOD_NONE), ("none", "", "request")),
+        ("plain", False, _msg(M), ("macenko", "published", "request")),
+        ("plain", True, _msg(M), ("macenko", "server", "request")),
+        ("plain", True, _msg(R, PUB), ("reinhard", "published", "request")),
+        ("declared", False, _msg(), ("macenko", "model", "model")),
+        ("declared", True, _msg(), ("macenko", "model", "model")),
+        ("declared", True, _msg(0, SRV), ("macenko", "server", "model")),
+        ("declared", False, _msg(M), ("macenko", "model", "request")),
+        ("declared", True, _msg(M), ("macenko", "server", "request")),
+        ("declared", False, _msg(R), ("reinhard", "published", "request")),
+        ("declared", False, _msg(pb.STAIN_METHOD_NONE), ("none", "", "request")),
+    ],
+    ids=[
+        "nothing",
+        "none-asked",
+        "macenko-published",
+        "macenko-server-first",
+        "reinhard-published-named",
+        "declared-applies",
+        "declared-keeps-its-reference",
+        "declared-with-server-reference",
+        "macenko-model-reference",
+        "server-before-model",
+        "no-model-reinhard-target",
+        "declared-but-none-asked",
+    ],
+)
+def test_stain_choice_follows_the_proto_rules(
+    request: pytest.FixtureRequest,
+    model: str,
+    server: bool,
+    msg: pb.StainNormalization,
+    want: tuple[str, str, str],
+) -> None:
+    manifest = request.getfixturevalue(model)
+    choice = convert.stain_choice(msg, manifest, SERVER_TARGETS if server else {})
+    assert (choice.method, choice.reference, choice.source) == want
+    expected_target = {
+        "published": st.PUBLISHED.get(choice.method),
+        "server": SERVER_TARGETS.get(choice.method),
+        "model": MODEL_MACENKO,
+        "": st.StainStats(),
+    }[choice.reference]
+    assert choice.target == expected_target
+
+
+@pytest.mark.parametrize(
+    ("msg", "words"),
+    [
+        (_msg(M, MOD), "manifest records no macenko"),
+        (_msg(R, SRV), "no stain reference image"),
+        (_msg(pb.STAIN_METHOD_VAHADANE), "Vahadane"),
+        (_msg(0, PUB), "needs a stain method"),
+        (_msg(99), "unknown stain_normalization.method"),
+        (_msg(M, 99), "unknown stain_normalization.reference"),
+    ],
+    ids=["model-missing", "server-missing", "vahadane", "no-method", "bad-method", "bad-ref"],
+)
+def test_impossible_choices_are_refused(
+    plain: Manifest, msg: pb.StainNormalization, words: str
+) -> None:
+    with pytest.raises(InvalidOptionsError, match=words):
+        convert.stain_choice(msg, plain, {})
+
+
+def test_a_declaration_of_model_reference_needs_its_target() -> None:
+    with pytest.raises(ValueError, match="needs a macenko target"):
+        StainDeclaration(method="macenko", reference="model")
+
+
+def _spec(choice: st.StainChoice) -> AnalysisSpec:
+    return AnalysisSpec("r", Path("/slides/a.svs"), TilingOptions(), 32, stain=choice)
+
+
+def test_the_result_cache_keys_on_the_stain_choice() -> None:
+    model = ModelIdentity("a" * 64, "torchscript", "fp32", "cpu", 1)
+    key = {
+        name: analysis_key(_spec(choice), "b" * 64, model, "code")
+        for name, choice in {
+            "off": st.NO_STAIN,
+            "macenko": st.StainChoice("macenko", "published", "request", st.PUBLISHED["macenko"]),
+            "reinhard": st.StainChoice(
+                "reinhard", "published", "request", st.PUBLISHED["reinhard"]
+            ),
+            "macenko-server": st.StainChoice(
+                "macenko", "server", "request", SERVER_TARGETS["macenko"]
+            ),
+        }.items()
+    }
+    assert len(set(key.values())) == 4, key
+    again = st.StainChoice("macenko", "published", "request", st.PUBLISHED["macenko"])
+    assert analysis_key(_spec(again), "b" * 64, model, "code") == key["macenko"]
+
+
+def test_a_failed_fit_is_a_qc_warning(real_slide: Path) -> None:
+    """Too few tissue pixels: no normalisation, the warning in the applied record and
+    among the plan's QC warnings, no error."""
+    from histohelper.server.tiling import open_slide, plan_tiling
+
+    with open_slide(real_slide) as slide:
+        plan = plan_tiling(slide, TilingOptions())
+    assert plan.tissue_rgb.shape[0] > 10_000 and plan.tissue_rgb.dtype == np.uint8
+    choice = st.StainChoice("macenko", "published", "request", st.PUBLISHED["macenko"])
+    normalizer, applied, planned = Analyzer.fit_stain(_spec(choice), plan)
+    assert normalizer is not None and applied.method == "macenko" and not applied.warning
+    assert planned.warnings == plan.warnings
+    starved = replace(plan, tissue_rgb=plan.tissue_rgb[:100])
+    normalizer, applied, planned = Analyzer.fit_stain(_spec(choice), starved)
+    assert normalizer is None and applied.method == "none"
+    assert "not applied" in applied.warning and applied.warning in planned.warnings
