@@ -93,6 +93,19 @@ def _add_analyze(subparsers: Any) -> None:
         "entropy); needs a head exported with dropout; at most 256 (default: 0, off)",
     )
     analyze.add_argument(
+        "--stain-normalization",
+        choices=("none", "macenko", "reinhard"),
+        help="stain normalisation of the patches, fitted once per slide on its tissue "
+        "(default: what the model declares it was trained with, else none)",
+    )
+    analyze.add_argument(
+        "--stain-reference",
+        choices=("published", "model", "server"),
+        help="its target: the published H&E reference, the model's (export "
+        "--stain-reference) or the server's (serve --stain-reference) (default: the "
+        "server's, else the model's, else published)",
+    )
+    analyze.add_argument(
         "--class",
         dest="overlay_class",
         metavar="NAME",
@@ -474,6 +487,8 @@ def _analyze(args: argparse.Namespace) -> int:
         args,
         return_attention=not args.no_attention,
         mc_dropout_passes=args.mc_dropout_passes,
+        stain_normalization=args.stain_normalization,
+        stain_reference=args.stain_reference,
     )
     if args.jobs < 1:
         raise _UsageError("--jobs must be >= 1")

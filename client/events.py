@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from histohelper.client.stain import AppliedStain
 from histohelper.errors import InternalError
 from histohelper.v1 import slide_analysis_pb2 as pb
 
@@ -397,7 +398,8 @@ class DicomSource:
 @dataclass(frozen=True, slots=True)
 class Started:
     """First event: slide metadata, effective grid, model, QC, thumbnail, tissue mask;
-    ``dicom`` for slides read from DICOM, else ``None``."""
+    ``dicom`` for slides read from DICOM, else ``None``; ``stain``: the stain
+    normalisation applied (``None`` from servers that do not say)."""
 
     request_id: str
     slide: SlideInfo
@@ -408,6 +410,7 @@ class Started:
     tissue_mask_png: bytes = field(repr=False)
     tiling_s: float
     dicom: DicomSource | None = None
+    stain: AppliedStain | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -591,6 +594,7 @@ def event_from_proto(msg: pb.AnalyzeSlideResponse) -> Event:
             tissue_mask_png=s.tissue_mask_png,
             tiling_s=s.tiling_s,
             dicom=DicomSource.from_proto(s.dicom) if s.HasField("dicom") else None,
+            stain=AppliedStain.from_proto(s.stain) if s.HasField("stain") else None,
         )
     if kind == "progress":
         p = msg.progress

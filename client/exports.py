@@ -115,6 +115,7 @@ def summary_dict(result: SlideResult) -> dict[str, Any]:
             "patch_classes": list(result.model.patch_classes),
             "slide_classes": list(result.model.slide_classes),
         },
+        "stain_normalization": None if result.stain is None else result.stain.as_dict(),
         "slide": {
             "vendor": result.slide.vendor,
             "width_l0": result.slide.width_l0,

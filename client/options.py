@@ -12,6 +12,7 @@ import numpy as np
 
 from histohelper.client.dicomweb import DicomWebSlide, slide_ref
 from histohelper.client.roi import RegionOfInterest
+from histohelper.client.stain import StainMethodName, StainReferenceName, stain_request
 from histohelper.client.uploads import UploadedSlide
 from histohelper.errors import InvalidOptionsError
 from histohelper.v1 import slide_analysis_pb2 as pb
@@ -52,6 +53,13 @@ class AnalysisOptions:
         roi: a :class:`~histohelper.client.roi.RegionOfInterest` (QuPath GeoJSON or a
             mask, level-0 px): only patches whose tissue fraction inside it passes
             ``min_tissue_fraction`` are analysed; ``None``: the whole slide.
+        stain_normalization: ``"none"``, ``"macenko"`` or ``"reinhard"``, fitted once
+            per slide on its tissue and applied to every patch; ``None``: what the
+            model's manifest declares it was trained with, else none. The result's
+            :attr:`SlideResult.stain` says what was applied.
+        stain_reference: the target: ``"published"`` (the default H&E reference),
+            ``"model"`` (the export's reference image) or ``"server"`` (the operator's);
+            ``None``: the server's when configured, else the model's, else published.
 
     Raises:
         InvalidOptionsError: on construction, for out-of-range or conflicting values.
@@ -71,6 +79,8 @@ class AnalysisOptions:
     return_cams: bool = False
     mc_dropout_passes: int = 0
     roi: RegionOfInterest | None = None
+    stain_normalization: StainMethodName | None = None
+    stain_reference: StainReferenceName | None = None
 
     def __post_init__(self) -> None:
         for name in ("target_mpp", "target_magnification", "mpp_override", "min_tissue_fraction"):
@@ -112,6 +122,10 @@ class AnalysisOptions:
             )
         if self.roi is not None and not isinstance(self.roi, RegionOfInterest):
             raise InvalidOptionsError("roi must be a histohelper.client.roi.RegionOfInterest")
+        try:
+            stain_request(self.stain_normalization, self.stain_reference)
+        except ValueError as exc:
+            raise InvalidOptionsError(str(exc)) from None
 
     def to_proto(self) -> pb.AnalysisOptions:
         """Return the wire message; unset values stay unset (server defaults)."""
@@ -138,6 +152,9 @@ class AnalysisOptions:
             msg.mpp_override = self.mpp_override
         if self.roi is not None:
             msg.roi.CopyFrom(self.roi.to_proto())
+        stain = stain_request(self.stain_normalization, self.stain_reference)
+        if stain is not None:
+            msg.stain_normalization.CopyFrom(stain)
         return msg
 
 

@@ -346,6 +346,7 @@ def _qc_section(result: SlideResult) -> str:
         ("pyramid level read", f"{g.level} (downsample {_num(g.level_downsample_x, '.4g')})"),
         ("edge mode", _e(g.edge_mode)),
         ("minimum tissue fraction", _num(g.min_tissue_fraction, ".2f")),
+        ("stain normalisation", _e(result.stain.describe() if result.stain else "not reported")),
     ]
     return f"<h2>Quality control</h2>{warnings}{_table(rows)}"
 

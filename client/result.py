@@ -37,6 +37,7 @@ from histohelper.client.events import (
     Thumbnail,
     Timings,
 )
+from histohelper.client.stain import AppliedStain
 from histohelper.errors import InternalError
 
 if TYPE_CHECKING:
@@ -130,6 +131,9 @@ class SlideResult:
             arrays as the analysis that stored it; ``timings`` describe this call).
         dicom: the slide's DICOM identity when it was read from DICOM (a DICOMweb series
             or DICOM WSI files), else ``None``; what :meth:`to_dicom` references.
+        stain: the stain normalisation the server applied to the patches (method,
+            reference, why, the slide's fitted statistics, a fit warning); ``None`` from
+            servers that do not say.
     """
 
     request_id: str
@@ -149,6 +153,7 @@ class SlideResult:
     wall_s: float | None = None
     cached: bool = False
     dicom: DicomSource | None = field(default=None, repr=False)
+    stain: AppliedStain | None = None
 
     # --- access ---------------------------------------------------------------------
 
@@ -378,6 +383,7 @@ class ResultCollector:
             wall_s=self._wall_s,
             cached=completed.cached,
             dicom=started.dicom,
+            stain=started.stain,
         )
 
     def _table(self, started: Started, num_classes: int) -> PatchTable:
