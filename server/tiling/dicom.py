@@ -396,3 +396,51 @@ class DicomSlide(Slide):
     def __repr__(self) -> str:  # never a UID
         md = self.metadata
         return f"<DicomSlide {md.width_l0}x{md.height_l0} levels={md.level_count}>"
+
+
+def open_local_series(path: str) -> DicomSlide | None:
+    """A local DICOM WSI series (a folder of ``.dcm`` instances) read with wsidicom, so
+    that local files and DICOMweb series share one reader and both carry their DICOM
+    identity (:attr:`SlideMetadata.dicom`).
+
+    The instances are the regular files in ``path``'s folder (no symlinks, so nothing
+    outside the folder is read) with ``path``'s Series Instance UID.
+
+    Args:
+        path: any instance file of the series.
+
+    Returns:
+        The opened slide, or None when wsidicom cannot open it as a whole-slide image
+        (the caller falls back to OpenSlide, which gives its own answer).
+    """
+    from pathlib import Path
+
+    try:
+        import pydicom
+        from wsidicom import WsiDicom
+
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
+        folder = Path(path).parent
+        files = []
+        for entry in sorted(folder.iterdir()):
+            if entry.is_symlink() or not entry.is_file():
+                continue
+            try:
+                header = pydicom.dcmread(entry, stop_before_pixels=True)
+            except Exception:  # not DICOM: not part of the series
+                continue
+            if header.get("SeriesInstanceUID") == uid:
+                files.append(entry)
+        wsi = WsiDicom.open(files)
+    except Exception as exc:  # pydicom/wsidicom refuse it: OpenSlide decides
+        logger.debug("wsidicom could not open a local DICOM file: %s", type(exc).__name__)
+        return None
+    try:
+        series = DicomSeries(wsi)
+    except HistoHelperError:
+        wsi.close()
+        raise
+    except Exception:
+        wsi.close()
+        return None
+    return DicomSlide(series)

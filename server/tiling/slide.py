@@ -648,6 +648,12 @@ def open_slide(
     p = os.fspath(path)
     if not Path(p).is_file():
         raise SlideNotFoundError("the slide was not found")
+    if p.lower().endswith(".dcm"):  # a DICOM WSI series: wsidicom, like DICOMweb series
+        from .dicom import open_local_series
+
+        dicom = open_local_series(p)
+        if dicom is not None:
+            return dicom
     slide = Slide(p, cache)
     slide._validate()
     return slide

@@ -90,3 +90,18 @@ def test_refused_credentials_name_the_pacs_not_the_secret(
         servers.source("locked", "1.2.3", "1.2.3.4").open()
     assert "'locked'" in info.value.message
     assert "wrong-password" not in info.value.message and "histo" not in info.value.message
+
+
+def test_local_dicom_folder_reads_through_the_same_code(
+    dicomweb_slide: DicomWebSlide, real_slide: Path
+) -> None:
+    """A local DICOM WSI folder opens with wsidicom (DicomSlide), not OpenSlide: same
+    pixels as the SVS, and its DICOM identity (no DICOMweb server name)."""
+    instance = next(iter(sorted(dicomweb_slide.dicom_dir.glob("*.dcm"))))
+    with open_slide(real_slide) as svs, open_slide(instance) as dcm:
+        assert type(dcm).__name__ == "DicomSlide"
+        assert dcm.metadata.dicom is not None and dcm.metadata.dicom.dicomweb_server == ""
+        assert dcm.metadata.dicom.study_instance_uid == dicomweb_slide.study_instance_uid
+        np.testing.assert_array_equal(
+            dcm.read_level_rgb(0, 100, 200, 512, 512), svs.read_level_rgb(0, 100, 200, 512, 512)
+        )
