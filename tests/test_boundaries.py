@@ -25,6 +25,8 @@ BOUNDARIES = [
         "histohelper.server.runtime",
         ["openslide", "cv2", "grpc", "torchvision", "prometheus_client"],
     ),
+    # Stain normalisation: numpy and OpenCV only (no slide I/O, no gRPC, no torch).
+    ("histohelper.server.tiling.stain", ["grpc", "torch", "openslide", "histohelper.v1"]),
     ("histohelper.server.pipeline", ["prometheus_client"]),
     ("histohelper.server.worker", ["prometheus_client"]),
     (
