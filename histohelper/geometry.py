@@ -148,7 +148,8 @@ def box_fractions(
     """Mean of a mask over level-0 boxes, with exact fractional pixel coverage.
 
     Parts of a box outside the mask count as 0 (background), so an edge box that
-    overhangs the slide gets the fraction of its *whole* area that is tissue.
+    overhangs the slide gets the fraction of its *whole* area that is tissue (divide by
+    :func:`in_slide_fractions` for the share of its in-slide area).
 
     Args:
         table: summed-area table of the mask (:func:`integral_image`).
@@ -176,6 +177,38 @@ def box_fractions(
         area = (x1 - x0) * (y1 - y0)  # may overflow to inf for absurd boxes: fraction 0
         frac = np.where(area > 0, total / area, 0.0)
     return np.clip(frac, 0.0, 1.0)
+
+
+def in_slide_fractions(
+    x_l0: npt.ArrayLike,
+    y_l0: npt.ArrayLike,
+    width_l0: npt.ArrayLike,
+    height_l0: npt.ArrayLike,
+    slide_width_l0: float,
+    slide_height_l0: float,
+) -> npt.NDArray[np.float64]:
+    """Share of each level-0 box that lies inside the slide ``[0, W) x [0, H)``.
+
+    Args:
+        x_l0: ``[N]`` box left edges, level-0 px (float).
+        y_l0: ``[N]`` box top edges, level-0 px.
+        width_l0: box widths, level-0 px (scalar or ``[N]``, > 0).
+        height_l0: box heights, level-0 px.
+        slide_width_l0: slide width W, level-0 px.
+        slide_height_l0: slide height H, level-0 px.
+
+    Returns:
+        ``[N]`` float64 in [0, 1] (0 for a box wholly outside or of no area).
+    """
+    x0 = np.asarray(x_l0, dtype=np.float64)
+    y0 = np.asarray(y_l0, dtype=np.float64)
+    w = np.broadcast_to(np.asarray(width_l0, dtype=np.float64), x0.shape)
+    h = np.broadcast_to(np.asarray(height_l0, dtype=np.float64), y0.shape)
+    ow = np.clip(np.minimum(x0 + w, slide_width_l0) - np.maximum(x0, 0.0), 0.0, None)
+    oh = np.clip(np.minimum(y0 + h, slide_height_l0) - np.maximum(y0, 0.0), 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where((w > 0) & (h > 0), (ow * oh) / (w * h), 0.0)
+    return np.clip(share, 0.0, 1.0)
 
 
 def level_read_size(footprint_l0: float, level_downsample: float) -> int:

@@ -11,13 +11,23 @@ fill small holes (areas in um^2). Additions for real-world slides:
 * very dark pixels (HSV value < ``dark_value_max``) are background: black opaque
   backgrounds, black marker, debris. Near-black JPEG noise has huge saturation, so
   they are also excluded from the Otsu statistics;
-* green/blue marker ink (hue 70-240 deg, saturated) is excluded from the Otsu
-  statistics and from the mask, and reported as an ink mask;
+* green/blue marker ink (hue 70-240 deg, saturated) and red marker ink (the RGB
+  boxes of python-wsi-preprocessing's ``filter_red_pen``, see :data:`RED_INK_BOXES`)
+  are excluded from the Otsu statistics and from the mask, and reported as ink;
+  black marker ink (dark, grey, not the near-zero black of a scanner background,
+  see :func:`ink_masks`) stays background as every very dark pixel does, and is
+  reported as ink too;
 * a floor on the threshold (``mask_min_saturation``): Otsu always splits a
   histogram, even of uniform glass with noise; the floor turns that into an explicit
   "no tissue" outcome instead of speckle. Conversely, when Otsu's lower class is not
   glass-like (mean above twice the floor: tissue fills the view), Otsu has split the
   tissue itself, and the floor is used as the threshold.
+
+When this finds no tissue at all, a contrast-aware pass looks for *faint* tissue
+(:func:`faint_tissue`): pixels whose colour differs from the measured glass colour
+by more than the glass's own noise and at least :data:`FAINT_MIN_CONTRAST` grey
+levels. Tissue found only that way is flagged (:attr:`TissueMask.faint`). Slides in
+fluorescence mode are segmented by grey value instead (:func:`fluorescence_tissue`).
 
 Why saturation rather than grayscale: glass is bright *and grey*, stain is coloured.
 On ``CMU-1-Small-Region.svs`` (H&E skin, about half glass) the saturation mask covers
@@ -42,8 +52,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -75,6 +85,44 @@ _RETRY_BLOCK_PX = 256
 _INK_HUE = (35, 118)
 #: Minimum saturation (0..255) for a pixel to count as ink.
 _INK_MIN_SAT = 60
+#: Marker-ink colours reported, in this order (QualityControl.ink).
+INK_COLORS = ("green_blue", "black", "red")
+#: Red marker ink: ``(R >, G <, B <)`` boxes of RGB, a pixel in any box is red ink.
+#: From python-wsi-preprocessing (D. Eriksson, IBM CODAIT, ``filter.py``,
+#: ``filter_red_pen``), tuned on scanned red pen over H&E (TUPAC16). Alone they also
+#: take saturated eosin: 0.71 % of CMU-1-Small-Region.svs, whose eosin is magenta-red
+#: (OpenCV hue 167-172 = 334-344 deg, 5th-95th percentile; B - G 28-47). Hence the
+#: hue gate :data:`RED_INK_HUE` as well; with it, 0.005 % (40 scattered px) of that
+#: slide, which a 3 x 3 opening removes.
+RED_INK_BOXES = (
+    (150, 80, 90),
+    (110, 20, 30),
+    (185, 65, 105),
+    (195, 85, 125),
+    (220, 115, 145),
+    (125, 40, 70),
+    (200, 120, 150),
+    (100, 50, 65),
+    (85, 25, 45),
+)
+#: Red ink's OpenCV hue (0..180): at least the first or at most the second value, i.e.
+#: 350..10 deg. Red ink darkened over tissue towards magenta is not told from eosin.
+RED_INK_HUE = (175, 5)
+#: Black marker ink: HSV value at least this (0..255; below it is the near-zero black
+#: of a scanner's opaque background or outside-scan area, JPEG noise included) ...
+BLACK_INK_MIN_VALUE = 16
+#: ... and at most this HSV saturation (0..255, 31 %): grey-black, not dark stain. Dark
+#: haematoxylin is saturated purple: on CMU-1-Small-Region.svs its pixels darker than
+#: value 50 have saturation >= 112 (1st percentile; 3 of 3,531 at <= 80).
+BLACK_INK_MAX_SATURATION = 80
+#: Faint tissue: least colour distance (Euclidean, RGB grey levels) from the glass.
+#: Faint tissue of ~228 grey on ~240 glass is 14-28 away; glass tinted by (2, 6, 3)
+#: (tests/tiling's faint_slide, kept as "no tissue") is 7.
+FAINT_MIN_CONTRAST = 10.0
+#: Faint tissue: least distance in robust standard deviations of the glass's noise.
+FAINT_NOISE_SIGMAS = 6.0
+#: Fluorescence mode: least grey value (0..255) of tissue over the dark background.
+FLUORESCENCE_MIN_GREY = 20
 
 
 @dataclass(frozen=True)
@@ -121,6 +169,11 @@ class TissueMask:
         ink_fraction: ink area / slide area.
         level: pyramid level the mask was computed from.
         sampled: rows were sampled in bands (huge coarsest level).
+        ink_by_color: per colour of :data:`INK_COLORS`, ``[h, w]`` bool ink pixels
+            (``ink`` is their union); empty without ink detection.
+        ink_fractions: per colour, ink area / slide area.
+        faint: the tissue was found only by the faint-tissue pass
+            (:func:`faint_tissue`): low contrast against the glass; check the mask.
     """
 
     mask: npt.NDArray[np.bool_]
@@ -134,6 +187,9 @@ class TissueMask:
     ink_fraction: float = 0.0
     level: int = 0
     sampled: bool = False
+    ink_by_color: Mapping[str, npt.NDArray[np.bool_]] = field(default_factory=dict)
+    ink_fractions: Mapping[str, float] = field(default_factory=dict)
+    faint: bool = False
 
 
 def _read_block(
@@ -440,6 +496,149 @@ def _inverted_gray_channel(
     return np.asarray(255 - cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), dtype=np.uint8)
 
 
+def ink_masks(
+    rgb: npt.NDArray[np.uint8],
+    hsv: npt.NDArray[np.uint8],
+    valid: npt.NDArray[np.bool_],
+    options: TilingOptions,
+) -> dict[str, npt.NDArray[np.bool_]]:
+    """Marker ink per colour of :data:`INK_COLORS` in a low-resolution image.
+
+    * ``green_blue``: OpenCV hue in :data:`_INK_HUE` (70-236 deg) and saturation above
+      ``max(options.mask_min_saturation, 60)``;
+    * ``red``: RGB in any box of :data:`RED_INK_BOXES` (python-wsi-preprocessing's
+      ``filter_red_pen``) and hue within :data:`RED_INK_HUE`, opened by 3 x 3;
+    * ``black``: HSV value in ``[BLACK_INK_MIN_VALUE, options.dark_value_max)`` and
+      saturation at most :data:`BLACK_INK_MAX_SATURATION`, opened by 3 x 3; only with
+      ``options.remove_dark`` (black ink is background because it is dark).
+
+    All empty when ``options.remove_ink`` is off.
+
+    Args:
+        rgb: ``[h, w, 3]`` uint8 RGB, composited on white.
+        hsv: ``[h, w, 3]`` uint8 OpenCV HSV of ``rgb`` (hue 0..180).
+        valid: ``[h, w]`` bool, inside the scanned area.
+        options: ``remove_ink``, ``remove_dark``, ``dark_value_max``,
+            ``mask_min_saturation``.
+
+    Returns:
+        ``{colour: [h, w] bool}`` for every colour of :data:`INK_COLORS`.
+    """
+    none = np.zeros(valid.shape, dtype=bool)
+    if not options.remove_ink:
+        return dict.fromkeys(INK_COLORS, none)
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    green_blue = (
+        (hue >= _INK_HUE[0])
+        & (hue <= _INK_HUE[1])
+        & (sat > max(options.mask_min_saturation, _INK_MIN_SAT))
+        & valid
+    )
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    red = np.zeros_like(none)
+    for r_min, g_max, b_max in RED_INK_BOXES:
+        red |= (r > r_min) & (g < g_max) & (b < b_max)
+    red &= (hue >= RED_INK_HUE[0]) | (hue <= RED_INK_HUE[1])
+    black = none
+    if options.remove_dark:
+        black = (
+            (val >= BLACK_INK_MIN_VALUE)
+            & (val < options.dark_value_max)
+            & (sat <= BLACK_INK_MAX_SATURATION)
+            & valid
+        )
+    return {
+        "green_blue": green_blue,
+        "black": _open3(black),
+        "red": _open3(red & valid & ~green_blue),
+    }
+
+
+def _open3(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Morphological opening by 3 x 3: marker strokes are wide, while scattered
+    stain pixels of an ink's colour are not ink."""
+    if not mask.any():
+        return mask
+    kernel = np.ones((3, 3), np.uint8)
+    return np.asarray(cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel), bool)
+
+
+def faint_tissue(
+    rgb: npt.NDArray[np.uint8],
+    allowed: npt.NDArray[np.bool_],
+    options: TilingOptions,
+    um2_per_px: float,
+) -> npt.NDArray[np.bool_]:
+    """Faint tissue: pixels that differ from the glass by more than its noise.
+
+    The glass colour is the per-channel median of the brightest quarter of the allowed
+    pixels (by grey value; so glass must cover at least a quarter of the view); each
+    pixel's contrast is its Euclidean RGB distance from it after the median blur of
+    ``options.mask_median_ksize``. Tissue is contrast above ``max(FAINT_MIN_CONTRAST,
+    glass median + FAINT_NOISE_SIGMAS x robust sigma)`` (sigma = 1.4826 x the median
+    absolute deviation of the glass's contrast), cleaned as the main mask (closing,
+    small fragments and holes by area). Used when the saturation threshold's floor
+    found nothing: tissue of ~228 grey on ~240 glass has a saturation of ~10.
+
+    Args:
+        rgb: ``[h, w, 3]`` uint8 RGB, composited on white.
+        allowed: ``[h, w]`` bool pixels that may be tissue (scanned, not dark, not ink).
+        options: median and closing kernels, area thresholds.
+        um2_per_px: area of one pixel of ``rgb`` (um^2).
+
+    Returns:
+        ``[h, w]`` bool (all False when there is too little to measure).
+    """
+    empty = np.zeros(allowed.shape, dtype=bool)
+    if allowed.sum() < 64:
+        return empty
+    k = options.mask_median_ksize
+    blurred = np.asarray(cv2.medianBlur(rgb, k), np.uint8) if k > 1 else rgb
+    gray = np.asarray(cv2.cvtColor(blurred, cv2.COLOR_RGB2GRAY), np.uint8)
+    g = gray[allowed]
+    glass = allowed & (gray >= np.percentile(g, 75))
+    colour = np.median(blurred[glass].astype(np.float32), axis=0)
+    contrast = np.sqrt(((blurred.astype(np.float32) - colour) ** 2).sum(axis=2))
+    c_glass = contrast[glass]
+    centre = float(np.median(c_glass))
+    sigma = 1.4826 * float(np.median(np.abs(c_glass - centre)))
+    threshold = max(FAINT_MIN_CONTRAST, centre + FAINT_NOISE_SIGMAS * sigma)
+    return _clean((contrast > threshold) & allowed, allowed, options, um2_per_px)
+
+
+def fluorescence_tissue(
+    rgb: npt.NDArray[np.uint8],
+    opaque: npt.NDArray[np.uint8],
+    options: TilingOptions,
+    um2_per_px: float,
+) -> npt.NDArray[np.bool_]:
+    """Tissue of a fluorescence slide read as grey: brighter than the dark background.
+
+    Otsu's threshold on the median-blurred grey value of the scanned pixels, at least
+    :data:`FLUORESCENCE_MIN_GREY`, then the main mask's cleaning. No dark or ink rules
+    (the background is dark; there is no marker ink in a fluorescence picture).
+
+    Args:
+        rgb: ``[h, w, 3]`` uint8 as OpenSlide renders the slide (grey for one channel).
+        opaque: ``[h, w]`` uint8 alpha (below 128: outside the scan).
+        options: median and closing kernels, area thresholds.
+        um2_per_px: area of one pixel of ``rgb`` (um^2).
+
+    Returns:
+        ``[h, w]`` bool.
+    """
+    valid = opaque >= 128
+    gray = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), np.uint8)
+    if options.mask_median_ksize > 1:
+        gray = np.asarray(cv2.medianBlur(gray, options.mask_median_ksize), np.uint8)
+    values = gray[valid]
+    if values.size < 16:
+        return np.zeros(valid.shape, dtype=bool)
+    otsu, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    tissue = (gray > max(float(otsu), FLUORESCENCE_MIN_GREY)) & valid
+    return _clean(tissue, valid, options, um2_per_px)
+
+
 def _otsu_segmenter(
     channel_of: Callable[[npt.NDArray[np.uint8], npt.NDArray[np.uint8]], npt.NDArray[np.uint8]],
 ) -> SegmentFn:
@@ -459,21 +658,14 @@ def _otsu_segmenter(
     ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], float, float]:
         valid = opaque >= 128
         hsv = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV), dtype=np.uint8)
-        hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+        val = hsv[..., 2]
         channel = channel_of(rgb, hsv)
         k = options.mask_median_ksize
         if k > 1:
             channel = np.asarray(cv2.medianBlur(channel, k), dtype=np.uint8)
         dark = val < options.dark_value_max if options.remove_dark else np.zeros_like(valid)
-        if options.remove_ink:
-            ink = (
-                (hue >= _INK_HUE[0])
-                & (hue <= _INK_HUE[1])
-                & (sat > max(options.mask_min_saturation, _INK_MIN_SAT))
-                & valid
-            )
-        else:
-            ink = np.zeros_like(valid)
+        inks = ink_masks(rgb, hsv, valid, options)
+        ink = inks["green_blue"] | inks["red"]
         candidates = valid & ~dark & ~ink
         values = channel[candidates]
         if values.size < 16:
@@ -552,8 +744,16 @@ def compute_tissue_mask(
     mpp_y: float,
     width_l0: int,
     height_l0: int,
+    *,
+    fluorescence: bool = False,
 ) -> TissueMask:
     """Tissue mask of a slide from its low-resolution image.
+
+    Steps: the mask method's segmentation (:func:`threshold_tissue`); marker ink per
+    colour (:func:`ink_masks`; green/blue and red never tissue); when that finds no
+    tissue, the faint-tissue pass (:func:`faint_tissue`, flagged ``faint``). With
+    ``fluorescence`` the segmentation is :func:`fluorescence_tissue` instead, and there
+    is neither ink nor a faint pass.
 
     Args:
         low: from :func:`read_low_res`.
@@ -563,6 +763,8 @@ def compute_tissue_mask(
         mpp_y: level-0 um/px along y.
         width_l0: slide width (level-0 px), for the tissue fraction.
         height_l0: slide height (level-0 px).
+        fluorescence: segment a fluorescence slide read as grey (the operator's
+            fluorescence mode).
 
     Returns:
         :class:`TissueMask` in the frame of ``low`` (same size and scales).
@@ -572,20 +774,50 @@ def compute_tissue_mask(
     """
     spec = get_mask_method(options.mask_method)
     um2_per_px = low.scale_x * mpp_x * low.scale_y * mpp_y
-    tissue, ink, thr, otsu = spec.segment(low.rgb, low.opaque, options, um2_per_px)
     slide_area_m = (width_l0 / low.scale_x) * (height_l0 / low.scale_y)
-    tissue.setflags(write=False)
-    ink.setflags(write=False)
+    if fluorescence:
+        tissue = fluorescence_tissue(low.rgb, low.opaque, options, um2_per_px)
+        tissue.setflags(write=False)
+        return TissueMask(
+            mask=tissue,
+            scale_x=low.scale_x,
+            scale_y=low.scale_y,
+            tissue_fraction=float(min(1.0, tissue.sum() / slide_area_m)),
+            method="otsu-grey-value-fluorescence",
+            ink=np.zeros_like(tissue),
+            level=low.level,
+            sampled=low.sampled,
+        )
+    tissue, ink, thr, otsu = spec.segment(low.rgb, low.opaque, options, um2_per_px)
+    valid = low.opaque >= 128
+    hsv = np.asarray(cv2.cvtColor(low.rgb, cv2.COLOR_RGB2HSV), dtype=np.uint8)
+    inks = ink_masks(low.rgb, hsv, valid, options)
+    coloured = inks["green_blue"] | inks["red"]
+    tissue = tissue & ~coloured  # a registered method may not know every colour
+    faint = False
+    if not tissue.any():
+        allowed = valid & ~coloured
+        if options.remove_dark:
+            allowed &= hsv[..., 2] >= options.dark_value_max
+        found = faint_tissue(low.rgb, allowed, options, um2_per_px)
+        if found.any():
+            tissue, faint = found, True
+    ink = ink | coloured | inks["black"]
+    for m in (tissue, ink, *inks.values()):
+        m.setflags(write=False)
     return TissueMask(
         mask=tissue,
         scale_x=low.scale_x,
         scale_y=low.scale_y,
         tissue_fraction=float(min(1.0, tissue.sum() / slide_area_m)),
-        method=spec.label,
+        method=spec.label + ("+faint-contrast" if faint else ""),
         threshold=thr,
         otsu_threshold=otsu,
         ink=ink,
         ink_fraction=float(min(1.0, ink.sum() / slide_area_m)),
         level=low.level,
         sampled=low.sampled,
+        ink_by_color=inks,
+        ink_fractions={c: float(min(1.0, m.sum() / slide_area_m)) for c, m in inks.items()},
+        faint=faint,
     )

@@ -30,6 +30,8 @@ def plausible_mpp(value: object) -> bool:
 ResolutionUnit = Literal["mpp", "magnification", "level"]
 EdgeMode = Literal["pad", "drop"]
 MaskMethod = Literal["saturation", "gray"]
+#: What to do with a fluorescence or multiplex slide (:attr:`TilingOptions.fluorescence`).
+FluorescenceMode = Literal["refuse", "read"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,13 @@ class TilingOptions:
             The default, 2 Gpx, is about 10 s of JPEG decoding on one core.
         level_tolerance: relative slack when matching level downsamples to the target.
         max_patches: refuse grids with more kept patches than this.
+        fluorescence: what to do with a slide whose pixels are fluorescence or
+            multiplex channels (:attr:`~.slide.SlideMetadata.fluorescence`):
+            ``"refuse"`` (the default) raises ``UnsupportedSlideError`` (a brightfield
+            H&E model cannot read fluorescence); ``"read"`` reads the pixels as
+            OpenSlide renders them (the first channel as grey RGB), finds tissue as
+            brighter than the dark background (Otsu on grey value) and warns that the
+            model's outputs are out of domain. Set by the server's ``--fluorescence``.
         roi: a region of interest (:class:`~.roi.RegionOfInterest`, level-0 px): the
             grid keeps a patch when its tissue fraction counted only inside the region
             passes ``min_tissue_fraction``. None: the whole slide.
@@ -141,6 +150,7 @@ class TilingOptions:
     mask_max_decode_px: int = 2 * 1024 * 1024 * 1024
     level_tolerance: float = 0.005
     max_patches: int = 2_000_000
+    fluorescence: FluorescenceMode = "refuse"
     roi: RegionOfInterest | None = None
 
     def __post_init__(self) -> None:
@@ -188,6 +198,8 @@ class TilingOptions:
             raise bad("level_tolerance must be in [0, 0.1]")
         if self.max_patches < 1:
             raise bad("max_patches must be >= 1")
+        if self.fluorescence not in ("refuse", "read"):
+            raise bad("fluorescence must be 'refuse' or 'read'")
         if self.roi is not None and not isinstance(getattr(self.roi, "sha256", None), str):
             raise bad("roi must be a RegionOfInterest (histohelper.server.tiling.roi)")
 
@@ -298,6 +310,14 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         dest="remove_ink",
         help="do not treat green/blue marker ink as background",
+    )
+    g.add_argument(
+        "--fluorescence",
+        choices=("refuse", "read"),
+        default=d.fluorescence,
+        help="fluorescence/multiplex slides: refuse them, or read the first channel as "
+        "grey (tissue = brighter than the background) with a QC warning "
+        "(default %(default)s)",
     )
 
 

@@ -20,15 +20,16 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from histohelper.errors import InvalidOptionsError, SlideTooLargeError
+from histohelper.errors import InvalidOptionsError, SlideTooLargeError, UnsupportedSlideError
 from histohelper.geometry import (
     axis_cell_count,
     box_fractions,
     choose_level,
+    in_slide_fractions,
     level_read_size,
 )
 
-from .mask import TissueMask, compute_tissue_mask, read_low_res
+from .mask import INK_COLORS, TissueMask, compute_tissue_mask, read_low_res
 from .options import TilingOptions
 from .roi import region_raster
 from .slide import MAX_REGION_PX, Slide, SlideMetadata
@@ -43,9 +44,9 @@ MAX_GRID_CELLS = 50_000_000
 #: be upsampled more than 16x from level 0; above 2**20 one patch would span more
 #: level-0 px than any slide has. Both mean a mistaken target or mpp.
 DOWNSAMPLE_RANGE = (1.0 / 16.0, float(2**20))
-
 #: Most tissue pixels a plan keeps for per-slide fits (:attr:`TilingPlan.tissue_rgb`).
 MAX_TISSUE_SAMPLE = 262_144
+
 
 @dataclass(frozen=True)
 class PatchGrid:
@@ -58,9 +59,13 @@ class PatchGrid:
         y_l0: ``[N]`` float64 top edge, level-0 px.
         width_l0: ``[N]`` float64 exact footprint width, level-0 px (may be fractional).
         height_l0: ``[N]`` float64 footprint height, level-0 px.
-        tissue_fraction: ``[N]`` float32 tissue share of the footprint (0..1).
+        tissue_fraction: ``[N]`` float32 tissue share of the footprint's part inside
+            the slide (0..1): for a cell wholly inside, of the whole footprint; for an
+            edge cell (``is_edge``, pad mode) of its in-slide area, so the white
+            padding neither counts as tissue nor dilutes it (:func:`in_slide_share`).
         is_edge: ``[N]`` bool, footprint overhangs the slide (read white-padded).
-        ink_fraction: ``[N]`` float32 share of the footprint covered by marker ink.
+        ink_fraction: ``[N]`` float32 share of the footprint (in-slide part, as
+            ``tissue_fraction``) covered by marker ink of any colour.
         n_rows: full grid rows, including cells not kept.
         n_cols: full grid columns.
         level: pyramid level patches are read from.
@@ -74,6 +79,9 @@ class PatchGrid:
         effective_mpp: um/px of the output patches.
         footprint_x_l0: patch footprint width, level-0 px (also for an empty grid).
         footprint_y_l0: patch footprint height, level-0 px.
+        ink_by_color: ``[N, 3]`` float32 share of the footprint (as ``ink_fraction``)
+            covered by each colour of :data:`~.mask.INK_COLORS` (green_blue, black,
+            red), in that column order.
     """
 
     row: npt.NDArray[np.int32]
@@ -98,9 +106,31 @@ class PatchGrid:
     effective_mpp: float
     footprint_x_l0: float = 0.0
     footprint_y_l0: float = 0.0
+    ink_by_color: npt.NDArray[np.float32] = field(
+        default_factory=lambda: np.zeros((0, len(INK_COLORS)), np.float32)
+    )
 
     def __len__(self) -> int:
         return int(self.row.shape[0])
+
+
+#: A kept patch counts as inked when more than this share of it is marker ink.
+INKED_PATCH_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class InkFigure:
+    """Marker ink of one colour (``QualityControl.ink``).
+
+    Attributes:
+        color: ``"green_blue"``, ``"black"`` or ``"red"``.
+        slide_fraction: share of the slide's area covered by this ink (0..1).
+        inked_patch_count: kept patches more than 25 % covered by this ink.
+    """
+
+    color: str
+    slide_fraction: float
+    inked_patch_count: int
 
 
 @dataclass(frozen=True)
@@ -121,10 +151,15 @@ class TilingPlan:
         warnings: human-readable notes (missing metadata, ink, no tissue, ...).
         no_tissue: True when no patch was kept (an outcome, not an error).
         tiling_seconds: wall time of :func:`plan_tiling` (s).
+        tissue_rgb: ``[N, 3]`` uint8 RGB of the low-resolution image's tissue pixels
+            (an even subsample of at most :data:`MAX_TISSUE_SAMPLE`), for fitting
+            per-slide statistics such as stain normalisation (:mod:`.stain`).
         roi_excluded_patch_count: patches that pass ``min_tissue_fraction`` on the
             whole slide but not inside ``options.roi`` (0 without a region).
         region: ``[h, w]`` bool, the region of interest on the tissue mask's pixel
             grid (centre rule, :func:`.roi.region_raster`), or None without a region.
+        ink: marker ink per colour (:class:`InkFigure`, :func:`ink_figures`).
+        faint_tissue: the tissue was found only by the faint-tissue pass.
     """
 
     metadata: SlideMetadata
@@ -140,8 +175,19 @@ class TilingPlan:
     warnings: tuple[str, ...]
     no_tissue: bool
     tiling_seconds: float
+    tissue_rgb: npt.NDArray[np.uint8] = field(default_factory=lambda: np.zeros((0, 3), np.uint8))
     roi_excluded_patch_count: int = 0
     region: npt.NDArray[np.bool_] | None = None
+
+    @property
+    def ink(self) -> tuple[InkFigure, ...]:
+        """Marker ink per colour (green_blue, black, red), see :func:`ink_figures`."""
+        return ink_figures(self.mask, self.grid)
+
+    @property
+    def faint_tissue(self) -> bool:
+        """The tissue was found only by the faint-tissue pass (``mask.faint``)."""
+        return self.mask.faint
 
 
 def resolve_mpp(
@@ -151,9 +197,6 @@ def resolve_mpp(
 
     Order: ``options.mpp_override``; metadata mpp; objective power (mpp = 10 /
     power, the usual 10x ~ 1 um/px convention); else level 0 is taken at face value
-        tissue_rgb: ``[N, 3]`` uint8 RGB of the low-resolution image's tissue pixels
-            (an even subsample of at most :data:`MAX_TISSUE_SAMPLE`), for fitting
-            per-slide statistics such as stain normalisation (:mod:`.stain`).
     (assumed to be at the target resolution, or at 10 / magnification).
 
     Returns:
@@ -175,7 +218,6 @@ def resolve_mpp(
             ],
         )
     t = options.target
-    tissue_rgb: npt.NDArray[np.uint8] = field(default_factory=lambda: np.zeros((0, 3), np.uint8))
     mpp = t.value if t.unit == "mpp" else (10.0 / t.value if t.unit == "magnification" else 1.0)
     note = (
         "slide has no mpp or objective-power metadata; level 0 taken at face value "
@@ -295,6 +337,7 @@ def build_grid(
         rr = np.repeat(rows, n_cols)
         cc = np.tile(cols, rows.shape[0])
         frac = box_fractions(table, mask.scale_x, mask.scale_y, x_all[cc], rr * sy, fw, fh)
+        frac = in_slide_share(frac, x_all[cc], rr * sy, fw, fh, md)
         sel = frac >= options.min_tissue_fraction
         if options.min_tissue_fraction > 0:
             sel &= frac > 0
@@ -317,8 +360,15 @@ def build_grid(
     is_edge = (x_l0 + fw > md.width_l0 + slack) | (y_l0 + fh > md.height_l0 + slack)
     if ink_table is not None and n:
         ink = box_fractions(ink_table, mask.scale_x, mask.scale_y, x_l0, y_l0, fw, fh)
+        ink = in_slide_share(ink, x_l0, y_l0, fw, fh, md)
     else:
         ink = np.zeros(n)
+    ink_by_color = np.zeros((n, len(INK_COLORS)), np.float32)
+    for j, color in enumerate(INK_COLORS):
+        m = mask.ink_by_color.get(color)
+        if m is not None and n and m.any():
+            share = box_fractions(mask_integral(m), mask.scale_x, mask.scale_y, x_l0, y_l0, fw, fh)
+            ink_by_color[:, j] = in_slide_share(share, x_l0, y_l0, fw, fh, md)
     return PatchGrid(
         row=row.astype(np.int32),
         col=col.astype(np.int32),
@@ -342,7 +392,45 @@ def build_grid(
         effective_mpp=effective_mpp,
         footprint_x_l0=fw,
         footprint_y_l0=fh,
+        ink_by_color=ink_by_color,
     )
+
+
+def in_slide_share(
+    fraction: npt.NDArray[np.float64],
+    x_l0: npt.NDArray[np.floating],
+    y_l0: npt.NDArray[np.floating],
+    width_l0: float,
+    height_l0: float,
+    md: SlideMetadata,
+) -> npt.NDArray[np.float64]:
+    """Mask shares of whole footprints turned into shares of their in-slide area.
+
+    A pad-mode edge cell overhangs the slide; :func:`~histohelper.geometry.box_fractions`
+    counts its padding as background, so a cell 87 % tissue inside the slide scored
+    its in-slide share times that (0.40 with 104 of 224 px inside). Edge cells (those
+    overhanging by more than 1e-6 px, as ``PatchGrid.is_edge``) get
+    ``fraction / in-slide share`` (capped at 1); every other cell keeps its value
+    bit for bit.
+
+    Args:
+        fraction: ``[N]`` share of each whole footprint (0..1).
+        x_l0: ``[N]`` footprint left edges, level-0 px.
+        y_l0: ``[N]`` footprint top edges, level-0 px.
+        width_l0: footprint width, level-0 px.
+        height_l0: footprint height, level-0 px.
+        md: the slide's metadata (its level-0 size).
+
+    Returns:
+        ``[N]`` float64 in [0, 1].
+    """
+    slack = 1e-6
+    edge = (x_l0 + width_l0 > md.width_l0 + slack) | (y_l0 + height_l0 > md.height_l0 + slack)
+    if not edge.any():
+        return fraction
+    inside = in_slide_fractions(x_l0, y_l0, width_l0, height_l0, md.width_l0, md.height_l0)
+    safe = np.where(inside > 0, inside, 1.0)
+    return np.where(edge & (inside > 0), np.minimum(fraction / safe, 1.0), fraction)
 
 
 def build_region_grid(
@@ -479,6 +567,7 @@ def plan_tiling(
     t0 = time.perf_counter()
     md = slide.metadata
     warnings = list(md.warnings)
+    warnings += _fluorescence_notes(md, options)
     mpp_x, mpp_y, source, notes = resolve_mpp(md, options)
     warnings += notes
     ds_x, ds_y, forced_level = target_downsample(md, options, mpp_x, mpp_y, source)
@@ -501,15 +590,19 @@ def plan_tiling(
         )
     if low.sampled:
         warnings.append("the coarsest level is very large: the tissue mask was sampled in bands")
-    mask = compute_tissue_mask(low, options, mpp_x, mpp_y, md.width_l0, md.height_l0)
+    mask = compute_tissue_mask(
+        low, options, mpp_x, mpp_y, md.width_l0, md.height_l0, fluorescence=bool(md.fluorescence)
+    )
     grid, region, roi_excluded = build_region_grid(
         md, mask, options, ds_x, ds_y, level, effective_mpp, warnings
     )
     if mask.ink_fraction > 0.001:
-        n_ink = int((grid.ink_fraction > 0.25).sum())
+        warnings.append(_ink_note(mask, grid))
+    if mask.faint:
         warnings.append(
-            f"marker ink detected over {100 * mask.ink_fraction:.2f}% of the slide "
-            f"(excluded from tissue; {n_ink} kept patches are >25% ink)"
+            "faint tissue: the tissue has too little colour for the saturation threshold "
+            f"and was found by its contrast against the glass ({100 * mask.tissue_fraction:.2f}% "
+            "of the slide); check the tissue mask"
         )
     no_tissue = len(grid) == 0
     if md.width_l0 < grid.footprint_x_l0 or md.height_l0 < grid.footprint_y_l0:
@@ -539,9 +632,60 @@ def plan_tiling(
         warnings=tuple(warnings),
         no_tissue=no_tissue,
         tiling_seconds=time.perf_counter() - t0,
-        roi_excluded_patch_count=roi_excluded,
         tissue_rgb=_tissue_sample(low.rgb, mask.mask),
+        roi_excluded_patch_count=roi_excluded,
         region=region,
+    )
+
+
+def _fluorescence_notes(md: SlideMetadata, options: TilingOptions) -> list[str]:
+    """The QC note of a fluorescence slide read in ``"read"`` mode (none for brightfield).
+
+    Raises:
+        UnsupportedSlideError: a fluorescence or multiplex slide (``md.fluorescence``)
+            and ``options.fluorescence`` is ``"refuse"``.
+    """
+    if not md.fluorescence:
+        return []
+    if options.fluorescence != "read":
+        raise UnsupportedSlideError(
+            f"the slide is {md.fluorescence}, not a brightfield picture: a brightfield H&E "
+            "model cannot read fluorescence or multiplex immunofluorescence. The operator "
+            "may start the server with --fluorescence read to analyse it anyway"
+        )
+    return [
+        f"fluorescence mode: the slide is {md.fluorescence}; read as is (the first channel "
+        "as OpenSlide renders it, grey), tissue = brighter than the dark background (Otsu "
+        "on grey value); a brightfield H&E model's outputs on it are out of domain"
+    ]
+
+
+def ink_figures(mask: TissueMask, grid: PatchGrid) -> tuple[InkFigure, ...]:
+    """Marker ink per colour of :data:`~.mask.INK_COLORS`: slide share and kept patches
+    more than 25 % covered (of their in-slide footprint) by that colour."""
+    return tuple(
+        InkFigure(
+            color=color,
+            slide_fraction=float(mask.ink_fractions.get(color, 0.0)),
+            inked_patch_count=int((grid.ink_by_color[:, j] > INKED_PATCH_SHARE).sum())
+            if grid.ink_by_color.shape[0] == len(grid)
+            else 0,
+        )
+        for j, color in enumerate(INK_COLORS)
+    )
+
+
+def _ink_note(mask: TissueMask, grid: PatchGrid) -> str:
+    """The QC warning on marker ink, with the count of inked kept patches per colour."""
+    n_ink = int((grid.ink_fraction > INKED_PATCH_SHARE).sum())
+    per_color = ", ".join(
+        f"{f.color.replace('_', '/')} {f.inked_patch_count}"
+        for f in ink_figures(mask, grid)
+        if f.slide_fraction > 0 or f.inked_patch_count
+    )
+    return (
+        f"marker ink detected over {100 * mask.ink_fraction:.2f}% of the slide "
+        f"(excluded from tissue; {n_ink} kept patches are >25% ink: {per_color})"
     )
 
 
