@@ -421,7 +421,7 @@ class ServerConfig:
         group=_LIMITS,
         help="vertices a request's region of interest (AnalysisOptions.roi GeoJSON, include "
         "and exclude together) may have; more is refused (INVALID_OPTIONS). Validity checks "
-        "cost about 2 s per 100,000 vertices",
+        "cost up to about 2 s per 100,000 vertices",
     )
     roi_max_bytes: int = setting(
         8 * MIB,
