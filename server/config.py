@@ -238,6 +238,13 @@ class ServerConfig:
         help="tissue masks no finer than this (0: a 1,024 px mask whatever the slide's size); "
         "8 spares small biopsies a full level-0 decode (benchmarks/cohort_bench.py)",
     )
+    fluorescence: str = setting(
+        "refuse",
+        choices=("refuse", "read"),
+        help="fluorescence/multiplex slides (QPTIFF, OME channels, greyscale channel pages): "
+        "refuse is SLIDE_UNSUPPORTED; read analyses the first channel as grey, tissue = "
+        "brighter than the background, with a QC warning that the model is out of domain",
+    )
     stain_reference: Path | None = setting(
         None,
         help="reference image (PNG/JPEG/TIFF of typical H&E) whose stain statistics are the "

@@ -80,6 +80,7 @@ def tiling_options(
     default_batch_size: int,
     mask_min_um_per_px: float = 0.0,
     roi_limits: RegionLimits | None = None,
+    fluorescence: str = "refuse",
 ) -> tuple[TilingOptions, int]:
     """Tiling options (every default filled from the model's manifest, the mask's
     resolution bound from the server's ``--mask-min-um-per-px``, the region of interest
@@ -107,6 +108,7 @@ def tiling_options(
         "edge_mode": _EDGE_MODES[opts.edge_mode],
         "mask_min_um_per_px": mask_min_um_per_px,
         "roi": region_of_interest(opts.roi, roi_limits),
+        "fluorescence": fluorescence,  # the server's --fluorescence (TilingOptions)
     }
     if opts.HasField("min_tissue_fraction"):
         kwargs["min_tissue_fraction"] = float(opts.min_tissue_fraction)
@@ -306,6 +308,15 @@ def quality_control(plan: TilingPlan, failed: int = 0) -> pb.QualityControl:
         failed_patch_count=failed,
         warnings=list(plan.warnings),
         roi_excluded_patch_count=plan.roi_excluded_patch_count,
+        ink=[
+            pb.InkFigure(
+                color=f.color,
+                slide_fraction=f.slide_fraction,
+                inked_patch_count=f.inked_patch_count,
+            )
+            for f in plan.ink
+        ],
+        faint_tissue=plan.faint_tissue,
     )
 
 

@@ -182,6 +182,7 @@ class SlideAnalysisServicer:
             roi_limits=convert.RegionLimits(
                 self.config.roi_max_vertices, self.config.roi_max_bytes
             ),
+            fluorescence=self.config.fluorescence,
         )
         opts = request.options
         return AnalysisSpec(
