@@ -178,16 +178,31 @@ class ModelSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class InkFigure:
+    """Marker ink of one colour: ``color`` ("green_blue", "black" or "red"),
+    ``slide_fraction`` (share of the slide's area, in [0, 1]) and ``inked_patch_count``
+    (kept patches more than 25 % covered by it)."""
+
+    color: str
+    slide_fraction: float
+    inked_patch_count: int
+
+
+@dataclass(frozen=True, slots=True)
 class QualityControl:
     """QC figures: tissue fraction of the slide area in [0, 1], patch counts, warnings;
     ``roi_excluded_patch_count``: patches with enough tissue that the request's region of
-    interest left out (0 without one)."""
+    interest left out (0 without one); ``ink``: marker ink per colour
+    (:class:`InkFigure`); ``faint_tissue``: the tissue was found only by the server's
+    faint-tissue threshold (low contrast against the glass: check the mask)."""
 
     tissue_fraction: float
     patch_count: int
     failed_patch_count: int
     warnings: tuple[str, ...]
     roi_excluded_patch_count: int = 0
+    ink: tuple[InkFigure, ...] = ()
+    faint_tissue: bool = False
 
     @classmethod
     def from_proto(cls, msg: pb.QualityControl) -> QualityControl:
@@ -197,6 +212,8 @@ class QualityControl:
             failed_patch_count=msg.failed_patch_count,
             warnings=tuple(msg.warnings),
             roi_excluded_patch_count=msg.roi_excluded_patch_count,
+            ink=tuple(InkFigure(f.color, f.slide_fraction, f.inked_patch_count) for f in msg.ink),
+            faint_tissue=msg.faint_tissue,
         )
 
 

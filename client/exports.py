@@ -102,6 +102,15 @@ def summary_dict(result: SlideResult) -> dict[str, Any]:
         "failed_patch_count": result.qc.failed_patch_count,
         "roi_excluded_patch_count": result.qc.roi_excluded_patch_count,
         "tissue_fraction": _finite(result.qc.tissue_fraction),
+        "faint_tissue": result.qc.faint_tissue,
+        "ink": [
+            {
+                "color": f.color,
+                "slide_fraction": _finite(f.slide_fraction),
+                "inked_patch_count": f.inked_patch_count,
+            }
+            for f in result.qc.ink
+        ],
         "warnings": list(result.qc.warnings),
         "patch_class_mean_probability": mean_probs,
         "patch_class_argmax_count": argmax_counts,

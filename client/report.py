@@ -339,6 +339,15 @@ def _qc_section(result: SlideResult) -> str:
         ("patches analysed", f"{result.patch_count} of {g.patch_count}"),
         ("patches that failed to read", str(q.failed_patch_count)),
         ("patches left out by the region of interest", str(q.roi_excluded_patch_count)),
+        ("faint tissue (low contrast; check the mask)", "yes" if q.faint_tissue else "no"),
+        *(
+            (
+                f"{_e(f.color.replace('_', '/'))} marker ink",
+                f"{_num(f.slide_fraction, '.2%')} of the slide, "
+                f"{f.inked_patch_count} patches &gt;25% inked",
+            )
+            for f in q.ink
+        ),
         ("grid", f"{g.n_rows} rows &times; {g.n_cols} cols"),
         ("patch size / stride", f"{g.patch_size_px} / {g.stride_px} px"),
         ("effective resolution", f"{_num(g.effective_mpp, '.4g')} µm/px"),
