@@ -9,10 +9,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from histohelper.cli import main
+from histohelper.client import RegionOfInterest
 from histohelper.client.cohort_runner import options_identity, slides_from_manifest
 from histohelper.client.options import AnalysisOptions
+from histohelper.errors import InvalidOptionsError
 
 SLIDE = "real/CMU-1-Small-Region.svs"
 SHELL = [[300.5, 200.25], [1900.0, 250.0], [1800.0, 1900.0], [350.0, 1800.0], [300.5, 200.25]]
@@ -79,3 +82,16 @@ def test_manifest_roi_column(tmp_path: Path) -> None:
     identity = options_identity(one.options, {})
     assert identity["roi"] == one.options.roi.sha256()
     json.dumps(identity)
+
+
+def test_sdk_region_checks_and_wire_form(tmp_path: Path) -> None:
+    with pytest.raises(InvalidOptionsError, match="needs include"):
+        RegionOfInterest()
+    with pytest.raises(InvalidOptionsError, match="mask_downsample"):
+        RegionOfInterest(mask_png=b"png")
+    with pytest.raises(InvalidOptionsError, match="no mask"):
+        RegionOfInterest(include_geojson="{}", mask_downsample=2.0)
+    roi = RegionOfInterest.from_files(_annotations(tmp_path / "a.geojson"))
+    wire = AnalysisOptions(roi=roi).to_proto()
+    assert wire.roi.include_geojson == roi.include_geojson and not wire.roi.mask_png
+    assert not AnalysisOptions().to_proto().HasField("roi")
