@@ -89,25 +89,25 @@ def test_empty_region_is_none_and_digest_ignores_formatting() -> None:
     assert c != a
 
 
+def poly(*rings: list) -> str:
+    return json.dumps({"type": "Polygon", "coordinates": list(rings)})
+
+
+BOWTIE = [[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]
+FAR_HOLE = [[5000, 5000], [5100, 5000], [5100, 5100], [5000, 5000]]
 BAD_CASES = {
     "not-json": ("{'type': ", "not valid JSON"),
     "not-geojson": ("[1, 2, 3]", "not a GeoJSON object"),
     "unknown-type": (json.dumps({"type": "Circle", "coordinates": []}), "'Circle'"),
     "no-polygon": (json.dumps({"type": "Point", "coordinates": [1, 2]}), "no Polygon"),
-    "bowtie": (
-        json.dumps({"type": "Polygon", "coordinates": [[[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]}),
-        "Self-intersection",
-    ),
-    "two-points": (json.dumps({"type": "Polygon", "coordinates": [[[0, 0], [5, 5], [0, 0]]]}), "fewer than 3"),
+    "bowtie": (poly(BOWTIE), "Self-intersection"),
+    "two-points": (poly([[0, 0], [5, 5], [0, 0]]), "fewer than 3"),
     "nan": (
         '{"type": "Polygon", "coordinates": [[[0, 0], [NaN, 5], [5, 0], [0, 0]]]}',
         "non-finite",
     ),
     "strings": (json.dumps({"type": "Polygon", "coordinates": [["a", "b", "c"]]}), "positions"),
-    "hole-outside": (
-        json.dumps({"type": "Polygon", "coordinates": [SHELL, [[5000, 5000], [5100, 5000], [5100, 5100], [5000, 5000]]]}),
-        "not a valid polygon",
-    ),
+    "hole-outside": (poly(SHELL, FAR_HOLE), "not a valid polygon"),
     "deep-nesting": ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
 }  # fmt: skip
 
@@ -196,11 +196,11 @@ def test_region_raster_combines_include_mask_and_exclude() -> None:
 
 
 def test_region_outside_the_slide() -> None:
-    far = parse_region(json.dumps({"type": "Polygon", "coordinates": [[[5000, 5000], [6000, 5000], [6000, 6000], [5000, 5000]]]}))  # fmt: skip
+    far = parse_region(poly([[5000, 5000], [6000, 5000], [6000, 6000], [5000, 5000]]))
     assert far is not None
     with pytest.raises(InvalidOptionsError, match="wholly outside the slide"):
         region_raster(far, (10, 10), 100.0, 100.0, 1000, 1000)
-    half = parse_region(json.dumps({"type": "Polygon", "coordinates": [[[500, 0], [1500, 0], [1500, 1000], [500, 1000], [500, 0]]]}))  # fmt: skip
+    half = parse_region(poly([[500, 0], [1500, 0], [1500, 1000], [500, 1000], [500, 0]]))
     assert half is not None
     raster, notes = region_raster(half, (10, 10), 100.0, 100.0, 1000, 1000)
     assert raster[:, 5:].all() and not raster[:, :5].any()
