@@ -220,3 +220,20 @@ def test_plan_keeps_only_patches_inside_the_region_and_counts_the_rest() -> None
     assert inside.roi_excluded_patch_count == len(everywhere) - len(kept)
     assert whole.roi_excluded_patch_count == 0
     assert np.all(inside.grid.tissue_fraction <= 1.0)
+
+
+@pytest.mark.skipif(not SMALL_REGION.exists(), reason="real test slide not in ../shared/slides")
+def test_mask_png_and_polygon_of_the_same_area_give_the_same_grid() -> None:
+    # A rectangle on whole 30 px mask cells (level-0 px 300..1500 x 600..2100): as a
+    # polygon and as a mask PNG with 30 level-0 px per mask px.
+    rect = parse_region(poly([[300, 600], [1500, 600], [1500, 2100], [300, 2100], [300, 600]]))
+    mask = np.zeros((100, 74), bool)
+    mask[20:70, 10:50] = True
+    as_mask = parse_region(mask_png=_png(mask), mask_downsample=30.0)
+    with open_slide(SMALL_REGION) as slide:
+        a = plan_tiling(slide, TilingOptions(roi=rect))
+        b = plan_tiling(slide, TilingOptions(roi=as_mask))
+    assert a.region is not None and b.region is not None
+    assert np.array_equal(a.region, b.region) and a.region.any()
+    assert np.array_equal(a.grid.row, b.grid.row) and np.array_equal(a.grid.col, b.grid.col)
+    assert a.roi_excluded_patch_count == b.roi_excluded_patch_count > 0
