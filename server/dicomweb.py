@@ -195,6 +195,33 @@ def _unavailable(name: str, what: str) -> PacsUnavailableError:
     )
 
 
+#: Libraries that put UIDs or URLs into their log records (dicomweb-client logs
+#: "search for series of study <UID>" at INFO, urllib3 every URL at DEBUG, wsidicom
+#: instance UIDs through the root logger).
+_CHATTY_LOGGERS = ("dicomweb_client", "wsidicom", "urllib3.connectionpool")
+
+
+def _from_chatty_library(record: logging.LogRecord) -> bool:
+    """False (drop) for a record logged through the root logger by wsidicom or
+    dicomweb-client (they call ``logging.info`` directly)."""
+    path = record.pathname.replace("\\", "/")
+    return not ("/wsidicom/" in path or "/dicomweb_client/" in path)
+
+
+def quiet_library_logs() -> None:
+    """Keep UIDs and URLs of the DICOMweb libraries out of the server's logs.
+
+    Their loggers are raised to CRITICAL and their records on the root logger are
+    dropped. Called when the servers are configured (server start-up), never at
+    import; idempotent.
+    """
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    root = logging.getLogger()
+    if _from_chatty_library not in root.filters:
+        root.addFilter(_from_chatty_library)
+
+
 @dataclass
 class _Pooled:
     series: DicomSeries
@@ -213,6 +240,7 @@ class DicomWebServers:
 
     def __init__(self, endpoints: dict[str, DicomWebEndpoint]) -> None:
         self.endpoints = dict(endpoints)
+        quiet_library_logs()
         self._pool: OrderedDict[tuple[str, str, str], _Pooled] = OrderedDict()
         self._lock = threading.Lock()
 

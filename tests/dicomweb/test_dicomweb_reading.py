@@ -4,6 +4,7 @@ tiles), and each bad case mapped to its error."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,24 @@ def test_local_dicom_folder_reads_through_the_same_code(
         np.testing.assert_array_equal(
             dcm.read_level_rgb(0, 100, 200, 512, 512), svs.read_level_rgb(0, 100, 200, 512, 512)
         )
+
+
+def test_no_uid_or_url_reaches_the_logs(
+    servers: DicomWebServers, dicomweb_slide: DicomWebSlide, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reading a series and failing on unknown UIDs log neither UIDs nor the PACS URL,
+    even at DEBUG (dicomweb-client, urllib3 and wsidicom would)."""
+    caplog.set_level(logging.DEBUG)
+    source = servers.source(
+        "pacs", dicomweb_slide.study_instance_uid, dicomweb_slide.series_instance_uid
+    )
+    with open_slide(source) as slide:
+        slide.read_level_rgb(0, 0, 0, 300, 300)
+    with pytest.raises(SlideNotFoundError):
+        servers.source("pacs", dicomweb_slide.study_instance_uid, "1.2.3.4.5").open()
+    for secret in (
+        dicomweb_slide.study_instance_uid,
+        dicomweb_slide.series_instance_uid,
+        dicomweb_slide.server.dicomweb_url,
+    ):
+        assert secret not in caplog.text
