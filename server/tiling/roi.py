@@ -304,8 +304,10 @@ def _parse_geojson(
         )
     if ignored:
         listed = ", ".join(f"{n} {k}" for k, n in sorted(ignored.items()))
-        notes.append(f"region of interest: {field} ignored {listed} (no area: only Polygon "
-                     "and MultiPolygon annotations bound a region)")  # fmt: skip
+        notes.append(
+            f"region of interest: {field} ignored {listed} (only Polygon and MultiPolygon "
+            "annotations bound a region)"
+        )
     if not polygons:
         raise InvalidOptionsError(
             f"{field} has no Polygon or MultiPolygon annotation to bound a region"
