@@ -4,20 +4,23 @@ For a slide read from DICOM (``SlideResult.dicom``: a DICOMweb series or DICOM W
 files) this module builds, with highdicom (Herrmann et al., J Pathol Inform 2018;
 the ``dicom`` extra):
 
-- a **Microscopy Bulk Simple Annotations** object (:func:`patch_annotations`): one POLYGON
-  per analysed patch, its four corners the patch's exact level-0 box as the server
-  sent it; one annotation group per *predicted* patch class (argmax of the patch's
-  probabilities), each annotation with the measurements ``probability of <class>``
-  for every patch class and ``MIL attention`` (when the result has attention).
+- a **Microscopy Bulk Simple Annotations** object (:func:`patch_annotations`): one
+  POLYGON per analysed patch, its four corners the patch's exact level-0 box as the
+  server sent it; one annotation group per *predicted* patch class (argmax of the
+  patch's probabilities), each annotation with the measurements ``probability of
+  <class>`` for every patch class and ``MIL attention`` (when the result has attention).
 - floating-point **Parametric Maps** (:func:`probability_maps`): the probability
   heatmap at the grid's resolution, one instance per patch class (one series), in
   the source slide's frame of reference.
+- a **Comprehensive 3D SR** (:func:`slide_report`), a TID 1500 Measurement Report of
+  the slide-level prediction: the predicted class, the probability of every slide
+  class, the Monte-Carlo dropout figures when present, the model as algorithm and
+  observer device (name, version).
 
-The slide-level prediction, its Monte-Carlo dropout uncertainty and the model's name
-and version go into the objects' descriptions (not a structured report): the
-annotation groups' Annotation Group Description and the maps' Image Comments hold
-the whole text (:func:`prediction_text`), Content Description and Series Description
-a 64-character summary; every annotation group carries the model as its Algorithm
+The same prediction, uncertainty and model are also text in the other objects: the
+annotation groups' Annotation Group Description and the maps' Image Comments hold the
+whole text (:func:`prediction_text`), Content Description and Series Description a
+64-character summary; every annotation group carries the model as its Algorithm
 Identification (name, version, family "Artificial Intelligence").
 
 All objects join the source study (its Study Instance UID and patient), share its
@@ -69,8 +72,8 @@ if TYPE_CHECKING:
 NO_PATCH = -1.0
 #: Private coding scheme of the measurement and class codes.
 CODING_SCHEME = "99HISTOHELPER"
-#: Series numbers of the new series (annotations, map).
-SERIES_NUMBERS = (9101, 9102)
+#: Series numbers of the new series (annotations, maps, report).
+SERIES_NUMBERS = (9101, 9102, 9103)
 MANUFACTURER = "HistoHelper"
 #: Largest frame side of the parametric map, px.
 MAP_TILE_PX = 256
@@ -486,28 +489,145 @@ def probability_maps(
     return maps
 
 
+# --- the slide-level report -----------------------------------------------------------
+
+
+def slide_report(
+    result: SlideResult,
+    source: pydicom.Dataset | None = None,
+    *,
+    series_number: int = SERIES_NUMBERS[2],
+) -> Any:
+    """Comprehensive 3D SR, a TID 1500 Measurement Report of the slide-level prediction.
+
+    One measurement group (tracking identifier "slide-level prediction", the level-0
+    source image as its source, the model as algorithm: name, version, parameter
+    ``untrained`` when it is) holding: the qualitative evaluation "Predicted slide
+    class" (a code of :data:`CODING_SCHEME` whose meaning is the class name); the
+    measurements "Probability of <slide class>" (unit 1) for every slide class; with
+    Monte-Carlo dropout also "MC dropout mean probability of <class>", "MC dropout
+    std of <class>" (unit 1, ddof 0), "Predictive entropy" (nats, UCUM ``{nats}``) and
+    "MC dropout passes" (unit 1). Values are DICOM decimal strings (16 characters).
+
+    Args:
+        result: a completed result with a prediction, of a slide read from DICOM.
+        source: the level-0 source image (default: from ``result.dicom``).
+        series_number: Series Number of the new series.
+
+    Returns:
+        A ``highdicom.sr.Comprehensive3DSR`` (a pydicom Dataset).
+
+    Raises:
+        ValueError: no DICOM source, no patches, or no prediction.
+    """
+    hd = _hd()
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    source = _checked_source(result, source)
+    p = result.prediction
+    if p is None:
+        raise ValueError(f"the result has no slide prediction ({result.outcome})")
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=(result.model.name or "unnamed model")[:64],
+        version=(result.model.version or "-")[:64],
+        parameters=["untrained"] if result.model.untrained else None,
+    )
+    unit = codes.UCUM.NoUnits
+
+    def number(value_code: str, meaning: str, value: float, unit: Any = unit) -> Any:
+        return hd.sr.Measurement(
+            name=_code(value_code, meaning), value=float(value), unit=unit, algorithm_id=algorithm
+        )
+
+    measurements = [
+        number(f"SPROB{i}", f"Probability of {c}", v)
+        for i, (c, v) in enumerate(zip(p.class_names, p.probabilities, strict=True))
+    ]
+    u = p.uncertainty
+    if u is not None:
+        for i, c in enumerate(p.class_names):
+            measurements.append(
+                number(f"MCMEAN{i}", f"MC dropout mean probability of {c}", u.mean[i])
+            )
+            measurements.append(number(f"MCSTD{i}", f"MC dropout std of {c}", u.std[i]))
+        nats = Code("{nats}", "UCUM", "nats")
+        measurements.append(number("ENTROPY", "Predictive entropy", u.entropy_nats, nats))
+        measurements.append(number("MCPASSES", "MC dropout passes", u.passes))
+    k = p.class_names.index(p.predicted_class) if p.predicted_class in p.class_names else 0
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier="slide-level prediction"
+        ),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=_code("PREDICTED", "Predicted slide class"),
+                value=_code(f"SCLASS{k}", p.predicted_class),
+            )
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
+        ],
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(),
+            name=(result.model.name or "unnamed model")[:64],
+            manufacturer_name=MANUFACTURER,
+            model_name=(result.model.version or "-")[:64],
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_code("WSIANALYSIS", "Whole slide image analysis"),
+        imaging_measurements=[group],
+    )
+    common = _common(result, series_number)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source],
+        content=report[0],
+        series_instance_uid=common["series_instance_uid"],
+        series_number=series_number,
+        sop_instance_uid=common["sop_instance_uid"],
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+    )
+    sr.SeriesDescription = summary_text(result, f"HistoHelper {result.model.name} report")
+    return sr
+
+
 # --- all objects, files and bytes -----------------------------------------------------
 
 
 def result_objects(
     result: SlideResult, *, coordinates: Coordinates = "3D"
 ) -> list[pydicom.Dataset]:
-    """The annotations (:func:`patch_annotations`) then one probability map per patch class
-    (:func:`probability_maps`); the order of :func:`file_names`.
+    """The annotations (:func:`patch_annotations`), one probability map per patch class
+    (:func:`probability_maps`) and, when the result has a slide prediction, the report
+    (:func:`slide_report`); the order of :func:`file_names`.
 
     Raises:
         ValueError: the slide was not read from DICOM, or the result has no patches.
     """
     source = _checked_source(result, None)
-    return [
+    objects = [
         patch_annotations(result, source, coordinates=coordinates),
         *probability_maps(result, source),
     ]
+    if result.prediction is not None:
+        objects.append(slide_report(result, source))
+    return objects
 
 
-def file_names(class_names: Sequence[str]) -> list[str]:
-    """``annotations.dcm``, then ``probability_map_<k>.dcm`` per class index ``k``."""
-    return ["annotations.dcm", *(f"probability_map_{k}.dcm" for k in range(len(class_names)))]
+def file_names(result: SlideResult) -> list[str]:
+    """``annotations.dcm``, ``probability_map_<k>.dcm`` per patch class index ``k``, then
+    ``slide_report.dcm`` when the result has a slide prediction."""
+    maps = [f"probability_map_{k}.dcm" for k in range(len(result.class_names))]
+    report = ["slide_report.dcm"] if result.prediction is not None else []
+    return ["annotations.dcm", *maps, *report]
 
 
 def write_dicom(
@@ -520,7 +640,7 @@ def write_dicom(
     """Write the result objects as DICOM Part 10 files :func:`file_names` into ``out_dir``.
 
     Args:
-        result: the result (ignored when ``objects`` are given).
+        result: the result (its classes and prediction name the files).
         out_dir: the folder (created).
         objects: objects already built by :func:`result_objects`.
         coordinates: as :func:`patch_annotations`.
@@ -536,7 +656,7 @@ def write_dicom(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, ds in zip(file_names(result.class_names), objs, strict=True):
+    for name, ds in zip(file_names(result), objs, strict=True):
         path = out / name
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

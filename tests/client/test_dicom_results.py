@@ -59,15 +59,17 @@ def dicom_result(server: str = "pacs", **spec: object):
 
 
 def read_back(paths: list[Path]) -> tuple[object, list[object]]:
+    """The annotations and the maps of written files (the report is read by its test)."""
     ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(paths[0]))
-    maps = [hd.pm.ParametricMap.from_dataset(pydicom.dcmread(p)) for p in paths[1:]]
+    map_paths = [p for p in paths if p.name.startswith("probability_map_")]
+    maps = [hd.pm.ParametricMap.from_dataset(pydicom.dcmread(p)) for p in map_paths]
     return ann, maps
 
 
 def test_annotations_one_polygon_per_patch_in_slide_coordinates(tmp_path: Path) -> None:
     result, expected, ds = dicom_result()
     paths = write_dicom(result, tmp_path)
-    assert [p.name for p in paths] == file_names(result.class_names)
+    assert [p.name for p in paths] == file_names(result)
     ann, _ = read_back(paths)
 
     assert ann.AnnotationCoordinateType == "3D"
@@ -162,9 +164,49 @@ def test_probability_maps_hold_the_heatmap_registered_to_the_slide(tmp_path: Pat
         assert float(np.abs(got_mm - want_mm).max()) * 1000.0 < 1.0
 
 
+def test_slide_report_holds_the_prediction_and_mc_dropout_figures(tmp_path: Path) -> None:
+    import dataclasses
+
+    from histohelper.client import SlideUncertainty
+
+    result, _, ds = dicom_result()
+    p = result.prediction
+    assert p is not None
+    unc = SlideUncertainty(mean=(0.4, 0.6), std=(0.05, 0.07), entropy_nats=0.673, passes=8)
+    result = dataclasses.replace(result, prediction=dataclasses.replace(p, uncertainty=unc))
+    path = write_dicom(result, tmp_path)[-1]
+    assert path.name == "slide_report.dcm"
+    sr = hd.sr.srread(path)
+    assert sr.StudyInstanceUID == ds.StudyInstanceUID
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == ds.SeriesInstanceUID
+    (group,) = sr.content.get_image_measurement_groups()
+    values = {m.name.meaning: m.value for m in group.get_measurements()}
+    want: dict[str, float] = {"Predictive entropy": 0.673, "MC dropout passes": 8}
+    for i, c in enumerate(p.class_names):
+        want[f"Probability of {c}"] = p.probabilities[i]
+        want[f"MC dropout mean probability of {c}"] = unc.mean[i]
+        want[f"MC dropout std of {c}"] = unc.std[i]
+    assert values.keys() == want.keys()
+    worst = max(abs(values[k] - want[k]) for k in want)
+    print(f"max report value deviation {worst:.2g}")
+    assert worst < 1e-9  # decimal strings of 16 characters
+    (finding,) = group.get_qualitative_evaluations()
+    assert finding.value.meaning == p.predicted_class
+    from pydicom.sr.codedict import codes
+
+    def texts(name: object) -> set[str]:
+        found = hd.sr.utils.find_content_items(sr, name=name, recursive=True)
+        return {item.TextValue for item in found}
+
+    assert texts(codes.DCM.AlgorithmName) == {result.model.name}
+    assert texts(codes.DCM.AlgorithmVersion) == {result.model.version}
+
+
 def test_descriptions_carry_prediction_uncertainty_and_model() -> None:
     result, _, _ = dicom_result()
-    ann, *maps = result.to_dicom()
+    ann, *rest = result.to_dicom()
+    maps = rest[: len(result.class_names)]
     text = prediction_text(result)
     assert result.prediction is not None
     assert f"Slide prediction: {result.prediction.predicted_class}" in text

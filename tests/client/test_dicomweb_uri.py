@@ -169,10 +169,10 @@ def test_analyze_dicom_out_writes_the_objects(
     names = sorted(p.name for p in dcm.iterdir())
     assert names == [
         "annotations.dcm", "probability_map_0.dcm", "probability_map_1.dcm",
-        "probability_map_2.dcm",
+        "probability_map_2.dcm", "slide_report.dcm",
     ]  # fmt: skip
     assert pydicom.dcmread(dcm / "annotations.dcm").Modality == "ANN"
-    assert "DICOM: 4 objects" in captured.out
+    assert "DICOM: 5 objects" in captured.out
     assert STUDY not in captured.out + captured.err and SERIES not in captured.out
 
 

@@ -78,23 +78,32 @@ def test_results_stored_on_the_pacs_read_back_equal_the_served_ones(
         worst_value = max(worst_value, float(np.abs(np.asarray(values) - want_values).max()))
 
     heat_worst = 0.0
-    for k, obj in enumerate(objects[1:]):
+    for k, obj in enumerate(objects[1 : 1 + len(result.class_names)]):
         pm = hd.pm.ParametricMap.from_dataset(_retrieve(dicomweb_slide, obj))
         pixels = pm.get_total_pixel_matrix(dtype=np.float32, apply_real_world_transform=False)
         want_map = np.nan_to_num(result.heatmaps[k], nan=NO_PATCH)
         heat_worst = max(heat_worst, float(np.abs(pixels - want_map).max()))
 
+    report = hd.sr.Comprehensive3DSR.from_dataset(_retrieve(dicomweb_slide, objects[-1]))
+    (group,) = report.content.get_image_measurement_groups()
+    assert result.prediction is not None
+    reported = {m.name.meaning: m.value for m in group.get_measurements()}
+    report_worst = max(
+        abs(reported[f"Probability of {c}"] - v)
+        for c, v in zip(result.prediction.class_names, result.prediction.probabilities, strict=True)
+    )
     size_kb = [len(part10_bytes(o)) / 1024 for o in objects]
     print(
         f"\npatches {result.patch_count}, annotations {n_annotations} in {len(groups)} groups; "
         f"max polygon deviation {worst_um:.3g} um; max measurement deviation {worst_value:g}; "
-        f"max heatmap deviation {heat_worst:g}; objects built in {build_s:.2f} s; sizes KiB "
-        + ", ".join(f"{s:.1f}" for s in size_kb)
+        f"max heatmap deviation {heat_worst:g}; max report deviation {report_worst:g}; "
+        f"objects built in {build_s:.2f} s; sizes KiB " + ", ".join(f"{s:.1f}" for s in size_kb)
     )
     assert n_annotations == result.patch_count == result.grid.patch_count > 0
     assert worst_um < 1.0
     assert worst_value == 0.0
     assert heat_worst == 0.0
+    assert report_worst < 1e-9
 
 
 def test_cli_dicom_out_and_stow(
