@@ -127,7 +127,8 @@ def _add_analyze(subparsers: Any) -> None:
         help="for a slide read from DICOM (dicomweb://NAME/STUDY_UID/SERIES_UID or DICOM "
         "WSI files): write DICOM result objects into DIR (annotations.dcm: one polygon per "
         "patch with its probabilities and attention; probability_map_<k>.dcm: the heatmap "
-        "of class k); needs the 'dicom' extra (highdicom)",
+        "of class k; slide_report.dcm: the slide prediction as a TID 1500 report); needs "
+        "the 'dicom' extra (highdicom)",
     )
     analyze.add_argument(
         "--stow",

@@ -264,8 +264,9 @@ class SlideResult:
                 (level-0 px).
 
         Returns:
-            ``[MicroscopyBulkSimpleAnnotations, ParametricMap per patch class ...]``
-            (highdicom objects, pydicom Datasets).
+            ``[MicroscopyBulkSimpleAnnotations, ParametricMap per patch class ...,
+            Comprehensive3DSR]`` (highdicom objects, pydicom Datasets; the report only
+            with a slide prediction).
 
         Raises:
             ValueError: the slide was not read from DICOM (``dicom is None``) or has no
