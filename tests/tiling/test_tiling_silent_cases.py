@@ -212,3 +212,35 @@ def test_edge_patch_is_judged_on_its_in_slide_area(silent_dir: Path) -> None:
     np.testing.assert_allclose(g.tissue_fraction, 90 / 104, atol=0.03)
     # Drop mode still drops the overhanging column.
     assert len(_plan(scs.write_edge_slide(silent_dir / "edge2.tiff"), edge_mode="drop").grid) == 0
+
+
+@pytest.mark.parametrize(
+    ("props", "expected"),
+    [
+        (  # the real dicom-boxes series: brightfield, RGB
+            {
+                "dicom.OpticalPathSequence[0].IlluminationTypeCodeSequence[0].CodeValue": "111744",
+                "dicom.PhotometricInterpretation": "RGB",
+                "dicom.SamplesPerPixel": "3",
+            },
+            "",
+        ),
+        (
+            {
+                "dicom.OpticalPathSequence[0].IlluminationTypeCodeSequence[0].CodeValue": "111743",
+                "dicom.OpticalPathSequence[1].IlluminationTypeCodeSequence[0].CodeValue": "111743",
+            },
+            "2 epifluorescence optical path(s)",
+        ),
+        (
+            {"dicom.PhotometricInterpretation": "MONOCHROME2", "dicom.SamplesPerPixel": "1"},
+            "monochrome",
+        ),
+    ],
+    ids=["brightfield", "epifluorescence", "monochrome"],
+)
+def test_openslide_dicom_properties_tell_fluorescence(props: dict[str, str], expected: str) -> None:
+    from histohelper.server.tiling.slide import _fluorescence_from_properties
+
+    reason = _fluorescence_from_properties(props)
+    assert (expected in reason) if expected else reason == ""
