@@ -39,6 +39,12 @@ BOUNDARIES = [
     ),
     ("histohelper.client.cli", ["torch", "torchvision", "openslide", "histohelper.server", "h5py"]),
     ("histohelper.client.features", ["torch", "openslide", "histohelper.server", "h5py"]),
+    # DICOM results and dicomweb:// slides: highdicom and pydicom only when objects are
+    # built; the client never reads DICOM itself (wsidicom is the server's).
+    (
+        "histohelper.client.dicom_results",
+        ["torch", "openslide", "histohelper.server", "cv2", "wsidicom", "highdicom", "pydicom"],
+    ),
     # report.html: the pictures come from the rendering helper, imported lazily (cv2).
     ("histohelper.client.report", ["torch", "openslide", "histohelper.server", "cv2"]),
     (
