@@ -64,7 +64,7 @@ def _run_tile(args: argparse.Namespace) -> int:
     import csv
     import json
     import sys
-    from dataclasses import replace
+    from dataclasses import asdict, replace
     from pathlib import Path
 
     import cv2
@@ -133,6 +133,8 @@ def _run_tile(args: argparse.Namespace) -> int:
         "mask_shape": list(plan.mask.mask.shape),
         "mask_scale_l0": [plan.mask.scale_x, plan.mask.scale_y],
         "ink_fraction": plan.mask.ink_fraction,
+        "ink": [asdict(f) for f in plan.ink],  # as summary.json of analyze writes it
+        "faint_tissue": plan.faint_tissue,
         "no_tissue": plan.no_tissue,
         "roi_sha256": options.roi.sha256 if options.roi is not None else None,
         "roi_excluded_patch_count": plan.roi_excluded_patch_count,

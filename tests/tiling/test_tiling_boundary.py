@@ -38,6 +38,8 @@ def test_tile_command_writes_outputs(real_slide: Path, tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     # 43 cells inside the slide + 6 bottom-row edge cells judged on their in-slide area.
     assert summary["patch_count"] == 49 and summary["mpp_source"] == "metadata"
+    assert [f["color"] for f in summary["ink"]] == ["green_blue", "black", "red"]
+    assert summary["faint_tissue"] is False
     with open(out / "patches.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 49 and {"row", "col", "x_l0", "y_l0", "tissue_fraction"} <= set(rows[0])
