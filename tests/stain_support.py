@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -59,3 +60,58 @@ def write_perturbed_copy(
     sizes = [(max(1, w // d), max(1, h // d)) for d in (4, 16)]
     write_slide(out, perturbed, sizes, mpp=mpp)
     return out, mpp
+
+
+def _by_cell(result: Any) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    p = result.patches
+    return {
+        (int(r), int(c)): (p.embeddings[i], p.probabilities[i])
+        for i, (r, c) in enumerate(zip(p.row, p.col, strict=True))
+    }
+
+
+def measure_agreement(
+    client: Any, original: str, perturbed: str, method: str | None
+) -> dict[str, float]:
+    """How closely two slides' served patches agree (same grid cell), with ``method``
+    applied to the published reference (None: off).
+
+    Args:
+        client: a :class:`histohelper.client.SlideClient`.
+        original, perturbed: slide paths under the server's slide root.
+        method: ``"macenko"``, ``"reinhard"`` or None.
+
+    Returns:
+        ``cosine``: mean cosine similarity of the embeddings; ``centred_cosine``: the
+        same after subtracting the mean embedding of both slides' patches (the
+        untrained network's embeddings share a large common part, which saturates the
+        plain cosine near 1); ``prob_abs_diff``: mean absolute difference of the patch
+        probabilities; ``cells``: grid cells compared.
+    """
+    from histohelper.client import AnalysisOptions
+
+    options = AnalysisOptions(
+        return_embeddings=True,
+        return_attention=False,
+        stain_normalization=method or "none",
+        stain_reference="published" if method else None,
+    )
+    a = _by_cell(client.analyze(original, options))
+    b = _by_cell(client.analyze(perturbed, options))
+    cells = sorted(set(a) & set(b))
+    ea = np.stack([a[k][0] for k in cells]).astype(np.float64)
+    eb = np.stack([b[k][0] for k in cells]).astype(np.float64)
+    mean = np.concatenate([ea, eb]).mean(axis=0)
+    pa = np.stack([a[k][1] for k in cells])
+    pb_ = np.stack([b[k][1] for k in cells])
+    return {
+        "cosine": _mean_cosine(ea, eb),
+        "centred_cosine": _mean_cosine(ea - mean, eb - mean),
+        "prob_abs_diff": float(np.abs(pa - pb_).mean()),
+        "cells": float(len(cells)),
+    }
+
+
+def _mean_cosine(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> float:
+    cos = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return float(cos.mean())

@@ -18,7 +18,9 @@ Methods (numpy and OpenCV, no gRPC, no torch):
   maxima. Applying: concentrations of the source matrix, scaled by
   ``max_target / max_source``, re-coloured with the target matrix. The linear part
   folds into one 3 x 3 matrix on OD (:func:`macenko_od_matrix`), so a patch costs a
-  256-entry OD lookup, one ``cv2.transform`` and one ``cv2.exp``. The recipe and
+  256-entry OD lookup (``cv2.LUT``), one ``cv2.transform``, one ``cv2.exp`` and one
+  saturating conversion (``cv2.addWeighted``): about 2 ms per 224 px patch, 19-27 times
+  less than torchstain's numpy code (benchmarks/stain_bench.py). The recipe and
   constants follow M. Veta's ``normalizeStaining.m`` as ported by torchstain 1.4.1
   (``NumpyMacenkoNormalizer``); the eigenvector signs are fixed as StainTools does
   (principal vector positive), so the angles never wrap.
@@ -226,12 +228,12 @@ def _macenko_apply(
     images: npt.NDArray[np.uint8], source: StainStats, target: StainStats
 ) -> npt.NDArray[np.uint8]:
     m = macenko_od_matrix(source, target).astype(np.float32)
-    od = optical_density(images).reshape(-1, 1, 3)
-    out = cv2.exp(-cv2.transform(od, m))
-    # The exact inverse of optical_density (I = Io exp(-OD) - 1); torchstain leaves out
-    # the -1, which brightens every pixel by one level.
-    out = np.asarray(out, np.float32) * np.float32(MACENKO_IO) - np.float32(1.0)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(images.shape)
+    od = cv2.LUT(images.reshape(-1, 1, 3), _OD_LUT)  # float32 OD, one table lookup
+    light = cv2.exp(cv2.transform(od, -m))
+    # I = Io exp(-OD) - 1, the exact inverse of optical_density (torchstain leaves out
+    # the -1, which brightens every pixel by one level), rounded and saturated to uint8.
+    out = cv2.addWeighted(light, MACENKO_IO, light, 0.0, -1.0, dtype=cv2.CV_8U)
+    return np.asarray(out, np.uint8).reshape(images.shape)
 
 
 def _check_macenko(stats: StainStats) -> None:
@@ -296,9 +298,9 @@ def _reinhard_apply(
     lms = cv2.transform(px, RGB2LMS.astype(np.float32))
     log_lms = cv2.log(np.maximum(lms, np.float32(_EPS)))
     affine = reinhard_log_lms_affine(source, target).astype(np.float32)
-    lms2 = cv2.exp(cv2.transform(log_lms, affine))
-    rgb = cv2.transform(lms2, _LMS2RGB.astype(np.float32))
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(images.shape)
+    rgb = cv2.transform(cv2.exp(cv2.transform(log_lms, affine)), _LMS2RGB.astype(np.float32))
+    out = cv2.addWeighted(rgb, 1.0, rgb, 0.0, 0.0, dtype=cv2.CV_8U)  # rounded, saturated
+    return np.asarray(out, np.uint8).reshape(images.shape)
 
 
 def _check_reinhard(stats: StainStats) -> None:

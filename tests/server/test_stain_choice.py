@@ -173,3 +173,40 @@ def test_a_failed_fit_is_a_qc_warning(real_slide: Path) -> None:
     normalizer, applied, planned = Analyzer.fit_stain(_spec(choice), starved)
     assert normalizer is None and applied.method == "none"
     assert "not applied" in applied.warning and applied.warning in planned.warnings
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"stain_method": "vahadane"}, "unknown stain method 'vahadane'"),
+        ({"stain_reference": "reference.png"}, "needs a stain method"),
+    ],
+    ids=["unknown-method", "reference-without-method"],
+)
+def test_export_refuses_bad_stain_options(kwargs: dict[str, str], words: str) -> None:
+    from histohelper.model_export.export import ExportOptions
+
+    with pytest.raises(InvalidOptionsError, match=words):
+        ExportOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_export_cli_passes_the_stain_flags() -> None:
+    import argparse
+
+    from histohelper.model_export.cli import add_subcommands
+
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers())
+    args = parser.parse_args(
+        ["export", "m.pt", "--stain-method", "reinhard", "--stain-reference", "ref.png"]
+    )
+    assert (args.stain_method, args.stain_reference) == ("reinhard", "ref.png")
+
+
+def test_a_published_declaration_needs_no_image() -> None:
+    from histohelper.model_export.export import stain_declaration
+
+    assert stain_declaration("none", None) is None
+    declared = stain_declaration("reinhard", None)
+    assert declared is not None
+    assert (declared.method, declared.reference, declared.targets) == ("reinhard", "published", {})

@@ -18,7 +18,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from stain_support import PERTURBATION, write_perturbed_copy
+from stain_support import PERTURBATION, measure_agreement, write_perturbed_copy
 
 from histohelper.client import AnalysisOptions, SlideClient
 from histohelper.v1 import slide_analysis_pb2 as pb
@@ -255,45 +255,19 @@ def test_classify_patches_fits_on_the_request_images(server, real_slide: Path) -
     ]
 
 
-def _by_cell(result) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
-    p = result.patches
-    return {
-        (int(r), int(c)): (p.embeddings[i], p.probabilities[i])
-        for i, (r, c) in enumerate(zip(p.row, p.col, strict=True))
-    }
-
-
-def measure_agreement(client: SlideClient, method: str | None) -> tuple[float, float, int]:
-    """Mean cosine similarity of the two copies' patch embeddings (same grid cell) and
-    mean absolute difference of their patch probabilities, with ``method`` applied
-    (None: off), and the number of cells compared."""
-    options = AnalysisOptions(
-        return_embeddings=True,
-        return_attention=False,
-        stain_normalization=method or "none",
-        stain_reference="published" if method else None,
-    )
-    a = _by_cell(client.analyze(ORIGINAL, options))
-    b = _by_cell(client.analyze(PERTURBED, options))
-    cells = sorted(set(a) & set(b))
-    ea = np.stack([a[k][0] for k in cells])
-    eb = np.stack([b[k][0] for k in cells])
-    cos = (ea * eb).sum(axis=1) / np.linalg.norm(ea, axis=1) / np.linalg.norm(eb, axis=1)
-    pa = np.stack([a[k][1] for k in cells])
-    pb_ = np.stack([b[k][1] for k in cells])
-    return float(cos.mean()), float(np.abs(pa - pb_).mean()), len(cells)
-
-
 @pytest.mark.slow
 def test_normalisation_brings_the_perturbed_copy_closer(server) -> None:
     """The acceptance figure of issue 21 (README "Stain normalisation"): with Macenko
     or Reinhard, the served embeddings of the two copies agree more and their patch
     probabilities differ less than without normalisation."""
     with SlideClient(_target(server)) as client:
-        figures = {m: measure_agreement(client, m) for m in (None, "macenko", "reinhard")}
-    off_cos, off_diff, n = figures[None]
-    assert n >= 40  # the copies' grids agree on nearly every cell
+        figures = {
+            m: measure_agreement(client, ORIGINAL, PERTURBED, m)
+            for m in (None, "macenko", "reinhard")
+        }
+    off = figures[None]
+    assert off["cells"] >= 40  # the copies' grids agree on nearly every cell
     for method in ("macenko", "reinhard"):
-        cos, diff, _ = figures[method]
-        assert cos > off_cos, (method, figures)
-        assert diff < off_diff, (method, figures)
+        on = figures[method]
+        assert on["cosine"] > off["cosine"], (method, figures)
+        assert on["prob_abs_diff"] < off["prob_abs_diff"], (method, figures)
