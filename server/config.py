@@ -60,6 +60,8 @@ class Setting:
         optional: the field may be None (an empty value, or 0 for numbers, sets None).
         default: the field's default, in field units.
         required: the field has no default.
+        repeatable: a string flag that may be given several times; the values are
+            joined with commas (the environment variable takes them comma-separated).
     """
 
     help: str
@@ -77,6 +79,7 @@ class Setting:
     optional: bool = False
     default: Any = None
     required: bool = False
+    repeatable: bool = False
 
     @property
     def flag(self) -> str:
@@ -492,8 +495,9 @@ class ServerConfig:
     dicomweb: str = setting(
         "",
         group=_DICOMWEB,
-        help="DICOMweb servers (PACS) that requests may name: NAME=URL, several "
-        "comma-separated; no other server is ever contacted (empty: none)",
+        repeatable=True,
+        help="DICOMweb servers (PACS) that requests may name: NAME=URL, the flag repeated "
+        "or comma-separated; no other server is ever contacted (empty: none)",
     )
     dicomweb_secrets_dir: Path | None = setting(
         None,
@@ -609,6 +613,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             how: dict[str, Any] = {"action": "store_const", "const": True}
         else:
             how = {"type": functools.partial(_parse_flag, s), "metavar": _metavar(s)}
+            if s.repeatable:
+                how["action"] = "append"
         for stem in (s.name, *s.aliases):  # deprecated aliases: hidden, named in the help
             help_text = _help(s) if stem == s.name else argparse.SUPPRESS
             groups[s.group].add_argument(_flag(stem), dest=_dest(s, stem), help=help_text, **how)
@@ -671,6 +677,8 @@ def _given(
     variables, that is set (new name before deprecated ones); None if none is."""
     for stem in (s.name, *s.aliases):
         value = getattr(args, _dest(s, stem), None)
+        if isinstance(value, list):  # a repeatable flag given several times
+            value = ",".join(value)
         if value is not None:
             return _flag(stem), value
     for stem in (s.name, *s.aliases):
