@@ -40,7 +40,7 @@ class RegionOfInterest:
     """
 
     include_geojson: str = ""
-    exclude_geojson: str = field(default="")
+    exclude_geojson: str = ""
     mask_png: bytes = field(default=b"", repr=False)
     mask_downsample: float = 0.0
 
