@@ -122,3 +122,17 @@ def test_cli_dicom_out_and_stow(
     back = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(_retrieve(dicomweb_slide, ann_file))
     assert back.SOPInstanceUID == ann_file.SOPInstanceUID
     assert sum(g.number_of_annotations for g in back.get_annotation_groups()) > 0
+
+    # the written files again, from their paths, through the asyncio client
+    import asyncio
+
+    from histohelper.client import AsyncSlideClient
+
+    files = sorted(dcm.iterdir())
+
+    async def store() -> object:
+        async with AsyncSlideClient(pacs_server, timeout=120) as client:
+            return await client.store_dicom(files, dicomweb_slide.name)
+
+    stored = asyncio.run(store())
+    assert list(stored.sop_instance_uids) == [pydicom.dcmread(f).SOPInstanceUID for f in files]
