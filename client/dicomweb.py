@@ -168,6 +168,18 @@ def slide_ref(
     return "slide_path", text
 
 
+def display_name(slide: object) -> str:
+    """How consoles show a slide argument: a DICOMweb series by its
+    :meth:`DicomWebSlide.safe_id` (UIDs stay out of consoles and their logs), anything
+    else as given (a malformed URI as ``"dicomweb://..."``)."""
+    if not is_dicomweb_uri(slide):
+        return str(slide)
+    try:
+        return DicomWebSlide.parse(str(slide)).safe_id()
+    except SlidePathError:
+        return SCHEME + "..."
+
+
 def as_dicomweb(slide: object) -> DicomWebSlide | None:
     """The :class:`DicomWebSlide` a slide argument names, or ``None`` for other sources.
 

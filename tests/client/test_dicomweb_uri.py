@@ -18,6 +18,7 @@ from histohelper.client.cohort_runner import (
 from histohelper.client.dicomweb import (
     DicomWebSlide,
     as_dicomweb,
+    display_name,
     store_requests,
 )
 from histohelper.client.explain import explain_request
@@ -95,6 +96,12 @@ def test_output_names_never_hold_a_uid() -> None:
     assert STUDY not in feature_file_name(URI) and SERIES not in feature_file_name(URI)
     other = slide_stem(f"dicomweb://pacs/{STUDY}/{SERIES}.1")
     assert other != stem
+
+
+def test_consoles_show_a_series_by_its_safe_id() -> None:
+    assert display_name(URI) == slide_stem(URI)
+    assert display_name("dicomweb://pacs/1.2") == "dicomweb://..."
+    assert display_name("real/x.svs") == "real/x.svs"
 
 
 def test_cohort_inputs_take_dicomweb_uris(tmp_path: Path) -> None:
