@@ -494,7 +494,7 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise _UsageError("--jobs must be >= 1")
     from histohelper.client.cohort_runner import is_manifest, local_folder
-    from histohelper.client.dicomweb import DicomWebSlide, is_dicomweb_uri
+    from histohelper.client.dicomweb import display_name, is_dicomweb_uri
 
     slide_root = args.slide_root or Path.cwd()
     first = args.slide[0]
@@ -526,9 +526,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from histohelper.client.cohort_runner import write_analysis_files
 
     write_analysis_files(result, out_dir, {**_render_settings(args), "slide_name": first})
-    # a PACS series is printed by its safe id: UIDs stay out of consoles and their logs
-    label = DicomWebSlide.parse(first).safe_id() if is_dicomweb_uri(first) else first
-    print(summary_line(label, result, out_dir))
+    print(summary_line(display_name(first), result, out_dir))
     for line in qc_warning_lines(result):
         print(line)
     if wants_dicom:

@@ -40,7 +40,11 @@ def add_subcommands(subparsers: Any) -> None:
         description=(__doc__ or "").replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("slide", help="slide path relative to the server's slide root")
+    p.add_argument(
+        "slide",
+        help="slide path relative to the server's slide root, or a PACS series "
+        "dicomweb://NAME/STUDY_UID/SERIES_UID",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
     p.add_argument("--top-k", type=int, default=8, help="patches in the gallery (default 8)")
     p.add_argument(
@@ -72,6 +76,7 @@ def step(args: argparse.Namespace, text: str) -> None:
 def _explain(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from histohelper.client.dicomweb import display_name
     from histohelper.client.explain import render_gallery
     from histohelper.client.options import AnalysisOptions
     from histohelper.client.render import cam_heatmap, overlay, write_png
@@ -91,7 +96,7 @@ def _explain(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         p = result.patches
         if len(p) == 0:
-            print(f"{args.slide}: no tissue patches to explain -> {args.out}")
+            print(f"{display_name(args.slide)}: no tissue patches to explain -> {args.out}")
             return 0
         cls = result.class_index(class_name)
         scores = p.attention if args.by == "attention" else p.probabilities[:, cls]
@@ -161,7 +166,7 @@ def _explain(args: argparse.Namespace) -> int:
         else ""
     )
     print(
-        f"{args.slide}: explained {len(ranked)} of {len(p)} patches by {args.by} "
+        f"{display_name(args.slide)}: explained {len(ranked)} of {len(p)} patches by {args.by} "
         f"for class {class_name}{flag} -> {args.out}"
     )
     return 0
