@@ -16,7 +16,8 @@ Fixtures:
     ``dicomweb_slide``: that series stored in ``orthanc`` with STOW-RS -> :class:`DicomWebSlide`.
 
 Helpers: :func:`start_orthanc` (a context manager for other configurations),
-:func:`stow` (store pydicom datasets or files), :func:`free_port`.
+:func:`stow` (store pydicom datasets or files), :func:`store_with_broken_frames` (the
+slide again as a series with undecodable frames), :func:`free_port`.
 
 Tests skip only when the ``Orthanc`` binary or the DICOMweb plugin is not installed.
 """
@@ -29,7 +30,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,3 +310,22 @@ def dicomweb_slide(orthanc: Orthanc, dicomweb_dicom_dir: Path, real_slide: Path)
         dicomweb_dicom_dir,
         real_slide,
     )
+
+
+def store_with_broken_frames(
+    dicomweb_slide: DicomWebSlide, broken: Callable[[int], bool]
+) -> tuple[str, str]:
+    """The converted slide stored again as a new series whose frames ``broken(i)``
+    (0-based) are replaced by bytes that are not JPEG; returns (study, series) UIDs."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(next(iter(sorted(dicomweb_slide.dicom_dir.glob("*.dcm")))))
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+    frames = [b"\xff\xd8 not a jpeg \xff\xd9" if broken(i) else f for i, f in enumerate(frames)]
+    ds.PixelData = encapsulate(frames)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    stow(dicomweb_slide.server, [ds])
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)

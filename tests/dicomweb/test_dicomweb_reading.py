@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from orthanc_support import DicomWebSlide, Orthanc, free_port
+from orthanc_support import DicomWebSlide, Orthanc, free_port, store_with_broken_frames
 
 from histohelper.errors import (
+    CorruptSlideError,
     DicomWebNotConfiguredError,
     PacsPermissionDeniedError,
     PacsUnavailableError,
@@ -127,3 +128,31 @@ def test_no_uid_or_url_reaches_the_logs(
         dicomweb_slide.server.dicomweb_url,
     ):
         assert secret not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "fails"), [(1.0, False), (0.0, True)], ids=["tolerated", "past-tolerance"]
+)
+def test_broken_frames_fail_patches_then_the_slide_past_the_tolerance(
+    servers: DicomWebServers,
+    dicomweb_slide: DicomWebSlide,
+    real_slide: Path,
+    tolerance: float,
+    fails: bool,
+) -> None:
+    """Frames that cannot be decoded are failed patch reads, counted against the same
+    ``max_failed_fraction`` as files: SLIDE_CORRUPT only past it."""
+    study, series = store_with_broken_frames(dicomweb_slide, lambda i: i % 7 == 3)
+    with open_slide(real_slide) as svs:
+        grid = plan_tiling(svs, TilingOptions()).grid
+    reader = PatchReader(
+        servers.source("pacs", study, series), grid, batch_size=16, max_failed_fraction=tolerance
+    )
+    if fails:
+        with pytest.raises(CorruptSlideError):
+            list(reader.iter_batches())
+        return
+    batches = list(reader.iter_batches())
+    failed = sum(b.failed.size for b in batches)
+    read = sum(b.indices.size for b in batches)
+    assert 0 < failed < len(grid) and failed + read == len(grid)
