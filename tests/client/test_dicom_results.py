@@ -38,8 +38,9 @@ from histohelper.v1 import slide_analysis_pb2 as pb  # noqa: E402
 SPEC = {"n_rows": 6, "n_cols": 7, "slide_l0": (720, 600), "seed": 3}
 
 
-def dicom_result(server: str = "pacs", **spec: object):
-    """A SlideResult of a synthetic stream whose Started carries a real DicomSource."""
+def dicom_messages(server: str = "pacs", **spec: object):
+    """A synthetic AnalyzeSlide stream whose Started carries a real DicomSource:
+    ``(messages, expected, source dataset)``."""
     s = StreamSpec(**{**SPEC, **spec})  # type: ignore[arg-type]
     msgs, expected = build_stream(s)
     text, ds = source_json(*s.slide_l0)
@@ -52,6 +53,12 @@ def dicom_result(server: str = "pacs", **spec: object):
             dicomweb_server=server,
         )
     )
+    return msgs, expected, ds
+
+
+def dicom_result(server: str = "pacs", **spec: object):
+    """The SlideResult of :func:`dicom_messages`, assembled by the real ResultCollector."""
+    msgs, expected, ds = dicom_messages(server, **spec)
     collector = ResultCollector()
     for m in msgs:
         collector.add(event_from_proto(m))

@@ -142,30 +142,14 @@ def test_store_requests_announce_each_instance_then_chunk_it(tmp_path: Path) -> 
 # --- the CLI against a scripted server ------------------------------------------------
 
 
-def _dicom_stream(server: str = "pacs") -> list[pb.AnalyzeSlideResponse]:
-    from dicom_results_support import source_json
-
-    spec = StreamSpec()
-    msgs, _ = build_stream(spec)
-    text, ds = source_json(*spec.slide_l0)
-    msgs[0].started.dicom.CopyFrom(
-        pb.DicomSource(
-            study_instance_uid=ds.StudyInstanceUID,
-            series_instance_uid=ds.SeriesInstanceUID,
-            frame_of_reference_uid=ds.FrameOfReferenceUID,
-            source_image_json=text,
-            dicomweb_server=server,
-        )
-    )
-    return msgs
-
-
 def test_analyze_dicom_out_writes_the_objects(
     scripted: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pydicom = pytest.importorskip("pydicom")
     pytest.importorskip("highdicom")
-    scripted.script.messages = _dicom_stream()
+    from test_dicom_results import dicom_messages
+
+    scripted.script.messages = dicom_messages()[0]
     out, dcm = tmp_path / "out", tmp_path / "dcm"
     argv = ["analyze", URI, "--server", scripted.target, "--out", str(out), "-q"]
     rc = main([*argv, "--dicom-out", str(dcm), "--upload"])  # --upload: not for a PACS series
