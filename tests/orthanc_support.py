@@ -17,7 +17,8 @@ Fixtures:
 
 Helpers: :func:`start_orthanc` (a context manager for other configurations),
 :func:`stow` (store pydicom datasets or files), :func:`store_with_broken_frames` (the
-slide again as a series with undecodable frames), :func:`free_port`.
+slide again as a series with undecodable frames), :func:`store_as_fluorescence` (again,
+as an epifluorescence series), :func:`free_port`.
 
 Tests skip only when the ``Orthanc`` binary or the DICOMweb plugin is not installed.
 """
@@ -325,6 +326,21 @@ def store_with_broken_frames(
     frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
     frames = [b"\xff\xd8 not a jpeg \xff\xd9" if broken(i) else f for i, f in enumerate(frames)]
     ds.PixelData = encapsulate(frames)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    stow(dicomweb_slide.server, [ds])
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+
+
+def store_as_fluorescence(dicomweb_slide: DicomWebSlide) -> tuple[str, str]:
+    """The converted slide stored again as a new series whose optical path says
+    epifluorescence illumination (DCM 111743); returns (study, series) UIDs."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(next(iter(sorted(dicomweb_slide.dicom_dir.glob("*.dcm")))))
+    code = ds.OpticalPathSequence[0].IlluminationTypeCodeSequence[0]
+    code.CodeValue, code.CodeMeaning = "111743", "Epifluorescence illumination"
     ds.SeriesInstanceUID = generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     stow(dicomweb_slide.server, [ds])

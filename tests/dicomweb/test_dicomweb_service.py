@@ -18,7 +18,13 @@ import pydicom
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from orthanc_support import DicomWebSlide, Orthanc, free_port, store_with_broken_frames
+from orthanc_support import (
+    DicomWebSlide,
+    Orthanc,
+    free_port,
+    store_as_fluorescence,
+    store_with_broken_frames,
+)
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -160,6 +166,7 @@ def test_same_grid_and_probabilities_from_file_and_pacs(
         ("unreachable", grpc.StatusCode.UNAVAILABLE, "PACS_UNAVAILABLE"),
         ("credentials_refused", grpc.StatusCode.PERMISSION_DENIED, "PACS_PERMISSION_DENIED"),
         ("broken_frames", grpc.StatusCode.DATA_LOSS, "SLIDE_CORRUPT"),
+        ("fluorescence", grpc.StatusCode.INVALID_ARGUMENT, "SLIDE_UNSUPPORTED"),
     ],
 )
 def test_bad_cases_and_the_server_keeps_serving(
@@ -182,6 +189,8 @@ def test_bad_cases_and_the_server_keeps_serving(
         ct = pydicom.dcmread(io.BytesIO(data))
         assert list(stored.sop_instance_uids) == [ct.SOPInstanceUID]
         series = _series(dicomweb_slide, series=ct.SeriesInstanceUID)
+    elif case == "fluorescence":
+        series = _series(dicomweb_slide, series=store_as_fluorescence(dicomweb_slide)[1])
     elif case == "broken_frames":  # 1 frame in 7 undecodable: past the 5 % tolerance
         _, series_uid = store_with_broken_frames(dicomweb_slide, lambda i: i % 7 == 3)
         series = _series(dicomweb_slide, series=series_uid)
