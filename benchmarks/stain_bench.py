@@ -12,7 +12,7 @@ slow or fast minute of the shared host lands on every side:
    ``ReinhardNormalizer.normalize`` (CIE Lab). Plus the per-slide fit on the tissue mask's
    pixels, own vs torchstain.
 2. **Reading cost per patch, ratio to off**: ``PatchReader`` over the real slide's grid
-   (stride 56 px: 736 patches) without normalisation, with Macenko and with Reinhard
+   (stride 56 px: 655 patches) without normalisation, with Macenko and with Reinhard
    (the fitted normalizer applied on the reader threads), patches/s.
 3. **Served effect and cost**: a real server on loopback (this tree, the seeded
    UNTRAINED artifact, fp32 TorchScript), the real slide and its HED-jittered copy

@@ -126,6 +126,7 @@ class Explainer:
             tiling=spec.tiling,
             batch_size=spec.batch_size,
             return_attention=True,
+            stain=spec.stain,
         )
         for event in self.analyzer.run(full, stop, plan=plan):
             if isinstance(event, PatchesDone) and len(event.indices):
@@ -200,6 +201,9 @@ class Explainer:
         rank_of = {idx: r for r, idx in enumerate(indices)}
         model_px = self.analyzer.worker.runtime.manifest.patch_size_px
         results: dict[int, Explanation] = {}
+        # The same stain normalisation as the analysis (the fit is deterministic), so
+        # the explained images are what the model saw.
+        normalizer, _, _ = self.analyzer.fit_stain(spec, plan)
         reader = PatchReader(
             spec.slide_path,
             plan.grid,
@@ -208,6 +212,7 @@ class Explainer:
             max_failed_fraction=1.0,
             cache=self.analyzer.slide_cache,
             output_size_px=model_px,  # each read resized once, straight to the model input
+            transform=normalizer,
         )
         worker = self.analyzer.worker
         stage = predict_in_order(

@@ -271,3 +271,28 @@ def test_normalisation_brings_the_perturbed_copy_closer(server) -> None:
         on = figures[method]
         assert on["cosine"] > off["cosine"], (method, figures)
         assert on["prob_abs_diff"] < off["prob_abs_diff"], (method, figures)
+
+
+def test_explained_patches_are_normalised_like_the_analysis(server) -> None:
+    """ExplainPatches applies the request's normalisation too: its patch images are what
+    the model saw (Macenko's differ from the unnormalised read of the same patch)."""
+
+    def explained(stain: pb.StainNormalization | None) -> pb.PatchExplanation:
+        options = pb.AnalysisOptions()
+        options.target_resolution.mpp = FAST_MPP
+        if stain is not None:
+            options.stain_normalization.CopyFrom(stain)
+        request = pb.ExplainPatchesRequest(
+            slide_path=PERTURBED, options=options, patches=pb.PatchIndexSelection(patch_index=[0])
+        )
+        with grpc.insecure_channel(_target(server)) as channel:
+            stub = pb_grpc.SlideAnalysisServiceStub(channel)
+            (reply,) = list(stub.ExplainPatches(request, timeout=120))
+        return reply.explanation
+
+    plain = explained(None)
+    normed = explained(pb.StainNormalization(method=pb.STAIN_METHOD_MACENKO))
+    assert (plain.x_l0, plain.y_l0) == (normed.x_l0, normed.y_l0)
+    a = cv2.imdecode(np.frombuffer(plain.image_jpeg, np.uint8), cv2.IMREAD_COLOR)
+    b = cv2.imdecode(np.frombuffer(normed.image_jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert np.abs(a.astype(int) - b).mean() > 2.0
