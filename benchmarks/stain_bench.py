@@ -170,7 +170,9 @@ def reading(slide: Path, rounds: int) -> tuple[dict[str, Any], list[str]]:
     return {"reader_patches_per_s": med, "reader_ratio_to_off": ratios, "patches": n}, lines
 
 
-def served(artifact: Path, rounds: int) -> tuple[dict[str, Any], list[str]]:
+def served(
+    artifact: Path, rounds: int, precision: str = "fp32"
+) -> tuple[dict[str, Any], list[str]]:
     """Part 3: the measured effect through a real server, and AnalyzeSlide patches/s."""
     from histohelper.client import AnalysisOptions, SlideClient
     from histohelper.server.app import start_server
@@ -181,9 +183,10 @@ def served(artifact: Path, rounds: int) -> tuple[dict[str, Any], list[str]]:
         shutil.copyfile(SOURCE_SLIDE, root / "original.svs")
         write_perturbed_copy(Path(SOURCE_SLIDE), root / "perturbed.tif", PERTURBATION)
         config = ServerConfig(
-            model_path=artifact, slide_root=root, port=0, precision="fp32", grace_s=2.0
+            model_path=artifact, slide_root=root, port=0, precision=precision, grace_s=2.0
         )
         running = start_server(config)
+        engine, precision_served = running.worker.runtime.engine, running.worker.runtime.precision
         try:
             with SlideClient(f"127.0.0.1:{running.port}") as client:
                 effect = {
@@ -225,6 +228,8 @@ def served(artifact: Path, rounds: int) -> tuple[dict[str, Any], list[str]]:
         for k, v in rates.items()
     ]
     return {
+        "engine": engine,
+        "precision": precision_served,
         "effect": effect,
         "served_patches_per_s": {k: round(statistics.median(v), 2) for k, v in rates.items()},
         "served_ratio_to_off": ratios,
@@ -253,19 +258,35 @@ def main() -> int:
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "histohelper-bench"
     )
+    parser.add_argument(
+        "--artifact",
+        type=Path,
+        help="model artifact of part 3 (default: a seeded untrained fp32 TorchScript export)",
+    )
+    parser.add_argument(
+        "--precision", default="fp32", help="serve precision of part 3 (auto, int8, ...)"
+    )
+    parser.add_argument(
+        "--parts", default="1,2,3", help="which parts to run, comma-separated (default: all)"
+    )
     args = parser.parse_args()
+    parts = {int(p) for p in args.parts.split(",")}
     slide = Path(SOURCE_SLIDE)
     figures: dict[str, Any] = {"load_avg_start": os.getloadavg()}
     lines: list[str] = []
-    for part in (per_patch, reading):
+    for number, part in ((1, per_patch), (2, reading)):
+        if number not in parts:
+            continue
         _log(part.__name__)
         f, text = part(slide, args.rounds)
         figures.update(f)
         lines += text
-    _log("served")
-    f, text = served(_artifact(args.cache), args.rounds)
-    figures.update(f)
-    lines += text
+    if 3 in parts:
+        _log("served")
+        artifact = args.artifact or _artifact(args.cache)
+        f, text = served(artifact, args.rounds, args.precision)
+        figures.update(f)
+        lines += [text[0], f"  engine {f['engine']}, precision {f['precision']}", *text[1:]]
     figures["load_avg_end"] = os.getloadavg()
     return report(figures, lines, args.json)
 
