@@ -79,6 +79,7 @@ def _add_analyze(subparsers: Any) -> None:
         "histohelper.client.cohort)",
     )
     _add_connection_arguments(analyze)
+    _add_model_argument(analyze, several=True)
     analyze.add_argument(
         "--out", "-o", type=Path, required=True, metavar="DIR", help="output directory"
     )
@@ -183,10 +184,12 @@ def add_overlay_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_info(subparsers: Any) -> None:
     info = subparsers.add_parser(
         "info",
-        help="print the served model's manifest",
-        description="Print the served model's summary and manifest.",
+        help="print the served model's manifest and the server's model repository",
+        description="Print the served model's summary and manifest (--model: that model of "
+        "the server's repository), and every version of the repository with its state.",
     )
     _add_connection_arguments(info)
+    _add_model_argument(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=run_info)
 
@@ -204,6 +207,7 @@ def _add_evaluate(subparsers: Any) -> None:
     )
     evaluate.add_argument("folder", metavar="DIR", type=Path, help="labelled patch folder")
     _add_connection_arguments(evaluate)
+    _add_model_argument(evaluate)
     evaluate.add_argument(
         "--positive", metavar="CLASS", help="positive class (default: the model's last class)"
     )
@@ -346,6 +350,12 @@ def _region_of_interest(args: argparse.Namespace) -> Any:
     return RegionOfInterest.from_files(
         args.roi, args.roi_exclude, args.roi_mask, args.roi_mask_downsample or 0.0
     )
+
+
+def _add_model_argument(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    from histohelper.client.models import add_model_argument
+
+    add_model_argument(parser, several=several)
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -498,10 +508,13 @@ def _analyze(args: argparse.Namespace) -> int:
 
     slide_root = args.slide_root or Path.cwd()
     first = args.slide[0]
+    models: list[str] = args.model or []
+    model = models[0] if models else None
     wants_dicom = args.dicom_out is not None or args.stow
     if wants_dicom:
         _check_dicom_flags(args)
-    if len(args.slide) > 1 or is_manifest(first) or local_folder(first, slide_root, args.upload):
+    several = len(args.slide) > 1 or len(models) > 1
+    if several or is_manifest(first) or local_folder(first, slide_root, args.upload):
         if wants_dicom:
             raise _UsageError("--dicom-out and --stow take one SLIDE, not a cohort run")
         return _analyze_cohort(args, options, slide_root)
@@ -511,7 +524,7 @@ def _analyze(args: argparse.Namespace) -> int:
         args.dicom_out.mkdir(parents=True, exist_ok=True)
     with _make_client(args) as client:
         if args.overlay_class is not None:  # check before spending the analysis
-            classes = client.get_model_info().model.patch_classes
+            classes = client.get_model_info(model=model).model.patch_classes
             if args.overlay_class not in classes:
                 raise _UsageError(
                     f"--class {args.overlay_class!r} is not a patch class; "
@@ -521,7 +534,7 @@ def _analyze(args: argparse.Namespace) -> int:
             upload = args.upload and not is_dicomweb_uri(first)
             ref = client.upload(first) if upload else first
             result = client.analyze(
-                ref, options, on_progress=on_progress, request_id=args.request_id
+                ref, options, on_progress=on_progress, request_id=args.request_id, model=model
             )
     from histohelper.client.cohort_runner import write_analysis_files
 
@@ -608,6 +621,7 @@ def _analyze_cohort(args: argparse.Namespace, options: AnalysisOptions, slide_ro
         run_cohort,
         slides_from_arguments,
         slides_from_manifest,
+        with_models,
     )
     from histohelper.cohort_csv import CohortError
 
@@ -621,7 +635,7 @@ def _analyze_cohort(args: argparse.Namespace, options: AnalysisOptions, slide_ro
             items = slides_from_manifest(manifests[0], options, upload=args.upload)
         else:
             items = slides_from_arguments(args.slide, slide_root=slide_root, upload=args.upload)
-        items = assign_ids(items)
+        items = with_models(assign_ids(items), args.model or [])
     except CohortError as exc:
         raise _UsageError(str(exc)) from None
     args.out.mkdir(parents=True, exist_ok=True)  # fail before the analyses, not after
@@ -632,7 +646,8 @@ def _analyze_cohort(args: argparse.Namespace, options: AnalysisOptions, slide_ro
 
         async with AsyncSlideClient(target, **kwargs) as client:
             if args.overlay_class is not None:  # check before spending the analyses
-                classes = (await client.get_model_info()).model.patch_classes
+                first = (args.model or [None])[0]
+                classes = (await client.get_model_info(model=first)).model.patch_classes
                 if args.overlay_class not in classes:
                     raise _UsageError(
                         f"--class {args.overlay_class!r} is not a patch class; "
@@ -693,7 +708,7 @@ def qc_warning_lines(result: Any) -> list[str]:
 
 def _info(args: argparse.Namespace) -> int:
     with _make_client(args) as client:
-        info = client.get_model_info()
+        info = client.get_model_info(model=args.model)
     m = info.model
     try:
         manifest: Any = info.manifest
@@ -718,6 +733,18 @@ def _info(args: argparse.Namespace) -> int:
             "default_batch_size": info.default_batch_size,
             "max_concurrent_analyses": info.max_concurrent_analyses,
             "manifest": manifest,
+            "repository": [
+                {
+                    "name": r.model.name,
+                    "version": r.model.version,
+                    "state": r.state,
+                    "default_version": r.default_version,
+                    "default_model": r.default_model,
+                    "error": r.error,
+                    "artifact_sha256": r.model.artifact_sha256,
+                }
+                for r in info.models
+            ],
         }
         print(json.dumps(doc, indent=2))
         return EXIT_OK
@@ -732,6 +759,11 @@ def _info(args: argparse.Namespace) -> int:
     ]
     if m.untrained:
         lines.append(f"WARNING: {untrained_warning(m.untrained_parts)}")
+    if info.models:
+        from histohelper.client.models import format_listing
+
+        lines.append("repository (model, version, state):")
+        lines.extend("  " + line for line in format_listing(info.models).splitlines())
     lines.append("manifest:")
     lines.append(json.dumps(manifest, indent=2) if not isinstance(manifest, str) else manifest)
     print("\n".join(lines))
@@ -788,6 +820,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 on_progress=lambda done, _total: bar.update(done - bar.n),
                 group_by=group_by,
+                model=args.model,
             )
         except EvaluationError as exc:
             raise _UsageError(str(exc)) from None

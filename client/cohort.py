@@ -52,6 +52,10 @@ else is a cohort run:
   ``dicomweb://NAME/STUDY_UID/SERIES_UID`` is a series on a PACS the server's operator
   configured (:mod:`histohelper.client.dicomweb`), checked before the run and never
   uploaded.
+- models: ``--model NAME[:VERSION]`` analyses every slide with that model of the
+  server's repository; given several times (``--model a --model b:2``), every slide is
+  analysed by each, side by side: ids ``<slide id>--<name>[-<version>]``, one table row
+  per slide and model, adjacent, with the ``model`` and ``model_version`` that served.
 - slide ids: the ``id`` cell, else the file stem (``.ome`` dropped, characters outside
   ``[A-Za-z0-9._-]`` replaced by ``_``); stems shared by several slides of the run get
   ``-<8 hex of SHA-256 of the reference>``. A DICOMweb series' id is
@@ -67,8 +71,9 @@ else is a cohort run:
   :data:`.cohort_runner.TABLE_COLUMNS` with ``prob_<class>`` after ``predicted_class``)
   at the end, and ``DIR/index.html`` when :mod:`.report` offers ``write_cohort_index``.
 - resume: a slide is ``skipped`` (no call to the server) when the manifest holds it as
-  done or no_tissue with the same slide reference, model hash (as
-  :class:`.features.ModelIdentity` computes it), effective request options
+  done or no_tissue with the same slide reference, model name, version and hash (as
+  :class:`.features.ModelIdentity` computes it from GetModelInfo of the slide's model),
+  effective request options
   (``batch_size`` excepted) and overlay settings, and ``DIR/<id>/`` exists; anything
   else is analysed again. Manifest entries of slides not in this run are kept as they are.
 - statuses: ``done``, ``skipped``, ``no_tissue``, ``failed`` (with ``error`` =
@@ -130,12 +135,15 @@ class CohortSlide:
         id: the caller's name for the slide (``None``: none).
         options: this slide's options (``None``: the run's options).
         upload: ``slide`` is a local file, uploaded at the start of each attempt.
+        model: the server's repository model that analyses it, ``"NAME[:VERSION]"``
+            (``None``: the server's default model and version).
     """
 
     slide: SlideRef
     id: str | None = None
     options: AnalysisOptions | None = None
     upload: bool = False
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +317,7 @@ async def analyze_many(
         def progress(p: Progress) -> None:
             report(CohortProgress(index, "patches", p.patches_done, p.patches_total, n))
 
-        return await client.analyze(ref, opts, on_progress=progress)
+        return await client.analyze(ref, opts, on_progress=progress, model=item.model)
 
     async def one(index: int) -> SlideOutcome:
         item = items[index]

@@ -69,7 +69,7 @@ ROI_COLUMNS = ("roi", "roi_exclude")
 #: Options that do not change a result (a re-run with another value skips the slide).
 _RESULT_NEUTRAL = ("batch_size",)
 
-TABLE_HEAD = ("id", "slide", "status", "error", "predicted_class")
+TABLE_HEAD = ("id", "slide", "model", "model_version", "status", "error", "predicted_class")
 #: Columns after the ``prob_<slide class>`` ones.
 TABLE_TAIL = (
     "mc_std", "mc_entropy_nats", "patch_count", "tissue_fraction", "effective_mpp",
@@ -232,6 +232,30 @@ def _manifest_roi(row: Any, folder: Path) -> RegionOfInterest:
         ) from None
 
 
+def with_models(items: Sequence[CohortSlide], models: Sequence[str]) -> list[CohortSlide]:
+    """Every item analysed by each of ``models`` (``NAME[:VERSION]`` of the server's
+    repository), after :func:`assign_ids`.
+
+    With one model each item keeps its id and gets that model; with several, each item
+    becomes one per model, in that order (side by side in the cohort table), with id
+    ``<id>--<name>[-<version>]``; none: the items as they are (the server's default).
+
+    Raises:
+        CohortError: a model given twice.
+    """
+    if len(set(models)) != len(models):
+        raise CohortError("a --model is given twice")
+    if len(models) == 1:
+        return [dataclasses.replace(i, model=models[0]) for i in items]
+    if not models:
+        return list(items)
+    return [
+        dataclasses.replace(i, model=m, id=f"{i.id}--{m.replace(':', '-')}")
+        for i in items
+        for m in models
+    ]
+
+
 def assign_ids(items: Sequence[CohortSlide]) -> list[CohortSlide]:
     """Give every item an id: its own, else its file stem, with ``-<8 hex>`` of the
     reference's SHA-256 where several items of the run share a stem.
@@ -280,7 +304,8 @@ class RunManifest:
     """``run_manifest.json``: one entry per slide id ever run into this folder.
 
     Entry keys: ``slide`` (reference), ``upload`` (bool), ``status`` (``done`` |
-    ``no_tissue`` | ``failed``), ``error``, ``model_hash``, ``model_hash_source``,
+    ``no_tissue`` | ``failed``), ``error``, ``model`` (the ``--model`` asked for),
+    ``model_name``/``model_version`` (what serves it), ``model_hash``, ``model_hash_source``,
     ``options`` (:func:`options_identity`), ``attempts``, ``request_id``,
     ``started_at``/``finished_at`` (UTC ISO 8601), ``wall_s``, ``server_total_s``,
     ``patches_per_s`` and ``row`` (the slide's cohort-table row). Rewritten atomically.
@@ -315,21 +340,31 @@ class RunManifest:
             and entry.get("slide") == str(item.slide)
             and bool(entry.get("upload")) == item.upload
             and entry.get("model_hash") == model.hash
+            and entry.get("model", "") == (item.model or "")
+            and entry.get("model_name", model.name) == model.name
+            and entry.get("model_version", model.version) == model.version
             and entry.get("options") == identity
             and isinstance(entry.get("row"), dict)
         )
         return entry if same and (out_dir / str(item.id)).is_dir() else None
 
-    def save(self, model: ModelIdentity) -> None:
-        """Write the manifest atomically (temp file, then ``os.replace``)."""
+    def save(self, model: ModelIdentity, models: Sequence[ModelIdentity] = ()) -> None:
+        """Write the manifest atomically (temp file, then ``os.replace``); ``model`` is
+        the run's first model, ``models`` all of them."""
         self.doc["histohelper_version"] = __version__
-        self.doc["model"] = {
-            "name": model.name,
-            "version": model.version,
-            "hash": model.hash,
-            "hash_source": model.hash_source,
-        }
+        self.doc["model"] = _model_doc(model)
+        if models:
+            self.doc["models"] = [_model_doc(m) for m in models]
         _atomic_write_text(self.path, json.dumps(self.doc, indent=1, sort_keys=True) + "\n")
+
+
+def _model_doc(model: ModelIdentity) -> dict[str, str]:
+    return {
+        "name": model.name,
+        "version": model.version,
+        "hash": model.hash,
+        "hash_source": model.hash_source,
+    }
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -396,10 +431,14 @@ def result_row(
     item: CohortSlide, outcome: SlideOutcome, status: str, out_dir: Path
 ) -> dict[str, str]:
     """The cohort-table row of an analysed or failed slide (values as CSV text)."""
-    row = dict.fromkeys(("id", "slide", "status", "error", *TABLE_TAIL), "")
+    row = dict.fromkeys(
+        ("id", "slide", "model", "model_version", "status", "error", *TABLE_TAIL), ""
+    )
     row.update(
         id=str(item.id),
         slide=str(item.slide),
+        model=(item.model or "").partition(":")[0],
+        model_version=(item.model or "").partition(":")[2],
         status=status,
         error=outcome.reason,
         attempts=str(outcome.attempts),
@@ -408,6 +447,7 @@ def result_row(
     r = outcome.result
     if r is None:
         return row
+    row.update(model=r.model.name, model_version=r.model.version)
     if r.prediction is not None:
         p = r.prediction
         row["predicted_class"] = p.predicted_class
@@ -553,8 +593,10 @@ async def run_cohort(
     render = dict(render or {})
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
-    info = await client.get_model_info()
-    model = ModelIdentity.from_info(info)
+    asked = list(dict.fromkeys(item.model for item in items)) or [None]
+    infos = {spec: await client.get_model_info(model=spec) for spec in asked}
+    identities = {spec: ModelIdentity.from_info(i) for spec, i in infos.items()}
+    info = infos[asked[0]]
     if not resolve_target(client.target)[1] and info.max_concurrent_analyses > 0:
         jobs = min(jobs, info.max_concurrent_analyses)  # one server: its slots, no refusals
     manifest = RunManifest(out_dir)
@@ -562,7 +604,8 @@ async def run_cohort(
     todo: list[int] = []
     for i, item in enumerate(items):
         opts = item.options or base_options
-        entry = manifest.finished(item, model, options_identity(opts, render), out_dir)
+        identity = options_identity(opts, render)
+        entry = manifest.finished(item, identities[item.model], identity, out_dir)
         if entry is None:
             todo.append(i)
         else:
@@ -580,13 +623,14 @@ async def run_cohort(
         ):
             item = run_items[outcome.index]
             rows[todo[outcome.index]] = await asyncio.to_thread(
-                _finish_slide, item, outcome, out_dir, render, manifest, model
+                _finish_slide, item, outcome, out_dir, render, manifest, identities
             )
             bar.slide_done()
     finally:
         bar.close()
     done = [r for r in rows if r is not None]
-    table = write_table(out_dir, done, model_slide_classes(info))
+    classes = dict.fromkeys(c for i in infos.values() for c in model_slide_classes(i))
+    table = write_table(out_dir, done, tuple(classes))
     index_html = write_index(out_dir, done)
     return CohortRunResult(done, [r for r in done if r["status"] == "failed"], table, index_html)
 
@@ -602,9 +646,11 @@ def _finish_slide(
     out_dir: Path,
     render: RenderSettings,
     manifest: RunManifest,
-    model: ModelIdentity,
+    identities: Mapping[str | None, ModelIdentity],
 ) -> dict[str, str]:
-    """Write a finished slide's folder, its manifest entry and its table row."""
+    """Write a finished slide's folder, its manifest entry and its table row
+    (``identities``: each ``--model`` of the run's GetModelInfo identity)."""
+    model = identities[item.model]
     result = outcome.result
     status = "failed"
     if result is not None:
@@ -621,6 +667,9 @@ def _finish_slide(
         "upload": item.upload,
         "status": status,
         "error": outcome.reason,
+        "model": item.model or "",
+        "model_name": model.name,
+        "model_version": model.version,
         "model_hash": model.hash,
         "model_hash_source": model.hash_source,
         "options": options_identity(outcome.options, render),
@@ -634,5 +683,5 @@ def _finish_slide(
         "row": row,
     }
     with contextlib.suppress(OSError):  # a manifest write failure must not lose the run
-        manifest.save(model)
+        manifest.save(next(iter(identities.values())), list(identities.values()))
     return row

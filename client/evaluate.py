@@ -802,6 +802,7 @@ def evaluate_folder(
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     on_progress: ProgressFn | None = None,
     group_by: GroupBy = "patch",
+    model: str | None = None,
 ) -> EvaluationReport:
     """Classify every patch of a labelled folder on the server and score the results.
 
@@ -817,6 +818,8 @@ def evaluate_folder(
         max_image_bytes: larger files are skipped.
         on_progress: called with ``(done, total)`` after each answered image.
         group_by: bootstrap units (:func:`patch_groups`); default each patch.
+        model: the server's repository model, ``"NAME[:VERSION]"`` (``None``: its
+            default model and version).
 
     Returns:
         :class:`EvaluationReport`.
@@ -828,8 +831,8 @@ def evaluate_folder(
         HistoHelperError: the server call failed.
     """
     scanned = folder if isinstance(folder, PatchFolder) else scan_patch_folder(folder)
-    model = client.get_model_info().model
-    classes = tuple(model.patch_classes)
+    served = client.get_model_info(model=model).model
+    classes = tuple(served.patch_classes)
     positive = _served_positive(scanned, classes, positive)
     groups = patch_groups(scanned, group_by)
     skipped: dict[int, SkippedFile] = {}  # filled by the reader and by the answers
@@ -837,6 +840,7 @@ def evaluate_folder(
         _read_inputs(scanned, skipped, max_image_bytes),
         batch_size=batch_size,
         max_in_flight=max_in_flight,
+        model=model,
     )
     kept, rows = _collect_predictions(predictions, scanned, classes, skipped, on_progress)
     y_true = np.array([classes.index(scanned.patches[i].label) for i in kept], dtype=np.int64)
@@ -852,7 +856,7 @@ def evaluate_folder(
     )
     return EvaluationReport(
         folder=scanned.root,
-        model=model,
+        model=served,
         metrics=metrics,
         folder_counts={c: scanned.count(c) for c in scanned.class_names},
         skipped=tuple(skipped[i] for i in sorted(skipped)),

@@ -23,6 +23,7 @@ from typing import Any
 
 from histohelper.client.cli import (
     _add_connection_arguments,
+    _add_model_argument,
     _guarded,
     _make_client,
     _UsageError,
@@ -64,6 +65,7 @@ def add_subcommands(subparsers: Any) -> None:
         "--quiet", "-q", action="store_true", help="no progress bar or step lines on stderr"
     )
     _add_connection_arguments(p)
+    _add_model_argument(p)
     p.set_defaults(func=_guarded("explain", _explain))
 
 
@@ -86,13 +88,13 @@ def _explain(args: argparse.Namespace) -> int:
         raise _UsageError("--top-k must be in 1..256")
     options = AnalysisOptions(return_attention=True, return_cams=True, stride_px=args.stride_px)
     with _make_client(args) as client:
-        classes = list(client.get_model_info().model.patch_classes)
+        classes = list(client.get_model_info(model=args.model).model.patch_classes)
         class_name: str | None = args.class_name or (classes[-1] if classes else None)
         if class_name is None or class_name not in classes:  # check before the analysis
             raise _UsageError(f"unknown class {class_name!r}; the model's classes: {classes}")
         step(args, "1/3 analysing the slide (attention and CAMs of every patch)")
         with patch_progress("explain", quiet=args.quiet) as on_progress:
-            result = client.analyze(args.slide, options, on_progress=on_progress)
+            result = client.analyze(args.slide, options, on_progress=on_progress, model=args.model)
         args.out.mkdir(parents=True, exist_ok=True)
         p = result.patches
         if len(p) == 0:
@@ -104,7 +106,11 @@ def _explain(args: argparse.Namespace) -> int:
         indices = [int(p.patch_index[i]) for i in order]
         step(args, f"2/3 Grad-CAM of the top {len(indices)} patches by {args.by}")
         explanations = client.explain(
-            args.slide, patch_indices=indices, class_name=class_name, options=options
+            args.slide,
+            patch_indices=indices,
+            class_name=class_name,
+            options=options,
+            model=args.model,
         )
     by_index = {int(p.patch_index[i]): i for i in order}
     ranked = [

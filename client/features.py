@@ -16,11 +16,12 @@ slide's bag in the layout CLAM and TRIDENT users know:
   ``options_json`` (the tiling options that shape the bag), ``request_id``,
   ``histohelper_version``, ``format`` (:data:`FORMAT`).
 
-``model_hash`` is the manifest's ``artifact_sha256`` when the served manifest carries
-one (``model_hash_source = "manifest:artifact_sha256"``); today's manifests do not, so it
-is the hex SHA-256 of the manifest JSON exactly as ``GetModelInfo`` returns it
-(``model_hash_source = "sha256(manifest_json)"``): any re-export (even of the same
-weights) counts as another model.
+``model_hash`` is the SHA-256 of the serving version's artifact file as the server
+reports it (``ModelSummary.artifact_sha256``; ``model_hash_source =
+"server:artifact_sha256"``); from older servers, the manifest's ``artifact_sha256`` when
+the served manifest carries one (``"manifest:artifact_sha256"``), else the hex SHA-256
+of the manifest JSON exactly as ``GetModelInfo`` returns it (``"sha256(manifest_json)"``):
+any re-export (even of the same weights) counts as another model.
 
 h5py is an optional extra (``pip install 'histohelper[features]'``) and is imported
 inside the functions that need it only.
@@ -113,7 +114,9 @@ class ModelIdentity:
         except json.JSONDecodeError:
             manifest = {}
         declared = manifest.get("artifact_sha256") if isinstance(manifest, dict) else None
-        if isinstance(declared, str) and declared:
+        if info.model.artifact_sha256:  # servers with a model repository hash the file
+            digest, source = info.model.artifact_sha256, "server:artifact_sha256"
+        elif isinstance(declared, str) and declared:
             digest, source = declared, "manifest:artifact_sha256"
         else:
             digest = hashlib.sha256(info.manifest_json.encode()).hexdigest()

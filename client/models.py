@@ -13,6 +13,7 @@ unload, set a default, rescan; the caller needs the ``admin`` role.
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,6 +163,35 @@ class ModelAdmin:
     def rescan(self) -> list[RepositoryModel]:
         """Rescan the server's repository now (as its poll or SIGHUP would)."""
         return self._call("RescanRepository", admin_pb.RescanRepositoryRequest())
+
+
+def parse_model_arg(text: str) -> str:
+    """argparse ``type`` of ``--model``: ``NAME[:VERSION]`` checked, returned as given.
+
+    Raises:
+        argparse.ArgumentTypeError: not of that form.
+    """
+    try:
+        return str(ModelRef.parse(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_model_argument(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    """``--model NAME[:VERSION]`` (with ``several``: repeatable, a list) on a command."""
+    help_text = (
+        "model of the server's repository (serve --model-repository), NAME or NAME:VERSION "
+        "(default: the server's default model and version)"
+    )
+    if several:
+        help_text += "; repeat it to analyse each slide with every model, side by side"
+    parser.add_argument(
+        "--model",
+        type=parse_model_arg,
+        action="append" if several else "store",
+        metavar="NAME[:VERSION]",
+        help=help_text,
+    )
 
 
 def listing(models: Sequence[pb.RepositoryModel]) -> list[RepositoryModel]:

@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "histohelper.server.cli",  # tile
     "histohelper.client.cli",  # analyze, info, evaluate
     "histohelper.client.explain_cli",  # explain
+    "histohelper.client.admin_cli",  # admin (model repository)
     "histohelper.server.certs",  # certs (cryptography: the certs extra, imported when run)
     "histohelper.server.auth",  # token
 )

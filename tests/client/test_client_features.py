@@ -107,7 +107,7 @@ def test_features_cohort_bags_match_sdk_and_rerun_skips(
     assert attrs["mpp_source"] == direct.grid.mpp_source
     assert attrs["model_name"] == info.model.name
     assert attrs["model_version"] == info.model.version
-    assert attrs["model_hash_source"] == "sha256(manifest_json)"
+    assert attrs["model_hash_source"] == "server:artifact_sha256"  # the served file's hash
     assert len(attrs["model_hash"]) == 64
     assert attrs["options_json"] == options_json(AnalysisOptions())
     with h5py.File(out_dir / feature_file_name(TINY), "r") as f:
