@@ -9,8 +9,10 @@ mapped into the slide coordinate system within 1 um (expected coordinates from t
 source's DICOM attributes, tests/dicom_results_support.py); measurement values equal to
 the served probabilities and attention; the maps hold the heatmap. The CLI's
 ``analyze dicomweb://... --dicom-out DIR --stow`` is run too (coarse resolution, few
-patches, to keep it short). Each test takes a few seconds once the session's Orthanc,
-converted slide and model (shared with tests/dicomweb/test_dicomweb_service.py) are up.
+patches, to keep it short). Local DICOM WSI files (the real ``dicom-boxes`` series)
+take the same path without a PACS, and cannot be stored back. Each test takes a few
+seconds once the session's Orthanc, converted slide and model (shared with
+tests/dicomweb/test_dicomweb_service.py) are up.
 """
 
 from __future__ import annotations
@@ -136,3 +138,35 @@ def test_cli_dicom_out_and_stow(
 
     stored = asyncio.run(store())
     assert list(stored.sop_instance_uids) == [pydicom.dcmread(f).SOPInstanceUID for f in files]
+
+
+def test_local_dicom_files_through_a_real_server(start_inprocess_server, tmp_path: Path) -> None:
+    """The real ``dicom-boxes`` series under the slide root (read by the server with
+    wsidicom; 16 x 16 px, so 8 px patches and no tissue threshold) gives result objects
+    whose polygons are the served boxes on the real source's slide coordinates."""
+    from histohelper.client import AnalysisOptions, SlideClient
+    from histohelper.client.dicom_results import source_dataset, write_dicom
+
+    server = start_inprocess_server()
+    options = AnalysisOptions(patch_size_px=8, min_tissue_fraction=0.0)
+    with SlideClient(f"127.0.0.1:{server.port}", timeout=120) as client:
+        result = client.analyze("dicom-boxes/boxes_0.dcm", options)
+    assert result.dicom is not None and result.dicom.dicomweb_server == ""
+    assert result.patch_count > 0
+    paths = write_dicom(result, tmp_path)
+    ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(paths[0]))
+    source = source_dataset(result.dicom)
+    p = result.patches
+    predicted = np.argmax(p.probabilities, axis=1)
+    corners = box_corners(p.x_l0, p.y_l0, p.width_l0, p.height_l0)
+    total = 0
+    for g in ann.get_annotation_groups():
+        rows = np.flatnonzero(predicted == result.class_names.index(g.label))
+        want = expected_slide_mm(source, corners[rows].reshape(-1, 2)).reshape(-1, 4, 3)
+        assert float(np.abs(np.asarray(g.get_graphic_data("3D")) - want).max()) * 1000 < 1.0
+        total += g.number_of_annotations
+    assert total == result.patch_count
+    with pytest.raises(ValueError, match="read from DICOM files, not from a PACS"):
+        from histohelper.client.dicom_results import export_dicom
+
+        export_dicom(result, None, store=lambda objects, server: None)
