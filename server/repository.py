@@ -430,7 +430,10 @@ class ModelRepository(Generic[P]):
                 f"version {version} of model {name} failed to load: "
                 + (found.problem or (failed[1] if failed else ""))
             )
-        if version not in self._served(name):
+        loaded = self._loaded.get((name, version))
+        # A loaded version serves until it is retired: while a rescan loads the new
+        # default, the policy already prefers it, but the old one still takes calls.
+        if version not in self._served(name) and (loaded is None or loaded.retired):
             raise ModelNotFoundError("that version is not served (the version policy)")
         return name, version
 

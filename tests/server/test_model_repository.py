@@ -315,3 +315,52 @@ def test_an_in_use_version_cannot_be_unloaded_and_lru_bounds_loaded_versions(
             "2": "available",
             "3": "available",
         }
+
+
+class _Parts:
+    """What a loaded version is made of, for the repository alone (no model needed)."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_old_default_serves_while_the_new_version_loads(tmp_path: Path) -> None:
+    """The window of a swap: the scan already sees version 2 (the policy prefers it)
+    while it loads; calls asking for the default still get version 1 until 2 is ready."""
+    from histohelper.server.repository import ModelRepository
+
+    for version in ("1", "2"):
+        (tmp_path / "m" / version).mkdir(parents=True)
+        (tmp_path / "m" / version / "model.pt").write_bytes(b"artifact " + version.encode())
+    (tmp_path / "m" / "2").rename(tmp_path / "m" / ".2")  # not there yet
+    loading, release = threading.Event(), threading.Event()
+
+    def build(name: str, version: str, artifact: Path) -> _Parts:
+        if version == "2":
+            loading.set()
+            assert release.wait(30)
+        return _Parts(version)
+
+    repo = ModelRepository(lambda: discover(tmp_path), build)
+    repo.rescan()
+    old = repo.lease()
+    (tmp_path / "m" / ".2").rename(tmp_path / "m" / "2")
+    swap = threading.Thread(target=repo.rescan)
+    swap.start()
+    assert loading.wait(30)
+    during = repo.lease()
+    assert during.parts.version == "1"  # not MODEL_NOT_FOUND, not version 2
+    release.set()
+    swap.join()
+    after = repo.lease()
+    assert after.parts.version == "2"
+    for lease in (during, old):  # version 1 retired: it unloads with its last call
+        assert not lease.parts.closed
+        lease.release()
+    assert old.parts.closed and not after.parts.closed
+    with pytest.raises(ModelNotFoundError):
+        repo.lease("m", "1")
