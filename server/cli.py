@@ -46,6 +46,23 @@ def _add_tile(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output directory (created)")
     add_tiling_arguments(p)
+    model = p.add_argument_group(
+        "model",
+        "take the patch size and resolution from a model of a server's repository "
+        "(GetModelInfo), so the grid is the one that model's analyses use",
+    )
+    model.add_argument(
+        "--model",
+        metavar="NAME[:VERSION]",
+        help="model (and version) of the server's repository; its patch size and mpp "
+        "replace --patch-size and the resolution flags ('' : the server's default model)",
+    )
+    model.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help=f"server asked for --model (default ${_SERVER_ENV}); plaintext, with the "
+        f"bearer token in ${_TOKEN_ENV} if set",
+    )
     roi = p.add_argument_group(
         "region of interest",
         "preview the grid restricted to a region, as AnalyzeSlide applies it (grid.png "
@@ -58,6 +75,49 @@ def _add_tile(subparsers: argparse._SubParsersAction) -> None:
         "--roi-mask-downsample", type=float, default=0.0, metavar="D", help="level-0 px per mask px"
     )
     p.set_defaults(func=_run_tile)
+
+
+_SERVER_ENV = "HISTOHELPER_SERVER"
+_TOKEN_ENV = "HISTOHELPER_TOKEN"
+
+
+def _use_model_geometry(args: argparse.Namespace) -> None:
+    """Set ``args``' patch size and target mpp from ``GetModelInfo`` of ``--model``.
+
+    Raises:
+        InvalidOptionsError: no server, a resolution flag given too, or a malformed
+            ``--model``.
+        HistoHelperError: the call failed (MODEL_NOT_FOUND, unreachable server ...).
+    """
+    import os
+
+    import grpc
+
+    # The wire-to-error mapping of the client (grpc, protobuf and the core only): this
+    # is a command line, not the service, which never imports the client.
+    from histohelper.client.errors import error_from_rpc
+    from histohelper.errors import InvalidOptionsError
+    from histohelper.v1 import slide_analysis_pb2 as pb
+    from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
+
+    target = args.server or os.environ.get(_SERVER_ENV)
+    if not target:
+        raise InvalidOptionsError(f"--model needs --server HOST:PORT (or ${_SERVER_ENV})")
+    if args.target_magnification is not None or args.target_level is not None:
+        raise InvalidOptionsError("--model sets the resolution: leave out --magnification/--level")
+    name, _, version = args.model.partition(":")
+    token = os.environ.get(_TOKEN_ENV)
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    request = pb.GetModelInfoRequest(model=pb.ModelRef(name=name, version=version))
+    with grpc.insecure_channel(target) as channel:
+        try:
+            info = pb_grpc.SlideAnalysisServiceStub(channel).GetModelInfo(
+                request, timeout=30, metadata=metadata
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+    args.patch_size_px = info.model.patch_size_px
+    args.target_mpp = info.model.target_mpp
 
 
 def _run_tile(args: argparse.Namespace) -> int:
@@ -80,6 +140,8 @@ def _run_tile(args: argparse.Namespace) -> int:
         print(f"histohelper tile: no such slide root: {args.slide_root}", file=sys.stderr)
         return 2
     try:
+        if args.model is not None:
+            _use_model_geometry(args)
         options = tiling_options_from_args(args)
         options = replace(options, roi=_region_from_files(args))
         slide_path = (

@@ -124,3 +124,18 @@ def test_info_lists_the_repository_and_admin_changes_it(
     with pytest.raises(SystemExit) as exc:  # argparse refuses it
         main(["analyze", "a.tiff", "--model", "a:b:c", "--out", os.devnull])
     assert exc.value.code == 2 and "NAME:VERSION" in capsys.readouterr().err
+
+
+def test_tile_takes_patch_size_and_mpp_from_a_repository_model(
+    server, slide_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["tile", "a.tiff", "--slide-root", str(slide_root), "--server", server.target]
+    code, _, err = cli(capsys, *base, "--out", str(tmp_path / "t"), "--model", "stroma:1")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    with SlideClient(server.target) as client:
+        model = client.get_model_info(model="stroma:1").model
+    assert summary["patch_size_px"] == model.patch_size_px
+    assert summary["effective_mpp"] == pytest.approx(model.target_mpp, rel=0.05)
+    code, _, err = cli(capsys, *base, "--out", str(tmp_path / "u"), "--model", "nope")
+    assert code == 1 and "MODEL_NOT_FOUND" in err and not (tmp_path / "u").exists()
