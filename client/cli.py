@@ -128,8 +128,8 @@ def _add_analyze(subparsers: Any) -> None:
         help="for a slide read from DICOM (dicomweb://NAME/STUDY_UID/SERIES_UID or DICOM "
         "WSI files): write DICOM result objects into DIR (annotations.dcm: one polygon per "
         "patch with its probabilities and attention; probability_map_<k>.dcm: the heatmap "
-        "of class k; slide_report.dcm: the slide prediction as a TID 1500 report); needs "
-        "the 'dicom' extra (highdicom)",
+        "of class k; slide_report.dcm: the slide prediction as a TID 1500 report); a "
+        "cohort writes DIR/<id>/ per slide; needs the 'dicom' extra (highdicom)",
     )
     analyze.add_argument(
         "--stow",
@@ -512,12 +512,12 @@ def _analyze(args: argparse.Namespace) -> int:
     model = models[0] if models else None
     wants_dicom = args.dicom_out is not None or args.stow
     if wants_dicom:
-        _check_dicom_flags(args)
+        _check_dicom_extra()
     several = len(args.slide) > 1 or len(models) > 1
     if several or is_manifest(first) or local_folder(first, slide_root, args.upload):
-        if wants_dicom:
-            raise _UsageError("--dicom-out and --stow take one SLIDE, not a cohort run")
         return _analyze_cohort(args, options, slide_root)
+    if args.stow:
+        _check_stow([first])
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)  # fail before the analysis, not after
     if args.dicom_out is not None:
@@ -547,12 +547,9 @@ def _analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_dicom_flags(args: argparse.Namespace) -> None:
-    """Refuse ``--dicom-out`` / ``--stow`` before the analysis where they cannot work:
-    no highdicom, or ``--stow`` for a slide that is not a ``dicomweb://`` series."""
+def _check_dicom_extra() -> None:
+    """Refuse ``--dicom-out`` / ``--stow`` before any analysis without highdicom."""
     import importlib.util
-
-    from histohelper.client.dicomweb import is_dicomweb_uri
 
     if importlib.util.find_spec("highdicom") is None:
         raise _UsageError(
@@ -560,9 +557,16 @@ def _check_dicom_flags(args: argparse.Namespace) -> None:
             "install leaves out: install the 'dicom' extra, e.g. pip install "
             "'histohelper[dicom] @ git+<repository URL>' (not on PyPI; README: Install)"
         )
-    if args.stow and not all(is_dicomweb_uri(s) for s in args.slide):
+
+
+def _check_stow(slides: list[str]) -> None:
+    """Refuse ``--stow`` before any analysis when a slide is not a ``dicomweb://`` series
+    (there would be no PACS to send its results back to)."""
+    from histohelper.client.dicomweb import is_dicomweb_uri
+
+    if not all(is_dicomweb_uri(s) for s in slides):
         raise _UsageError(
-            "--stow sends the results back to the PACS the slide came from: give the "
+            "--stow sends the results back to the PACS each slide came from: give every "
             "slide as dicomweb://NAME/STUDY_UID/SERIES_UID"
         )
 
@@ -616,6 +620,7 @@ def _analyze_cohort(args: argparse.Namespace, options: AnalysisOptions, slide_ro
     import asyncio
 
     from histohelper.client.cohort_runner import (
+        DICOM_KEY,
         assign_ids,
         is_manifest,
         run_cohort,
@@ -639,6 +644,14 @@ def _analyze_cohort(args: argparse.Namespace, options: AnalysisOptions, slide_ro
     except CohortError as exc:
         raise _UsageError(str(exc)) from None
     args.out.mkdir(parents=True, exist_ok=True)  # fail before the analyses, not after
+    render = _render_settings(args)
+    if args.dicom_out is not None or args.stow:  # DIR/<id>/*.dcm and/or STOW per slide
+        if args.stow:
+            _check_stow([str(item.slide) for item in items])
+        if args.dicom_out is not None:
+            args.dicom_out.mkdir(parents=True, exist_ok=True)
+        out = None if args.dicom_out is None else str(args.dicom_out)
+        render[DICOM_KEY] = {"out": out, "stow": bool(args.stow)}
     target, kwargs = _client_arguments(args)
 
     async def main() -> Any:
@@ -658,7 +671,7 @@ def _analyze_cohort(args: argparse.Namespace, options: AnalysisOptions, slide_ro
                 items,
                 args.out,
                 base_options=options,
-                render=_render_settings(args),
+                render=render,
                 jobs=args.jobs,
                 retries=args.retries - 1,
                 quiet=args.quiet,

@@ -51,7 +51,8 @@ else is a cohort run:
   uploaded before each attempt. A SLIDE argument or ``slide`` cell
   ``dicomweb://NAME/STUDY_UID/SERIES_UID`` is a series on a PACS the server's operator
   configured (:mod:`histohelper.client.dicomweb`), checked before the run and never
-  uploaded.
+  uploaded; ``--dicom-out DIR`` / ``--stow`` write each slide's DICOM result objects to
+  ``DIR/<id>/`` / its PACS (a slide whose objects fail is ``failed``, error ``DICOM: ...``).
 - models: ``--model NAME[:VERSION]`` analyses every slide with that model of the
   server's repository; given several times (``--model a --model b:2``), every slide is
   analysed by each, side by side: ids ``<slide id>--<name>[-<version>]``, one table row

@@ -383,10 +383,49 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def write_analysis_files(result: SlideResult, out_dir: Path, render: RenderSettings) -> None:
     """The files of one analysed slide, exactly as ``histohelper analyze SLIDE`` writes
-    them: :func:`~histohelper.client.exports.save_all` with ``render``."""
+    them: :func:`~histohelper.client.exports.save_all` with ``render`` (less its
+    :data:`DICOM_KEY`, which :func:`run_cohort` acts on)."""
     from histohelper.client.exports import save_all
 
-    save_all(result, out_dir, **render)
+    save_all(result, out_dir, **{k: v for k, v in render.items() if k != DICOM_KEY})
+
+
+#: ``render`` key of a cohort's DICOM outputs: ``{"out": DIR or None, "stow": bool}``
+#: (``analyze --dicom-out DIR --stow``); part of each slide's identity, so a re-run that
+#: adds them redoes the slides.
+DICOM_KEY = "dicom"
+
+
+async def write_slide_dicom(
+    client: AsyncSlideClient, result: SlideResult, settings: Mapping[str, Any], slide_id: str
+) -> str:
+    """A cohort slide's DICOM result objects: written to ``settings["out"]/<id>/`` and/or
+    stored on the PACS the slide came from (``settings["stow"]``).
+
+    Returns:
+        ``""``, or why it failed (not read from DICOM, read from files but ``stow``, a
+        PACS or store error, an unwritable folder): the slide then fails.
+    """
+    from histohelper.client.dicom_results import result_objects, write_dicom
+    from histohelper.errors import HistoHelperError
+
+    if result.patch_count == 0:
+        return ""
+    try:
+        if settings.get("stow") and result.dicom is not None and not result.dicom.dicomweb_server:
+            raise ValueError("read from DICOM files, not from a PACS: nothing to --stow to")
+        objects = await asyncio.to_thread(result_objects, result)
+        if settings.get("out"):
+            dest = Path(settings["out"]) / slide_id
+            await asyncio.to_thread(write_dicom, result, dest, objects=objects)
+        if settings.get("stow"):
+            assert result.dicom is not None  # result_objects checked it
+            await client.store_dicom(objects, result.dicom.dicomweb_server)
+    except (ValueError, OSError) as exc:
+        return f"DICOM: {exc}"
+    except HistoHelperError as exc:
+        return f"DICOM: {exc.message} [{exc.reason}]"
+    return ""
 
 
 def write_slide_folder(
@@ -622,9 +661,19 @@ async def run_cohort(
             on_progress=bar.on_progress,
         ):
             item = run_items[outcome.index]
-            rows[todo[outcome.index]] = await asyncio.to_thread(
+            row = await asyncio.to_thread(
                 _finish_slide, item, outcome, out_dir, render, manifest, identities
             )
+            if render.get(DICOM_KEY) and row["status"] == "done" and outcome.result is not None:
+                error = await write_slide_dicom(
+                    client, outcome.result, render[DICOM_KEY], str(item.id)
+                )
+                if error:  # the slide fails: a re-run redoes it
+                    row.update(status="failed", error=error)
+                    manifest.slides[str(item.id)].update(status="failed", error=error, row=row)
+                    with contextlib.suppress(OSError):
+                        manifest.save(next(iter(identities.values())), list(identities.values()))
+            rows[todo[outcome.index]] = row
             bar.slide_done()
     finally:
         bar.close()

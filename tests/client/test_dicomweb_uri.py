@@ -180,14 +180,59 @@ def test_analyze_dicom_out_of_a_non_dicom_slide_is_a_clear_error(
     assert not list((tmp_path / "dcm").iterdir())
 
 
-def test_stow_needs_a_dicomweb_slide_and_is_refused_before_the_analysis(
+def test_stow_needs_dicomweb_slides_and_is_refused_before_the_analysis(
     scripted: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("highdicom")
     argv = ["analyze", "real/x.svs", "--server", scripted.target, "--out", str(tmp_path)]
     assert main([*argv, "--stow"]) == 2
     assert "dicomweb://NAME/STUDY_UID/SERIES_UID" in capsys.readouterr().err
-    two = ["analyze", "real/x.svs", "real/y.svs", "--server", scripted.target]
-    assert main([*two, "--out", str(tmp_path), "--dicom-out", str(tmp_path / "d")]) == 2
-    assert "one SLIDE" in capsys.readouterr().err
+    two = ["analyze", URI, "real/y.svs", "--server", scripted.target, "--out", str(tmp_path)]
+    assert main([*two, "--stow", "-q"]) == 2  # a cohort: every slide must be a series
+    assert "every slide" in capsys.readouterr().err
     assert scripted.script.calls == 0
+
+
+def test_cohort_dicom_out_writes_a_folder_per_slide(
+    scripted: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("highdicom")
+    from test_dicom_results import dicom_messages
+
+    scripted.script.messages = dicom_messages()[0]
+    other = f"dicomweb://pacs/{STUDY}/{SERIES}.2"
+    out, dcm = tmp_path / "out", tmp_path / "dcm"
+    argv = ["analyze", URI, other, "--server", scripted.target, "--out", str(out), "-q"]
+    assert main([*argv, "--dicom-out", str(dcm)]) == 0, capsys.readouterr().err
+    ids = sorted([slide_stem(URI), slide_stem(other)])
+    assert sorted(p.name for p in dcm.iterdir()) == ids
+    for slide_id in ids:
+        assert (dcm / slide_id / "annotations.dcm").is_file()
+        assert (dcm / slide_id / "slide_report.dcm").is_file()
+    assert len(scripted.script.requests) == 2
+    assert {r.WhichOneof("source") for r in scripted.script.requests} == {"dicomweb"}
+    # a re-run skips both; adding --stow is another identity: both redone (and refused
+    # by the scripted server, which has no StoreDicom: the slides fail, exit 1)
+    assert main([*argv, "--dicom-out", str(dcm)]) == 0
+    assert len(scripted.script.requests) == 2
+    assert main([*argv, "--dicom-out", str(dcm), "--stow"]) == 1
+    assert len(scripted.script.requests) == 4
+    assert "DICOM: " in capsys.readouterr().err
+
+
+def test_cohort_dicom_out_of_non_dicom_slides_fails_them(
+    scripted: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    pytest.importorskip("highdicom")
+    scripted.script.messages, _ = build_stream(StreamSpec())
+    out = tmp_path / "out"
+    argv = ["analyze", "a.svs", "b.svs", "--server", scripted.target, "--out", str(out), "-q"]
+    assert main([*argv, "--dicom-out", str(tmp_path / "dcm")]) == 1
+    assert "not read from DICOM" in capsys.readouterr().err
+    with (out / "cohort.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all(r["error"].startswith("DICOM: ") for r in rows)
+    assert (out / "a" / "summary.json").is_file()  # the standard files stay

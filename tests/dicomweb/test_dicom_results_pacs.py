@@ -170,3 +170,27 @@ def test_local_dicom_files_through_a_real_server(start_inprocess_server, tmp_pat
         from histohelper.client.dicom_results import export_dicom
 
         export_dicom(result, None, store=lambda objects, server: None)
+
+
+def test_cohort_dicom_out_and_stow(
+    pacs_server: str, dicomweb_slide: DicomWebSlide, tmp_path: Path, capsys
+) -> None:
+    """A manifest of one PACS series (coarse resolution): DIR/<id>/ and the PACS get it."""
+    import csv
+
+    from histohelper.client.cli import main
+    from histohelper.client.dicomweb import display_name
+
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"slide\n{dicomweb_slide.uri}\n")
+    out, dcm = tmp_path / "out", tmp_path / "dcm"
+    argv = ["analyze", str(manifest), "--server", pacs_server, "--out", str(out), "--mpp", "4"]
+    rc = main([*argv, "--dicom-out", str(dcm), "--stow", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    slide_id = display_name(dicomweb_slide.uri)
+    with (out / "cohort.csv").open() as fh:
+        (row,) = csv.DictReader(fh)
+    assert (row["id"], row["status"]) == (slide_id, "done")
+    ann_file = pydicom.dcmread(dcm / slide_id / "annotations.dcm")
+    back = _retrieve(dicomweb_slide, ann_file)  # stored on the PACS too
+    assert back.SOPInstanceUID == ann_file.SOPInstanceUID
