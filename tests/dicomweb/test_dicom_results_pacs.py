@@ -194,3 +194,13 @@ def test_cohort_dicom_out_and_stow(
     ann_file = pydicom.dcmread(dcm / slide_id / "annotations.dcm")
     back = _retrieve(dicomweb_slide, ann_file)  # stored on the PACS too
     assert back.SOPInstanceUID == ann_file.SOPInstanceUID
+
+
+def test_explain_takes_a_dicomweb_slide(pacs_server: str, dicomweb_slide: DicomWebSlide) -> None:
+    """ExplainPatches over the PACS series, named by its URI (coarse resolution)."""
+    from histohelper.client import AnalysisOptions, SlideClient
+
+    with SlideClient(pacs_server, timeout=300) as client:
+        top = client.explain(dicomweb_slide.uri, top_k=2, options=AnalysisOptions(target_mpp=2.0))
+    assert [e.rank for e in top] == [0, 1]
+    assert all(e.image_jpeg[:2] == b"\xff\xd8" for e in top)
