@@ -296,3 +296,27 @@ def test_explained_patches_are_normalised_like_the_analysis(server) -> None:
     a = cv2.imdecode(np.frombuffer(plain.image_jpeg, np.uint8), cv2.IMREAD_COLOR)
     b = cv2.imdecode(np.frombuffer(normed.image_jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert np.abs(a.astype(int) - b).mean() > 2.0
+
+
+def test_analyze_cli_records_the_normalisation(server, tmp_path: Path) -> None:
+    """``histohelper analyze --stain-normalization macenko``: summary.json and report.html
+    say what was applied."""
+    import json
+
+    from histohelper.cli import main
+
+    out = tmp_path / "out"
+    args = ["analyze", PERTURBED, "--server", _target(server), "--out", str(out), "-q"]
+    args += ["--mpp", str(FAST_MPP), "--stain-normalization", "macenko"]
+    assert main([*args, "--stain-reference", "published"]) == 0
+    stain = json.loads((out / "summary.json").read_text())["stain_normalization"]
+    assert (stain["method"], stain["reference"], stain["source"]) == (
+        "macenko",
+        "published",
+        "request",
+    )
+    assert len(stain["fitted_stain_matrix"]) == 6 and "warning" not in stain
+    assert (
+        "macenko to the published reference (asked by the request)"
+        in (out / "report.html").read_text()
+    )
