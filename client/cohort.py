@@ -45,7 +45,8 @@ else is a cohort run:
   flags or the option fields: ``mpp``/``target_mpp``, ``magnification``/
   ``target_magnification``, ``level``/``target_level``, ``patch_size``/``patch_size_px``,
   ``stride``/``stride_px``, ``min_tissue``/``min_tissue_fraction``, ``edge_mode``,
-  ``batch_size``, ``mpp_override``, ``mc_dropout_passes``; an empty cell takes the
+  ``batch_size``, ``mpp_override``, ``mc_dropout_passes``, ``stain_normalization``,
+  ``stain_reference``; an empty cell takes the
   command-line value; a per-slide resolution replaces the command line's; any other
   column is refused, exit 2). With ``--upload`` slides and folders are local files,
   uploaded before each attempt. A SLIDE argument or ``slide`` cell

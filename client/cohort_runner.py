@@ -60,6 +60,8 @@ OPTION_COLUMNS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "batch_size": ("batch_size", int),
     "mpp_override": ("mpp_override", float),
     "mc_dropout_passes": ("mc_dropout_passes", int),
+    "stain_normalization": ("stain_normalization", str),
+    "stain_reference": ("stain_reference", str),
 }
 _RESOLUTION = ("target_mpp", "target_magnification", "target_level")
 #: Manifest columns naming a slide's region of interest: GeoJSON files (QuPath exports,

@@ -320,3 +320,25 @@ def test_analyze_cli_records_the_normalisation(server, tmp_path: Path) -> None:
         "macenko to the published reference (asked by the request)"
         in (out / "report.html").read_text()
     )
+
+
+def test_cohort_manifest_stain_columns(tmp_path: Path) -> None:
+    """A cohort manifest may set the normalisation per slide (an empty cell takes the
+    command line's); a bad name is refused before the run."""
+    from histohelper.client.cohort_runner import options_identity, slides_from_manifest
+    from histohelper.cohort_csv import CohortError
+
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(
+        "slide,stain_normalization,stain_reference\nreal/one.svs,macenko,server\nreal/two.svs,,\n"
+    )
+    base = AnalysisOptions(stain_normalization="reinhard")
+    one, two = slides_from_manifest(manifest, base, upload=False)
+    assert one.options is not None
+    assert (one.options.stain_normalization, one.options.stain_reference) == ("macenko", "server")
+    assert two.options is None  # the command line's options
+    render: dict[str, object] = {}
+    assert options_identity(one.options, render) != options_identity(base, render)  # type: ignore[arg-type]
+    manifest.write_text("slide,stain_normalization\nreal/one.svs,vahadane\n")
+    with pytest.raises(CohortError, match="stain method"):
+        slides_from_manifest(manifest, base, upload=False)
