@@ -543,7 +543,9 @@ class CallPath:
             record.outcome = "CANCELLED"
         self.audit_log.write(record)
         try:
-            self.observer.call_ended(record.rpc, record.outcome, record.reason, record.duration_s)
+            self.observer.call_ended(
+                record.rpc, record.outcome, record.reason, record.duration_s, record.model_version
+            )
         except Exception:  # metrics never fail a call
             log.exception("metrics of a call failed", extra={"request_id": record.request_id})
         audit.set_current(None)

@@ -16,8 +16,8 @@ Metrics (all prefixed ``histohelper_``):
 - ``slots_free{pool}``: free slots of each admission pool (analysis, classify, upload).
 - ``patches_classified_total{model,version}``: patches each model version classified
   (every RPC).
-- ``slide_seconds``: histogram of the whole AnalyzeSlide call, arrival to end, of
-  calls that ended OK.
+- ``slide_seconds{model,version}``: histogram of the whole AnalyzeSlide call, arrival
+  to end, of calls that ended OK, by the model version that served.
 - ``stage_seconds{stage}``: histograms of ``tiling`` (per slide), ``read`` (per batch
   and reader thread), ``model_batch`` (per model call), ``mil`` (per bag).
 - ``cache_requests_total{result}``: result-cache lookups, ``hit`` or ``miss``.
@@ -99,7 +99,8 @@ class ServerMetrics(Observer):
         )
         self.slide_seconds = Histogram(
             f"{PREFIX}slide_seconds",
-            "Whole AnalyzeSlide calls that ended OK, arrival to end (seconds)",
+            "Whole AnalyzeSlide calls that ended OK, arrival to end (seconds), by model version",
+            ("model", "version"),
             buckets=SLIDE_BUCKETS,
             registry=r,
         )
@@ -161,6 +162,7 @@ class ServerMetrics(Observer):
         with self._models_lock:
             self._model_labels[(labels[0], labels[1])] = labels
         self.model_info.labels(*labels).set(1)
+        self.slide_seconds.labels(labels[0], labels[1])  # its series exist from the load on
 
     def drop_model(self, name: str, version: str) -> None:
         """Remove the ``model_info`` series of an unloaded version (counts stay)."""
@@ -184,10 +186,13 @@ class ServerMetrics(Observer):
     def patches_classified(self, count: int) -> None:
         self.patches.labels("", "").inc(count)
 
-    def call_ended(self, rpc: str, code: str, reason: str | None, duration_s: float) -> None:
+    def call_ended(
+        self, rpc: str, code: str, reason: str | None, duration_s: float, model: str = ""
+    ) -> None:
         self.calls.labels(rpc, code, reason or "").inc()
         if rpc == "AnalyzeSlide" and code == "OK":
-            self.slide_seconds.observe(duration_s)
+            name, _, version = model.partition(":")
+            self.slide_seconds.labels(name, version).observe(duration_s)
 
     def cache_lookup(self, hit: bool) -> None:
         self._cache[bool(hit)].inc()
@@ -243,8 +248,10 @@ class _ModelObserver(Observer):
     def patches_classified(self, count: int) -> None:
         self._patches.inc(count)
 
-    def call_ended(self, rpc: str, code: str, reason: str | None, duration_s: float) -> None:
-        self._base.call_ended(rpc, code, reason, duration_s)
+    def call_ended(
+        self, rpc: str, code: str, reason: str | None, duration_s: float, model: str = ""
+    ) -> None:
+        self._base.call_ended(rpc, code, reason, duration_s, model)
 
     def cache_lookup(self, hit: bool) -> None:
         self._base.cache_lookup(hit)

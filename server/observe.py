@@ -41,7 +41,9 @@ class Observer:
     def patches_classified(self, count: int) -> None:
         """The model classified ``count`` more patches (one model batch)."""
 
-    def call_ended(self, rpc: str, code: str, reason: str | None, duration_s: float) -> None:
+    def call_ended(
+        self, rpc: str, code: str, reason: str | None, duration_s: float, model: str = ""
+    ) -> None:
         """A call ended (once per call, where its audit record is written).
 
         Args:
@@ -49,6 +51,7 @@ class Observer:
             code: the gRPC status name the client got (``OK``, ``NOT_FOUND``, ...).
             reason: the ErrorInfo reason of a failure (None for OK and where none).
             duration_s: seconds from the call's arrival to its end.
+            model: ``NAME:VERSION`` of the model version the call used ("" if none).
         """
 
     def cache_lookup(self, hit: bool) -> None:

@@ -60,8 +60,9 @@ def test_scrape_after_calls_counts_each_outcome_stage_and_patch(
     assert values["histohelper_patches_classified_total"] == {
         (("model", manifest.model_name), ("version", manifest.model_version)): n_patches
     }
-    assert values["histohelper_slide_seconds_count"][()] == 1  # OK calls only
-    assert values["histohelper_slide_seconds_sum"][()] > 0
+    served = (("model", manifest.model_name), ("version", manifest.model_version))
+    assert values["histohelper_slide_seconds_count"] == {served: 1}  # OK calls only
+    assert values["histohelper_slide_seconds_sum"][served] > 0
     stage_counts = {
         dict(k)["stage"]: v for k, v in values["histohelper_stage_seconds_count"].items()
     }
