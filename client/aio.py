@@ -41,6 +41,7 @@ from histohelper.client.patches import (
     aclassify_stream,
 )
 from histohelper.client.result import ResultCollector, SlideResult
+from histohelper.client.stain import StainMethodName, StainReferenceName, stain_request
 from histohelper.client.sync import DEFAULT_UNARY_TIMEOUT_S
 from histohelper.client.uploads import UploadedSlide, upload_requests
 from histohelper.v1 import slide_analysis_pb2 as pb
@@ -308,6 +309,8 @@ class AsyncSlideClient:
         return_embeddings: bool = False,
         timeout: float | None = None,
         model: ModelSpec = None,
+        stain_normalization: StainMethodName | None = None,
+        stain_reference: StainReferenceName | None = None,
     ) -> AsyncIterator[PatchPrediction]:
         """Classify client-supplied patch images (``ClassifyPatches``); ``async for``.
 
@@ -332,4 +335,5 @@ class AsyncSlideClient:
             timeout=timeout if timeout is not None else self.timeout,
             metadata=self._metadata,
             model=model_ref(model).to_proto(),
+            stain=stain_request(stain_normalization, stain_reference),
         )

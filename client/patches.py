@@ -171,6 +171,7 @@ def classify_stream(
     timeout: float | None = None,
     metadata: Any = None,
     model: pb.ModelRef | None = None,
+    stain: pb.StainNormalization | None = None,
 ) -> Iterator[PatchPrediction]:
     """Stream ``images`` through ``ClassifyPatches``; yield one prediction per image, in order.
 
@@ -184,6 +185,9 @@ def classify_stream(
         timeout: deadline of the whole stream in seconds (``None``: none).
         metadata: call metadata (e.g. the bearer token).
         model: the repository model every request names (``None``: the default).
+        stain: the stain normalisation every request asks for (``None``: the model's
+            declared one, else none); the server fits it on each request's images
+            together, so ``batch_size`` images share one fit.
 
     Yields:
         :class:`PatchPrediction` per image, in input order; undecodable images carry
@@ -211,7 +215,10 @@ def classify_stream(
                     return
                 sent.append(len(batch))
                 yield pb.ClassifyPatchesRequest(
-                    images=batch, return_embeddings=return_embeddings, model=model
+                    images=batch,
+                    return_embeddings=return_embeddings,
+                    model=model,
+                    stain_normalization=stain,
                 )
         except Exception as exc:  # surfaced to the caller after the answers so far
             failure.append(exc)
@@ -243,6 +250,7 @@ async def aclassify_stream(
     timeout: float | None = None,
     metadata: Any = None,
     model: pb.ModelRef | None = None,
+    stain: pb.StainNormalization | None = None,
 ) -> AsyncIterator[PatchPrediction]:
     """asyncio form of :func:`classify_stream` over a ``grpc.aio`` stub.
 
@@ -250,7 +258,7 @@ async def aclassify_stream(
         call: the ``grpc.aio`` stub's ``ClassifyPatches`` multi-callable.
         images: ``(id, data)`` pairs, a plain or an async iterable, consumed lazily.
         batch_size, max_in_flight, max_request_bytes, return_embeddings, timeout,
-            metadata, model: as :func:`classify_stream`.
+            metadata, model, stain: as :func:`classify_stream`.
 
     Yields:
         :class:`PatchPrediction` per image, in input order. Closing the generator
@@ -277,7 +285,10 @@ async def aclassify_stream(
                     yield pred
             await stream.write(
                 pb.ClassifyPatchesRequest(
-                    images=batch, return_embeddings=return_embeddings, model=model
+                    images=batch,
+                    return_embeddings=return_embeddings,
+                    model=model,
+                    stain_normalization=stain,
                 )
             )
             sent.append(len(batch))

@@ -33,6 +33,7 @@ from histohelper.client.models import ModelAdmin, ModelSpec, model_ref
 from histohelper.client.options import AnalysisOptions, analyze_request
 from histohelper.client.patches import PatchInputs, PatchPrediction, classify_stream
 from histohelper.client.result import ResultCollector, SlideResult
+from histohelper.client.stain import StainMethodName, StainReferenceName, stain_request
 from histohelper.client.uploads import UploadedSlide, upload_requests
 from histohelper.v1 import slide_analysis_pb2 as pb
 from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
@@ -420,6 +421,8 @@ class SlideClient:
         return_embeddings: bool = False,
         timeout: float | None = None,
         model: ModelSpec = None,
+        stain_normalization: StainMethodName | None = None,
+        stain_reference: StainReferenceName | None = None,
     ) -> Iterator[PatchPrediction]:
         """Classify client-supplied patch images (``ClassifyPatches``), lazily and in order.
 
@@ -435,12 +438,16 @@ class SlideClient:
             return_embeddings: include each image's embedding.
             timeout: deadline in seconds for the whole stream (``None``: client default).
             model: the repository model (``"NAME[:VERSION]"``; ``None``: the default).
+            stain_normalization, stain_reference: as
+                :class:`~histohelper.client.options.AnalysisOptions`; fitted by the server
+                on each request's ``batch_size`` images together.
 
         Yields:
             One :class:`~histohelper.client.patches.PatchPrediction` per image, in
             order; an undecodable image carries ``error`` instead of probabilities.
 
         Raises:
+            ValueError: an unknown stain method or reference name.
             HistoHelperError: a subclass matching the server's error.
         """
         return classify_stream(
@@ -452,6 +459,7 @@ class SlideClient:
             timeout=timeout if timeout is not None else self.timeout,
             metadata=self._metadata,
             model=model_ref(model).to_proto(),
+            stain=stain_request(stain_normalization, stain_reference),
         )
 
     def admin(self, *, timeout: float | None = None) -> ModelAdmin:

@@ -342,3 +342,20 @@ def test_cohort_manifest_stain_columns(tmp_path: Path) -> None:
     manifest.write_text("slide,stain_normalization\nreal/one.svs,vahadane\n")
     with pytest.raises(CohortError, match="stain method"):
         slides_from_manifest(manifest, base, upload=False)
+
+
+def test_sdk_classify_asks_for_the_normalisation(server, real_slide: Path) -> None:
+    import openslide
+
+    with openslide.OpenSlide(str(real_slide)) as slide:
+        images = [
+            (str(i), np.asarray(slide.read_region((x, 1200), 0, (224, 224)).convert("RGB")))
+            for i, x in enumerate((700, 1000, 1300))
+        ]
+    with SlideClient(_target(server)) as client:
+        plain = [p.probabilities for p in client.classify(images)]
+        normed = [p.probabilities for p in client.classify(images, stain_normalization="reinhard")]
+        with pytest.raises(ValueError, match="stain method"):
+            client.classify(images, stain_normalization="vahadane")  # type: ignore[arg-type]
+    assert len(plain) == len(normed) == 3
+    assert not np.allclose(np.stack(plain), np.stack(normed))
