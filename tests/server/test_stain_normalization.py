@@ -359,3 +359,30 @@ def test_sdk_classify_asks_for_the_normalisation(server, real_slide: Path) -> No
             client.classify(images, stain_normalization="vahadane")  # type: ignore[arg-type]
     assert len(plain) == len(normed) == 3
     assert not np.allclose(np.stack(plain), np.stack(normed))
+
+
+def test_a_failed_fit_leaves_the_patches_unnormalised_with_a_warning(
+    server, slide_root: Path
+) -> None:
+    """Pale tissue (no pixel with an optical density of 0.15 in every channel): the
+    tissue mask keeps it, Macenko cannot be fitted; the analysis completes unnormalised
+    and says why, in AnalysisStarted.stain and in the QC warnings."""
+    import synthetic_slides as syn
+
+    img = syn.glass_rgb(900, 900, seed=3)
+    pale = np.array([232, 188, 214], np.float32) + 6 * syn.smooth_noise(500, 500, 4)[..., None]
+    img[200:700, 200:700] = pale.clip(0, 255).astype(np.uint8)
+    syn.write_slide(slide_root / "pale.tif", img, [(225, 225)], mpp=0.5)
+    options = pb.AnalysisOptions(
+        stain_normalization=pb.StainNormalization(method=pb.STAIN_METHOD_MACENKO)
+    )
+    request = pb.AnalyzeSlideRequest(slide_path="pale.tif", options=options)
+    with grpc.insecure_channel(_target(server)) as channel:
+        events = list(pb_grpc.SlideAnalysisServiceStub(channel).AnalyzeSlide(request, timeout=120))
+    started, completed = events[0].started, events[-1].completed
+    assert started.qc.patch_count > 0, "the pale tissue must be tissue for this test"
+    assert started.stain.method == pb.STAIN_METHOD_NONE
+    assert started.stain.source == "request"
+    assert "macenko stain normalisation not applied" in started.stain.warning
+    assert started.stain.warning in completed.qc.warnings
+    assert completed.outcome == pb.ANALYSIS_OUTCOME_COMPLETED
