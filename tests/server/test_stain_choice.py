@@ -210,3 +210,21 @@ def test_a_published_declaration_needs_no_image() -> None:
     declared = stain_declaration("reinhard", None)
     assert declared is not None
     assert (declared.method, declared.reference, declared.targets) == ("reinhard", "published", {})
+
+
+def test_serve_refuses_an_unusable_stain_reference(tmp_path: Path) -> None:
+    """``serve --stain-reference`` fits the image before anything loads: an unreadable
+    one, or one without stained tissue, stops the command with a clear message."""
+    import cv2
+
+    from histohelper.cli import main
+
+    unreadable = tmp_path / "bad.png"
+    unreadable.write_bytes(b"not an image")
+    glass = tmp_path / "glass.png"
+    assert cv2.imwrite(str(glass), np.full((64, 64, 3), 240, np.uint8))
+    for image, words in ((unreadable, "could not be read"), (glass, "at least 500")):
+        args = ["serve", "--slide-root", str(tmp_path), "--stain-reference", str(image)]
+        with pytest.raises(SystemExit) as info:
+            main([*args, "--model", str(tmp_path / "absent.pt")])
+        assert "--stain-reference" in str(info.value) and words in str(info.value)
