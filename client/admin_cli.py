@@ -27,7 +27,7 @@ def add_subcommands(subparsers: Any) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, text in (
         ("load", "load and warm NAME[:VERSION] so it serves without a first-use load"),
-        ("unload", "unload NAME:VERSION (refused while calls use it)"),
+        ("unload", "unload NAME:VERSION (refused while calls use it, or for a default version)"),
         ("set-default", "make NAME:VERSION its model's default"),
         ("rescan", "rescan the repository now (as the server's poll or SIGHUP does)"),
     ):

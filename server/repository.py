@@ -628,7 +628,8 @@ class ModelRepository(Generic[P]):
 
         Raises:
             ModelNotFoundError: it is not loaded.
-            ModelInUseError: it has calls in flight.
+            ModelInUseError: it has calls in flight, or it is its model's default
+                version (set another default first).
         """
         with self._lock:
             loaded = self._loaded.get((name or self.default_model, version))
@@ -637,6 +638,10 @@ class ModelRepository(Generic[P]):
             if loaded.users:
                 raise ModelInUseError(
                     f"that model version has {loaded.users} calls in flight; retry later"
+                )
+            if self._defaults.get(loaded.name) == loaded.version:
+                raise ModelInUseError(
+                    "that version is its model's default; set another default first"
                 )
             self._drop(loaded)
         self._close(loaded)

@@ -64,14 +64,14 @@ def test_a_model_failing_its_warm_up_is_a_model_artifact_error(
     import pytest
 
     from histohelper.errors import ModelArtifactError
-    from histohelper.server import app
+    from histohelper.server import app, models
     from histohelper.server.config import ServerConfig
 
     class _Broken(_Recording):
         def predict_patches(self, images, *, want_cams=False):  # type: ignore[no-untyped-def]
             raise RuntimeError("engine exploded")
 
-    monkeypatch.setattr(app, "load_runtime", lambda *a, **k: _Broken(served_runtime))
+    monkeypatch.setattr(models, "load_runtime", lambda *a, **k: _Broken(served_runtime))
     before = set(threading.enumerate())
     config = ServerConfig(model_path=model_artifact, slide_root=slides_dir, port=0)
     with pytest.raises(ModelArtifactError, match="warm-up"):
