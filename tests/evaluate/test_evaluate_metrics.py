@@ -168,7 +168,7 @@ class FakeClient:
     def __init__(self) -> None:
         self.classified = 0
 
-    def get_model_info(self):
+    def get_model_info(self, model=None):  # the SDK takes model= (unused here)
         class Info:
             model = ModelSummary("fake", "0", CLASSES, CLASSES, True, "fp32", "cpu", 224, 0.5, 512)
 
