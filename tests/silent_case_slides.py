@@ -53,7 +53,11 @@ def fluorescence_core(h: int, w: int, seed: int = 0) -> npt.NDArray[np.uint8]:
 
 
 def write_qptiff(
-    path: str | os.PathLike[str], *, dtype: type = np.uint8, size: tuple[int, int] = (1536, 1024)
+    path: str | os.PathLike[str],
+    *,
+    dtype: type = np.uint8,
+    size: tuple[int, int] = (1536, 1024),
+    dim: bool = False,
 ) -> Path:
     """A QPTIFF-like multiplex immunofluorescence pyramid (Akoya Vectra layout).
 
@@ -66,10 +70,15 @@ def write_qptiff(
         path: output file.
         dtype: ``np.uint8`` or ``np.uint16`` samples.
         size: level-0 ``(width, height)`` px.
+        dim: 16-bit only: a typical real channel's range, tissue ~2000 and background
+            below 50 (instead of the full 0..65535 range).
     """
     w, h = size
     base = fluorescence_core(h, w)
     scale = 257 if dtype == np.uint16 else 1
+    if dim and dtype == np.uint16:
+        base = np.where(base > 60, base.astype(np.uint16) * 18, base // 2).astype(np.uint16)
+        scale = 1
     path = Path(path)
     with tifffile.TiffWriter(path) as tw:
         for k, ds in enumerate((1, 4)):
@@ -90,7 +99,7 @@ def write_qptiff(
                     metadata=None,
                 )
             if k == 0:
-                thumb = ss.resize_to(np.dstack([base] * 3), (w // 8, h // 8))
+                thumb = ss.resize_to(np.dstack([fluorescence_core(h, w)] * 3), (w // 8, h // 8))
                 tw.write(
                     thumb,
                     photometric="rgb",

@@ -611,24 +611,34 @@ def fluorescence_tissue(
     opaque: npt.NDArray[np.uint8],
     options: TilingOptions,
     um2_per_px: float,
+    bits_per_sample: int = 8,
 ) -> npt.NDArray[np.bool_]:
     """Tissue of a fluorescence slide read as grey: brighter than the dark background.
 
     Otsu's threshold on the median-blurred grey value of the scanned pixels, at least
     :data:`FLUORESCENCE_MIN_GREY`, then the main mask's cleaning. No dark or ink rules
     (the background is dark; there is no marker ink in a fluorescence picture).
+    A channel of more than 8 bits (a 16-bit QPTIFF) reaches us as its top 8 bits, so
+    a typical signal (~2000 of 65535) is a grey of ~8: the grey is first stretched
+    linearly so that its 99.9th percentile over the scan becomes 255 (a min-max
+    contrast stretch, robust to a few hot pixels).
 
     Args:
         rgb: ``[h, w, 3]`` uint8 as OpenSlide renders the slide (grey for one channel).
         opaque: ``[h, w]`` uint8 alpha (below 128: outside the scan).
         options: median and closing kernels, area thresholds.
         um2_per_px: area of one pixel of ``rgb`` (um^2).
+        bits_per_sample: bits of the channel in the file (8, 16 ...).
 
     Returns:
         ``[h, w]`` bool.
     """
     valid = opaque >= 128
     gray = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), np.uint8)
+    if bits_per_sample > 8 and valid.any():
+        top = float(np.percentile(gray[valid], 99.9))
+        if 0 < top < 255:
+            gray = np.asarray(np.clip(gray.astype(np.float32) * (255.0 / top), 0, 255), np.uint8)
     if options.mask_median_ksize > 1:
         gray = np.asarray(cv2.medianBlur(gray, options.mask_median_ksize), np.uint8)
     values = gray[valid]
@@ -746,6 +756,7 @@ def compute_tissue_mask(
     height_l0: int,
     *,
     fluorescence: bool = False,
+    bits_per_sample: int = 8,
 ) -> TissueMask:
     """Tissue mask of a slide from its low-resolution image.
 
@@ -765,6 +776,8 @@ def compute_tissue_mask(
         height_l0: slide height (level-0 px).
         fluorescence: segment a fluorescence slide read as grey (the operator's
             fluorescence mode).
+        bits_per_sample: bits of the slide's channel (fluorescence only; see
+            :func:`fluorescence_tissue`).
 
     Returns:
         :class:`TissueMask` in the frame of ``low`` (same size and scales).
@@ -776,7 +789,7 @@ def compute_tissue_mask(
     um2_per_px = low.scale_x * mpp_x * low.scale_y * mpp_y
     slide_area_m = (width_l0 / low.scale_x) * (height_l0 / low.scale_y)
     if fluorescence:
-        tissue = fluorescence_tissue(low.rgb, low.opaque, options, um2_per_px)
+        tissue = fluorescence_tissue(low.rgb, low.opaque, options, um2_per_px, bits_per_sample)
         tissue.setflags(write=False)
         return TissueMask(
             mask=tissue,

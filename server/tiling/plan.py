@@ -591,7 +591,14 @@ def plan_tiling(
     if low.sampled:
         warnings.append("the coarsest level is very large: the tissue mask was sampled in bands")
     mask = compute_tissue_mask(
-        low, options, mpp_x, mpp_y, md.width_l0, md.height_l0, fluorescence=bool(md.fluorescence)
+        low,
+        options,
+        mpp_x,
+        mpp_y,
+        md.width_l0,
+        md.height_l0,
+        fluorescence=bool(md.fluorescence),
+        bits_per_sample=md.bits_per_sample,
     )
     grid, region, roi_excluded = build_region_grid(
         md, mask, options, ds_x, ds_y, level, effective_mpp, warnings

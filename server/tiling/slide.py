@@ -109,6 +109,8 @@ class SlideMetadata:
             than a brightfield RGB picture (QPTIFF / OME description, greyscale
             channel pages, DICOM illumination), e.g. ``"a QPTIFF multiplex
             immunofluorescence image (4 channels: DAPI, ...)"``; empty for brightfield.
+        bits_per_sample: bits per sample of a TIFF's level-0 page (8 otherwise), e.g.
+            16 for a 16-bit QPTIFF channel (OpenSlide renders its top 8 bits).
     """
 
     vendor: str
@@ -126,6 +128,7 @@ class SlideMetadata:
     mpp_declared_by: str = ""
     fluorescence: str = ""
     dicom: DicomIdentity | None = None
+    bits_per_sample: int = 8
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,7 @@ def _metadata_from(
         warnings=tuple(warnings),
         mpp_declared_by=mpp_declared_by,
         fluorescence=declared.fluorescence or _fluorescence_from_properties(props),
+        bits_per_sample=declared.bits_per_sample,
     )
 
 

@@ -69,12 +69,16 @@ class TiffDeclarations:
         fluorescence: why the pixels are fluorescence or multiplex channels, e.g.
             ``"a QPTIFF multiplex immunofluorescence image (4 channels: DAPI, FITC,
             Cy3, Cy5)"``; empty for brightfield.
+        bits_per_sample: bits of one sample of the level-0 page (8 when unknown);
+            OpenSlide renders 16-bit channels as their top 8 bits, so a dim channel's
+            real range is compressed and :func:`~.mask.fluorescence_tissue` stretches it.
     """
 
     mpp_x: float | None = None
     mpp_y: float | None = None
     mpp_declared_by: str = ""
     fluorescence: str = ""
+    bits_per_sample: int = 8
 
 
 def _local(tag: str) -> str:
@@ -240,7 +244,9 @@ def _declarations(pages: list[object], level0_size: tuple[int, int] | None) -> T
     elif "<OME" in description[:2000]:
         vendor_mpp, reason = _ome(description)
     reason = reason or _grey_channels(pages, level0)
+    bits = getattr(level0, "bitspersample", 8)
+    bits = int(bits) if isinstance(bits, int) and 1 <= bits <= 32 else 8
     mpp = _tag_mpp(level0) or vendor_mpp
     if mpp is None:
-        return TiffDeclarations(fluorescence=reason)
-    return TiffDeclarations(mpp[0], mpp[1], mpp[2], reason)
+        return TiffDeclarations(fluorescence=reason, bits_per_sample=bits)
+    return TiffDeclarations(mpp[0], mpp[1], mpp[2], reason, bits)

@@ -79,6 +79,17 @@ def test_fluorescence_mode_read_finds_the_core_and_says_what_it_did(
     assert plan.mpp_source == "metadata" and plan.mpp_x == pytest.approx(scs.QPTIFF_MPP)
 
 
+def test_fluorescence_mode_read_finds_tissue_on_a_dim_16_bit_channel(silent_dir: Path) -> None:
+    """Before: tissue ~2000 and background < 50 of 65535 reached the mask as grey 8 vs 0
+    (OpenSlide renders the top 8 bits), under the grey floor: "no tissue"."""
+    path = scs.write_qptiff(silent_dir / "mif16-dim.qptiff", dtype=np.uint16, dim=True)
+    with open_slide(path) as slide:
+        assert slide.metadata.bits_per_sample == 16
+    plan = _plan(path, fluorescence="read")
+    assert not plan.no_tissue
+    assert plan.mask.tissue_fraction == pytest.approx(np.pi * 409.6**2 / (1536 * 1024), rel=0.1)
+
+
 def test_brightfield_slides_are_not_taken_for_fluorescence(
     real_slide: Path, silent_dir: Path
 ) -> None:
