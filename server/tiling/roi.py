@@ -23,7 +23,8 @@ enclose no area: QuPath's points and polylines), Features whose ``geometry`` is 
 and QuPath objects whose ``objectType`` is not ``"annotation"`` (detections, cells,
 tiles: measurements, not regions). **Refused** (:class:`InvalidOptionsError`): text
 that is not JSON or not GeoJSON of these shapes, an unknown geometry type, a ring of
-fewer than 3 distinct points or with non-finite coordinates, an invalid polygon
+fewer than 3 distinct points or with non-finite coordinates or coordinates beyond
++-1e9 px (no slide is that large), an invalid polygon
 (self-intersecting ring, overlapping parts of a MultiPolygon, a hole outside its shell;
 Shapely's ``is_valid`` / ``is_valid_reason``, i.e. GEOS's OGC validity), nothing
 left to bound a region, more vertices than the server's limit, more bytes than its
@@ -71,6 +72,9 @@ MAX_MASK_PX = 256 * 2**20
 #: polygon past it (a comb of thousands of teeth, each spanning the mask) is refused.
 MAX_CROSSINGS = 64_000_000
 _CHUNK_CROSSINGS = 4_000_000
+#: Largest |coordinate| (level-0 px) a region may have: far beyond any slide (the
+#: largest are ~2e5 px), small enough that areas and bounds stay exact in float64.
+MAX_COORDINATE = 1e9
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _AREA_TYPES = ("Polygon", "MultiPolygon")
 _LINEAR_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString")
@@ -292,10 +296,10 @@ def _parse_geojson(
     ignored: dict[str, int] = {}
     for label, geometry in _geometries(doc, field, ignored):
         geometries.append((label, geometry))
-    polygons: list[tuple[str, list[list[list[float]]]]] = []
+    polygons: list[tuple[str, list[Any], str]] = []
     for label, geometry in geometries:
         _collect_polygons(label, geometry, field, polygons, ignored)
-    vertex_count = sum(len(ring) for _, rings in polygons for ring in rings)
+    vertex_count = sum(len(ring) for _, rings, _ in polygons for ring in rings)
     if vertex_count > max_vertices:
         raise InvalidOptionsError(
             f"the region of interest has more than {max_vertices:,} vertices (the server's "
@@ -313,8 +317,28 @@ def _parse_geojson(
             f"{field} has no Polygon or MultiPolygon annotation to bound a region"
             + (f" (ignored: {', '.join(sorted(ignored))})" if ignored else "")
         )
-    shapes = [_polygon(label, rings, field) for label, rings in polygons]
+    shapes = [_polygon(label, rings, field) for label, rings, _ in polygons]
+    _check_multipolygons(polygons, shapes, field)
     return shapely.union_all(shapes), vertex_count
+
+
+def _check_multipolygons(
+    polygons: list[tuple[str, list[Any], str]], shapes: list[BaseGeometry], field: str
+) -> None:
+    """Refuse a MultiPolygon whose (each valid) parts overlap: validate it whole."""
+    groups: dict[str, list[BaseGeometry]] = {}
+    for (_, _, group), shape in zip(polygons, shapes, strict=True):
+        if group:
+            groups.setdefault(group, []).append(shape)
+    for group, parts in groups.items():
+        multi = shapely.MultiPolygon(parts)
+        if len(parts) > 1 and not multi.is_valid:
+            reason = shapely.is_valid_reason(multi)[:120]
+            raise InvalidOptionsError(
+                f"{field}: {group} MultiPolygon is not valid ({reason}; level-0 px): its "
+                "polygons overlap or touch along an edge; draw overlapping areas as one "
+                "polygon, or send them as separate Features (their union is taken)"
+            )
 
 
 def _geometries(doc: Any, field: str, ignored: dict[str, int]) -> Iterator[tuple[str, Any]]:
@@ -363,10 +387,11 @@ def _collect_polygons(
     label: str,
     geometry: Any,
     field: str,
-    out: list[tuple[str, list[list[list[float]]]]],
+    out: list[tuple[str, list[Any], str]],
     ignored: dict[str, int],
 ) -> None:
-    """Append (label, rings) of each polygon of ``geometry``; count what has no area."""
+    """Append (label, rings, MultiPolygon label or "") of each polygon of ``geometry``;
+    count what has no area."""
     if not isinstance(geometry, dict) or not isinstance(geometry.get("type"), str):
         raise InvalidOptionsError(f"{field}: {label} is not a GeoJSON geometry (no 'type')")
     kind = geometry["type"]
@@ -394,7 +419,7 @@ def _collect_polygons(
         where = label if kind == "Polygon" else f"{label} polygon {p}"
         if not isinstance(rings, list) or not rings:
             raise InvalidOptionsError(f"{field}: {where} has no rings")
-        out.append((where, rings))
+        out.append((where, rings, label if kind == "MultiPolygon" else ""))
 
 
 def _polygon(label: str, rings: list[Any], field: str) -> BaseGeometry:
@@ -415,17 +440,31 @@ def _polygon(label: str, rings: list[Any], field: str) -> BaseGeometry:
         xy = xy[:, :2]
         if not np.isfinite(xy).all():
             raise InvalidOptionsError(f"{field}: {label} {name} has a non-finite coordinate")
+        if np.abs(xy).max() > MAX_COORDINATE:
+            raise InvalidOptionsError(
+                f"{field}: {label} {name} has a coordinate of {np.abs(xy).max():.3g} level-0 "
+                f"px; no slide is that large (at most {MAX_COORDINATE:.0e} accepted): "
+                "coordinates must be level-0 px of this slide"
+            )
         if len(np.unique(xy, axis=0)) < 3:
             raise InvalidOptionsError(f"{field}: {label} {name} has fewer than 3 distinct points")
         arrays.append(xy)
     poly = shapely.Polygon(arrays[0], arrays[1:])
     if not poly.is_valid:
         reason = shapely.is_valid_reason(poly)[:120]
+        crossing = [
+            "exterior ring" if r == 0 else f"hole {r}"
+            for r, xy in enumerate(arrays)
+            if not shapely.LinearRing(xy).is_simple
+        ]
+        what = (
+            f"its {', '.join(crossing)} crosses itself (a bow-tie)"
+            if crossing
+            else "its rings cross or touch each other, or a hole lies outside its shell"
+        )
         raise InvalidOptionsError(
-            f"{field}: {label} is not a valid polygon ({reason}; level-0 px): "
-            "self-intersecting rings and holes outside their shell are refused; fix the "
-            "annotation (QuPath: Objects > Annotations... > Make inverse/Fill holes, or "
-            "redraw it)"
+            f"{field}: {label} is not a valid polygon ({reason}; level-0 px): {what}; "
+            "redraw the annotation without crossing edges"
         )
     return poly
 
@@ -469,7 +508,7 @@ def region_raster(
             inside = shapely.intersection(roi.include, slide).area
             if inside <= 0:
                 raise InvalidOptionsError(
-                    f"the include region (bounds x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f} "
+                    f"the include region (bounds x {x0:.6g}..{x1:.6g}, y {y0:.6g}..{y1:.6g} "
                     f"level-0 px) lies wholly outside the slide ({width_l0} x {height_l0} px): "
                     "coordinates must be level-0 px of this slide"
                 )

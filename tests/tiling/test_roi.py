@@ -94,13 +94,21 @@ def poly(*rings: list) -> str:
 
 
 BOWTIE = [[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]
+BOWTIE_HOLE = [[800, 700], [1300, 1200], [1300, 700], [800, 1200], [800, 700]]
 FAR_HOLE = [[5000, 5000], [5100, 5000], [5100, 5100], [5000, 5000]]
 BAD_CASES = {
     "not-json": ("{'type': ", "not valid JSON"),
     "not-geojson": ("[1, 2, 3]", "not a GeoJSON object"),
     "unknown-type": (json.dumps({"type": "Circle", "coordinates": []}), "'Circle'"),
     "no-polygon": (json.dumps({"type": "Point", "coordinates": [1, 2]}), "no Polygon"),
-    "bowtie": (poly(BOWTIE), "Self-intersection"),
+    "bowtie": (poly(BOWTIE), "exterior ring crosses itself"),
+    "bowtie-hole": (poly(SHELL, BOWTIE_HOLE), "hole 1 crosses itself"),
+    "overlapping-multipolygon-parts": (
+        json.dumps({"type": "MultiPolygon", "coordinates": [[SHELL], [HOLE]]}),
+        "the geometry MultiPolygon is not valid",
+    ),
+    "huge": (poly([[0, 0], [1e308, 0], [1e308, 1e308], [0, 0]]), "coordinate of 1e+308"),
+    "beyond-any-slide": (poly([[0, 0], [2e9, 0], [0, 5], [0, 0]]), "no slide is that large"),
     "two-points": (poly([[0, 0], [5, 5], [0, 0]]), "fewer than 3"),
     "nan": (
         '{"type": "Polygon", "coordinates": [[[0, 0], [NaN, 5], [5, 0], [0, 0]]]}',
@@ -119,6 +127,28 @@ def test_malformed_geojson_is_refused_without_echoing_it(text: str, needle: str)
     message = str(info.value)
     assert needle in message
     assert len(message) < 400
+
+
+def test_multipolygon_of_disjoint_parts_and_separate_overlapping_features_are_accepted() -> None:
+    """Only the parts of one MultiPolygon must not overlap (OGC validity); separate
+    Features may (their union is taken)."""
+    far = [[3000, 3000], [3500, 3000], [3500, 3500], [3000, 3000]]
+    disjoint = parse_region(json.dumps({"type": "MultiPolygon", "coordinates": [[SHELL], [far]]}))
+    assert disjoint is not None and disjoint.include is not None
+    assert disjoint.include.area == pytest.approx(
+        shapely.Polygon(SHELL).area + shapely.Polygon(far).area
+    )
+    overlapping = parse_region(collection(qupath_feature([SHELL]), qupath_feature([HOLE])))
+    assert overlapping is not None and overlapping.include is not None
+    assert overlapping.include.area == pytest.approx(shapely.Polygon(SHELL).area)
+
+
+def test_region_covering_more_than_the_slide_is_clipped_to_it() -> None:
+    roi = parse_region(poly([[-1e8, -1e8], [1e8, -1e8], [1e8, 1e8], [-1e8, 1e8], [-1e8, -1e8]]))
+    assert roi is not None
+    raster, notes = region_raster(roi, (10, 10), 100.0, 100.0, 1000, 1000)
+    assert raster.all()
+    assert "100.0% of the include region lies outside" in notes[0]
 
 
 def test_vertex_and_byte_limits() -> None:
