@@ -276,40 +276,46 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
         "--mask-method",
         choices=("saturation", "gray"),
         default=d.mask_method,
-        help="Otsu channel for the tissue mask (default %(default)s)",
+        help="Otsu channel for the tissue mask (default %(default)s; preview only: "
+        "AnalyzeSlide always uses the default)",
     )
     g.add_argument(
         "--mask-side",
         type=int,
         default=d.mask_target_side_px,
         dest="mask_target_side_px",
-        help="longest side of the mask image, px (default %(default)s)",
+        help="longest side of the mask image, px (default %(default)s; preview only: "
+        "AnalyzeSlide always uses the default, bounded by serve --mask-min-um-per-px)",
     )
     g.add_argument(
         "--min-fragment-um2",
         type=float,
         default=d.min_fragment_area_um2,
         dest="min_fragment_area_um2",
-        help="drop tissue fragments smaller than this, um^2 (default %(default)s)",
+        help="drop tissue fragments smaller than this, um^2 (default %(default)s; preview "
+        "only: AnalyzeSlide always uses the default)",
     )
     g.add_argument(
         "--min-hole-um2",
         type=float,
         default=d.min_hole_area_um2,
         dest="min_hole_area_um2",
-        help="fill holes smaller than this, um^2 (default %(default)s)",
+        help="fill holes smaller than this, um^2 (default %(default)s; preview only: "
+        "AnalyzeSlide always uses the default)",
     )
     g.add_argument(
         "--keep-dark",
         action="store_false",
         dest="remove_dark",
-        help="do not treat very dark areas as background",
+        help="do not treat very dark areas (and black ink) as background (preview only: "
+        "AnalyzeSlide always does)",
     )
     g.add_argument(
         "--keep-ink",
         action="store_false",
         dest="remove_ink",
-        help="do not treat green/blue marker ink as background",
+        help="do not treat marker ink (green/blue, red) as background, nor count it "
+        "(preview only, e.g. to see what the ink rule removed: AnalyzeSlide always does)",
     )
     g.add_argument(
         "--fluorescence",

@@ -302,8 +302,9 @@ def _parse_geojson(
     vertex_count = sum(len(ring) for _, rings, _ in polygons for ring in rings)
     if vertex_count > max_vertices:
         raise InvalidOptionsError(
-            f"the region of interest has more than {max_vertices:,} vertices (the server's "
-            f"limit, --roi-max-vertices); {field} alone has {vertex_count:,}: simplify the "
+            f"the region of interest has more than {max_vertices:,} vertices (the limit; "
+            f"a server's is set by serve --roi-max-vertices); {field} alone has "
+            f"{vertex_count:,}: simplify the "
             "annotations (QuPath: Objects > Annotations... > Simplify shape)"
         )
     if ignored:

@@ -153,8 +153,9 @@ def test_region_covering_more_than_the_slide_is_clipped_to_it() -> None:
 
 def test_vertex_and_byte_limits() -> None:
     text = collection(qupath_feature([SHELL, HOLE]))
-    with pytest.raises(InvalidOptionsError, match="more than 9 vertices"):
+    with pytest.raises(InvalidOptionsError, match="more than 9 vertices") as info:
         parse_region(text, limits=RegionLimits(max_vertices=9))
+    assert "set by serve --roi-max-vertices" in str(info.value)  # tile has no such flag
     assert parse_region(text, limits=RegionLimits(max_vertices=10)) is not None
     with pytest.raises(InvalidOptionsError, match="at most 100 "):
         parse_region(text, limits=RegionLimits(max_bytes=100))
