@@ -12,6 +12,10 @@ series?), then opened with wsidicom over dicomweb-client (metadata by WADO-RS, f
 on demand; the whole series is never downloaded). Opened series are pooled for a
 short while, so the tiler and the reader threads of one analysis share one series
 and its frame cache; several reader threads keep several frame requests in flight.
+The pool is only a speed-up: every reuse of a pooled series first asks the PACS again
+with a QIDO-RS series query (~2 ms on Orthanc), so a series deleted on the PACS, or
+whose access was revoked, is refused (SLIDE_NOT_FOUND, PACS_PERMISSION_DENIED) and
+dropped from the pool.
 
 Storing: :meth:`DicomWebServers.store` sends Part 10 instances with STOW-RS.
 
@@ -53,6 +57,10 @@ RETRY_AFTER_S = 10
 MAX_IDLE_SERIES = 4
 IDLE_SERIES_TTL_S = 60.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: A DICOM UID (PS3.5 9.1): components of digits without leading zeros (a lone 0 is
+#: allowed), joined by dots; the client's ``check_uid`` applies the same rule.
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+UID_MAX_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -91,9 +99,12 @@ def parse_endpoints(
 
     Raises:
         ValueError: a malformed entry, a duplicate name, a URL that is not http(s) or
-            carries credentials, an unreadable or malformed credentials file. Messages
-            name the entry's NAME, never its URL or a credential.
+            carries credentials, a secrets folder that is not a directory, an unreadable
+            or malformed credentials file. Messages name the entry's NAME, never its URL
+            or a credential.
     """
+    if secrets_dir is not None and not secrets_dir.is_dir():
+        raise ValueError("--dicomweb-secrets-dir is not a directory")
     out: dict[str, DicomWebEndpoint] = {}
     for entry in (e.strip() for e in text.split(",")):
         if not entry:
@@ -106,7 +117,11 @@ def parse_endpoints(
             )
         if name in out:
             raise ValueError(f"--dicomweb: the name {name!r} is given twice")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - a port that is not a number raises ValueError
+        except ValueError:
+            raise ValueError(f"--dicomweb {name}: the URL is malformed") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"--dicomweb {name}: the URL must be http:// or https://")
         if parts.username or parts.password:
@@ -119,9 +134,9 @@ def parse_endpoints(
             basic_file = secrets_dir / f"{name}.basic"
             ca_file = secrets_dir / f"{name}.ca.pem"
             if token_file.is_file():
-                token = token_file.read_text().strip() or None
+                token = _read_secret(token_file, name) or None
             if basic_file.is_file():
-                user, colon, password = basic_file.read_text().strip().partition(":")
+                user, colon, password = _read_secret(basic_file, name).partition(":")
                 if not colon or not user:
                     raise ValueError(f"--dicomweb {name}: {name}.basic must hold user:password")
                 basic = (user, password)
@@ -130,6 +145,16 @@ def parse_endpoints(
             ca = ca_file if ca_file.is_file() else None
         out[name] = DicomWebEndpoint(name, url, token, basic, ca, float(timeout_s))
     return out
+
+
+def _read_secret(path: Path, name: str) -> str:
+    """The stripped text of a credentials file (ValueError naming only the file)."""
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"--dicomweb {name}: cannot read {path.name} ({type(exc).__name__})"
+        ) from None
 
 
 def _session(endpoint: DicomWebEndpoint) -> Any:
@@ -285,14 +310,21 @@ class DicomWebServers:
 
         self.endpoint(name)
         for what, uid in (("study", study_uid), ("series", series_uid)):
-            if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid or "") or len(uid) > 64:
-                raise InvalidOptionsError(f"dicomweb: the {what} instance UID is not a DICOM UID")
+            if not _UID.fullmatch(uid or "") or len(uid) > UID_MAX_CHARS:
+                raise InvalidOptionsError(
+                    f"dicomweb: the {what} instance UID is not a DICOM UID (digits and dots, "
+                    f"no leading zeros in a component, at most {UID_MAX_CHARS} characters)"
+                )
         return DicomWebSource(self, name, study_uid, series_uid)
 
     # --- the pool of opened series --------------------------------------------------------
 
     def acquire(self, key: tuple[str, str, str]) -> DicomSeries:
         """An opened series for ``(name, study, series)``, pooled or newly opened.
+
+        A pooled series is used again only after a QIDO-RS query (:meth:`check_series`)
+        finds it still there and accessible; one that is gone or refused is dropped
+        from the pool.
 
         Raises:
             As :meth:`open_series`.
@@ -310,6 +342,14 @@ class DicomWebServers:
         for series in stale:
             series.close()
         if pooled is not None:
+            try:
+                self.check_series(*key)
+            except (SlideNotFoundError, PacsPermissionDeniedError):
+                self._drop(key, pooled.series)
+                raise
+            except BaseException:
+                self.release(pooled.series)
+                raise
             return pooled.series
         series = self.open_series(*key)
         with self._lock:
@@ -341,6 +381,19 @@ class DicomWebServers:
         for s in evicted:
             s.close()
 
+    def _drop(self, key: tuple[str, str, str], series: DicomSeries) -> None:
+        """Give back ``series`` and, when no analysis still reads it, take it out of the
+        pool and close it (one still in use stays pooled; every reuse checks again)."""
+        with self._lock:
+            pooled = self._pool.get(key)
+            unused = pooled is not None and pooled.series is series and pooled.users == 1
+            if unused:
+                del self._pool[key]
+        if unused:
+            series.close()
+        else:
+            self.release(series)
+
     def close(self) -> None:
         """Close every pooled series."""
         with self._lock:
@@ -362,17 +415,8 @@ class DicomWebServers:
         from wsidicom import WsiDicom, WsiDicomWebClient
 
         client = self.client(name)
-        try:
-            found = client.search_for_instances(
-                study_uid,
-                series_uid,
-                fields=["SOPClassUID"],
-                search_filters={"SeriesInstanceUID": series_uid},
-            )
-        except Exception as exc:
-            raise self._opening_error(name, exc) from None
-        if not found:
-            raise SlideNotFoundError("the DICOM series was not found on the DICOMweb server")
+        search = client.search_for_instances
+        found = self._query(name, search, (study_uid, series_uid), series_uid, "SOPClassUID")
         classes = {str(item.get("00080016", {}).get("Value", [""])[0]) for item in found}
         if VL_WSI_SOP_CLASS not in classes:
             raise UnsupportedSlideError(
@@ -388,6 +432,32 @@ class DicomWebServers:
         except BaseException:
             wsi.close()
             raise
+
+    def check_series(self, name: str, study_uid: str, series_uid: str) -> None:
+        """Ask the PACS (QIDO-RS series query) whether the series is still there.
+
+        Raises:
+            SlideNotFoundError: the study or series is gone.
+            PacsPermissionDeniedError, PacsUnavailableError: from the server.
+        """
+        search = self.client(name).search_for_series
+        self._query(name, search, (study_uid,), series_uid, "SeriesInstanceUID")
+
+    def _query(
+        self, name: str, search: Any, path: tuple[str, ...], series_uid: str, field: str
+    ) -> list[dict[str, Any]]:
+        """QIDO-RS: ``search(*path)`` filtered on ``series_uid``, returning ``field``.
+
+        Raises:
+            SlideNotFoundError: nothing found; the errors of :func:`translate`.
+        """
+        try:
+            found = search(*path, fields=[field], search_filters={"SeriesInstanceUID": series_uid})
+        except Exception as exc:
+            raise self._opening_error(name, exc) from None
+        if not found:
+            raise SlideNotFoundError("the DICOM series was not found on the DICOMweb server")
+        return list(found)
 
     @staticmethod
     def _opening_error(name: str, exc: BaseException) -> HistoHelperError:

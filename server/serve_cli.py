@@ -42,6 +42,13 @@ def run(args: argparse.Namespace) -> int:
         config, deprecated = server_config.config_from(args, os.environ)
     except ValueError as exc:
         raise SystemExit(f"histohelper serve: {exc}") from None
+    if config.dicomweb or config.dicomweb_secrets_dir is not None:
+        from histohelper.server.dicomweb import parse_endpoints  # messages name no secret
+
+        try:
+            parse_endpoints(config.dicomweb, config.dicomweb_secrets_dir, config.dicomweb_timeout_s)
+        except ValueError as exc:
+            raise SystemExit(f"histohelper serve: {exc}") from None
     from histohelper.errors import ModelArtifactError
     from histohelper.server.app import PortBindError, configure_logging, serve
     from histohelper.server.auth import TokensFileError, TokenStore

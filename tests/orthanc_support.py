@@ -345,3 +345,25 @@ def store_as_fluorescence(dicomweb_slide: DicomWebSlide) -> tuple[str, str]:
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     stow(dicomweb_slide.server, [ds])
     return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+
+
+def store_copy(dicomweb_slide: DicomWebSlide) -> tuple[str, str]:
+    """The converted slide's first instance stored again as a new series in a new study
+    (so that deleting it touches nothing else); returns (study, series) UIDs."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(next(iter(sorted(dicomweb_slide.dicom_dir.glob("*.dcm")))))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    stow(dicomweb_slide.server, [ds])
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+
+
+def delete_series(server: Orthanc, series_uid: str) -> None:
+    """Delete a series from Orthanc through its REST API (found by ``/tools/lookup``)."""
+    with server.session() as session:
+        found = session.post(f"{server.base_url}/tools/lookup", data=series_uid, timeout=10)
+        found.raise_for_status()
+        (orthanc_id,) = [item["ID"] for item in found.json() if item["Type"] == "Series"]
+        session.delete(f"{server.base_url}/series/{orthanc_id}", timeout=10).raise_for_status()

@@ -21,8 +21,10 @@ from grpc_status import rpc_status
 from orthanc_support import (
     DicomWebSlide,
     Orthanc,
+    delete_series,
     free_port,
     store_as_fluorescence,
+    store_copy,
     store_with_broken_frames,
 )
 from pydicom.dataset import FileMetaDataset
@@ -160,6 +162,7 @@ def test_same_grid_and_probabilities_from_file_and_pacs(
     ("case", "code", "reason"),
     [
         ("unconfigured", grpc.StatusCode.INVALID_ARGUMENT, "DICOMWEB_NOT_CONFIGURED"),
+        ("leading_zero_uid", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_OPTIONS"),
         ("unknown_series", grpc.StatusCode.NOT_FOUND, "SLIDE_NOT_FOUND"),
         ("unknown_study", grpc.StatusCode.NOT_FOUND, "SLIDE_NOT_FOUND"),
         ("not_a_wsi", grpc.StatusCode.INVALID_ARGUMENT, "SLIDE_UNSUPPORTED"),
@@ -197,6 +200,8 @@ def test_bad_cases_and_the_server_keeps_serving(
     else:
         series = {
             "unconfigured": _series(dicomweb_slide, "elsewhere"),
+            # PS3.5 9.1: no leading zero in a component (the client refuses it too)
+            "leading_zero_uid": _series(dicomweb_slide, series="1.2.03.4"),
             "unknown_series": _series(dicomweb_slide, series="1.2.3.4.5"),
             "unknown_study": _series(dicomweb_slide, study="1.2.3.4", series="1.2.3.4.5"),
             "unreachable": _series(dicomweb_slide, "down"),
@@ -212,6 +217,23 @@ def test_bad_cases_and_the_server_keeps_serving(
     # The server keeps serving (the PACS analysis itself: the last test of the module).
     ok = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
     assert ok.model.name
+
+
+def test_a_series_deleted_on_the_pacs_is_not_analysed_from_the_pool(
+    server, dicomweb_slide: DicomWebSlide
+) -> None:
+    """The pooled opened series is only a speed-up: once the series is deleted on the
+    PACS, the next analysis asks the PACS again and gets SLIDE_NOT_FOUND."""
+    stub = insecure_stub(f"127.0.0.1:{server.port}")
+    study, series_uid = store_copy(dicomweb_slide)
+    series = _series(dicomweb_slide, study=study, series=series_uid)
+    started, probs, _ = _analyze(stub, pb.AnalyzeSlideRequest(dicomweb=series))
+    assert started is not None and len(probs) == started.grid.patch_count > 0
+    delete_series(dicomweb_slide.server, series_uid)
+    for _ in range(2):  # and the pool keeps no stale entry
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.AnalyzeSlide(pb.AnalyzeSlideRequest(dicomweb=series), timeout=120))
+        assert status_of(info.value) == (grpc.StatusCode.NOT_FOUND, "SLIDE_NOT_FOUND")
 
 
 def test_store_dicom_refuses_what_is_not_part10(server) -> None:
