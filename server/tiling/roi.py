@@ -324,10 +324,10 @@ def _parse_geojson(
 
 
 def _check_multipolygons(
-    polygons: list[tuple[str, list[Any], str]], shapes: list[BaseGeometry], field: str
+    polygons: list[tuple[str, list[Any], str]], shapes: list[shapely.Polygon], field: str
 ) -> None:
     """Refuse a MultiPolygon whose (each valid) parts overlap: validate it whole."""
-    groups: dict[str, list[BaseGeometry]] = {}
+    groups: dict[str, list[shapely.Polygon]] = {}
     for (_, _, group), shape in zip(polygons, shapes, strict=True):
         if group:
             groups.setdefault(group, []).append(shape)
@@ -423,7 +423,7 @@ def _collect_polygons(
         out.append((where, rings, label if kind == "MultiPolygon" else ""))
 
 
-def _polygon(label: str, rings: list[Any], field: str) -> BaseGeometry:
+def _polygon(label: str, rings: list[Any], field: str) -> shapely.Polygon:
     """A valid Shapely Polygon of GeoJSON rings (shell first, then holes)."""
     arrays = []
     for r, ring in enumerate(rings):
