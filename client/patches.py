@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from histohelper.client.errors import error_from_rpc
+from histohelper.client.stain import AppliedStain
 from histohelper.errors import InternalError
 from histohelper.v1 import slide_analysis_pb2 as pb
 
@@ -53,6 +54,10 @@ class PatchPrediction:
             in ``ModelSummary.patch_classes`` order (empty when ``error`` is set).
         embedding: float32 ``[embedding_dim]``, or ``None`` unless requested.
         error: why the server could not decode the image; ``""`` when classified.
+        stain: the stain normalisation the server applied to the request this image
+            came in (``ClassifyPatchesResponse.stain``: fitted on that request's images
+            together; ``method`` ``"none"`` with a ``warning`` when a requested fit
+            failed, e.g. on an all-white patch); ``None`` when the server said nothing.
     """
 
     id: str
@@ -60,6 +65,7 @@ class PatchPrediction:
     probabilities: npt.NDArray[np.float32]
     embedding: npt.NDArray[np.float32] | None
     error: str
+    stain: AppliedStain | None = None
 
     @property
     def ok(self) -> bool:
@@ -67,13 +73,16 @@ class PatchPrediction:
         return not self.error
 
     @classmethod
-    def from_proto(cls, msg: pb.PatchPrediction) -> PatchPrediction:
+    def from_proto(
+        cls, msg: pb.PatchPrediction, stain: AppliedStain | None = None
+    ) -> PatchPrediction:
         return cls(
             id=msg.id,
             logits=np.asarray(msg.logits, dtype=np.float32),
             probabilities=np.asarray(msg.probabilities, dtype=np.float32),
             embedding=np.asarray(msg.embedding, dtype=np.float32) if msg.embedding else None,
             error=msg.error,
+            stain=stain,
         )
 
 
@@ -157,7 +166,8 @@ def _answers(reply: pb.ClassifyPatchesResponse, expected: int) -> list[PatchPred
         raise InternalError(
             f"ClassifyPatches answered {len(reply.predictions)} images for a request of {expected}"
         )
-    return [PatchPrediction.from_proto(msg) for msg in reply.predictions]
+    stain = AppliedStain.from_proto(reply.stain) if reply.HasField("stain") else None
+    return [PatchPrediction.from_proto(msg, stain) for msg in reply.predictions]
 
 
 def classify_stream(

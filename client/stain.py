@@ -33,10 +33,16 @@ def stain_request(
     model's declared normalisation, else none).
 
     Raises:
-        ValueError: an unknown method or reference name.
+        ValueError: an unknown method or reference name, or a reference with method
+            ``"none"`` (nothing to apply it to).
     """
     if method is None and reference is None:
         return None
+    if method == "none" and reference is not None:
+        raise ValueError(
+            "stain normalisation none applies no stain reference: leave the reference "
+            "unset, or name a method (macenko, reinhard)"
+        )
     if method is not None and method not in STAIN_METHODS:
         raise ValueError(f"stain method must be one of {sorted(STAIN_METHODS)}, got {method!r}")
     if reference is not None and reference not in STAIN_REFERENCES:

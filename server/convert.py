@@ -165,7 +165,8 @@ def stain_choice(
     Raises:
         InvalidOptionsError: an unknown or unsupported method (Vahadane), a reference
             that does not exist here (MODEL without a manifest target, SERVER without
-            ``--stain-reference``), or a reference without a method to apply it to.
+            ``--stain-reference``), or a reference without a method to apply it to
+            (none asked for, or none declared).
     """
     declared = manifest.stain_normalization
     if msg.method == pb.STAIN_METHOD_UNSPECIFIED:
@@ -191,6 +192,11 @@ def stain_choice(
     else:
         method, source = _STAIN_METHODS[msg.method], "request"
         if method == "none":
+            if msg.reference != pb.STAIN_REFERENCE_UNSPECIFIED:
+                raise InvalidOptionsError(
+                    "stain_normalization.method none applies no stain reference: leave the "
+                    "reference unset, or name a method (macenko, reinhard)"
+                )
             return StainChoice("none", "", "request")
         if msg.reference == pb.STAIN_REFERENCE_UNSPECIFIED:
             if method in server_targets:

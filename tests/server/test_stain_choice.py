@@ -116,16 +116,33 @@ def test_stain_choice_follows_the_proto_rules(
         (_msg(R, SRV), "no stain reference image"),
         (_msg(pb.STAIN_METHOD_VAHADANE), "Vahadane"),
         (_msg(0, PUB), "needs a stain method"),
+        (_msg(pb.STAIN_METHOD_NONE, MOD), "none applies no stain reference"),
         (_msg(99), "unknown stain_normalization.method"),
         (_msg(M, 99), "unknown stain_normalization.reference"),
     ],
-    ids=["model-missing", "server-missing", "vahadane", "no-method", "bad-method", "bad-ref"],
+    ids=[
+        "model-missing",
+        "server-missing",
+        "vahadane",
+        "no-method",
+        "none-with-reference",
+        "bad-method",
+        "bad-ref",
+    ],
 )
 def test_impossible_choices_are_refused(
     plain: Manifest, msg: pb.StainNormalization, words: str
 ) -> None:
     with pytest.raises(InvalidOptionsError, match=words):
         convert.stain_choice(msg, plain, {})
+
+
+def test_the_client_refuses_a_reference_for_method_none() -> None:
+    from histohelper.client import AnalysisOptions
+    from histohelper.errors import InvalidOptionsError as ClientInvalidOptions
+
+    with pytest.raises(ClientInvalidOptions, match="none applies no stain reference"):
+        AnalysisOptions(stain_normalization="none", stain_reference="model")
 
 
 def test_a_declaration_of_model_reference_needs_its_target() -> None:

@@ -352,13 +352,44 @@ def test_sdk_classify_asks_for_the_normalisation(server, real_slide: Path) -> No
             (str(i), np.asarray(slide.read_region((x, 1200), 0, (224, 224)).convert("RGB")))
             for i, x in enumerate((700, 1000, 1300))
         ]
+    white = np.full((224, 224, 3), 255, np.uint8)
     with SlideClient(_target(server)) as client:
-        plain = [p.probabilities for p in client.classify(images)]
-        normed = [p.probabilities for p in client.classify(images, stain_normalization="reinhard")]
+        plain_preds = list(client.classify(images))
+        normed_preds = list(client.classify(images, stain_normalization="reinhard"))
+        blank = list(client.classify([("white", white)], stain_normalization="macenko"))
         with pytest.raises(ValueError, match="stain method"):
             client.classify(images, stain_normalization="vahadane")  # type: ignore[arg-type]
+    plain = [p.probabilities for p in plain_preds]
+    normed = [p.probabilities for p in normed_preds]
     assert len(plain) == len(normed) == 3
     assert not np.allclose(np.stack(plain), np.stack(normed))
+    # Each prediction says what normalisation its request got (finding 10).
+    assert {(p.stain.method, p.stain.source) for p in normed_preds if p.stain} == {
+        ("reinhard", "request")
+    }
+    assert len(normed_preds[0].stain.fitted_means) == 3  # type: ignore[union-attr]
+    assert all(p.stain is not None and p.stain.method == "none" for p in plain_preds)
+    assert blank[0].stain is not None and blank[0].stain.method == "none"
+    assert blank[0].stain.warning  # the fit failed on a white patch: not silently skipped
+
+
+def test_async_sdk_classify_says_what_normalisation_was_applied(server, real_slide: Path) -> None:
+    import asyncio
+
+    import openslide
+
+    from histohelper.client import AsyncSlideClient
+
+    with openslide.OpenSlide(str(real_slide)) as slide:
+        images = [("0", np.asarray(slide.read_region((1000, 1200), 0, (224, 224)).convert("RGB")))]
+
+    async def run() -> list:
+        async with AsyncSlideClient(_target(server)) as client:
+            return [p async for p in client.classify(images, stain_normalization="macenko")]
+
+    (pred,) = asyncio.run(run())
+    assert pred.stain is not None and pred.stain.method == "macenko"
+    assert pred.stain.source == "request" and len(pred.stain.fitted_stain_matrix) == 6
 
 
 def test_a_failed_fit_leaves_the_patches_unnormalised_with_a_warning(
