@@ -233,6 +233,8 @@ class Call:
         if self.models is None:
             raise InternalError("this server has no model repository")
         name, version = (getattr(ref, "name", ""), getattr(ref, "version", ""))
+        # A refused call's record names what was asked (or nothing), never the default.
+        self.record.model_version = f"{name}:{version}" if version else name
         lease = await self.run(self.models.lease, name, version)
         self.on_end(lease.release)
         self.model = lease.parts

@@ -10,7 +10,10 @@ Layout of ``serve --model-repository DIR`` (the exported artifacts as they are):
         model.json            optional: {"version_policy": "latest:2", "default_version": "2"}
 
 Names starting with ``.`` or ending in ``.tmp``/``.part`` are ignored, so a version
-is dropped in atomically by copying under such a name and renaming. Versions sort
+is dropped in atomically by copying under such a name and renaming. The version is the
+folder (or file) name whatever the manifest says; a version given both as ``4/`` and
+``4.pt`` is served from the folder, and names outside :data:`NAME` are ignored, each
+logged once as a WARNING naming model and version (never a path). Versions sort
 naturally (``2`` < ``10``; ``1.2`` < ``1.10``).
 
 Version policy (server-wide ``--version-policy``, per model in ``model.json``):
@@ -29,7 +32,9 @@ RescanRepository) loads and warms a model's new default version *before* the def
 moves to it; versions the policy no longer serves are *retired*: no new call gets
 them, and each is unloaded when its last call ends. A call holds a :class:`Lease` on
 the version it started with for its whole life. ``--max-loaded-models`` bounds loaded
-versions: the least recently used one without calls in flight is unloaded first.
+versions: the least recently used one without calls in flight is unloaded first; a rescan
+settles the server's default model last, so it is the one left loaded, and never
+reloads a default that was unloaded to make room (it loads again on first use).
 
 This module knows nothing of gRPC: what a loaded version is made of (runtime, worker,
 analyzer...) is built by the ``build`` callable given to :class:`ModelRepository`.
@@ -161,12 +166,31 @@ def _signature(path: Path) -> tuple[str, int, int]:
     return (str(path), st.st_size, st.st_mtime_ns)
 
 
+#: Warnings already logged, by (repository, message, model, version): a poll repeats none.
+_warned: set[tuple[str, str, str, str]] = set()
+
+
+def _warn_once(root: Path, message: str, model: str, version: str = "") -> None:
+    """Log a repository warning naming model and version only (never a path), once."""
+    key = (str(root), message, model, version)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, extra={"model": model, "version": version})
+
+
 def _find_version(entry: Path) -> tuple[str, Found] | None:
+    model, root = entry.parent.name, entry.parent.parent
     if entry.is_file():
-        if entry.suffix != ARTIFACT_SUFFIX or not NAME.match(entry.stem):
+        if entry.suffix != ARTIFACT_SUFFIX:
+            return None
+        if not NAME.match(entry.stem):
+            _warn_once(root, "artifact ignored: not a valid version name", model, entry.stem)
             return None
         return entry.stem, Found(entry, _signature(entry))
-    if not entry.is_dir() or not NAME.match(entry.name):
+    if not entry.is_dir():
+        return None
+    if not NAME.match(entry.name):
+        _warn_once(root, "version folder ignored: not a valid version name", model, entry.name)
         return None
     artifacts = sorted(
         p for p in entry.iterdir() if p.suffix == ARTIFACT_SUFFIX and not _ignored(p)
@@ -191,10 +215,28 @@ def discover(root: Path) -> dict[str, ModelFolder]:
     """
     models: dict[str, ModelFolder] = {}
     for folder in sorted(root.iterdir()):
-        if _ignored(folder) or not folder.is_dir() or not NAME.match(folder.name):
+        if _ignored(folder) or not folder.is_dir():
             continue
-        found = [f for e in folder.iterdir() if not _ignored(e) and (f := _find_version(e))]
-        versions = dict(sorted(found, key=lambda item: version_key(item[0])))
+        if not NAME.match(folder.name):
+            _warn_once(root, "model folder ignored: not a valid model name", folder.name)
+            continue
+        # Folders after files: a version given both ways is served from its folder.
+        entries = sorted(
+            (e for e in folder.iterdir() if not _ignored(e)), key=lambda e: (e.is_dir(), e.name)
+        )
+        versions: dict[str, Found] = {}
+        for entry in entries:
+            if (item := _find_version(entry)) is None:
+                continue
+            if item[0] in versions:
+                _warn_once(
+                    root,
+                    "version given both as a folder and as a .pt file: the folder is served",
+                    folder.name,
+                    item[0],
+                )
+            versions[item[0]] = item[1]
+        versions = dict(sorted(versions.items(), key=lambda item: version_key(item[0])))
         policy, default, problem = None, "", ""
         settings = folder / MODEL_FILE
         if settings.is_file():
@@ -203,8 +245,14 @@ def discover(root: Path) -> dict[str, ModelFolder]:
                 if "version_policy" in data:
                     policy = VersionPolicy.parse(str(data["version_policy"]))
                 default = str(data.get("default_version", ""))
-            except (ValueError, OSError, AttributeError) as exc:
-                problem = f"{MODEL_FILE} is invalid ({type(exc).__name__})"
+            except json.JSONDecodeError as exc:
+                problem = f"{MODEL_FILE} is invalid: {exc.msg} (line {exc.lineno})"
+            except ValueError as exc:  # VersionPolicy.parse: names the policy only
+                problem = f"{MODEL_FILE} is invalid: version_policy: {exc}"
+            except OSError as exc:
+                problem = f"{MODEL_FILE} cannot be read ({exc.strerror})"
+            except AttributeError:
+                problem = f"{MODEL_FILE} is invalid: not a JSON object"
         models[folder.name] = ModelFolder(versions, policy, default, problem)
     return models
 
@@ -317,6 +365,7 @@ class ModelRepository(Generic[P]):
         self._defaults: dict[str, str] = {}  # model -> default version (set once loaded)
         self._pinned: dict[str, str] = {}  # model -> default version set by an admin
         self._rescan_lock = threading.Lock()
+        self._implicit_warned: tuple[str, ...] = ()
         self.closed = False
 
     # --- what is served -----------------------------------------------------------------
@@ -358,11 +407,19 @@ class ModelRepository(Generic[P]):
             return list(self._loaded.values())
 
     def listing(self) -> list[VersionState]:
-        """Every version of the repository with its state, by name then version."""
+        """Every served or failed version of the repository with its state, by name
+        then version; a model whose ``model.json`` is invalid also has a ``failed``
+        entry with an empty version and the reason."""
         with self._lock:
             out = []
             default_model = self.default_model
             for name, folder in sorted(self._folders.items()):
+                if folder.problem:  # the model's settings file: listed as a failed entry
+                    out.append(
+                        VersionState(
+                            name, "", "failed", False, name == default_model, folder.problem
+                        )
+                    )
                 served = set(self._served(name))
                 for version, found in folder.versions.items():
                     key = (name, version)
@@ -416,14 +473,14 @@ class ModelRepository(Generic[P]):
     def _resolve(self, name: str, version: str) -> tuple[str, str]:
         name = name or self.default_model
         if name not in self._folders:
-            raise ModelNotFoundError("the server's repository holds no such model")
+            raise ModelNotFoundError(f"the server's repository holds no model {name!r}")
         if not version:
             version = self._defaults.get(name) or self._wanted_default(name) or ""
             if not version:
-                raise ModelNotFoundError("that model has no version that can be served")
+                raise ModelNotFoundError(f"model {name!r} has no version that can be served")
         found = self._folders[name].versions.get(version)
         if found is None:
-            raise ModelNotFoundError("that model has no such version")
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
         failed = self._failed.get((name, version))
         if found.problem or (failed and failed[0] == found.signature):
             raise ModelLoadError(
@@ -434,7 +491,9 @@ class ModelRepository(Generic[P]):
         # A loaded version serves until it is retired: while a rescan loads the new
         # default, the policy already prefers it, but the old one still takes calls.
         if version not in self._served(name) and (loaded is None or loaded.retired):
-            raise ModelNotFoundError("that version is not served (the version policy)")
+            raise ModelNotFoundError(
+                f"version {version!r} of model {name!r} is not served (the version policy)"
+            )
         return name, version
 
     def _release(self, loaded: Loaded[P]) -> None:
@@ -558,15 +617,38 @@ class ModelRepository(Generic[P]):
             changes: list[str] = []
             with self._lock:
                 for name, folder in folders.items():
-                    if folder.problem:
+                    before = self._folders.get(name)
+                    if folder.problem and (before is None or before.problem != folder.problem):
                         log.warning(
                             "model settings refused: %s", folder.problem, extra={"model": name}
                         )
                 self._folders = folders
-            for name in sorted(folders):
+            self._warn_implicit_default()
+            # The server's default model last: under --max-loaded-models it is the
+            # most recently loaded, so never the one evicted to load another's default.
+            default_model = self.default_model
+            for name in sorted(folders, key=lambda n: (n == default_model, n)):
                 changes += self._settle_default(name)
             changes += self._retire_unserved()
             return changes
+
+    def _warn_implicit_default(self) -> None:
+        """Warn (once per set of models) when several models exist and the server's
+        default model was not chosen (``--default-model`` unset or not in the repository):
+        adding a model whose name sorts first silently moves calls that name none."""
+        with self._lock:
+            names = tuple(sorted(self._folders))
+            implicit = self._default_model not in self._folders
+            if not implicit or len(names) < 2 or names == self._implicit_warned:
+                return
+            self._implicit_warned = names
+            default = self.default_model
+        log.warning(
+            "%d models and no --default-model in the repository: calls naming no model get "
+            "the first by name (set --default-model, or SetDefaultModel with server_default)",
+            len(names),
+            extra={"model": default},
+        )
 
     def _settle_default(self, name: str) -> list[str]:
         """Move ``name``'s default to the version it should be, loading it first; a
@@ -575,7 +657,9 @@ class ModelRepository(Generic[P]):
             with self._lock:
                 wanted = self._wanted_default(name)
                 current = self._defaults.get(name)
-                if wanted is None or (wanted == current and (name, wanted) in self._loaded):
+                # A default already set stays (loaded on demand if it was evicted
+                # under --max-loaded-models: a poll never reloads evicted versions).
+                if wanted is None or wanted == current:
                     return []
             try:
                 self._load((name, wanted))

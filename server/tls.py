@@ -34,11 +34,19 @@ def is_loopback(host: str) -> bool:
 
 
 def check_transport_policy(config: ServerConfig) -> None:
-    """Refuse plaintext on a non-loopback host unless ``allow_insecure`` is set.
+    """Refuse plaintext on a non-loopback host unless ``allow_insecure`` is set, and
+    ``allow_anonymous_admin`` on any non-loopback host (a development server only).
 
     Raises:
-        TransportPolicyError: plaintext on a reachable interface without the opt-in.
+        TransportPolicyError: plaintext on a reachable interface without the opt-in, or
+            anonymous admin calls on a reachable interface.
     """
+    if config.allow_anonymous_admin and not is_loopback(config.host):
+        raise TransportPolicyError(
+            f"refusing --allow-anonymous-admin on {config.host}: it is for a loopback "
+            "development server only; bind a loopback address, or give admins tokens "
+            "(--tokens-file) instead"
+        )
     if config.tls or config.allow_insecure or is_loopback(config.host):
         return
     raise TransportPolicyError(

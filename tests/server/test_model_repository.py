@@ -364,3 +364,98 @@ def test_the_old_default_serves_while_the_new_version_loads(tmp_path: Path) -> N
     assert old.parts.closed and not after.parts.closed
     with pytest.raises(ModelNotFoundError):
         repo.lease("m", "1")
+
+
+def test_one_loaded_version_serves_two_models_and_audits_what_was_asked(
+    serve, tmp_path: Path, model_artifact: Path, model_artifact_v2: Path
+) -> None:
+    """``--max-loaded-models 1`` with two models: the server default (first by name) is
+    the one loaded at start, the other loads on first use (LRU); a poll reloads nothing.
+    Refused calls are MODEL_NOT_FOUND naming what was asked, and so is their audit
+    record (never the default version)."""
+    repo = tmp_path / "repo"
+    add_version(repo, "stroma", "1", model_artifact)
+    add_version(repo, "tumour", "4", model_artifact_v2)
+    audit = tmp_path / "audit.jsonl"
+    running = serve(model_repository=repo, max_loaded_models=1, audit_log=audit)
+    loaded = lambda: [f"{v.name}:{v.version}" for v in running.models.loaded()]  # noqa: E731
+    assert loaded() == ["stroma:1"]
+    running.rescan()
+    assert loaded() == ["stroma:1"]
+    with SlideClient(running.target) as client:
+        assert client.analyze("a.tiff", model="tumour").model.version == "4"
+        deadline = time.monotonic() + 10
+        while loaded() != ["tumour:4"]:  # stroma:1 unloads on another thread
+            assert time.monotonic() < deadline, loaded()
+            time.sleep(0.05)
+        running.rescan()
+        assert loaded() == ["tumour:4"]
+        assert client.analyze("a.tiff").model.name == "stroma"
+        for asked, words in (("tumour:9", "'tumour' has no version '9'"), ("nope", "'nope'")):
+            with pytest.raises(ModelNotFoundError, match=words):
+                client.analyze("a.tiff", model=asked)
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    refused = [r["model_version"] for r in records if r.get("reason") == "MODEL_NOT_FOUND"]
+    assert refused == ["tumour:9", "nope"]
+    served = [r["model_version"] for r in records if r["outcome"] == "OK"]
+    assert served[-2:] == ["tumour:4", "stroma:1"]
+
+
+def test_anonymous_admin_is_refused_on_a_non_loopback_host(tmp_path: Path) -> None:
+    """``--allow-anonymous-admin`` is for a loopback development server: on any other
+    --host, serve stops before anything loads with one clear line (a child process:
+    ``serve`` configures the process's logging)."""
+    import subprocess
+    import sys
+
+    args = ["serve", "--slide-root", str(tmp_path), "--model", str(tmp_path / "no.pt")]
+    args += ["--host", "0.0.0.0", "--allow-insecure", "--allow-anonymous-admin"]
+    done = subprocess.run(
+        [sys.executable, "-m", "histohelper.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("histohelper serve: refusing --allow-anonymous-admin on 0.0.0.0")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_repository_warnings_and_an_invalid_model_json_in_the_listing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A version given both as a folder and a ``.pt`` file (the folder wins), ignored
+    folder names and an implicit default among several models are logged naming model
+    and version only; an invalid ``model.json`` is listed as a failed entry with why."""
+    from histohelper.server.repository import ModelRepository
+
+    for name, version in (("tumour", "4"), ("stroma", "1")):
+        (tmp_path / name / version).mkdir(parents=True)
+        (tmp_path / name / version / "model.pt").write_bytes(b"folder " + version.encode())
+    (tmp_path / "tumour" / "4.pt").write_bytes(b"file 4")
+    (tmp_path / "bad name").mkdir()
+    (tmp_path / "tumour" / "bad version").mkdir()
+    (tmp_path / "stroma" / "model.json").write_text('{"version_policy": "latest:0"}')
+    built: list[Path] = []
+
+    def build(name: str, version: str, artifact: Path) -> _Parts:
+        built.append(artifact)
+        return _Parts(version)
+
+    repo = ModelRepository(lambda: discover(tmp_path), build)
+    with caplog.at_level(logging.WARNING, logger="histohelper.server.repository"):
+        repo.rescan()
+        repo.rescan()  # a poll repeats no warning
+    warnings = [(r.getMessage(), r.model, getattr(r, "version", "")) for r in caplog.records]
+    assert all(str(tmp_path) not in m for m, _, _ in warnings)
+    assert len(warnings) == len(set(warnings)) == 5
+    found = {(model, version, m.split(":")[0]) for m, model, version in warnings}
+    assert ("tumour", "4", "version given both as a folder and as a .pt file") in found
+    assert ("bad name", "", "model folder ignored") in found
+    assert ("tumour", "bad version", "version folder ignored") in found
+    assert ("stroma", "", "model settings refused") in found
+    assert any("no --default-model" in m for m, _, _ in warnings)
+    assert tmp_path / "tumour" / "4" / "model.pt" in built
+    settings = [s for s in repo.listing() if s.name == "stroma" and s.version == ""]
+    assert [s.state for s in settings] == ["failed"]
+    assert "latest:N needs N >= 1" in settings[0].error
