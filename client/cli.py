@@ -93,19 +93,7 @@ def _add_analyze(subparsers: Any) -> None:
         help="Monte-Carlo dropout passes of the slide head for uncertainty (mean, std, "
         "entropy); needs a head exported with dropout; at most 256 (default: 0, off)",
     )
-    analyze.add_argument(
-        "--stain-normalization",
-        choices=("none", "macenko", "reinhard"),
-        help="stain normalisation of the patches, fitted once per slide on its tissue "
-        "(default: what the model declares it was trained with, else none)",
-    )
-    analyze.add_argument(
-        "--stain-reference",
-        choices=("published", "model", "server"),
-        help="its target: the published H&E reference, the model's (export "
-        "--stain-reference) or the server's (serve --stain-reference) (default: the "
-        "server's, else the model's, else published)",
-    )
+    add_stain_arguments(analyze)
     analyze.add_argument(
         "--class",
         dest="overlay_class",
@@ -154,6 +142,23 @@ def _add_analyze(subparsers: Any) -> None:
         help="cohort: slides in flight (default 4; fewer while servers answer SERVER_BUSY)",
     )
     analyze.set_defaults(func=run_analyze)
+
+
+def add_stain_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--stain-normalization`` and ``--stain-reference`` (``analyze``, ``explain``)."""
+    parser.add_argument(
+        "--stain-normalization",
+        choices=("none", "macenko", "reinhard"),
+        help="stain normalisation of the patches, fitted once per slide on its tissue "
+        "(default: what the model declares it was trained with, else none)",
+    )
+    parser.add_argument(
+        "--stain-reference",
+        choices=("published", "model", "server"),
+        help="its target: the published H&E reference, the model's (export "
+        "--stain-reference) or the server's (serve --stain-reference) (default: the "
+        "server's, else the model's, else published; not with --stain-normalization none)",
+    )
 
 
 def add_overlay_arguments(parser: argparse.ArgumentParser) -> None:
@@ -289,6 +294,11 @@ def _add_tiling_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-mode", choices=("pad", "drop"), help="patches past the edge")
     p.add_argument("--batch-size", type=int, help="patches per model batch on the server")
     p.add_argument("--mpp-override", type=float, help="level-0 um/px to use instead")
+    add_roi_arguments(p)
+
+
+def add_roi_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``--roi*`` flags (read by :func:`region_of_interest`)."""
     roi = p.add_argument_group(
         "region of interest",
         "analyse only patches whose tissue fraction inside the region passes --min-tissue "
@@ -331,12 +341,12 @@ def _request_options(args: argparse.Namespace, **extra: Any) -> AnalysisOptions:
         edge_mode=args.edge_mode,
         batch_size=args.batch_size,
         mpp_override=args.mpp_override,
-        roi=_region_of_interest(args),
+        roi=region_of_interest(args),
         **extra,
     )
 
 
-def _region_of_interest(args: argparse.Namespace) -> Any:
+def region_of_interest(args: argparse.Namespace) -> Any:
     """The :class:`~histohelper.client.roi.RegionOfInterest` of the ``--roi*`` flags, or
     None. Raises OSError for an unreadable file, _UsageError for a lone downsample."""
     from histohelper.client.roi import RegionOfInterest

@@ -28,7 +28,10 @@ from histohelper.client.cli import (
     _make_client,
     _UsageError,
     add_overlay_arguments,
+    add_roi_arguments,
+    add_stain_arguments,
     patch_progress,
+    region_of_interest,
 )
 from histohelper.model_parts import describe_untrained
 
@@ -60,6 +63,8 @@ def add_subcommands(subparsers: Any) -> None:
         help="patch class to explain (default: the model's last patch class)",
     )
     p.add_argument("--stride-px", type=int, help="patch stride at the target resolution")
+    add_roi_arguments(p)
+    add_stain_arguments(p)
     add_overlay_arguments(p)
     p.add_argument(
         "--quiet", "-q", action="store_true", help="no progress bar or step lines on stderr"
@@ -86,7 +91,14 @@ def _explain(args: argparse.Namespace) -> int:
 
     if not 1 <= args.top_k <= 256:
         raise _UsageError("--top-k must be in 1..256")
-    options = AnalysisOptions(return_attention=True, return_cams=True, stride_px=args.stride_px)
+    options = AnalysisOptions(
+        return_attention=True,
+        return_cams=True,
+        stride_px=args.stride_px,
+        roi=region_of_interest(args),
+        stain_normalization=args.stain_normalization,
+        stain_reference=args.stain_reference,
+    )
     with _make_client(args) as client:
         classes = list(client.get_model_info(model=args.model).model.patch_classes)
         class_name: str | None = args.class_name or (classes[-1] if classes else None)

@@ -95,3 +95,35 @@ def test_sdk_region_checks_and_wire_form(tmp_path: Path) -> None:
     wire = AnalysisOptions(roi=roi).to_proto()
     assert wire.roi.include_geojson == roi.include_geojson and not wire.roi.mask_png
     assert not AnalysisOptions().to_proto().HasField("roi")
+
+
+def test_explain_takes_the_region_and_stain_flags(
+    start_inprocess_server, tmp_path: Path, capsys
+) -> None:
+    """explain analyses with the same region and stain options as analyze (finding 19)."""
+    server = start_inprocess_server()
+    roi = _annotations(tmp_path / "a.geojson")
+    args = ["explain", SLIDE, "--server", f"127.0.0.1:{server.port}", "--top-k", "1", "-q"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    plain = capsys.readouterr().out
+    region = ["--roi", str(roi), "--stain-normalization", "macenko"]
+    assert main([*args, "--out", str(tmp_path / "roi"), *region]) == 0
+    inside = capsys.readouterr().out
+
+    def patch_count(line: str) -> int:
+        return int(line.split(" of ")[1].split()[0])
+
+    assert 0 < patch_count(inside) < patch_count(plain)
+    report = (tmp_path / "roi" / "report.html").read_text()
+    assert "left out by the region of interest" in report and "macenko" in report
+
+
+def test_explain_usage_errors_name_the_command(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["explain", SLIDE, "--out", str(tmp_path), "--roi-typo", "a.geojson"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "histohelper explain: error: unrecognized arguments: --roi-typo" in err
+    mask_only = ["explain", SLIDE, "--out", str(tmp_path), "--roi-mask", "m.png"]
+    assert main(mask_only) == 2
+    assert capsys.readouterr().err.startswith("histohelper explain: error: --roi-mask needs")
