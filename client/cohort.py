@@ -17,7 +17,11 @@ at most R times per slide:
 
 - ``SERVER_BUSY`` (every analysis slot of the server taken),
 - ``UNAVAILABLE`` (server unreachable, died mid-stream, or stopped: a server stopping
-  cancels the calls it could not finish in its grace period with UNAVAILABLE).
+  cancels the calls it could not finish in its grace period with UNAVAILABLE),
+- ``PACS_UNAVAILABLE`` (the PACS holding a ``dicomweb://`` slide is unreachable). Its
+  ``retry_after_s`` hint is honoured: the delay is at least the hint (at most
+  :data:`MAX_RETRY_AFTER_S`). The server marks it not for gRPC's own silent retries, so
+  every retry of it is one here, reported as a ``"retry"`` progress event.
 
 A ``SERVER_BUSY`` also lowers the number of slides in flight to what the servers took
 (then it grows back by one slot per that many successes, AIMD), and slides waiting for
@@ -110,6 +114,7 @@ from histohelper.client.options import AnalysisOptions
 from histohelper.client.uploads import UploadedSlide
 from histohelper.errors import (
     HistoHelperError,
+    PacsUnavailableError,
     ServerBusyError,
     ServerUnavailableError,
 )
@@ -119,7 +124,24 @@ if TYPE_CHECKING:
     from histohelper.client.result import SlideResult
 
 #: Errors worth another attempt (see the module docstring).
-RETRYABLE: tuple[type[HistoHelperError], ...] = (ServerBusyError, ServerUnavailableError)
+RETRYABLE: tuple[type[HistoHelperError], ...] = (
+    ServerBusyError,
+    ServerUnavailableError,
+    PacsUnavailableError,
+)
+#: Longest server retry hint (``retry_after_s``) a retry waits for, seconds.
+MAX_RETRY_AFTER_S = 120.0
+
+
+def retry_after_s(error: BaseException) -> float:
+    """The server's retry hint of ``error`` (ErrorInfo metadata ``retry_after_s``) in
+    seconds, clipped to [0, :data:`MAX_RETRY_AFTER_S`]; 0 without one."""
+    try:
+        hint = float(getattr(error, "metadata", {}).get("retry_after_s", 0))
+    except (TypeError, ValueError):
+        return 0.0
+    return min(max(hint, 0.0), MAX_RETRY_AFTER_S) if hint == hint else 0.0
+
 
 SlideRef = str | PurePath | UploadedSlide | DicomWebSlide
 
@@ -344,7 +366,7 @@ async def analyze_many(
                     return SlideOutcome(
                         index, item, opts, None, exc, attempt, time.perf_counter() - t0
                     )
-                delay = backoff.delay_s(attempt, rng)
+                delay = max(backoff.delay_s(attempt, rng), retry_after_s(exc))
                 report(CohortProgress(index, "retry", 0, 0, attempt, delay, exc))
                 await asyncio.sleep(delay)
             except Exception as exc:  # one slide's failure never stops the cohort

@@ -558,11 +558,26 @@ def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+def retry_line(event: CohortProgress, attempts: int) -> str:
+    """``retrying (attempt k/n) after X s: REASON (request id R)`` for a ``"retry"``
+    event; names no slide (the reason and request id come from the server)."""
+    error = event.error
+    reason = getattr(error, "reason", None) or type(error).__name__
+    request_id = getattr(error, "metadata", {}).get("request_id")
+    tail = f" (request id {request_id})" if request_id else ""
+    return (
+        f"retrying (attempt {event.attempt + 1}/{attempts}) after {event.delay_s:.1f} s: "
+        f"{reason}{tail}"
+    )
+
+
 class _Bar:
     """The tqdm bar: slides done/total with ETA, plus patches/s and slides/h."""
 
-    def __init__(self, total: int, initial: int, quiet: bool) -> None:
+    def __init__(self, total: int, initial: int, quiet: bool, attempts: int = 1) -> None:
         from tqdm import tqdm
+
+        self.attempts = attempts
 
         self.bar = tqdm(
             total=total,
@@ -581,6 +596,8 @@ class _Bar:
         if event.kind == "patches":
             self.patches[event.index] = event.patches_done
             self._postfix()
+        elif event.kind == "retry":  # one line, no slide name (even when --quiet)
+            self.bar.write(retry_line(event, self.attempts), file=sys.stderr)
 
     def slide_done(self) -> None:
         self.analysed += 1
@@ -651,7 +668,7 @@ async def run_cohort(
             todo.append(i)
         else:
             rows[i] = {**entry["row"], "status": "skipped", "error": "", "attempts": "0"}
-    bar = _Bar(len(items), len(items) - len(todo), quiet)
+    bar = _Bar(len(items), len(items) - len(todo), quiet, attempts=retries + 1)
     try:
         run_items = [items[i] for i in todo]
         async for outcome in analyze_many(

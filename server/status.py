@@ -33,6 +33,18 @@ def to_grpc_status(error: HistoHelperError, request_id: str | None = None) -> gr
     detail = any_pb2.Any()
     detail.Pack(info)
     code = getattr(code_pb2, error.code)
-    return rpc_status.to_status(
+    status = rpc_status.to_status(
         status_pb2.Status(code=code, message=error.message, details=[detail])
     )
+    if "retry_after_s" in metadata:
+        # An error with its own retry hint (PACS_UNAVAILABLE) is not for gRPC's silent
+        # transport retries, which would ignore the hint: a negative
+        # grpc-retry-pushback-ms (gRFC A6) tells the client's channel not to retry it;
+        # the caller retries it visibly, after at least retry_after_s.
+        trailing = (*status.trailing_metadata, (PUSHBACK_KEY, "-1"))
+        return status._replace(trailing_metadata=trailing)
+    return status
+
+
+#: Trailing metadata by which a server steers gRPC client retries (gRFC A6).
+PUSHBACK_KEY = "grpc-retry-pushback-ms"

@@ -30,6 +30,11 @@ from orthanc_support import (
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from histohelper.client._channel import RetryPolicy
+from histohelper.client.cohort import CohortProgress, CohortSlide
+from histohelper.client.cohort_runner import retry_line
+from histohelper.client.sync import SlideClient
+from histohelper.errors import PacsUnavailableError
 from histohelper.v1 import slide_analysis_pb2 as pb
 from histohelper.v1 import slide_analysis_pb2_grpc as pb_grpc
 
@@ -103,6 +108,7 @@ def server(
         grace_s=2.0,
         dicomweb=servers,
         dicomweb_secrets_dir=secrets,
+        audit_log=secrets.parent / "audit.jsonl",
     )
     running = start_server(config, runtime=served_runtime)
     yield running
@@ -263,3 +269,40 @@ def test_after_every_bad_case_the_pacs_slide_still_analyses(
     started, probs, _ = _analyze(stub, pb.AnalyzeSlideRequest(dicomweb=_series(dicomweb_slide)))
     assert started is not None and started.dicom.dicomweb_server == "pacs"
     assert len(probs) == started.grid.patch_count > 0
+
+
+DOWN_URI = "dicomweb://down/1.2.826.0.1.3680043/1.2.826.0.1.3680043.7"
+
+
+def _analyze_calls(server) -> int:
+    """AnalyzeSlide records in the server's audit log (one per call that reached it)."""
+    audit = server.config.audit_log
+    lines = audit.read_text().splitlines() if audit.exists() else []
+    return sum(1 for line in lines if "AnalyzeSlide" in line)
+
+
+def test_grpc_does_not_retry_pacs_unavailable_silently(server) -> None:
+    """The client's channel retries UNAVAILABLE (5 attempts), but the server's pushback
+    (grpc-retry-pushback-ms -1) stops it for PACS_UNAVAILABLE: one call, not five."""
+    before = _analyze_calls(server)
+    client = SlideClient(f"127.0.0.1:{server.port}", retry=RetryPolicy(max_attempts=5))
+    with client, pytest.raises(PacsUnavailableError) as info:
+        client.analyze(DOWN_URI)
+    assert info.value.metadata["retry_after_s"] == "10"
+    assert _analyze_calls(server) - before == 1
+
+
+def test_cohort_retry_of_pacs_unavailable_waits_the_hint_and_is_reported(server) -> None:
+    before = _analyze_calls(server)
+    events: list[CohortProgress] = []
+    with SlideClient(f"127.0.0.1:{server.port}", retry=RetryPolicy(max_attempts=5)) as client:
+        (outcome,) = list(
+            client.analyze_many([CohortSlide(DOWN_URI)], retries=1, on_progress=events.append)
+        )
+    assert isinstance(outcome.error, PacsUnavailableError) and outcome.attempts == 2
+    (retry,) = [e for e in events if e.kind == "retry"]
+    assert retry.delay_s >= 10.0  # the server's retry_after_s, not the 0.5 s backoff
+    assert _analyze_calls(server) - before == 2  # each attempt one call: no silent ones
+    line = retry_line(retry, attempts=2)
+    assert line.startswith("retrying (attempt 2/2) after 10.0 s: PACS_UNAVAILABLE (request id ")
+    assert "1.2.826" not in line and "down" not in line
