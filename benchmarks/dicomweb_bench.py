@@ -13,6 +13,10 @@ patches per second of each leg, the DICOMweb/file ratio per round, and for DICOM
 HTTP requests made, their count per patch and mean time (every request of
 dicomweb-client's session, timed around ``requests.Session.request``) and their summed
 time over the leg's wall time, so what dominates the gap is measured, not guessed.
+Also per round: what StoreDicom's STOW-RS step costs (the converted instances stored
+again as 8 new series in one call through :meth:`DicomWebServers.store`, the server's
+path after the gRPC stream is parsed: MB/s and instances/s), and the QIDO-RS check a
+pooled series pays on each reuse (:meth:`DicomWebServers.check_series`, ms).
 
 Usage: ``.venv/bin/python benchmarks/dicomweb_bench.py [--rounds 5] [--readers 2]
 [--json PATH]``.
@@ -47,6 +51,8 @@ from histohelper.server.tiling import (  # noqa: E402
 from histohelper.server.tiling.dicom import DicomSlide  # noqa: E402
 
 SLIDE = HERE.parent.parent / "shared" / "slides" / "real" / "CMU-1-Small-Region.svs"
+#: Copies of the converted series sent in one STOW-RS call per round.
+STOW_COPIES = 8
 
 
 class RequestClock:
@@ -143,6 +149,24 @@ def main() -> None:
                         finally:
                             DicomSlide.prefetch_patches = batched  # type: ignore[method-assign]
                             fresh.close()
+                datasets = []  # STOW_COPIES new series of the converted instances
+                for _ in range(STOW_COPIES):
+                    new_series = pydicom.uid.generate_uid()
+                    for f in files:
+                        ds = pydicom.dcmread(f)
+                        ds.SeriesInstanceUID = new_series
+                        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+                            pydicom.uid.generate_uid()
+                        )
+                        datasets.append(ds)
+                stow_bytes = STOW_COPIES * sum(Path(f).stat().st_size for f in files)
+                t0 = time.perf_counter()
+                servers.store("pacs", datasets)
+                stow_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    servers.check_series("pacs", study, series)
+                check_ms = (time.perf_counter() - t0) * 1000 / 20
                 servers.close()
                 n = len(grid)
                 row = {
@@ -160,6 +184,11 @@ def main() -> None:
                     "unbatched_request_s_over_wall_s": unbatched.seconds / took["unbatched"],
                     "open_requests": opening.count,
                     "open_s": opening.seconds,
+                    "stow_instances": len(datasets),
+                    "stow_mb": stow_bytes / 1e6,
+                    "stow_s": stow_s,
+                    "stow_mb_per_s": stow_bytes / 1e6 / stow_s,
+                    "reuse_check_ms": check_ms,
                 }
                 rows.append(row)
                 print(
@@ -173,13 +202,20 @@ def main() -> None:
                     f"    unbatched (one request per patch read): "
                     f"{row['unbatched_patches_per_s']:.0f}/s, {unbatched.count} requests, "
                     f"{row['unbatched_ms_per_request']:.2f} ms each, in-flight sum "
-                    f"{row['unbatched_request_s_over_wall_s']:.2f}x wall",
+                    f"{row['unbatched_request_s_over_wall_s']:.2f}x wall\n"
+                    f"    STOW-RS: {len(datasets)} instances, {row['stow_mb']:.1f} MB in "
+                    f"{stow_s:.2f} s = {row['stow_mb_per_s']:.1f} MB/s, "
+                    f"{len(datasets) / stow_s:.1f} instances/s; pooled-reuse QIDO check "
+                    f"{check_ms:.1f} ms",
                     flush=True,
                 )
     ratios = [row["ratio_dicomweb_over_file"] for row in rows]
     print(f"median dicomweb/file patches/s ratio: {statistics.median(ratios):.3f}")
     gains = [row["dicomweb_patches_per_s"] / row["unbatched_patches_per_s"] for row in rows]
     print(f"median batched/unbatched dicomweb patches/s: {statistics.median(gains):.2f}")
+    stow_mbs = statistics.median(row["stow_mb_per_s"] for row in rows)
+    check = statistics.median(row["reuse_check_ms"] for row in rows)
+    print(f"median STOW-RS MB/s: {stow_mbs:.1f}; median pooled-reuse QIDO check: {check:.1f} ms")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
