@@ -647,12 +647,14 @@ class PatchExplanation(_message.Message):
     def __init__(self, patch_index: _Optional[int] = ..., row: _Optional[int] = ..., col: _Optional[int] = ..., x_l0: _Optional[float] = ..., y_l0: _Optional[float] = ..., width_l0: _Optional[float] = ..., height_l0: _Optional[float] = ..., image_jpeg: _Optional[bytes] = ..., class_name: _Optional[str] = ..., probabilities: _Optional[_Iterable[float]] = ..., attention: _Optional[float] = ..., cam_size: _Optional[int] = ..., grad_cam: _Optional[_Iterable[float]] = ..., rank: _Optional[int] = ..., score: _Optional[float] = ..., class_probability: _Optional[float] = ...) -> None: ...
 
 class ExplainPatchesResponse(_message.Message):
-    __slots__ = ("explanation", "model")
+    __slots__ = ("explanation", "model", "stain")
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    STAIN_FIELD_NUMBER: _ClassVar[int]
     explanation: PatchExplanation
     model: ModelRef
-    def __init__(self, explanation: _Optional[_Union[PatchExplanation, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+    stain: AppliedStainNormalization
+    def __init__(self, explanation: _Optional[_Union[PatchExplanation, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., stain: _Optional[_Union[AppliedStainNormalization, _Mapping]] = ...) -> None: ...
 
 class UploadSlideMetadata(_message.Message):
     __slots__ = ("size_bytes", "sha256_hex", "suffix")
