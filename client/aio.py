@@ -296,7 +296,7 @@ class AsyncSlideClient:
         deadline = timeout if timeout is not None else self.timeout
         call = self._stub.ExplainPatches(request, timeout=deadline, metadata=self._metadata)
         try:
-            return [PatchExplanation.from_proto(m.explanation) async for m in call]
+            return [PatchExplanation.from_response(m) async for m in call]
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
 

@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from histohelper.client.dicomweb import DicomWebSlide, slide_ref
 from histohelper.client.options import AnalysisOptions
+from histohelper.client.stain import AppliedStain
 from histohelper.client.uploads import UploadedSlide
 from histohelper.errors import InternalError
 from histohelper.v1 import slide_analysis_pb2 as pb
@@ -44,6 +45,9 @@ class PatchExplanation:
         rank: 0 = highest score in the selection.
         score: the ranking score (attention or probability).
         class_probability: probability of ``class_name``.
+        stain: the stain normalisation applied to ``image_jpeg``
+            (``ExplainPatchesResponse.stain``: the same fit as the slide's analysis
+            with the same options), or None when the server did not report it.
     """
 
     patch_index: int
@@ -61,9 +65,18 @@ class PatchExplanation:
     rank: int
     score: float
     class_probability: float
+    stain: AppliedStain | None = None
 
     @classmethod
-    def from_proto(cls, msg: pb.PatchExplanation) -> PatchExplanation:
+    def from_response(cls, reply: pb.ExplainPatchesResponse) -> PatchExplanation:
+        """The explained patch of one ``ExplainPatchesResponse``, with its stain."""
+        stain = AppliedStain.from_proto(reply.stain) if reply.HasField("stain") else None
+        return cls.from_proto(reply.explanation, stain)
+
+    @classmethod
+    def from_proto(
+        cls, msg: pb.PatchExplanation, stain: AppliedStain | None = None
+    ) -> PatchExplanation:
         s = msg.cam_size
         if s <= 0 or len(msg.grad_cam) != s * s:
             raise InternalError("PatchExplanation.grad_cam does not match cam_size^2")
@@ -83,6 +96,7 @@ class PatchExplanation:
             rank=msg.rank,
             score=msg.score,
             class_probability=msg.class_probability,
+            stain=stain,
         )
 
     def image_rgb(self) -> npt.NDArray[np.uint8]:

@@ -7,7 +7,9 @@ returns the top k patch images with their layer4 Grad-CAM maps. Writes to ``--ou
 - ``cam_overlay.png``: the sub-patch-resolution CAM probability map over the thumbnail
   (7 x 7 cells per 224 px patch, overlapping cells averaged);
 - ``cam_heatmap.npz``: that map at one CAM cell per pixel (``heatmap``, ``l0_per_px``);
-- ``explanations.json``: each explained patch's box, scores and Grad-CAM;
+- ``explanations.json``: each explained patch's box, scores and Grad-CAM, and the stain
+  normalisation applied to the patch images (``stain_normalization``, as ``summary.json``
+  of ``analyze``);
 - ``report.html``: the slide's report (:func:`histohelper.client.report.write_report`)
   with the gallery of patches beside their Grad-CAM and the CAM map.
 """
@@ -78,6 +80,13 @@ def step(args: argparse.Namespace, text: str) -> None:
     """One progress line on stderr (``explain: 1/3 ...``) unless ``--quiet``."""
     if not args.quiet:
         print(f"explain: {text}", file=sys.stderr, flush=True)
+
+
+def _explained_stain(explanations: list[Any]) -> dict[str, Any] | None:
+    """JSON of the stain normalisation the server applied to the explained images
+    (one fit per call, so every explanation carries the same), or None if unreported."""
+    stain = next((ex.stain for ex in explanations if ex.stain is not None), None)
+    return None if stain is None else stain.as_dict()
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -165,6 +174,7 @@ def _explain(args: argparse.Namespace) -> int:
         "ranked_by": args.by,
         "untrained": result.model.untrained,
         "untrained_parts": list(result.model.untrained_parts),
+        "stain_normalization": _explained_stain(ranked),
         "explanations": records,
     }
     (args.out / "explanations.json").write_text(json.dumps(summary, indent=2))

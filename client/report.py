@@ -319,9 +319,11 @@ def _gallery(explanations: Sequence[PatchExplanation], alpha: float, colormap: s
             f"{_num(ex.class_probability)}"
         )
         figs.append(_figure(body, caption))
+    stain = next((ex.stain for ex in explanations if ex.stain is not None), None)
+    applied = f" Stain normalisation: {_e(stain.describe())}." if stain is not None else ""
     return (
         "<p>Each patch as the model saw it, beside its Grad-CAM (ResNet18 layer4, "
-        "normalised by its maximum).</p>"
+        f"normalised by its maximum).{applied}</p>"
         f'<div class="gallery">{"".join(figs)}</div>'
     )
 

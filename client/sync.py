@@ -394,7 +394,8 @@ class SlideClient:
             model: the repository model (``"NAME[:VERSION]"``; ``None``: the default).
 
         Returns:
-            Explanations in rank order (indices: in the given order).
+            Explanations in rank order (indices: in the given order); each carries
+            ``stain``, the stain normalisation applied to its image.
 
         Raises:
             HistoHelperError: a subclass matching the server's error (e.g.
@@ -408,7 +409,7 @@ class SlideClient:
         deadline = timeout if timeout is not None else self.timeout
         call = self._stub.ExplainPatches(request, timeout=deadline, metadata=self._metadata)
         try:
-            return [PatchExplanation.from_proto(m.explanation) for m in call]
+            return [PatchExplanation.from_response(m) for m in call]
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
 

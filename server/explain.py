@@ -32,6 +32,7 @@ from histohelper.server.pipeline import (
 from histohelper.server.runtime import PatchOutput
 from histohelper.server.stage import Predicted, predict_in_order
 from histohelper.server.tiling import PatchBatch, PatchReader, TilingPlan
+from histohelper.server.tiling.stain import AppliedStain, StainNormalizer
 
 MAX_EXPLAINED = 256
 
@@ -145,8 +146,9 @@ class Explainer:
         selection: Selection,
         class_index: int,
         stop: threading.Event,
-    ) -> tuple[TilingPlan, Iterator[Explanation]]:
-        """Plan the slide, choose patches, and return the plan and a lazy iterator.
+    ) -> tuple[TilingPlan, AppliedStain, Iterator[Explanation]]:
+        """Plan the slide, choose patches, and return the plan, the stain
+        normalisation applied to the explained images, and a lazy iterator.
 
         Args:
             spec: the slide and tiling options (as for AnalyzeSlide).
@@ -155,13 +157,17 @@ class Explainer:
             stop: set to cancel.
 
         Returns:
-            The tiling plan and an iterator of explanations in rank order.
+            The tiling plan, the applied stain normalisation (fitted on the plan's
+            tissue pixels as :meth:`Analyzer.run` fits it, so the images are what the
+            model saw in the analysis) and an iterator of explanations in rank order.
 
         Raises:
             InvalidOptionsError: k or indices out of range, too many patches.
             SlideError subclasses from tiling and reading.
         """
         plan = self.analyzer.plan(spec, stop)
+        # The same stain normalisation as the analysis (the fit is deterministic).
+        normalizer, applied, _ = self.analyzer.fit_stain(spec, plan)
         n = len(plan.grid)
         attention: dict[int, float] = {}
         if selection.kind == "indices":
@@ -182,16 +188,21 @@ class Explainer:
             if not 1 <= selection.k <= MAX_EXPLAINED:
                 raise InvalidOptionsError(f"top_k.k must be in [1, {MAX_EXPLAINED}]")
             if n == 0:
-                return plan, iter(())
+                return plan, applied, iter(())
             indices, scores, attention = self._rank(spec, plan, selection, class_index, stop)
-        return plan, self._explain_indices(
-            spec, plan, indices, scores, attention, class_index, stop
+        return (
+            plan,
+            applied,
+            self._explain_indices(
+                spec, plan, normalizer, indices, scores, attention, class_index, stop
+            ),
         )
 
     def _explain_indices(
         self,
         spec: AnalysisSpec,
         plan: TilingPlan,
+        normalizer: StainNormalizer | None,
         indices: Sequence[int],
         scores: Sequence[float],
         attention: dict[int, float],
@@ -201,9 +212,6 @@ class Explainer:
         rank_of = {idx: r for r, idx in enumerate(indices)}
         model_px = self.analyzer.worker.runtime.manifest.patch_size_px
         results: dict[int, Explanation] = {}
-        # The same stain normalisation as the analysis (the fit is deterministic), so
-        # the explained images are what the model saw.
-        normalizer, _, _ = self.analyzer.fit_stain(spec, plan)
         reader = PatchReader(
             spec.slide_path,
             plan.grid,

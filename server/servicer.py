@@ -249,7 +249,7 @@ class SlideAnalysisServicer:
 
         def messages() -> Iterator[pb.ExplainPatchesResponse]:
             try:
-                plan, explanations = served.explainer.explain(
+                plan, applied, explanations = served.explainer.explain(
                     spec, selection, class_index, call.stop
                 )
             except AnalysisCancelledError:  # stopped while tiling: the call path reports it
@@ -257,6 +257,7 @@ class SlideAnalysisServicer:
             for ex in explanations:
                 message = convert.explanation(ex, plan, classes, quality)
                 message.model.CopyFrom(served.ref())
+                message.stain.CopyFrom(convert.applied_stain(applied))
                 yield message
 
         async for message in call.iterate(messages()):

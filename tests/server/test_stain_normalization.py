@@ -298,6 +298,66 @@ def test_explained_patches_are_normalised_like_the_analysis(server) -> None:
     assert np.abs(a.astype(int) - b).mean() > 2.0
 
 
+def test_explain_says_what_normalisation_was_applied(server) -> None:
+    """ExplainPatchesResponse.stain reports the fit the explained images got: the same
+    as AnalysisStarted.stain for the same slide and options; "none" when nothing asked.
+    The SDK (sync and async) carries it as PatchExplanation.stain."""
+    import asyncio
+
+    from histohelper.client import AsyncSlideClient
+
+    macenko = pb.StainNormalization(method=pb.STAIN_METHOD_MACENKO)
+    started = _started(_target(server), PERTURBED, macenko).stain
+    options = AnalysisOptions(target_mpp=FAST_MPP, stain_normalization="macenko")
+    with SlideClient(_target(server), timeout=120) as client:
+        normed = client.explain(PERTURBED, patch_indices=[0, 1], options=options)
+        (plain,) = client.explain(
+            PERTURBED, patch_indices=[0], options=AnalysisOptions(target_mpp=FAST_MPP)
+        )
+    assert len(normed) == 2
+    for ex in normed:
+        assert ex.stain is not None
+        assert (ex.stain.method, ex.stain.reference, ex.stain.source) == (
+            "macenko",
+            "published",
+            "request",
+        )
+        np.testing.assert_allclose(ex.stain.fitted_stain_matrix, started.fitted_stain_matrix)
+        np.testing.assert_allclose(
+            ex.stain.fitted_max_concentrations, started.fitted_max_concentrations
+        )
+    assert plain.stain is not None
+    assert (plain.stain.method, plain.stain.source) == ("none", "default")
+
+    async def run() -> list:
+        async with AsyncSlideClient(_target(server), timeout=120) as client:
+            return await client.explain(PERTURBED, patch_indices=[0], options=options)
+
+    (aio,) = asyncio.run(run())
+    assert aio.stain == normed[0].stain
+
+
+def test_explain_cli_records_the_normalisation(server, tmp_path: Path) -> None:
+    """``histohelper explain --stain-normalization reinhard``: explanations.json and the
+    report's gallery say what the explained images got."""
+    import json
+
+    from histohelper.cli import main
+
+    out = tmp_path / "explain"
+    args = ["explain", PERTURBED, "--server", _target(server), "--out", str(out), "-q"]
+    assert main([*args, "--top-k", "2", "--stain-normalization", "reinhard"]) == 0
+    stain = json.loads((out / "explanations.json").read_text())["stain_normalization"]
+    assert (stain["method"], stain["reference"], stain["source"]) == (
+        "reinhard",
+        "published",
+        "request",
+    )
+    assert len(stain["fitted_means"]) == 3 and len(stain["fitted_stds"]) == 3
+    gallery = (out / "report.html").read_text().split("<h2>Top patches</h2>")[1]
+    assert "Stain normalisation: reinhard to the published reference (asked by" in gallery
+
+
 def test_analyze_cli_records_the_normalisation(server, tmp_path: Path) -> None:
     """``histohelper analyze --stain-normalization macenko``: summary.json and report.html
     say what was applied."""
