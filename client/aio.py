@@ -152,7 +152,7 @@ class AsyncSlideClient:
         Raises:
             HistoHelperError: a subclass matching the server's error.
         """
-        collector = ResultCollector()
+        collector = ResultCollector(roi=options.roi if options is not None else None)
         events = self.stream(
             slide_path, options, request_id=request_id, timeout=timeout, model=model
         )

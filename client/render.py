@@ -30,9 +30,17 @@ from histohelper.client.styles import (
     check_colormap,
 )
 from histohelper.model_parts import describe_untrained
+from histohelper.regions import (
+    draw_mask_outline,
+    draw_rings,
+    geojson_rings,
+    mask_inside,
+    sample_mask,
+)
 
 if TYPE_CHECKING:
     from histohelper.client.result import SlideResult
+    from histohelper.client.roi import RegionOfInterest
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
@@ -258,6 +266,7 @@ def render_overlay(
     colormap: str = DEFAULT_COLORMAP,
     um_per_px: float | None = None,
     scale_note: str = "",
+    outlines: Sequence[Outline] = (),
 ) -> npt.NDArray[np.uint8]:
     """Blend a colour-mapped heatmap over a thumbnail; with ``title``, frame it as a figure.
 
@@ -282,6 +291,8 @@ def render_overlay(
         colormap: a name from :data:`histohelper.client.styles.COLORMAP_NAMES`.
         um_per_px: micrometres per thumbnail pixel, for the scale bar (``None``: none).
         scale_note: text after the scale bar's length (e.g. "mpp assumed").
+        outlines: closed outlines drawn over the blend (e.g. :func:`region_outlines`),
+            each with a key under the colour bar (one per label) when framed.
 
     Returns:
         uint8 RGB: ``(h, w, 3)`` without ``title``, larger with it.
@@ -303,6 +314,10 @@ def render_overlay(
         colours = colormap_rgb((heat - vmin) / span, colormap)
         blended = (1.0 - alpha) * thumbnail_rgb[covered] + alpha * colours[covered]
         out[covered] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    keys: dict[str, tuple[int, int, int]] = {}
+    for line in outlines:
+        line.draw(out)
+        keys.setdefault(line.label, line.colour)
     if title is None:
         return out
     labels = [_fmt(t) for t in ticks] if tick_labels is None else list(tick_labels)
@@ -313,9 +328,95 @@ def render_overlay(
     header += [(n, _BLACK) for n in notes]
     legend = _Legend(
         title_lines=tuple(title.split("\n")), ticks=tuple(ticks), tick_labels=tuple(labels),
-        vmin=vmin, span=span, colormap=colormap,
+        vmin=vmin, span=span, colormap=colormap, keys=tuple(keys.items()),
     )  # fmt: skip
     return _compose_figure(out, header, legend, um_per_px, scale_note)
+
+
+# --- region-of-interest outlines ----------------------------------------------------
+
+#: RGB of the outline of a region of interest's include part (GeoJSON or mask).
+ROI_INCLUDE_COLOUR = (255, 255, 255)
+#: RGB of the outline of its exclude part.
+ROI_EXCLUDE_COLOUR = (255, 0, 255)
+#: RGB of the halo under both outlines (2 px line on a 4 px halo), so they show over
+#: tissue, glass and every colour map.
+ROI_HALO_COLOUR = (0, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Outline:
+    """A closed outline to draw over an overlay, with its legend key.
+
+    Attributes:
+        label: the legend key's text (e.g. ``"ROI include"``).
+        colour: RGB of the 2 px line (drawn over a 4 px :data:`ROI_HALO_COLOUR` halo).
+        rings_l0: float ``[n, 2]`` level-0 (x, y) rings, mapped with ``scale_x``,
+            ``scale_y`` (level-0 px per image px).
+        mask_t: uint8 ``[h, w]`` mask (nonzero = inside) in the image's frame whose
+            border is drawn, or None.
+    """
+
+    label: str
+    colour: tuple[int, int, int]
+    rings_l0: tuple[npt.NDArray[np.float64], ...] = ()
+    scale_x: float = 1.0
+    scale_y: float = 1.0
+    mask_t: npt.NDArray[np.uint8] | None = None
+
+    def draw(self, image: npt.NDArray[np.uint8]) -> None:
+        """Draw the outline on ``image`` (uint8 ``[h, w, 3]`` RGB), in place."""
+        if self.rings_l0:
+            draw_rings(image, self.rings_l0, self.scale_x, self.scale_y, self.colour, 2,
+                       ROI_HALO_COLOUR)  # fmt: skip
+        if self.mask_t is not None:
+            draw_mask_outline(image, self.mask_t, self.colour, 2, ROI_HALO_COLOUR)
+
+
+def region_outlines(
+    roi: RegionOfInterest | None,
+    scale_x: float,
+    scale_y: float,
+    width_px: int,
+    height_px: int,
+) -> tuple[Outline, ...]:
+    """The outlines of a region of interest as the request sent it, on a thumbnail.
+
+    GeoJSON polygons (the ones the server applies: :func:`histohelper.regions.geojson_rings`)
+    are drawn from their level-0 vertices; a mask PNG is resampled to the thumbnail's
+    pixel grid (the mask pixel under each thumbnail pixel's centre) and its border is
+    drawn, as ``histohelper tile`` draws the region on ``grid.png``. Include parts (the
+    polygons and the mask) are white, exclude parts magenta, both on a black halo.
+
+    Args:
+        roi: the region (``SlideResult.roi``), or None.
+        scale_x, scale_y: level-0 px per thumbnail px.
+        width_px, height_px: the thumbnail's size.
+
+    Returns:
+        The outlines (none without a region), include first.
+
+    Raises:
+        InvalidOptionsError: a GeoJSON text that is not GeoJSON.
+    """
+    if roi is None:
+        return ()
+    out: list[Outline] = []
+    include = tuple(geojson_rings(roi.include_geojson))
+    if include:
+        out.append(Outline("ROI include", ROI_INCLUDE_COLOUR, include, scale_x, scale_y))
+    if roi.mask_png and roi.mask_downsample > 0:
+        decoded = cv2.imdecode(np.frombuffer(roi.mask_png, np.uint8), cv2.IMREAD_UNCHANGED)
+        if decoded is not None and decoded.size:
+            inside = sample_mask(
+                mask_inside(decoded), roi.mask_downsample, (height_px, width_px), scale_x, scale_y
+            )
+            label = "ROI mask" if include else "ROI include"
+            out.append(Outline(label, ROI_INCLUDE_COLOUR, mask_t=inside.astype(np.uint8)))
+    exclude = tuple(geojson_rings(roi.exclude_geojson))
+    if exclude:
+        out.append(Outline("ROI exclude", ROI_EXCLUDE_COLOUR, exclude, scale_x, scale_y))
+    return tuple(out)
 
 
 # --- the figure around the image ----------------------------------------------------
@@ -333,6 +434,7 @@ class _Legend:
     vmin: float
     span: float
     colormap: str
+    keys: tuple[tuple[str, tuple[int, int, int]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,17 +535,21 @@ def figure_layout(
     legend_lines: Sequence[str] = (),
     tick_labels: Sequence[str] = (),
     scale_text: str | None = None,
+    key_lines: Sequence[str] = (),
 ) -> FigureLayout:
     """The layout of an overlay figure (see :func:`render_overlay`): header band, image,
-    legend panel to its right, scale-bar band below."""
+    legend panel to its right (title, colour bar, then one key per outline), scale-bar
+    band below."""
     text_px, scale, thick, pad = _text_metrics(image_h, image_w)
     header_h = pad + len(header_lines) * (text_px + pad) + (pad if header_lines else 0)
     bar_w = max(10, text_px)
     legend_w = max(
         [_text_width(s, scale, thick) for s in legend_lines]
         + [bar_w + pad + max([_text_width(s, scale, thick) for s in tick_labels] + [0])]
+        + [_KEY_SAMPLE * text_px + pad + _text_width(s, scale, thick) for s in key_lines]
     )
     legend_h = len(legend_lines) * (text_px + pad) + pad + 6 * text_px + text_px
+    legend_h += _keys_height(len(key_lines), text_px, pad)
     bottom_h = (4 * pad + text_px) if scale_text is not None else pad  # µ's descender
     width = 2 * pad + image_w + 2 * pad + legend_w + 2 * pad
     if header_lines:  # measured in the bolder stroke of the warning line
@@ -455,6 +561,15 @@ def figure_layout(
     return FigureLayout(
         width, header_h + body_h + bottom_h, 2 * pad, header_h, body_h, text_px, pad
     )
+
+
+#: Length of a legend key's line sample, in text heights.
+_KEY_SAMPLE = 2
+
+
+def _keys_height(n: int, text_px: int, pad: int) -> int:
+    """Height the legend keeps under the colour bar for ``n`` outline keys."""
+    return n * (text_px + pad) + pad if n else 0
 
 
 def _compose_figure(
@@ -475,6 +590,7 @@ def _compose_figure(
     lay = figure_layout(
         h, w, header_lines=[s for s, _ in header], legend_lines=legend.title_lines,
         tick_labels=legend.tick_labels, scale_text=scale_text,
+        key_lines=[k for k, _ in legend.keys],
     )  # fmt: skip
     text_px, scale, thick, pad = _text_metrics(h, w)
     canvas = np.full((lay.height_px, lay.width_px, 3), 255, np.uint8)
@@ -494,7 +610,8 @@ def _compose_figure(
         ly += pad
     bar_w = max(10, text_px)
     by0 = ly + pad
-    by1 = by0 + int(np.clip(h - (by0 - y0) - text_px, 6 * text_px, 14 * text_px))
+    keys_h = _keys_height(len(legend.keys), text_px, pad)
+    by1 = by0 + int(np.clip(h - (by0 - y0) - text_px - keys_h, 6 * text_px, 14 * text_px))
     n = by1 - by0
     ramp = np.linspace(1.0, 0.0, n, dtype=np.float32)[:, None].repeat(bar_w, axis=1)
     canvas[by0:by1, lx : lx + bar_w] = colormap_rgb(ramp, legend.colormap)
@@ -506,6 +623,14 @@ def _compose_figure(
         yy = round(by1 - 1 - frac * (n - 1))
         cv2.line(canvas, (lx + bar_w, yy), (lx + bar_w + pad // 2 + 1, yy), _BLACK, 1)
         _put_text(canvas, label, (lx + bar_w + pad, yy + text_px // 2), scale, _BLACK, thick)
+    # Outline keys under the colour bar: a line sample as drawn over the image, the label.
+    for k, (label, colour) in enumerate(legend.keys):
+        base = by1 + text_px // 2 + (k + 1) * (text_px + pad)
+        ky = base - text_px // 2
+        x1 = lx + _KEY_SAMPLE * text_px - 1
+        cv2.line(canvas, (lx, ky), (x1, ky), ROI_HALO_COLOUR, 4)
+        cv2.line(canvas, (lx, ky), (x1, ky), colour, 2)
+        _put_text(canvas, label, (lx + _KEY_SAMPLE * text_px + pad, base), scale, _BLACK, thick)
     # Scale bar under the image's left edge.
     if length_um is not None and scale_text is not None and um_per_px is not None:
         bar_px = max(1, round(length_um / um_per_px))
@@ -637,6 +762,7 @@ def overlay(
     cams: bool = False,
     colormap: str = DEFAULT_COLORMAP,
     attention_scale: str = DEFAULT_ATTENTION_SCALE,
+    roi_outline: bool = True,
 ) -> npt.NDArray[np.uint8]:
     """Blend a colour-mapped heatmap over the thumbnail, framed as a figure.
 
@@ -649,7 +775,9 @@ def overlay(
     margins that hold a header (slide prediction and probability, MC dropout
     uncertainty when present, UNTRAINED in red when the model is flagged), the legend
     (title, colour bar, ticks) and a scale bar in um or mm from the effective mpp
-    (:func:`thumbnail_um_per_px`): nothing is drawn over tissue.
+    (:func:`thumbnail_um_per_px`): nothing is drawn over tissue but the outline of the
+    region of interest the request sent (``result.roi``; :func:`region_outlines`:
+    include white, exclude magenta, each keyed in the legend).
 
     Args:
         result: the analysed slide.
@@ -663,6 +791,7 @@ def overlay(
             of one value per patch (needs ``return_cams``).
         colormap: ``"jet"`` (default), ``"viridis"``, ``"magma"`` or ``"turbo"``.
         attention_scale: ``"rank"`` (default) or ``"raw"``.
+        roi_outline: draw the region of interest's outline when the result has one.
 
     Returns:
         uint8 RGB: ``(thumbnail.height_px, thumbnail.width_px, 3)`` without legend, larger
@@ -727,6 +856,9 @@ def overlay(
         colormap=colormap,
         um_per_px=thumbnail_um_per_px(result),
         scale_note="mpp assumed" if result.grid.mpp_source == "assumed" else "",
+        outlines=region_outlines(result.roi, t.scale_x, t.scale_y, t.width_px, t.height_px)
+        if roi_outline
+        else (),
     )
 
 

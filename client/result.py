@@ -37,6 +37,7 @@ from histohelper.client.events import (
     Thumbnail,
     Timings,
 )
+from histohelper.client.roi import RegionOfInterest
 from histohelper.client.stain import AppliedStain
 from histohelper.errors import InternalError
 
@@ -134,6 +135,10 @@ class SlideResult:
         stain: the stain normalisation the server applied to the patches (method,
             reference, why, the slide's fitted statistics, a fit warning); ``None`` from
             servers that do not say.
+        roi: the region of interest the request sent (``AnalysisOptions.roi`` as the
+            client gave it: GeoJSON text and mask PNG, level-0 px), which overlays and
+            ``report.html`` outline; ``None`` without one (or when the result was
+            assembled from events alone).
     """
 
     request_id: str
@@ -154,6 +159,7 @@ class SlideResult:
     cached: bool = False
     dicom: DicomSource | None = field(default=None, repr=False)
     stain: AppliedStain | None = None
+    roi: RegionOfInterest | None = field(default=None, repr=False)
 
     # --- access ---------------------------------------------------------------------
 
@@ -289,7 +295,11 @@ class ResultCollector:
             attention for patches without results, or the stream ended early).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, roi: RegionOfInterest | None = None) -> None:
+        """Args:
+        roi: the region of interest the request sent, kept as ``SlideResult.roi``.
+        """
+        self._roi = roi
         self._t0 = time.perf_counter()
         self._started: Started | None = None
         self._batches: list[PatchBatch] = []
@@ -385,6 +395,7 @@ class ResultCollector:
             cached=completed.cached,
             dicom=started.dicom,
             stain=started.stain,
+            roi=self._roi,
         )
 
     def _table(self, started: Started, num_classes: int) -> PatchTable:

@@ -214,7 +214,7 @@ class SlideClient:
             HistoHelperError: as :meth:`stream`; ``InternalError`` when the stream ends
                 early or breaks the protocol.
         """
-        collector = ResultCollector()
+        collector = ResultCollector(roi=options.roi if options is not None else None)
         events = self.stream(
             slide_path, options, request_id=request_id, timeout=timeout, model=model
         )

@@ -16,6 +16,9 @@ BOUNDARIES = [
     ("histohelper.errors", ["numpy", "grpc", "torch", "openslide", "cv2"]),
     ("histohelper.geometry", ["grpc", "torch", "openslide", "cv2"]),
     ("histohelper.cohort_csv", ["numpy", "grpc", "torch", "openslide", "cv2"]),
+    # Region walk and outlines, shared by the tiler and the client's pictures: OpenCV
+    # only inside the drawing functions, never Shapely (the client has none).
+    ("histohelper.regions", ["grpc", "torch", "openslide", "cv2", "shapely"]),
     ("histohelper.v1.slide_analysis_pb2_grpc", ["torch", "openslide", "cv2", "numpy"]),
     (
         "histohelper.server.tiling",

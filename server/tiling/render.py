@@ -6,6 +6,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from histohelper.regions import draw_mask_outline
+
 from .plan import TilingPlan
 
 
@@ -40,8 +42,7 @@ def grid_overlay(plan: TilingPlan) -> npt.NDArray[np.uint8]:
         region_t = cv2.resize(
             plan.region.astype(np.uint8), (mw, mh), interpolation=cv2.INTER_NEAREST
         )[:th, :tw]
-        outline, _ = cv2.findContours(region_t, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(img, outline, -1, (230, 0, 0), 2)
+        draw_mask_outline(img, region_t, (230, 0, 0), 2)
     g = plan.grid
     sx, sy = plan.thumbnail_scale_x, plan.thumbnail_scale_y
     for i in range(len(g)):

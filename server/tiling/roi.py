@@ -54,7 +54,6 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +64,7 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from histohelper.errors import InvalidOptionsError
+from histohelper.regions import geojson_polygons, mask_inside, sample_mask
 
 #: Most decoded pixels a region mask PNG may have (read from its header before decoding).
 MAX_MASK_PX = 256 * 2**20
@@ -76,8 +76,6 @@ _CHUNK_CROSSINGS = 4_000_000
 #: largest are ~2e5 px), small enough that areas and bounds stay exact in float64.
 MAX_COORDINATE = 1e9
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_AREA_TYPES = ("Polygon", "MultiPolygon")
-_LINEAR_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString")
 
 
 @dataclass(frozen=True)
@@ -273,7 +271,7 @@ def decode_mask_png(data: bytes, downsample: float) -> npt.NDArray[np.bool_]:
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.ndim not in (2, 3) or image.size == 0:
         raise InvalidOptionsError("roi.mask_png could not be decoded")
-    mask = image != 0 if image.ndim == 2 else (image[..., :3] != 0).any(axis=2)
+    mask = mask_inside(image)
     if not mask.any():
         raise InvalidOptionsError("roi.mask_png has no nonzero (inside) pixel")
     return np.asarray(mask, dtype=bool)
@@ -292,13 +290,8 @@ def _parse_geojson(
         if isinstance(exc, json.JSONDecodeError):
             where = f" (line {exc.lineno}, column {exc.colno})"
         raise InvalidOptionsError(f"{field} is not valid JSON{where}") from None
-    geometries: list[tuple[str, Any]] = []
     ignored: dict[str, int] = {}
-    for label, geometry in _geometries(doc, field, ignored):
-        geometries.append((label, geometry))
-    polygons: list[tuple[str, list[Any], str]] = []
-    for label, geometry in geometries:
-        _collect_polygons(label, geometry, field, polygons, ignored)
+    polygons = geojson_polygons(doc, field, ignored)
     vertex_count = sum(len(ring) for _, rings, _ in polygons for ring in rings)
     if vertex_count > max_vertices:
         raise InvalidOptionsError(
@@ -340,87 +333,6 @@ def _check_multipolygons(
                 "polygons overlap or touch along an edge; draw overlapping areas as one "
                 "polygon, or send them as separate Features (their union is taken)"
             )
-
-
-def _geometries(doc: Any, field: str, ignored: dict[str, int]) -> Iterator[tuple[str, Any]]:
-    """(label, geometry dict) of every Feature / geometry of a GeoJSON document."""
-    if isinstance(doc, list):  # QuPath 0.2 writes a bare array of Features
-        for i, item in enumerate(doc):
-            yield from _feature(item, f"item {i}", field, ignored)
-        return
-    if not isinstance(doc, dict):
-        raise InvalidOptionsError(f"{field} is JSON but not a GeoJSON object")
-    if doc.get("type") == "FeatureCollection":
-        features = doc.get("features")
-        if not isinstance(features, list):
-            raise InvalidOptionsError(f"{field}: a FeatureCollection needs a 'features' array")
-        for i, item in enumerate(features):
-            yield from _feature(item, f"feature {i}", field, ignored)
-        return
-    yield from _feature(doc, "the geometry", field, ignored)
-
-
-def _feature(
-    item: Any, label: str, field: str, ignored: dict[str, int]
-) -> Iterator[tuple[str, Any]]:
-    if not isinstance(item, dict):
-        raise InvalidOptionsError(f"{field}: {label} is not a GeoJSON object")
-    if item.get("type") != "Feature":
-        yield label, item  # a bare geometry
-        return
-    props = item.get("properties")
-    kind = props.get("objectType") if isinstance(props, dict) else None
-    if isinstance(kind, str) and kind != "annotation":
-        _count(ignored, f"QuPath {kind[:20]} object(s)")
-        return
-    geometry = item.get("geometry")
-    if geometry is None:
-        _count(ignored, "feature(s) without geometry")
-        return
-    yield label, geometry
-
-
-def _count(ignored: dict[str, int], what: str) -> None:
-    ignored[what] = ignored.get(what, 0) + 1
-
-
-def _collect_polygons(
-    label: str,
-    geometry: Any,
-    field: str,
-    out: list[tuple[str, list[Any], str]],
-    ignored: dict[str, int],
-) -> None:
-    """Append (label, rings, MultiPolygon label or "") of each polygon of ``geometry``;
-    count what has no area."""
-    if not isinstance(geometry, dict) or not isinstance(geometry.get("type"), str):
-        raise InvalidOptionsError(f"{field}: {label} is not a GeoJSON geometry (no 'type')")
-    kind = geometry["type"]
-    if kind == "GeometryCollection":
-        parts = geometry.get("geometries")
-        if not isinstance(parts, list):
-            raise InvalidOptionsError(f"{field}: {label} GeometryCollection has no 'geometries'")
-        for j, part in enumerate(parts):
-            _collect_polygons(f"{label} part {j}", part, field, out, ignored)
-        return
-    if kind in _LINEAR_TYPES:
-        _count(ignored, kind)
-        return
-    if kind not in _AREA_TYPES:
-        raise InvalidOptionsError(
-            f"{field}: {label} has geometry type {kind[:40]!r}; GeoJSON types are Polygon, "
-            "MultiPolygon (bounding a region), Point, MultiPoint, LineString, "
-            "MultiLineString (ignored) and GeometryCollection"
-        )
-    coords = geometry.get("coordinates")
-    polys = [coords] if kind == "Polygon" else coords
-    if not isinstance(polys, list):
-        raise InvalidOptionsError(f"{field}: {label} {kind} has no 'coordinates' array")
-    for p, rings in enumerate(polys):
-        where = label if kind == "Polygon" else f"{label} polygon {p}"
-        if not isinstance(rings, list) or not rings:
-            raise InvalidOptionsError(f"{field}: {where} has no rings")
-        out.append((where, rings, label if kind == "MultiPolygon" else ""))
 
 
 def _polygon(label: str, rings: list[Any], field: str) -> shapely.Polygon:
@@ -532,24 +444,10 @@ def region_raster(
     if roi.include is not None:
         raster &= scan_convert(roi.include, shape, scale_x, scale_y)
     if roi.mask is not None:
-        raster &= _sample_mask(roi.mask, roi.mask_downsample, shape, scale_x, scale_y)
+        raster &= sample_mask(roi.mask, roi.mask_downsample, shape, scale_x, scale_y)
     if roi.exclude is not None:
         raster &= ~scan_convert(roi.exclude, shape, scale_x, scale_y)
     return raster, notes
-
-
-def _sample_mask(
-    mask_r: npt.NDArray[np.bool_], ds: float, shape: tuple[int, int], sx: float, sy: float
-) -> npt.NDArray[np.bool_]:
-    """The region mask at each tissue-mask pixel centre (nearest region-mask pixel)."""
-    h_m, w_m = shape
-    h_r, w_r = mask_r.shape
-    cols_r = np.floor((np.arange(w_m) + 0.5) * sx / ds).astype(np.int64)
-    rows_r = np.floor((np.arange(h_m) + 0.5) * sy / ds).astype(np.int64)
-    ok_c, ok_r = cols_r < w_r, rows_r < h_r
-    out = np.zeros(shape, dtype=bool)
-    out[np.ix_(ok_r, ok_c)] = mask_r[np.ix_(rows_r[ok_r], cols_r[ok_c])]
-    return out
 
 
 def _rings(geom: BaseGeometry) -> list[npt.NDArray[np.float64]]:
