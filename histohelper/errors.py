@@ -202,6 +202,15 @@ class PacsPermissionDeniedError(HistoHelperError):
     reason = "PACS_PERMISSION_DENIED"
 
 
+class PacsTlsError(HistoHelperError):
+    """The HTTPS connection to a configured DICOMweb server failed TLS: its certificate
+    is not trusted by ``NAME.ca.pem`` (or the system CAs) or does not name the host.
+    A configuration problem for the operator; retrying does not help."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "PACS_TLS_FAILED"
+
+
 # --- service ------------------------------------------------------------------------
 
 

@@ -21,7 +21,9 @@ Storing: :meth:`DicomWebServers.store` sends Part 10 instances with STOW-RS.
 
 HTTP failures map onto the error table: unreachable or timing out -> PACS_UNAVAILABLE
 (with ``retry_after_s``), 401/403 -> PACS_PERMISSION_DENIED naming the configured
-server, unknown UIDs -> SLIDE_NOT_FOUND, not a brightfield WSI -> SLIDE_UNSUPPORTED;
+server, a certificate that ``NAME.ca.pem`` (or the system CAs) does not trust or that
+does not name the host -> PACS_TLS_FAILED (a configuration problem: no retry hint),
+unknown UIDs -> SLIDE_NOT_FOUND, not a brightfield WSI -> SLIDE_UNSUPPORTED;
 a frame that cannot be fetched or decoded is one failed patch read (SLIDE_CORRUPT
 only past the reader's failure tolerance).
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -43,6 +46,7 @@ from histohelper.errors import (
     DicomWebNotConfiguredError,
     HistoHelperError,
     PacsPermissionDeniedError,
+    PacsTlsError,
     PacsUnavailableError,
     SlideNotFoundError,
     UnsupportedSlideError,
@@ -100,7 +104,8 @@ def parse_endpoints(
     Raises:
         ValueError: a malformed entry, a duplicate name, a URL that is not http(s) or
             carries credentials, a secrets folder that is not a directory, an unreadable
-            or malformed credentials file. Messages name the entry's NAME, never its URL
+            or malformed credentials file, a ``NAME.ca.pem`` without a PEM certificate
+            that OpenSSL loads. Messages name the entry's NAME, never its URL
             or a credential.
     """
     if secrets_dir is not None and not secrets_dir.is_dir():
@@ -143,6 +148,8 @@ def parse_endpoints(
             if token and basic:
                 raise ValueError(f"--dicomweb {name}: give {name}.token or {name}.basic, not both")
             ca = ca_file if ca_file.is_file() else None
+            if ca is not None:
+                _check_ca_bundle(ca, name)
         out[name] = DicomWebEndpoint(name, url, token, basic, ca, float(timeout_s))
     return out
 
@@ -157,13 +164,33 @@ def _read_secret(path: Path, name: str) -> str:
         ) from None
 
 
+def _check_ca_bundle(path: Path, name: str) -> None:
+    """ValueError naming only the file when OpenSSL loads no certificate from ``path``
+    (requests would otherwise fail on the first connection, as a TLS error)."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(
+            f"--dicomweb {name}: {path.name} holds no PEM CA certificate OpenSSL can load "
+            f"({type(exc).__name__})"
+        ) from None
+
+
 def _session(endpoint: DicomWebEndpoint) -> Any:
-    """A ``requests.Session`` with the endpoint's credentials, CA bundle and timeout."""
+    """A ``requests.Session`` with the endpoint's credentials, CA bundle and timeout.
+
+    The CA bundle is passed with every request, not only as ``session.verify``:
+    requests lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` in the environment override
+    a session's ``verify`` (psf/requests#4650, #3829), which would silently drop
+    ``NAME.ca.pem`` on hosts that set them (many container images do).
+    """
     import requests
 
     class _Session(requests.Session):
         def request(self, *args: Any, **kwargs: Any) -> Any:
             kwargs.setdefault("timeout", endpoint.timeout_s)
+            if endpoint.ca_bundle is not None:
+                kwargs.setdefault("verify", str(endpoint.ca_bundle))
             return super().request(*args, **kwargs)
 
     session = _Session()
@@ -186,8 +213,9 @@ def translate(name: str, exc: BaseException, *, opening: bool = False) -> HistoH
             unknown UIDs); False for frame reads (a 404 is one failed read).
 
     Returns:
-        PacsUnavailableError, PacsPermissionDeniedError or SlideNotFoundError, or None
-        when the exception means "this read failed" (counted against the tolerance).
+        PacsUnavailableError, PacsPermissionDeniedError, PacsTlsError or
+        SlideNotFoundError, or None when the exception means "this read failed"
+        (counted against the tolerance).
     """
     import requests
 
@@ -206,9 +234,42 @@ def translate(name: str, exc: BaseException, *, opening: bool = False) -> HistoH
         if status in (408, 429) or status >= 500:
             return _unavailable(name, f"HTTP {status}")
         return None
+    if isinstance(exc, requests.exceptions.SSLError):  # before ConnectionError, its base
+        return _tls_failed(name, exc)
     if isinstance(exc, requests.Timeout | requests.ConnectionError):
         return _unavailable(name, type(exc).__name__)
     return None
+
+
+def _tls_failed(name: str, exc: BaseException) -> PacsTlsError:
+    """PACS_TLS_FAILED for ``name``: what OpenSSL objected to, never the URL or host.
+
+    The certificate error is found in the exception's chain (requests wraps urllib3,
+    which wraps :class:`ssl.SSLCertVerificationError`); a host-name mismatch is said in
+    words (OpenSSL's own message quotes the host).
+    """
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    what = "the TLS handshake failed"
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLCertVerificationError):
+            what = (
+                "its certificate does not name the host of the configured URL"
+                if item.verify_code == 62  # X509_V_ERR_HOSTNAME_MISMATCH
+                else f"its certificate is not trusted: {item.verify_message}"
+            )
+            break
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
+    return PacsTlsError(
+        f"the HTTPS connection to the DICOMweb server {name!r} failed TLS verification "
+        f"({what}); the operator must give its CA as {name}.ca.pem in "
+        "--dicomweb-secrets-dir (retrying will not help)",
+        dicomweb_server=name,
+    )
 
 
 def _unavailable(name: str, what: str) -> PacsUnavailableError:
@@ -245,6 +306,33 @@ def quiet_library_logs() -> None:
     root = logging.getLogger()
     if _from_chatty_library not in root.filters:
         root.addFilter(_from_chatty_library)
+
+
+def _unfetched_bulk_data(tag: Any, vr: str, uri: str) -> bytes:
+    """pydicom's ``bulk_data_uri_handler`` that fetches nothing: an empty value."""
+    return b""
+
+
+def _metadata_client(client: Any) -> Any:
+    """wsidicom's DICOMweb client over ``client`` whose instance metadata leaves bulk
+    data unfetched.
+
+    A PACS's WADO-RS metadata gives bulk values as ``BulkDataURI`` (PS3.18 F.2.6): in a
+    VL WSI instance only the optical path's ICC profile, which the analysis does not
+    apply (nor does OpenSlide for files). wsidicom's own client parses the JSON without
+    a handler, so pydicom warned ("No bulk data URI handler provided ...") on every
+    instance opened, into the server's log; this one passes a handler that leaves the
+    value empty, as pydicom did, without the warning or an extra request per instance.
+    """
+    from pydicom import Dataset
+    from wsidicom import WsiDicomWebClient
+
+    class _Client(WsiDicomWebClient):
+        def get_instance(self, study_uid: Any, series_uid: Any, instance_uid: Any) -> Dataset:
+            instance = self._client.retrieve_instance_metadata(study_uid, series_uid, instance_uid)
+            return Dataset.from_json(instance, bulk_data_uri_handler=_unfetched_bulk_data)
+
+    return _Client(client)
 
 
 @dataclass
@@ -412,7 +500,7 @@ class DicomWebServers:
             PacsUnavailableError, PacsPermissionDeniedError: from the server.
             DicomWebNotConfiguredError: ``name`` is not configured.
         """
-        from wsidicom import WsiDicom, WsiDicomWebClient
+        from wsidicom import WsiDicom
 
         client = self.client(name)
         search = client.search_for_instances
@@ -424,7 +512,7 @@ class DicomWebServers:
                 "Microscopy Image instances)"
             )
         try:
-            wsi = WsiDicom.open_web(WsiDicomWebClient(client), study_uid, series_uid)
+            wsi = WsiDicom.open_web(_metadata_client(client), study_uid, series_uid)
         except Exception as exc:
             raise self._opening_error(name, exc) from None
         try:

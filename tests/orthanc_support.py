@@ -15,12 +15,20 @@ Fixtures:
         one level, no label/overview/thumbnail) -> folder of ``.dcm`` instances.
     ``dicomweb_slide``: that series stored in ``orthanc`` with STOW-RS -> :class:`DicomWebSlide`.
 
-Helpers: :func:`start_orthanc` (a context manager for other configurations),
+Helpers: :func:`start_orthanc` (a context manager for other configurations: HTTP basic
+authentication, HTTPS with a given certificate, a bearer-token check by a Python plugin),
 :func:`stow` (store pydicom datasets or files), :func:`store_with_broken_frames` (the
 slide again as a series with undecodable frames), :func:`store_as_fluorescence` (again,
 as an epifluorescence series), :func:`free_port`.
 
-Tests skip only when the ``Orthanc`` binary or the DICOMweb plugin is not installed.
+HTTPS: Debian's Orthanc 1.10 crashes (SIGSEGV in a civetweb worker, a null function
+pointer: civetweb's TLS binding over OpenSSL 3) on the first request it serves with
+``SslEnabled``, RSA or EC certificate alike (seen 2026-12-03), so TLS is terminated by
+stunnel (Debian ``stunnel4``) in front of the plain-HTTP loopback Orthanc, as a PACS
+behind a TLS proxy is deployed.
+
+Tests skip only when the ``Orthanc`` binary or the DICOMweb plugin (or, for a bearer
+token, the ``orthanc-python`` plugin; for HTTPS, ``stunnel``) is not installed.
 """
 
 from __future__ import annotations
@@ -43,6 +51,28 @@ DICOMWEB_PLUGIN_PATHS = (
     Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
     Path("/usr/lib/orthanc/libOrthancDicomWeb.so.1.7"),
 )
+#: Where Debian's orthanc-python puts the Python plugin (``dpkg -L orthanc-python``).
+PYTHON_PLUGIN_PATHS = (
+    Path("/usr/share/orthanc/plugins/libOrthancPython.so"),
+    Path("/usr/lib/orthanc/libOrthancPython.so.4.0"),
+)
+#: The Python plugin script of an Orthanc started with ``bearer_token``: every HTTP
+#: request without ``Authorization: Bearer <the configured token>`` gets 403 (Orthanc
+#: answers 403 when an incoming-request filter returns False).
+BEARER_FILTER_SCRIPT = """\
+import json
+
+import orthanc
+
+EXPECTED = "Bearer " + json.loads(orthanc.GetConfiguration())["HistoHelperTestBearerToken"]
+
+
+def accept(uri, **request):
+    return request.get("headers", {}).get("authorization") == EXPECTED
+
+
+orthanc.RegisterIncomingHttpRequestFilter(accept)
+"""
 READY_TIMEOUT_S = 60.0
 #: The DICOMweb server name tests configure on HistoHelper (``serve --dicomweb pacs=URL``).
 PACS_NAME = "pacs"
@@ -91,6 +121,8 @@ class Orthanc:
         log_path: Orthanc's stdout/stderr.
         username: basic-auth user when authentication is on, else None.
         password: its password, else None.
+        bearer_token: the only token accepted (``Authorization: Bearer ...``), else None.
+        ca_bundle: CA certificate that verifies the HTTPS certificate, else None.
     """
 
     base_url: str
@@ -101,14 +133,21 @@ class Orthanc:
     log_path: Path
     username: str | None = None
     password: str | None = None
+    bearer_token: str | None = None
+    ca_bundle: Path | None = None
 
     def session(self) -> Any:
-        """A ``requests.Session`` carrying this Orthanc's credentials (if any)."""
+        """A ``requests.Session`` carrying this Orthanc's credentials and CA (if any)."""
         import requests
 
         session = requests.Session()
         if self.username is not None:
             session.auth = (self.username, self.password or "")
+        if self.bearer_token is not None:
+            session.headers["Authorization"] = f"Bearer {self.bearer_token}"
+        if self.ca_bundle is not None:
+            session.verify = str(self.ca_bundle)
+            session.trust_env = False  # else REQUESTS_CA_BUNDLE wins (psf/requests#4650)
         return session
 
     def client(self) -> Any:
@@ -125,7 +164,13 @@ class Orthanc:
         return self.log_path.read_text(errors="replace")
 
 
-def _config(workdir: Path, port: int, plugin: Path, users: dict[str, str] | None) -> Path:
+def _config(
+    workdir: Path,
+    port: int,
+    plugin: Path,
+    users: dict[str, str] | None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     storage = workdir / "storage"
     storage.mkdir(parents=True, exist_ok=True)
     config = {
@@ -147,41 +192,83 @@ def _config(workdir: Path, port: int, plugin: Path, users: dict[str, str] | None
         "SaveJobs": False,
         "StableAge": 1,
     }
+    for key, value in (extra or {}).items():
+        config[key] = [*config[key], *value] if key == "Plugins" else value
     path = workdir / "orthanc.json"
     path.write_text(json.dumps(config, indent=2))
     return path
 
 
+def _token_settings(workdir: Path, bearer_token: str | None) -> dict[str, Any]:
+    """Orthanc settings for the bearer-token filter (none without a token)."""
+    extra: dict[str, Any] = {}
+    if bearer_token is not None:
+        python_plugin = next((p for p in PYTHON_PLUGIN_PATHS if p.is_file()), None)
+        if python_plugin is None:
+            pytest.skip(
+                "Orthanc's Python plugin is not installed (apt-get install orthanc-python; "
+                ".ci/run does it)"
+            )
+        script = workdir / "bearer_filter.py"
+        script.write_text(BEARER_FILTER_SCRIPT)
+        extra |= {
+            "Plugins": [str(python_plugin)],
+            "PythonScript": str(script),
+            "HistoHelperTestBearerToken": bearer_token,
+        }
+    return extra
+
+
 @contextlib.contextmanager
-def start_orthanc(workdir: Path, users: dict[str, str] | None = None) -> Iterator[Orthanc]:
+def start_orthanc(
+    workdir: Path,
+    users: dict[str, str] | None = None,
+    *,
+    certificate: Path | None = None,
+    ca_bundle: Path | None = None,
+    bearer_token: str | None = None,
+) -> Iterator[Orthanc]:
     """Run Orthanc on a free loopback port until the ``with`` block ends.
 
     Args:
         workdir: empty folder for the configuration, storage and log.
         users: ``{username: password}`` to turn HTTP basic authentication on.
+        certificate: PEM file holding the server certificate and its private key:
+            the server is reached over HTTPS only, through :func:`tls_proxy`.
+        ca_bundle: the CA that signed ``certificate`` (the readiness check and
+            :meth:`Orthanc.session` verify with it).
+        bearer_token: serve only requests carrying ``Authorization: Bearer
+            <bearer_token>`` (403 otherwise), checked by :data:`BEARER_FILTER_SCRIPT`
+            in Orthanc's Python plugin.
 
     Yields:
         :class:`Orthanc`, ready (its ``/system`` answered).
 
     Raises:
         RuntimeError: Orthanc exited or did not answer within :data:`READY_TIMEOUT_S`.
-        pytest.skip.Exception: Orthanc or its DICOMweb plugin is not installed.
+        pytest.skip.Exception: Orthanc or its DICOMweb plugin (or, with
+            ``bearer_token``, its Python plugin; with ``certificate``, stunnel) is not
+            installed.
     """
     import requests
 
     binary, plugin = require_orthanc()
     port = free_port()
-    config = _config(workdir, port, plugin, users)
+    extra = _token_settings(workdir, bearer_token)
+    config = _config(workdir, port, plugin, users, extra)
     log_path = workdir / "orthanc.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
             [binary, str(config)], stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir
         )
+    stack = contextlib.ExitStack()
     base = f"http://127.0.0.1:{port}"
+    if certificate is not None:
+        base = f"https://127.0.0.1:{stack.enter_context(tls_proxy(workdir, certificate, port))}"
     user = next(iter(users.items())) if users else None
     server = Orthanc(
         base, base + "/dicom-web", workdir / "storage", port, proc, log_path,
-        user[0] if user else None, user[1] if user else None,
+        user[0] if user else None, user[1] if user else None, bearer_token, ca_bundle,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -199,12 +286,63 @@ def start_orthanc(workdir: Path, users: dict[str, str] | None = None) -> Iterato
                 time.sleep(0.1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stack.close()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a child process (kill it after 15 s) and reap it."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def tls_proxy(workdir: Path, certificate: Path, target_port: int) -> Iterator[int]:
+    """stunnel serving TLS on a free loopback port, forwarding to ``target_port``.
+
+    Args:
+        workdir: folder for stunnel's configuration and log.
+        certificate: PEM file with the server certificate and its private key.
+        target_port: the plain-HTTP loopback port behind it.
+
+    Yields:
+        The TLS port (accepting connections).
+
+    Raises:
+        pytest.skip.Exception: stunnel is not installed.
+        RuntimeError: stunnel exited or did not listen within :data:`READY_TIMEOUT_S`.
+    """
+    binary = shutil.which("stunnel4") or shutil.which("stunnel")
+    if binary is None:
+        pytest.skip("stunnel is not installed (apt-get install stunnel4; .ci/run does it)")
+    port = free_port()
+    config = workdir / "stunnel.conf"
+    log_path = workdir / "stunnel.log"
+    config.write_text(
+        f"foreground = yes\npid =\noutput = {log_path}\n\n[orthanc]\n"
+        f"accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{target_port}\ncert = {certificate}\n"
+    )
+    proc = subprocess.Popen(
+        [binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                log = log_path.read_text(errors="replace") if log_path.exists() else ""
+                raise RuntimeError(f"stunnel exited early:\n{log[-4000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("stunnel did not listen")
+            time.sleep(0.05)
+        yield port
+    finally:
+        _stop(proc)
 
 
 def stow(server: Orthanc, instances: Iterable[Any]) -> None:

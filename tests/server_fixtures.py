@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -108,26 +109,34 @@ def served_runtime(model_artifact: Path):
     return load_runtime(model_artifact, device="cpu", precision="fp32")
 
 
+def inprocess_server(
+    model_artifact: Path, served_runtime, slide_root: Path, **overrides: object
+) -> Any:
+    """A real in-process server on 127.0.0.1:0 (fp32, grace 2 s) with ``overrides`` of
+    :class:`ServerConfig`; the caller stops it (``stop(grace=0, drain=0)``)."""
+    from histohelper.server.app import start_server
+    from histohelper.server.config import ServerConfig
+
+    values: dict[str, object] = {
+        "model_path": model_artifact,
+        "slide_root": slide_root,
+        "port": 0,
+        "precision": "fp32",
+        "grace_s": 2.0,
+    }
+    values.update(overrides)
+    return start_server(ServerConfig(**values), runtime=served_runtime)  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def start_inprocess_server(
     model_artifact: Path, served_runtime, slides_dir: Path
 ) -> Iterator[Callable[..., object]]:
     """Factory: ``start(**config_overrides) -> RunningServer`` on 127.0.0.1:0."""
-    from histohelper.server.app import start_server
-    from histohelper.server.config import ServerConfig
-
     started = []
 
     def start(**overrides: object):
-        values: dict[str, object] = {
-            "model_path": model_artifact,
-            "slide_root": slides_dir,
-            "port": 0,
-            "precision": "fp32",
-            "grace_s": 2.0,
-        }
-        values.update(overrides)
-        running = start_server(ServerConfig(**values), runtime=served_runtime)  # type: ignore[arg-type]
+        running = inprocess_server(model_artifact, served_runtime, slides_dir, **overrides)
         started.append(running)
         return running
 

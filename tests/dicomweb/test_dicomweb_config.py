@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from histohelper.errors import DicomWebNotConfiguredError
+from histohelper.server.certs import make_certificates
 from histohelper.server.config import add_arguments, config_from
 from histohelper.server.dicomweb import DicomWebServers, parse_endpoints
 
@@ -33,7 +34,8 @@ def test_repeated_flag_and_environment_give_every_server(tmp_path: Path) -> None
 def test_credentials_files(tmp_path: Path) -> None:
     (tmp_path / "tok.token").write_text("s3cret-token\n")
     (tmp_path / "usr.basic").write_text("alice:pa:ss")
-    (tmp_path / "usr.ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    ca = make_certificates(tmp_path / "pki").ca_cert  # a CA file must hold a certificate
+    (tmp_path / "usr.ca.pem").write_bytes(ca.read_bytes())
     found = parse_endpoints("tok=https://a.test/dw,usr=https://b.test/dw", tmp_path)
     assert found["tok"].bearer_token == "s3cret-token" and found["tok"].basic is None
     assert found["usr"].basic == ("alice", "pa:ss")

@@ -156,3 +156,31 @@ def test_broken_frames_fail_patches_then_the_slide_past_the_tolerance(
     failed = sum(b.failed.size for b in batches)
     read = sum(b.indices.size for b in batches)
     assert 0 < failed < len(grid) and failed + read == len(grid)
+
+
+def test_opening_a_series_leaves_bulk_data_unfetched_without_a_warning(
+    dicomweb_slide: DicomWebSlide, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The PACS's metadata gives the optical path's ICC profile as a BulkDataURI;
+    wsidicom's own client made pydicom warn "No bulk data URI handler ..." (a Python
+    warning and a pydicom log record) on every instance opened. A fresh pool, so the
+    series' metadata is really fetched."""
+    import warnings
+
+    meta = dicomweb_slide.server.client().retrieve_series_metadata(
+        dicomweb_slide.study_instance_uid, dicomweb_slide.series_instance_uid
+    )
+    paths = [item for m in meta for item in m.get("00480105", {}).get("Value", [])]
+    assert any("BulkDataURI" in path.get("00282000", {}) for path in paths)  # it is sent
+    caplog.set_level(logging.DEBUG)
+    servers = DicomWebServers(parse_endpoints(f"pacs={dicomweb_slide.server.dicomweb_url}"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        source = servers.source(
+            "pacs", dicomweb_slide.study_instance_uid, dicomweb_slide.series_instance_uid
+        )
+        with open_slide(source) as slide:
+            assert slide.read_level_rgb(0, 0, 0, 64, 64).shape == (64, 64, 3)
+        servers.close()
+    assert not [w for w in caught if "bulk data" in str(w.message).lower()]
+    assert "bulk data" not in caplog.text.lower()
