@@ -12,8 +12,9 @@ One :class:`WsiDicom` may be shared by several :class:`DicomSlide` objects on
 several threads (wsidicom's caches take locks); each :class:`DicomSlide` is used by
 one thread at a time, like :class:`~.slide.Slide`.
 
-Several focal planes or optical paths: the first brightfield optical path and the
-focal plane nearest the slide (the first listed) are read, with a warning.
+Several focal planes or optical paths: the first brightfield optical path (by
+identifier: numbers in numeric order, across every level-0 instance) and the focal
+plane of lowest z (wsidicom lists planes in ascending z) are read, with a QC warning.
 Fluorescence and monochrome series are refused.
 
 Messages never contain UIDs or URLs.
@@ -144,7 +145,7 @@ class DicomSeries:
         paths = list(base.optical_paths)
         self.optical_path: str | None = None
         if len(paths) > 1:
-            self.optical_path = self._first_brightfield(dataset, paths)
+            self.optical_path = self._first_brightfield(base.datasets, paths)
             warnings.append(
                 f"the series has {len(paths)} optical paths: the first brightfield one is analysed"
             )
@@ -201,15 +202,26 @@ class DicomSeries:
         self._users = 0
 
     @staticmethod
-    def _first_brightfield(dataset: Any, paths: list[str]) -> str:
-        for path in getattr(dataset, "OpticalPathSequence", []) or []:
-            codes = {
-                str(getattr(c, "CodeValue", ""))
-                for c in getattr(path, "IlluminationTypeCodeSequence", []) or []
-            }
-            if codes & BRIGHTFIELD_CODES:
-                return str(path.OpticalPathIdentifier)
-        return paths[0]
+    def _first_brightfield(datasets: Any, paths: list[str]) -> str:
+        """The optical path read from a series with several: among the paths whose
+        illumination says brightfield in any level-0 instance's OpticalPathSequence
+        (or all of ``paths`` when none says so), the identifier that sorts first,
+        numerically where it is a number. Identifiers decide, not instance order (which
+        a PACS does not keep) nor wsidicom's listing order."""
+        bright: set[str] = set()
+        for dataset in datasets:
+            for path in getattr(dataset, "OpticalPathSequence", []) or []:
+                codes = {
+                    str(getattr(c, "CodeValue", ""))
+                    for c in getattr(path, "IlluminationTypeCodeSequence", []) or []
+                }
+                if codes & BRIGHTFIELD_CODES:
+                    bright.add(str(path.OpticalPathIdentifier))
+
+        def order(identifier: str) -> tuple[int, int, str]:
+            return (0, int(identifier), "") if identifier.isdigit() else (1, 0, identifier)
+
+        return min([p for p in paths if p in bright] or paths, key=order)
 
     def level(self, index: int) -> Any:
         """wsidicom's ``Level`` of pyramid index ``index`` (0 = full resolution)."""
