@@ -13,7 +13,8 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import cv2
@@ -279,6 +280,7 @@ def build_grid(
     ds_y: float,
     level: int,
     effective_mpp: float,
+    touch: npt.NDArray[np.bool_] | None = None,
 ) -> PatchGrid:
     """Lay out the patch grid and keep cells with enough tissue.
 
@@ -290,6 +292,8 @@ def build_grid(
         ds_y: as above, y.
         level: pyramid level to read from.
         effective_mpp: um/px of output patches (recorded on the grid).
+        touch: ``[h, w]`` bool on the mask's pixel grid, or None: keep only cells whose
+            footprint holds at least one True pixel (a region the patches must touch).
 
     Returns:
         :class:`PatchGrid`.
@@ -301,15 +305,7 @@ def build_grid(
             is empty (``n_rows == n_cols == 0``), not an error.
     """
     size = options.patch_size_px
-    stride = options.effective_stride_px
-    fw, fh = size * ds_x, size * ds_y
-    sx, sy = stride * ds_x, stride * ds_y
-    n_cols = axis_cell_count(md.width_l0, fw, sx, options.edge_mode)
-    n_rows = axis_cell_count(md.height_l0, fh, sy, options.edge_mode)
-    if n_rows == 0 or n_cols == 0:
-        # No cell fits along one axis ("drop" mode, a slide narrower than one
-        # footprint): the grid is empty, however many cells the other axis holds.
-        n_rows = n_cols = 0
+    n_rows, n_cols, fw, fh, sx, sy = _grid_shape(md, options, ds_x, ds_y)
     # Both counts are now 0, or both >= 1: so this also keeps each one at most
     # MAX_GRID_CELLS (they go out as int32).
     if n_rows * n_cols > MAX_GRID_CELLS:
@@ -323,33 +319,22 @@ def build_grid(
             f"each patch would need a {read_w} x {read_h} px read at level {level}: the "
             "target resolution is too coarse for this slide and patch size"
         )
-    table = mask_integral(mask.mask)
     ink_table = mask_integral(mask.ink) if mask.ink is not None and mask.ink.any() else None
     keep_r: list[npt.NDArray[np.int64]] = []
     keep_c: list[npt.NDArray[np.int64]] = []
     keep_f: list[npt.NDArray[np.float64]] = []
-    cols = np.arange(n_cols, dtype=np.int64)
-    x_all = cols * sx
-    rows_per_chunk = max(1, 1_000_000 // max(1, n_cols))
     kept = 0
-    for r0 in range(0, n_rows, rows_per_chunk):
-        rows = np.arange(r0, min(n_rows, r0 + rows_per_chunk), dtype=np.int64)
-        rr = np.repeat(rows, n_cols)
-        cc = np.tile(cols, rows.shape[0])
-        frac = box_fractions(table, mask.scale_x, mask.scale_y, x_all[cc], rr * sy, fw, fh)
-        frac = in_slide_share(frac, x_all[cc], rr * sy, fw, fh, md)
-        sel = frac >= options.min_tissue_fraction
-        if options.min_tissue_fraction > 0:
-            sel &= frac > 0
-        kept += int(sel.sum())
+    cells = _kept_cells(md, mask, options, n_rows, n_cols, fw, fh, sx, sy, touch)
+    for rr, cc, ff in cells:
+        kept += len(rr)
         if kept > options.max_patches:
             raise SlideTooLargeError(
                 f"more than {options.max_patches} patches would be kept",
                 limit=str(options.max_patches),
             )
-        keep_r.append(rr[sel])
-        keep_c.append(cc[sel])
-        keep_f.append(frac[sel])
+        keep_r.append(rr)
+        keep_c.append(cc)
+        keep_f.append(ff)
     row = np.concatenate(keep_r) if keep_r else np.zeros(0, np.int64)
     col = np.concatenate(keep_c) if keep_c else np.zeros(0, np.int64)
     frac = np.concatenate(keep_f) if keep_f else np.zeros(0, np.float64)
@@ -433,6 +418,101 @@ def in_slide_share(
     return np.where(edge & (inside > 0), np.minimum(fraction / safe, 1.0), fraction)
 
 
+#: Grid cells whose tissue fraction one chunk of :func:`_kept_cells` computes at once
+#: (about 60 MB of temporaries), so no pass over the grid holds more than that.
+CELLS_PER_CHUNK = 1_000_000
+
+
+def _grid_shape(
+    md: SlideMetadata, options: TilingOptions, ds_x: float, ds_y: float
+) -> tuple[int, int, float, float, float, float]:
+    """(n_rows, n_cols, footprint_x_l0, footprint_y_l0, stride_x_l0, stride_y_l0) of
+    the grid :func:`build_grid` lays out (0 x 0 when no cell fits along one axis)."""
+    size = options.patch_size_px
+    stride = options.effective_stride_px
+    fw, fh = size * ds_x, size * ds_y
+    sx, sy = stride * ds_x, stride * ds_y
+    n_cols = axis_cell_count(md.width_l0, fw, sx, options.edge_mode)
+    n_rows = axis_cell_count(md.height_l0, fh, sy, options.edge_mode)
+    if n_rows == 0 or n_cols == 0:
+        # No cell fits along one axis ("drop" mode, a slide narrower than one
+        # footprint): the grid is empty, however many cells the other axis holds.
+        n_rows = n_cols = 0
+    return n_rows, n_cols, fw, fh, sx, sy
+
+
+def _kept_cells(
+    md: SlideMetadata,
+    mask: TissueMask,
+    options: TilingOptions,
+    n_rows: int,
+    n_cols: int,
+    fw: float,
+    fh: float,
+    sx: float,
+    sy: float,
+    touch: npt.NDArray[np.bool_] | None = None,
+) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]]:
+    """The cells :func:`build_grid` keeps, streamed in row-major chunks of at most
+    :data:`CELLS_PER_CHUNK` cells: per chunk ``(row [k], col [k], tissue fraction
+    [k])`` of its kept cells. The one place the keep rule is computed."""
+    table = mask_integral(mask.mask)
+    touch_table = mask_integral(touch) if touch is not None else None
+    cols = np.arange(n_cols, dtype=np.int64)
+    x_all = cols * sx
+    rows_per_chunk = max(1, CELLS_PER_CHUNK // max(1, n_cols))
+    for r0 in range(0, n_rows, rows_per_chunk):
+        rows = np.arange(r0, min(n_rows, r0 + rows_per_chunk), dtype=np.int64)
+        rr = np.repeat(rows, n_cols)
+        cc = np.tile(cols, rows.shape[0])
+        frac = box_fractions(table, mask.scale_x, mask.scale_y, x_all[cc], rr * sy, fw, fh)
+        frac = in_slide_share(frac, x_all[cc], rr * sy, fw, fh, md)
+        sel = frac >= options.min_tissue_fraction
+        if options.min_tissue_fraction > 0:
+            sel &= frac > 0
+        if touch_table is not None:
+            x, y = x_all[cc[sel]], rr[sel] * sy
+            hit = box_fractions(touch_table, mask.scale_x, mask.scale_y, x, y, fw, fh) > 0
+            sel[sel] = hit
+        yield rr[sel], cc[sel], frac[sel]
+
+
+def count_kept_patches(
+    md: SlideMetadata,
+    mask: TissueMask,
+    options: TilingOptions,
+    ds_x: float,
+    ds_y: float,
+) -> int:
+    """How many patches :func:`build_grid` would keep, without building the grid.
+
+    The same keep rule, streamed (:func:`_kept_cells`): memory is bounded by one chunk
+    of :data:`CELLS_PER_CHUNK` cells, however many patches are kept, and no patch
+    limit applies (``options.max_patches`` is ignored). With ``min_tissue_fraction``
+    0 every cell passes (fractions are never negative): the count is the grid's size.
+
+    Args:
+        md, mask, options, ds_x, ds_y: as :func:`build_grid`.
+
+    Returns:
+        The number of kept patches, ``len(build_grid(...))`` for an unlimited
+        ``max_patches``.
+
+    Raises:
+        SlideTooLargeError: the grid exceeds :data:`MAX_GRID_CELLS` cells.
+    """
+    n_rows, n_cols, fw, fh, sx, sy = _grid_shape(md, options, ds_x, ds_y)
+    if n_rows * n_cols > MAX_GRID_CELLS:
+        raise SlideTooLargeError(
+            f"the patch grid would have {n_rows} x {n_cols} cells (limit {MAX_GRID_CELLS})"
+        )
+    if options.min_tissue_fraction <= 0:
+        return n_rows * n_cols
+    return sum(
+        len(rr) for rr, _, _ in _kept_cells(md, mask, options, n_rows, n_cols, fw, fh, sx, sy)
+    )
+
+
 def build_region_grid(
     md: SlideMetadata,
     mask: TissueMask,
@@ -454,8 +534,10 @@ def build_region_grid(
        share of the footprint) passes ``min_tissue_fraction``; with a threshold of 0
        a patch must at least touch the region (some inside mask pixel in its
        footprint);
-    3. :func:`build_grid` runs on the tissue alone (no kept-patch limit) to count the
-       patches the region removed (a patch kept inside the region is kept without it).
+    3. the patches :func:`build_grid` would keep on the tissue alone are counted
+       (:func:`count_kept_patches`: streamed, no grid built, no kept-patch limit) to
+       tell how many the region removed (a patch kept inside the region is kept
+       without it).
 
     Args:
         md, mask, options, ds_x, ds_y, level, effective_mpp: as :func:`build_grid`.
@@ -477,35 +559,19 @@ def build_region_grid(
     )
     warnings += [*roi.notes, *notes]
     grid = build_grid(
-        md, replace(mask, mask=mask.mask & region), options, ds_x, ds_y, level, effective_mpp
-    )
-    if options.min_tissue_fraction <= 0 and len(grid):
-        touch = box_fractions(
-            mask_integral(region), mask.scale_x, mask.scale_y, grid.x_l0, grid.y_l0,
-            grid.width_l0, grid.height_l0,
-        ) > 0  # fmt: skip
-        grid = _subset(grid, touch)
-    whole = build_grid(
-        md, mask, replace(options, max_patches=MAX_GRID_CELLS), ds_x, ds_y, level, effective_mpp
-    )
-    removed = max(0, len(whole) - len(grid))
+        md, replace(mask, mask=mask.mask & region), options, ds_x, ds_y, level, effective_mpp,
+        # With a threshold of 0 every cell passes: keep those touching the region as the
+        # grid is built, so a huge grid is never laid out whole.
+        touch=region if options.min_tissue_fraction <= 0 else None,
+    )  # fmt: skip
+    # Counted, not built: the whole grid may hold far more patches than the region.
+    removed = max(0, count_kept_patches(md, mask, options, ds_x, ds_y) - len(grid))
     if removed or not len(grid):
         warnings.append(
             f"region of interest: {len(grid)} patches kept inside it, {removed} patches with "
             "enough tissue outside it left out"
         )
     return grid, region, removed
-
-
-def _subset(grid: PatchGrid, keep: npt.NDArray[np.bool_]) -> PatchGrid:
-    """``grid`` with only the patches where ``keep`` ([N] bool) is True."""
-    n = len(grid)
-    arrays = {
-        f.name: getattr(grid, f.name)[keep]
-        for f in fields(grid)
-        if isinstance(getattr(grid, f.name), np.ndarray) and getattr(grid, f.name).shape[:1] == (n,)
-    }
-    return replace(grid, **arrays)
 
 
 def _thumbnail(
