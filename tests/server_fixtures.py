@@ -136,7 +136,8 @@ def start_inprocess_server(
     started = []
 
     def start(**overrides: object):
-        running = inprocess_server(model_artifact, served_runtime, slides_dir, **overrides)
+        root = Path(overrides.pop("slide_root", slides_dir))  # type: ignore[arg-type]
+        running = inprocess_server(model_artifact, served_runtime, root, **overrides)
         started.append(running)
         return running
 
