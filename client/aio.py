@@ -145,7 +145,8 @@ class AsyncSlideClient:
         timeout: float | None = None,
         model: ModelSpec = None,
     ) -> SlideResult:
-        """Analyse a slide and return the assembled result; see ``SlideClient.analyze``.
+        """Analyse a slide and return the assembled result; see ``SlideClient.analyze``
+        (one call, not retried: :meth:`analyze_many` retries).
 
         ``on_progress`` may be a plain function or a coroutine function.
 
@@ -188,7 +189,7 @@ class AsyncSlideClient:
             order; a failed slide carries ``error`` instead of ``result``.
 
         Raises:
-            ValueError: ``jobs < 1`` or ``retries < 0``.
+            ValueError: ``jobs < 1``, ``retries < 0`` or a malformed ``model``.
         """
         return cohort_analyze_many(
             self,

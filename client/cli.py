@@ -383,8 +383,9 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=5,
         metavar="N",
-        help="attempts of a call on UNAVAILABLE, with backoff, 1..5 (default 5); in a "
-        "cohort run also the attempts per slide on SERVER_BUSY or UNAVAILABLE",
+        help="attempts of a call on UNAVAILABLE, with backoff, 1..5 (default 5); for "
+        "analyze (one slide or many) also the attempts per slide on SERVER_BUSY, "
+        "UNAVAILABLE or PACS_UNAVAILABLE (after at least the server's retry_after_s)",
     )
     parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca)")
     parser.add_argument("--ca", type=Path, metavar="PEM", help="root certificates (implies TLS)")
@@ -500,6 +501,51 @@ def patch_progress(desc: str, quiet: bool = False) -> Iterator[Callable[[Any], N
         bar.close()
 
 
+def _analyze_one(
+    client: Any,
+    item: Any,
+    options: AnalysisOptions,
+    attempts: int,
+    on_progress: Callable[[Any], None],
+) -> Any:
+    """One slide through the cohort runner's retry policy: ``SlideClient.analyze_many``
+    with this one slide (:mod:`histohelper.client.cohort`: SERVER_BUSY, UNAVAILABLE and
+    PACS_UNAVAILABLE retried, ``attempts`` in all, with backoff and after at least the
+    server's ``retry_after_s``), each retry announced on stderr by the cohort's line
+    (:func:`~histohelper.client.cohort_runner.retry_line`, no slide name).
+
+    Args:
+        client: a :class:`~histohelper.client.sync.SlideClient`.
+        item: the slide, a :class:`~histohelper.client.cohort.CohortSlide`.
+        options: its analysis options.
+        attempts: calls at most (``--retries``), >= 1.
+        on_progress: called with each progress report (``patches_done`` of
+            ``patches_total``), on the cohort runner's thread.
+
+    Returns:
+        The slide's :class:`~histohelper.client.result.SlideResult`.
+
+    Raises:
+        HistoHelperError, OSError: the last attempt's error.
+    """
+    from tqdm import tqdm
+
+    from histohelper.client.cohort_runner import retry_line
+
+    def report(event: Any) -> None:
+        if event.kind == "patches":
+            on_progress(event)
+        elif event.kind == "retry":
+            tqdm.write(retry_line(event, attempts), file=sys.stderr)
+
+    (outcome,) = client.analyze_many(
+        [item], options, jobs=1, retries=attempts - 1, on_progress=report
+    )
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.result
+
+
 def _analyze(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.alpha <= 1.0:
@@ -513,6 +559,7 @@ def _analyze(args: argparse.Namespace) -> int:
     )
     if args.jobs < 1:
         raise _UsageError("--jobs must be >= 1")
+    from histohelper.client.cohort import CohortSlide
     from histohelper.client.cohort_runner import is_manifest, local_folder
     from histohelper.client.dicomweb import display_name, is_dicomweb_uri
 
@@ -542,10 +589,8 @@ def _analyze(args: argparse.Namespace) -> int:
                 )
         with patch_progress("analyze", quiet=args.quiet) as on_progress:
             upload = args.upload and not is_dicomweb_uri(first)
-            ref = client.upload(first) if upload else first
-            result = client.analyze(
-                ref, options, on_progress=on_progress, request_id=args.request_id, model=model
-            )
+            item = CohortSlide(first, upload=upload, model=model, request_id=args.request_id)
+            result = _analyze_one(client, item, options, args.retries, on_progress)
     from histohelper.client.cohort_runner import write_analysis_files
 
     write_analysis_files(result, out_dir, {**_render_settings(args), "slide_name": first})

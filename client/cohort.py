@@ -110,6 +110,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from histohelper.client.dicomweb import DicomWebSlide
 from histohelper.client.events import Progress
+from histohelper.client.models import ModelSpec, model_ref
 from histohelper.client.options import AnalysisOptions
 from histohelper.client.uploads import UploadedSlide
 from histohelper.errors import (
@@ -160,7 +161,9 @@ class CohortSlide:
         options: this slide's options (``None``: the run's options).
         upload: ``slide`` is a local file, uploaded at the start of each attempt.
         model: the server's repository model that analyses it, ``"NAME[:VERSION]"``
-            (``None``: the server's default model and version).
+            (``None``: the run's ``model=``, else the server's default model and version).
+        request_id: the id every attempt of this slide sends (echoed by the server and
+            in its logs and audit records; ``None``: the server makes one per call).
     """
 
     slide: SlideRef
@@ -168,6 +171,7 @@ class CohortSlide:
     options: AnalysisOptions | None = None
     upload: bool = False
     model: str | None = None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,13 +268,14 @@ CohortProgressCallback = Callable[[CohortProgress], Any]
 class ManySettings(TypedDict, total=False):
     """Keyword arguments of :func:`analyze_many` after ``options`` (as the clients'
     ``analyze_many`` methods take them): ``jobs``, ``retries``, ``on_progress``,
-    ``backoff``, ``seed``."""
+    ``backoff``, ``seed``, ``model``."""
 
     jobs: int
     retries: int
     on_progress: CohortProgressCallback | None
     backoff: Backoff
     seed: int | None
+    model: ModelSpec
 
 
 def as_cohort_slide(item: SlideRef | CohortSlide) -> CohortSlide:
@@ -288,6 +293,7 @@ async def analyze_many(
     on_progress: CohortProgressCallback | None = None,
     backoff: Backoff = Backoff(),
     seed: int | None = None,
+    model: ModelSpec = None,
 ) -> AsyncIterator[SlideOutcome]:
     """Analyse many slides, ``jobs`` at a time; yield each outcome as it finishes.
 
@@ -305,17 +311,22 @@ async def analyze_many(
             reports on (``"patches"``) or ends the run (raised here).
         backoff: delays between attempts.
         seed: seeds the jitter (``None``: from the system).
+        model: the repository model (``"NAME[:VERSION]"`` or a
+            :class:`~histohelper.client.models.ModelRef`) of every slide that names
+            none in its :attr:`CohortSlide.model` (``None``: the server's default).
 
     Yields:
         One :class:`SlideOutcome` per slide, in finishing order.
 
     Raises:
-        ValueError: ``jobs < 1`` or ``retries < 0``.
+        ValueError: ``jobs < 1``, ``retries < 0`` or a ``model`` string not of the
+            form ``NAME[:VERSION]``.
     """
     if jobs < 1:
         raise ValueError("jobs must be >= 1")
     if retries < 0:
         raise ValueError("retries must be >= 0")
+    default_model = model_ref(model)  # refuses a malformed string before any call
     items = [as_cohort_slide(s) for s in slides]
     if not items:
         return
@@ -341,7 +352,13 @@ async def analyze_many(
         def progress(p: Progress) -> None:
             report(CohortProgress(index, "patches", p.patches_done, p.patches_total, n))
 
-        return await client.analyze(ref, opts, on_progress=progress, model=item.model)
+        return await client.analyze(
+            ref,
+            opts,
+            on_progress=progress,
+            request_id=item.request_id,
+            model=item.model if item.model is not None else default_model,
+        )
 
     async def one(index: int) -> SlideOutcome:
         item = items[index]

@@ -195,6 +195,13 @@ class SlideClient:
     ) -> SlideResult:
         """Analyse a slide and return the assembled result.
 
+        One ``AnalyzeSlide`` call: errors the server answers (``SERVER_BUSY``,
+        ``PACS_UNAVAILABLE`` with its ``retry_after_s``, ...) are raised, not retried
+        (the channel's gRPC retry policy retries only transport UNAVAILABLE). For the
+        cohort's retry policy (backoff, at least ``retry_after_s``, a ``"retry"``
+        progress event per retry), use :meth:`analyze_many`, also with one slide, as
+        ``histohelper analyze`` does.
+
         Args:
             slide_path: path relative to the server's slide root, "/"-separated, an
                 :class:`UploadedSlide` from :meth:`upload`, or a DICOMweb series
@@ -250,7 +257,10 @@ class SlideClient:
                 after its first attempt, default 4), ``on_progress`` (called on the
                 background thread with each
                 :class:`~histohelper.client.cohort.CohortProgress`), ``backoff``
-                (:class:`~histohelper.client.cohort.Backoff`), ``seed`` (of the jitter).
+                (:class:`~histohelper.client.cohort.Backoff`), ``seed`` (of the jitter),
+                ``model`` (``"NAME[:VERSION]"`` or a ``ModelRef``: the repository model
+                of every slide whose ``CohortSlide.model`` is ``None``; default the
+                server's default model).
 
         Yields:
             One :class:`~histohelper.client.cohort.SlideOutcome` per slide (``index`` =
@@ -258,7 +268,7 @@ class SlideClient:
             iterator early cancels the analyses in flight.
 
         Raises:
-            ValueError: ``jobs < 1`` or ``retries < 0``.
+            ValueError: ``jobs < 1``, ``retries < 0`` or a malformed ``model``.
         """
         from histohelper.client.aio import AsyncSlideClient
 

@@ -176,3 +176,47 @@ def test_server_stopped_mid_stream_is_retried_on_the_other(
     other = 1 - stopped[0]
     done = [r for r in audit_records(audits[other]) if r["outcome"] == "OK"]
     assert len(done) == 1 and done[0]["request_id"] == outcome.result.request_id
+
+
+def test_analyze_many_model_is_the_default_of_slides_naming_none(
+    slide_root: Path, tmp_path: Path, model_artifact: Path, model_artifact_v2: Path
+) -> None:
+    """A repository serving tumour:1 and tumour:2 (default 2): ``model=`` picks the
+    version of every slide without its own ``CohortSlide.model``, sync and async;
+    without it the server's default serves; a malformed one is refused up front."""
+    from histohelper.client.models import ModelRef
+    from histohelper.server.app import start_server
+    from histohelper.server.config import ServerConfig
+
+    repo = tmp_path / "repo"
+    for version, artifact in (("1", model_artifact), ("2", model_artifact_v2)):
+        (repo / "tumour" / version).mkdir(parents=True)
+        (repo / "tumour" / version / "model.pt").symlink_to(artifact)
+    (repo / "tumour" / "model.json").write_text('{"version_policy": "all"}')
+    config = ServerConfig(
+        model_repository=repo, slide_root=slide_root, port=0, precision="fp32", grace_s=2.0
+    )
+    running = start_server(config)
+    slides = ["a.tiff", CohortSlide("b.tiff", model="tumour:2")]
+
+    def versions(outcomes: list[SlideOutcome]) -> list[str]:
+        assert all(o.ok for o in outcomes), [o.reason for o in outcomes]
+        return [o.result.model.version for o in sorted(outcomes, key=lambda o: o.index)]  # type: ignore[union-attr]
+
+    async def run_async() -> list[SlideOutcome]:
+        async with AsyncSlideClient(running.target) as client:
+            many = client.analyze_many(slides, jobs=2, model=ModelRef("tumour", "1"))
+            return [o async for o in many]
+
+    try:
+        with SlideClient(running.target) as client:
+            assert versions(list(client.analyze_many(slides, jobs=2, model="tumour:1"))) == [
+                "1",
+                "2",
+            ]
+            assert versions(list(client.analyze_many(slides, jobs=2))) == ["2", "2"]
+            with pytest.raises(ValueError, match="NAME"):
+                list(client.analyze_many(slides, model="tumour:1:x"))
+        assert versions(asyncio.run(run_async())) == ["1", "2"]
+    finally:
+        running.stop(grace=0, drain=0)
