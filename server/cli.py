@@ -7,9 +7,10 @@ heavy imports (OpenSlide, OpenCV) stay inside the run functions.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from histohelper.server.tiling import Slide, TilingPlan
     from histohelper.server.tiling.roi import RegionOfInterest
 
 
@@ -30,7 +31,8 @@ def _add_tile(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Write tissue_mask.png, grid.png (thumbnail with the patch grid), patches.csv "
             "(patch_index, row, col, x_l0, y_l0, width_l0, height_l0, tissue_fraction, "
-            "is_edge as histohelper analyze writes them, then ink_fraction) and summary.json."
+            "is_edge as histohelper analyze writes them, then ink_fraction) and summary.json; "
+            "with --stain-normalization also stain_preview.png."
         ),
     )
     p.add_argument(
@@ -73,6 +75,32 @@ def _add_tile(subparsers: argparse._SubParsersAction) -> None:
     roi.add_argument("--roi-mask", metavar="PNG", help="binary mask anchored at level-0 (0, 0)")
     roi.add_argument(
         "--roi-mask-downsample", type=float, default=0.0, metavar="D", help="level-0 px per mask px"
+    )
+    stain = p.add_argument_group(
+        "stain normalisation preview",
+        "fit a stain normalisation on the slide's tissue as AnalyzeSlide does and write "
+        "stain_preview.png: a few patches, each as read beside its normalised version "
+        "(README: Stain normalisation)",
+    )
+    stain.add_argument(
+        "--stain-normalization",
+        metavar="METHOD",
+        help="macenko or reinhard (none, the default: no preview)",
+    )
+    stain.add_argument(
+        "--stain-reference",
+        metavar="published|IMAGE",
+        default="published",
+        help="the target: the published reference (default) or one fitted on an image "
+        "file, as serve --stain-reference fits it (a model's or a server's reference is "
+        "not known to tile)",
+    )
+    stain.add_argument(
+        "--stain-previews",
+        type=int,
+        default=8,
+        metavar="N",
+        help="patches in stain_preview.png, spread over the kept grid (1..64, default 8)",
     )
     p.set_defaults(func=_run_tile)
 
@@ -151,12 +179,15 @@ def _run_tile(args: argparse.Namespace) -> int:
         )
         with open_slide(slide_path) as slide:
             plan = plan_tiling(slide, options)
+            preview, stain_summary = _stain_preview(args, slide, plan)
     except HistoHelperError as exc:  # same form and exit status as `histohelper analyze`
         print(f"histohelper tile: error: {exc} [{exc.reason}]", file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out / "tissue_mask.png"), mask_image(plan))
     cv2.imwrite(str(out / "grid.png"), cv2.cvtColor(grid_overlay(plan), cv2.COLOR_RGB2BGR))
+    if preview is not None:
+        cv2.imwrite(str(out / "stain_preview.png"), cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
     g = plan.grid
     with open(out / "patches.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -200,6 +231,7 @@ def _run_tile(args: argparse.Namespace) -> int:
         "no_tissue": plan.no_tissue,
         "roi_sha256": options.roi.sha256 if options.roi is not None else None,
         "roi_excluded_patch_count": plan.roi_excluded_patch_count,
+        "stain_normalization": stain_summary,
         "warnings": list(plan.warnings),
         "tiling_seconds": plan.tiling_seconds,
     }
@@ -213,7 +245,85 @@ def _run_tile(args: argparse.Namespace) -> int:
         f"{len(g)} patches{roi_note}, tissue fraction {plan.mask.tissue_fraction:.3f}"
         f"{' (no tissue)' if plan.no_tissue else ''} -> {out}"
     )
+    if stain_summary is not None and stain_summary.get("warning"):
+        print(f"histohelper tile: warning: {stain_summary['warning']}", file=sys.stderr)
     return 0
+
+
+def _stain_preview(args: argparse.Namespace, slide: Slide, plan: TilingPlan) -> tuple[Any, Any]:
+    """The stain preview of ``tile``'s ``--stain-*`` flags: ``(sheet or None, summary)``.
+
+    The normalisation is fitted on the plan's tissue pixels and applied to patches read
+    as the analysis reads them (:func:`~histohelper.server.tiling.stain.fit_normalizer`,
+    :func:`~histohelper.server.tiling.read_patch`), so the preview shows what
+    AnalyzeSlide with the same method and published (or image) reference feeds the
+    model. A fit that fails (too little tissue) is no error: no sheet, a warning.
+
+    Returns:
+        ``(None, None)`` without ``--stain-normalization`` (or ``none``); else the
+        ``[h, w, 3]`` uint8 RGB sheet (None when the fit failed or no patch is kept)
+        and the JSON summary (method, reference, fitted statistics, warning, patches).
+
+    Raises:
+        InvalidOptionsError: unknown method, ``--stain-previews`` outside 1..64, a
+            ``model``/``server`` reference, an unreadable image or one with too little
+            stained tissue.
+    """
+    import numpy as np
+
+    from histohelper.errors import InvalidOptionsError
+    from histohelper.server.tiling import read_patch
+    from histohelper.server.tiling.render import preview_indices, stain_preview
+    from histohelper.server.tiling.stain import (
+        PUBLISHED,
+        StainChoice,
+        StainFitError,
+        fit_normalizer,
+        fit_reference_image,
+        get_stain_method,
+        read_reference_image,
+    )
+
+    method = (args.stain_normalization or "none").lower()
+    if method == "none":
+        return None, None
+    get_stain_method(method)  # InvalidOptionsError for an unknown method
+    if not 1 <= args.stain_previews <= 64:
+        raise InvalidOptionsError("--stain-previews must be in 1..64")
+    reference = args.stain_reference
+    if reference in ("model", "server"):
+        raise InvalidOptionsError(
+            f"tile cannot preview the {reference} stain reference (it is not known "
+            "locally): use published, or the image file the server or model was given"
+        )
+    if reference == "published":
+        if method not in PUBLISHED:
+            raise InvalidOptionsError(f"{method} has no published stain reference: give an image")
+        target = PUBLISHED[method]
+    else:
+        try:
+            target = fit_reference_image(method, read_reference_image(reference))
+        except StainFitError as exc:
+            raise InvalidOptionsError(f"--stain-reference image is unusable: {exc}") from None
+        reference = "image"
+    choice = StainChoice(method, reference, "request", target)
+    normalizer, applied = fit_normalizer(choice, plan.tissue_rgb)
+    indices = preview_indices(len(plan.grid), args.stain_previews)
+    summary: dict[str, Any] = {
+        "method": applied.method,
+        "reference": reference,
+        "fitted_stain_matrix": list(applied.fitted.stain_matrix),
+        "fitted_max_concentrations": list(applied.fitted.max_concentrations),
+        "fitted_means": list(applied.fitted.means),
+        "fitted_stds": list(applied.fitted.stds),
+        "warning": applied.warning,
+        "preview_patch_indices": indices.tolist() if normalizer is not None else [],
+    }
+    if normalizer is None or not len(indices):
+        return None, summary
+    originals = np.stack([read_patch(slide, plan.grid, int(i)) for i in indices])
+    title = f"{method} stain normalisation to the {reference} reference, fitted on the slide"
+    return stain_preview(originals, normalizer(originals), indices, title), summary
 
 
 def _region_from_files(args: argparse.Namespace) -> RegionOfInterest | None:

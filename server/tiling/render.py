@@ -55,3 +55,49 @@ def grid_overlay(plan: TilingPlan) -> npt.NDArray[np.uint8]:
             color = (220, 0, 220)
         cv2.rectangle(img, (round(x0), round(y0)), (round(x1) - 1, round(y1) - 1), color, 1)
     return img
+
+
+def preview_indices(n: int, count: int) -> npt.NDArray[np.int64]:
+    """``count`` grid indices spread evenly over ``n`` kept patches (row-major), or all
+    of them when there are fewer (sorted, unique)."""
+    if n <= 0 or count <= 0:
+        return np.zeros(0, np.int64)
+    return np.unique(np.round(np.linspace(0, n - 1, min(n, count))).astype(np.int64))
+
+
+def stain_preview(
+    originals: npt.NDArray[np.uint8],
+    normalised: npt.NDArray[np.uint8],
+    indices: npt.NDArray[np.int64],
+    title: str,
+    columns: int = 4,
+) -> npt.NDArray[np.uint8]:
+    """A sheet of patches, each read as the analysis reads it beside its stain-normalised
+    version, captioned with its grid index.
+
+    Args:
+        originals: ``[n, S, S, 3]`` uint8 RGB patches.
+        normalised: the same patches normalised, same shape.
+        indices: ``[n]`` their grid indices (captions).
+        title: the top line (e.g. what was fitted and applied).
+        columns: patch pairs per row.
+
+    Returns:
+        ``[h, w, 3]`` uint8 RGB.
+    """
+    n, s = originals.shape[0], originals.shape[1]
+    cols = max(1, min(columns, n))
+    rows = -(-n // cols)
+    gap, caption, banner = 8, 20, 28
+    cell_w, cell_h = 2 * s + 3 * gap, s + caption + gap
+    img = np.full((banner + rows * cell_h, max(1, cols * cell_w), 3), 255, np.uint8)
+    cv2.putText(img, title, (gap, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        y0, x0 = banner + r * cell_h, c * cell_w + gap
+        img[y0 : y0 + s, x0 : x0 + s] = originals[k]
+        img[y0 : y0 + s, x0 + s + gap : x0 + 2 * s + gap] = normalised[k]
+        text = f"patch {int(indices[k])}: read | normalised"
+        cv2.putText(img, text, (x0, y0 + s + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1,
+                    cv2.LINE_AA)  # fmt: skip
+    return img
