@@ -99,7 +99,8 @@ def test_count_on_a_huge_grid_is_streamed(tmp_path: Path) -> None:
     # Every cell is kept without the region (min_tissue_fraction 0): the count is exact.
     assert plan.roi_excluded_patch_count == g.n_rows * g.n_cols - len(g)
     assert 0 < len(g) < 10_000
-    assert peak < 250 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    # One chunk of cells (~220 MiB measured, the same at 20 million cells), not the grid.
+    assert peak < 320 * 2**20, f"peak {peak / 2**20:.0f} MiB"
     # The patches touch the region's raster on the tissue mask's pixel grid.
     margin = plan.mask.scale_x + 8
     assert np.all(g.x_l0 > 7900 - margin) and np.all(g.x_l0 < 8700 + margin)
