@@ -52,8 +52,8 @@ REGION = RegionOfInterest(
 
 
 @pytest.fixture(scope="module")
-def roi_result(model_artifact, served_runtime, slides_dir: Path):
-    """One analysis (2 um/px: a few dozen patches) with the region, on loopback."""
+def target(model_artifact, served_runtime, slides_dir: Path):
+    """An in-process server on loopback for the module."""
     from histohelper.server.app import start_server
     from histohelper.server.config import ServerConfig
 
@@ -62,10 +62,16 @@ def roi_result(model_artifact, served_runtime, slides_dir: Path):
     )
     running = start_server(config, runtime=served_runtime)
     try:
-        with SlideClient(f"127.0.0.1:{running.port}", timeout=300) as client:
-            return client.analyze(SLIDE, AnalysisOptions(target_mpp=2.0, roi=REGION))
+        yield f"127.0.0.1:{running.port}"
     finally:
         running.stop(grace=0, drain=0)
+
+
+@pytest.fixture(scope="module")
+def roi_result(target: str):
+    """One analysis (2 um/px: a few dozen patches) with the region."""
+    with SlideClient(target, timeout=300) as client:
+        return client.analyze(SLIDE, AnalysisOptions(target_mpp=2.0, roi=REGION))
 
 
 def _edge_pixels(rings: list[list[list[float]]], sx: float, sy: float) -> npt.NDArray[np.int64]:
@@ -170,3 +176,24 @@ def test_mask_region_outline_is_the_mask_border() -> None:
     assert white[20:60, 40].all() and white[20:60, 119].all()
     assert not white[30:50, 50:110].any() and not white[:15].any()
     assert region_outlines(None, 2.0, 2.0, 160, 100) == ()
+
+
+def test_analyze_cli_overlays_outline_the_region_files(target: str, tmp_path: Path) -> None:
+    """``histohelper analyze --roi A --roi-exclude B``: overlay.png and
+    attention_overlay.png (lossless) carry the exclude outline's exact magenta (its
+    edges and the legend key); without the flags they carry none."""
+    from histohelper.cli import main
+
+    include, exclude = tmp_path / "in.geojson", tmp_path / "out.geojson"
+    include.write_text(REGION.include_geojson)
+    exclude.write_text(REGION.exclude_geojson)
+    args = ["analyze", SLIDE, "--server", target, "--mpp", "2.0", "-q"]
+    roi = ["--roi", str(include), "--roi-exclude", str(exclude)]
+    assert main([*args, "--out", str(tmp_path / "roi"), *roi]) == 0
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    for name in ("overlay.png", "attention_overlay.png"):
+        counts = []
+        for run in ("roi", "plain"):
+            rgb = cv2.cvtColor(cv2.imread(str(tmp_path / run / name)), cv2.COLOR_BGR2RGB)
+            counts.append(int(np.all(rgb == ROI_EXCLUDE_COLOUR, axis=2).sum()))
+        assert counts[0] > 300 and counts[1] == 0, (name, counts)
