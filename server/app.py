@@ -630,25 +630,37 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def serve(config: ServerConfig) -> int:
-    """Run until SIGTERM/SIGINT, then shut down gracefully. Returns an exit status."""
+    """Run until SIGTERM/SIGINT, then shut down gracefully. Returns an exit status.
+
+    SIGTERM is handled from before the port opens: one sent as soon as the port answers
+    (or the ready file appears) stops the server gracefully (exit 0) once it has
+    started, instead of killing it. SIGINT (Ctrl-C) still interrupts a start-up at once.
+    """
+    stopping = threading.Event()
+    started: list[RunningServer] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("shutdown requested", extra={"signal": signal.Signals(signum).name})
+        # Set from another thread: this handler may run on the main thread while it
+        # holds the event's lock on its way into stopping.wait().
+        threading.Thread(target=stopping.set, name="shutdown-request", daemon=True).start()
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        if not started:  # still starting: the repository is scanned at start anyway
+            return
+        log.info("model repository rescan requested", extra={"signal": "SIGHUP"})
+        target = started[0].rescan
+        threading.Thread(target=target, name="repository-rescan", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     running = start_server(config)
+    started.append(running)
+    signal.signal(signal.SIGINT, on_signal)
     if config.ready_file is not None:
         tmp = Path(f"{config.ready_file}.tmp")
         tmp.write_text(json.dumps({"host": config.host, "port": running.port, "pid": os.getpid()}))
         tmp.replace(config.ready_file)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("shutdown requested", extra={"signal": signal.Signals(signum).name})
-        stopping.set()
-
-    def on_hangup(signum: int, frame: FrameType | None) -> None:
-        log.info("model repository rescan requested", extra={"signal": "SIGHUP"})
-        threading.Thread(target=running.rescan, name="repository-rescan", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hangup)
     stopping.wait()
     running.stop()
     log.info("stopped")

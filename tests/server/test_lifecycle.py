@@ -110,22 +110,73 @@ def test_unexpected_fault_is_internal_without_details(start_inprocess_server, mo
     assert events[-1].WhichOneof("event") == "completed"
 
 
+#: Ceiling of each wait of the SIGTERM test, seconds: never reached by a working
+#: server (the analysis takes seconds, exiting after it well under one), only there so
+#: that a hung one fails instead of hanging. Generous because under heavy load (a CI
+#: machine shared with other jobs) the same work takes many times longer: the old
+#: 60 s limits (grace, exit) were once exceeded that way with nothing wrong.
+PATIENCE_S = 600
+
+
 def test_sigterm_finishes_in_flight_then_exits(model_artifact, slides_dir, tmp_path) -> None:
-    server = spawn_server(model_artifact, slides_dir, tmp_path, "--grace-s", "60")
-    call = stub(server.target).AnalyzeSlide(
-        pb.AnalyzeSlideRequest(slide_path=CMU, options=pb.AnalysisOptions(batch_size=8)),
-        timeout=120,
-    )
-    first_patch_event(call)
-    received: list[pb.AnalyzeSlideResponse] = []
-    reader = threading.Thread(target=lambda: received.extend(call))
-    reader.start()
-    server.process.send_signal(signal.SIGTERM)
-    reader.join(120)
-    assert received and received[-1].WhichOneof("event") == "completed"
-    assert server.process.wait(60) == 0
-    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
-        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    server = spawn_server(model_artifact, slides_dir, tmp_path, "--grace-s", str(PATIENCE_S))
+    try:
+        call = stub(server.target).AnalyzeSlide(
+            pb.AnalyzeSlideRequest(slide_path=CMU, options=pb.AnalysisOptions(batch_size=8)),
+            timeout=PATIENCE_S,
+        )
+        first_patch_event(call)
+        received: list[pb.AnalyzeSlideResponse] = []
+        failed: list[grpc.RpcError] = []
+
+        def read_rest() -> None:
+            try:
+                received.extend(call)
+            except grpc.RpcError as err:  # reported below, with the server's log
+                failed.append(err)
+
+        reader = threading.Thread(target=read_rest)
+        reader.start()
+        server.process.send_signal(signal.SIGTERM)
+        reader.join(PATIENCE_S)
+        log_tail = server.log_text()[-3000:]
+        assert not reader.is_alive() and not failed, (failed, log_tail)
+        assert received and received[-1].WhichOneof("event") == "completed", log_tail
+        assert server.process.wait(PATIENCE_S) == 0, server.log_text()[-3000:]
+        with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    finally:
+        if server.process.poll() is None:  # a failed run leaves no server behind
+            server.process.kill()
+            server.process.wait()
+
+
+def test_sigterm_during_start_up_stops_gracefully(model_artifact, slides_dir, tmp_path) -> None:
+    """SIGTERM is handled from the start of start-up: sent while the model is loading
+    (a probe of the port may already be answered then), the server finishes starting,
+    then stops with exit 0 instead of dying of the signal (exit -15)."""
+    import subprocess
+    import sys
+
+    log_path = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "histohelper.cli", "serve", "--model", str(model_artifact),
+           "--slide-root", str(slides_dir), "--port", "0", "--precision", "fp32"]  # fmt: skip
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + PATIENCE_S
+        # The runtime's first line: the model is loaded, its warm-up not yet run.
+        while "loaded model" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, log_path.read_text(errors="replace")
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(PATIENCE_S) == 0, log_path.read_text(errors="replace")[-3000:]
+        assert '"shutdown requested"' in log_path.read_text(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_health_port_serves_health_only_on_loopback(start_inprocess_server) -> None:
@@ -151,7 +202,8 @@ def test_health_port_serves_health_only_on_loopback(start_inprocess_server) -> N
 def test_drain_reports_not_serving_while_still_accepting(start_inprocess_server) -> None:
     """With drain_s, stopping flips health to NOT_SERVING on the main port first and
     keeps answering calls for drain_s (load balancers move traffic), then closes."""
-    running = start_inprocess_server(drain_s=3.0)
+    drain_s = 6.0  # the window in which a call must still be answered (load slows it)
+    running = start_inprocess_server(drain_s=drain_s)
     stopper = threading.Thread(target=running.stop, kwargs={"grace": 0})
     with grpc.insecure_channel(running.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -160,7 +212,7 @@ def test_drain_reports_not_serving_while_still_accepting(start_inprocess_server)
         t0 = time.monotonic()
         stopper.start()
         status = health_pb2.HealthCheckResponse.SERVING
-        while status == health_pb2.HealthCheckResponse.SERVING and time.monotonic() - t0 < 2:
+        while status == health_pb2.HealthCheckResponse.SERVING and time.monotonic() - t0 < 30:
             status = health.Check(request, timeout=5).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         info = pb_grpc.SlideAnalysisServiceStub(channel).GetModelInfo(
@@ -168,7 +220,7 @@ def test_drain_reports_not_serving_while_still_accepting(start_inprocess_server)
         )
         assert info.model.patch_classes and stopper.is_alive()  # answered while draining
         stopper.join(30)
-        assert time.monotonic() - t0 >= 3.0
+        assert time.monotonic() - t0 >= drain_s
         with pytest.raises(grpc.RpcError):
             health.Check(request, timeout=2)
 
