@@ -287,7 +287,7 @@ def test_an_in_use_version_cannot_be_unloaded_and_lru_bounds_loaded_versions(
         assert loaded() == ["1", "3"] and status("1") == health_pb2.HealthCheckResponse.SERVING
         client.analyze("a.tiff", model="tumour:2")  # 3 is the least recently used
         assert loaded() == ["1", "2"]
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a ceiling; unloading takes far less
         while status("3") != health_pb2.HealthCheckResponse.NOT_SERVING:
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -384,7 +384,7 @@ def test_one_loaded_version_serves_two_models_and_audits_what_was_asked(
     assert loaded() == ["stroma:1"]
     with SlideClient(running.target) as client:
         assert client.analyze("a.tiff", model="tumour").model.version == "4"
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a ceiling; unloading takes far less
         while loaded() != ["tumour:4"]:  # stroma:1 unloads on another thread
             assert time.monotonic() < deadline, loaded()
             time.sleep(0.05)

@@ -328,8 +328,12 @@ def test_the_cli_line_and_summary_json_say_cached(
     for run in ("miss", "hit"):
         out = tmp_path / run
         argv = ["analyze", "b.tiff", "--server", server.target, "--out", str(out), "-q"]
-        assert main(argv) == 0
-        lines.append(capsys.readouterr().out.strip().splitlines()[-1])
+        rc = main(argv)
+        printed = capsys.readouterr()
+        assert rc == 0, printed.err
+        lines.append(printed.out.strip().splitlines()[-1])
         summaries.append(json.loads((out / "summary.json").read_text()))
-    assert [s["cached"] for s in summaries] == [False, True]
+    # Should this ever fail: what was printed and what the cache counted say why.
+    counts = dict(_store(server).counts)
+    assert [s["cached"] for s in summaries] == [False, True], (lines, counts)
     assert "(cached)" in lines[1] and "(cached)" not in lines[0]
