@@ -384,8 +384,9 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         default=5,
         metavar="N",
         help="attempts of a call on UNAVAILABLE, with backoff, 1..5 (default 5); for "
-        "analyze (one slide or many) also the attempts per slide on SERVER_BUSY, "
-        "UNAVAILABLE or PACS_UNAVAILABLE (after at least the server's retry_after_s)",
+        "analyze (one slide or many) and features also the attempts per slide on "
+        "SERVER_BUSY, UNAVAILABLE or PACS_UNAVAILABLE (after at least the server's "
+        "retry_after_s)",
     )
     parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca)")
     parser.add_argument("--ca", type=Path, metavar="PEM", help="root certificates (implies TLS)")
