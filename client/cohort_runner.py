@@ -29,6 +29,7 @@ from histohelper.client._channel import resolve_target
 from histohelper.client.cohort import CohortProgress, CohortSlide, SlideOutcome, analyze_many
 from histohelper.client.dicomweb import DicomWebSlide, is_dicomweb_uri
 from histohelper.client.features import ModelIdentity, slide_stem
+from histohelper.client.models import ModelRef
 from histohelper.client.options import AnalysisOptions
 from histohelper.client.roi import RegionOfInterest
 from histohelper.cohort_csv import CohortError, read_cohort_csv
@@ -307,7 +308,8 @@ class RunManifest:
 
     Entry keys: ``slide`` (reference), ``upload`` (bool), ``status`` (``done`` |
     ``no_tissue`` | ``failed``), ``error``, ``model`` (the ``--model`` asked for),
-    ``model_name``/``model_version`` (what serves it), ``model_hash``, ``model_hash_source``,
+    ``model_name``/``model_version``/``model_hash``/``model_hash_source`` (the version
+    that served the slide, from its result: :func:`served_model`),
     ``options`` (:func:`options_identity`), ``attempts``, ``request_id``,
     ``started_at``/``finished_at`` (UTC ISO 8601), ``wall_s``, ``server_total_s``,
     ``patches_per_s`` and ``row`` (the slide's cohort-table row). Rewritten atomically.
@@ -352,11 +354,20 @@ class RunManifest:
 
     def save(self, model: ModelIdentity, models: Sequence[ModelIdentity] = ()) -> None:
         """Write the manifest atomically (temp file, then ``os.replace``); ``model`` is
-        the run's first model, ``models`` all of them."""
+        the run's first model as resolved at its start; ``models`` lists those and every
+        other version that served a done slide of the manifest."""
         self.doc["histohelper_version"] = __version__
         self.doc["model"] = _model_doc(model)
-        if models:
-            self.doc["models"] = [_model_doc(m) for m in models]
+        docs: list[dict[str, Any]] = [_model_doc(m) for m in models]
+        for entry in self.slides.values():  # the versions that served, if others
+            if not isinstance(entry, dict) or entry.get("status") not in ("done", "no_tissue"):
+                continue
+            served = {k: entry.get(f"model_{k}") for k in ("name", "version", "hash")}
+            served["hash_source"] = entry.get("model_hash_source")
+            if served not in docs:
+                docs.append(served)
+        if docs:
+            self.doc["models"] = docs
         _atomic_write_text(self.path, json.dumps(self.doc, indent=1, sort_keys=True) + "\n")
 
 
@@ -657,6 +668,9 @@ async def run_cohort(
     info = infos[asked[0]]
     if not resolve_target(client.target)[1] and info.max_concurrent_analyses > 0:
         jobs = min(jobs, info.max_concurrent_analyses)  # one server: its slots, no refusals
+    # Each asked model is pinned to the version it resolves to now (NAME:VERSION in
+    # every request of the run): a hot swap mid-run cannot mix versions.
+    pinned = {spec: pinned_model(spec, identities[spec]) for spec in asked}
     manifest = RunManifest(out_dir)
     rows: list[dict[str, str] | None] = [None] * len(items)
     todo: list[int] = []
@@ -670,7 +684,7 @@ async def run_cohort(
             rows[i] = {**entry["row"], "status": "skipped", "error": "", "attempts": "0"}
     bar = _Bar(len(items), len(items) - len(todo), quiet, attempts=retries + 1)
     try:
-        run_items = [items[i] for i in todo]
+        run_items = [dataclasses.replace(items[i], model=pinned[items[i].model]) for i in todo]
         async for outcome in analyze_many(
             client,
             run_items,
@@ -679,7 +693,7 @@ async def run_cohort(
             retries=retries,
             on_progress=bar.on_progress,
         ):
-            item = run_items[outcome.index]
+            item = items[todo[outcome.index]]
             row = await asyncio.to_thread(
                 _finish_slide, item, outcome, out_dir, render, manifest, identities
             )
@@ -703,6 +717,35 @@ async def run_cohort(
     return CohortRunResult(done, [r for r in done if r["status"] == "failed"], table, index_html)
 
 
+def pinned_model(spec: str | None, resolved: ModelIdentity) -> str | None:
+    """``NAME:VERSION`` of the version ``spec`` (a ``--model``, ``None``: the server's
+    default) resolved to at the start of the run; ``spec`` itself when the server's
+    names are not of that form."""
+    pin = f"{resolved.name}:{resolved.version}"
+    try:
+        ModelRef.parse(pin)
+    except ValueError:
+        return spec
+    return pin if resolved.name and resolved.version else spec
+
+
+def served_model(result: SlideResult | None, resolved: ModelIdentity) -> ModelIdentity:
+    """The model version that actually served ``result`` (its ``AnalysisStarted``
+    summary; the artifact hash from the result, else ``resolved``'s when the same
+    version served, else empty): what a slide's manifest entry records. ``resolved``
+    (the run's start-of-run identity) for a slide without a result."""
+    if result is None:
+        return resolved
+    m = result.model
+    if m.artifact_sha256:
+        digest, source = m.artifact_sha256, "server:artifact_sha256"
+    elif (m.name, m.version) == (resolved.name, resolved.version):
+        digest, source = resolved.hash, resolved.hash_source
+    else:
+        digest, source = "", "unknown"
+    return ModelIdentity(m.name, m.version, m.precision, m.engine, digest, source, m.embedding_dim)
+
+
 def model_slide_classes(info: Any) -> tuple[str, ...]:
     """The served model's slide classes (the table's ``prob_<class>`` columns)."""
     return tuple(info.model.slide_classes)
@@ -718,8 +761,8 @@ def _finish_slide(
 ) -> dict[str, str]:
     """Write a finished slide's folder, its manifest entry and its table row
     (``identities``: each ``--model`` of the run's GetModelInfo identity)."""
-    model = identities[item.model]
     result = outcome.result
+    model = served_model(result, identities[item.model])
     status = "failed"
     if result is not None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import synthetic_slides as syn
 
@@ -30,3 +31,25 @@ def audit_records(path: Path, rpc: str = "AnalyzeSlide") -> list[dict[str, objec
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if r["rpc"] == rpc]
+
+
+def start_repository_server(repository: Path, slide_root: Path, **overrides: Any) -> Any:
+    """A real in-process server (loopback, port 0, fp32, CPU) over a model repository
+    whose default model is ``tumour``; anonymous admin calls allowed; ``overrides``:
+    other ServerConfig fields. Stop it with ``stop(grace=0, drain=0)``."""
+    from histohelper.server.app import start_server
+    from histohelper.server.config import ServerConfig
+
+    return start_server(
+        ServerConfig(
+            model_repository=repository,
+            slide_root=slide_root,
+            port=0,
+            precision="fp32",
+            device="cpu",
+            batch_size=8,
+            default_model="tumour",
+            allow_anonymous_admin=True,
+            **overrides,
+        )
+    )

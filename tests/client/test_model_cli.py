@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from cohort_support import write_small_slide
+from cohort_support import start_repository_server, write_small_slide
 
 from histohelper.cli import main
 from histohelper.client import SlideClient
@@ -43,21 +43,7 @@ def repository(
 
 @pytest.fixture(scope="module")
 def server(repository: Path, slide_root: Path):
-    from histohelper.server.app import start_server
-    from histohelper.server.config import ServerConfig
-
-    running = start_server(
-        ServerConfig(
-            model_repository=repository,
-            slide_root=slide_root,
-            port=0,
-            precision="fp32",
-            device="cpu",
-            batch_size=8,
-            default_model="tumour",
-            allow_anonymous_admin=True,
-        )
-    )
+    running = start_repository_server(repository, slide_root)
     yield running
     running.stop(grace=0, drain=0)
 
