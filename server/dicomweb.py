@@ -51,7 +51,7 @@ from histohelper.errors import (
     SlideNotFoundError,
     UnsupportedSlideError,
 )
-from histohelper.server.tiling.dicom import VL_WSI_SOP_CLASS, DicomSeries, DicomSlide
+from histohelper.server.tiling.dicom import VL_WSI_SOP_CLASS, DicomSeries, DicomSlide, refusal
 
 log = logging.getLogger(__name__)
 
@@ -553,9 +553,7 @@ class DicomWebServers:
         if mapped is not None:
             return mapped
         log.warning("opening a DICOMweb series failed: %s", type(exc).__name__)
-        return UnsupportedSlideError(
-            f"the DICOM series could not be opened as a whole-slide image: {type(exc).__name__}"
-        )
+        return refusal(exc)  # the same words as for local files
 
     # --- STOW-RS ------------------------------------------------------------------------
 

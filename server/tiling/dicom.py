@@ -14,8 +14,13 @@ one thread at a time, like :class:`~.slide.Slide`.
 
 Several focal planes or optical paths: the first brightfield optical path (by
 identifier: numbers in numeric order, across every level-0 instance) and the focal
-plane of lowest z (wsidicom lists planes in ascending z) are read, with a QC warning.
-Fluorescence and monochrome series are refused.
+plane nearest the middle of the z-stack (:func:`nominal_focal_plane`) are read, with a
+QC warning naming the plane's z (um). Fluorescence and monochrome series are refused,
+and so are series holding several slides (pyramids, frames of reference or studies:
+a patient mix-up must be impossible), levels split over several instances of one
+plane and path (wsidicom 0.31 reads one instance per plane and path: it would be half
+read) and series wsidicom cannot open (e.g. no Pixel Spacing), with the same words
+for local files and DICOMweb (:func:`refusal`).
 
 Messages never contain UIDs or URLs.
 """
@@ -74,6 +79,110 @@ def _illumination_codes(dataset: Any) -> list[str]:
     return codes
 
 
+def nominal_focal_plane(planes: list[float]) -> float:
+    """The focal plane analysed from a z-stack: the one nearest the stack's middle.
+
+    DICOM's Z Offset in Slide Coordinate System (0040,074A) is in um from the glass
+    surface, so z 0 says nothing about focus; a scanner takes its z-stack around the
+    plane it focused on, whose outermost planes are the most defocused. Hence the
+    plane nearest ``(min(z) + max(z)) / 2``; ties go to the plane nearest z 0, then to
+    the lower z, so the choice depends only on the set of planes (not on instance
+    order). wsidicom 0.31's ``default_z`` is not used: it compares with half the
+    stack's *range* (``(max - min) / 2``), which picks the top plane of a stack
+    centred on 0 (e.g. 4 of -4 ... 4).
+
+    Args:
+        planes: the level's focal planes (um), at least one.
+
+    Returns:
+        The chosen plane's z (um).
+    """
+    middle = (min(planes) + max(planes)) / 2
+    return min(planes, key=lambda z: (abs(z - middle), abs(z), z))
+
+
+def refusal(exc: BaseException) -> UnsupportedSlideError:
+    """The error for a series wsidicom refused to open, in words (never a class name),
+    the same for local files and DICOMweb.
+
+    Args:
+        exc: what ``WsiDicom.open``/``open_web`` raised.
+
+    Returns:
+        An :class:`UnsupportedSlideError` (SLIDE_UNSUPPORTED).
+    """
+    name = type(exc).__name__
+    if name == "WsiDicomNoResolutionError":
+        return UnsupportedSlideError(
+            "the DICOM series has no pixel spacing (Pixel Spacing is missing from its "
+            "whole-slide image instances), without which it cannot be read as a whole-slide "
+            "image: not analysed"
+        )
+    if name == "WsiDicomNotFoundError":
+        return UnsupportedSlideError(
+            "the DICOM series holds no readable whole-slide image level (only label, "
+            "overview or thumbnail instances?)"
+        )
+    return UnsupportedSlideError(
+        "the DICOM series could not be opened as a whole-slide image: its metadata is "
+        "not that of a readable VL Whole Slide Microscopy image"
+    )
+
+
+def _volume_datasets(wsi: WsiDicom) -> list[Any]:
+    """The datasets of every VOLUME instance wsidicom was given, including those its
+    pyramids silently leave out (an instance of another slide whose level index is
+    taken, e.g. a smaller image of another frame of reference in the series). Read
+    from wsidicom 0.31's sources (pinned); the pyramids' levels otherwise."""
+    source = getattr(wsi, "_source", None)
+    web = getattr(source, "_level_instances", None)  # WsiDicomWebSource
+    if isinstance(web, list):
+        return [instance.dataset for instance in web]
+    files = getattr(source, "_levels", None)  # WsiDicomFileSource
+    if isinstance(files, list):
+        return [reader.dataset for reader in files]
+    return [ds for p in wsi.pyramids for level in p.levels for ds in level.datasets]
+
+
+def _several_slides(wsi: WsiDicom) -> str | None:
+    """Why ``wsi`` holds more than one slide (pyramids, frames of reference, studies of
+    its level instances), or None when it holds one."""
+    pyramids = list(wsi.pyramids)
+    datasets = _volume_datasets(wsi)
+    counts = {
+        "pyramids": len(pyramids),
+        "frames of reference": len({str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}),
+        "studies": len({str(ds.get("StudyInstanceUID", "")) for ds in datasets}),
+    }
+    several = {what: n for what, n in counts.items() if n > 1}
+    if not several:
+        return None
+    detail = ", ".join(f"{n} {what}" for what, n in several.items())
+    return (
+        f"the DICOM series holds {max(several.values())} slides ({detail}): a series "
+        "must hold one slide to be analysed (store each slide in its own series)"
+    )
+
+
+def _split_level(levels: list[Any]) -> str | None:
+    """Why a level is split over several instances of one focal plane and optical path
+    (wsidicom 0.31 reads only one of them), or None."""
+    for index, level in enumerate(levels):
+        seen: dict[tuple[str, float], int] = {}
+        for instance in level.instances.values():
+            for path in instance.optical_paths:
+                for z in instance.focal_planes:
+                    seen[path, z] = seen.get((path, z), 0) + 1
+        split = max(seen.values(), default=1)
+        if split > 1:
+            return (
+                f"level {index} of the DICOM series is split over {split} instances of one "
+                "focal plane and optical path, which the DICOM reader (wsidicom) cannot "
+                "read as one image: refused rather than half read"
+            )
+    return None
+
+
 def source_image_json(dataset: Any) -> str:
     """DICOM JSON (PS3.18 F.2) of an instance's attributes without bulk data.
 
@@ -117,21 +226,32 @@ class DicomSeries:
         fingerprint: SHA-256 hex of the instance UIDs and level-0 attributes: what
             identifies the pixels for the result cache.
 
+        notes: QC warnings of whoever opened it (e.g. instances left out).
+
     Raises:
-        UnsupportedSlideError: fluorescence or monochrome, no resolution, no levels.
+        UnsupportedSlideError: fluorescence or monochrome, no levels, several slides
+            (pyramids, frames of reference, studies), a level split over several
+            instances of one focal plane and optical path.
     """
 
     def __init__(
-        self, wsi: WsiDicom, translate: ErrorTranslator = _no_translation, server_name: str = ""
+        self,
+        wsi: WsiDicom,
+        translate: ErrorTranslator = _no_translation,
+        server_name: str = "",
+        notes: tuple[str, ...] = (),
     ) -> None:
         self.wsi = wsi
         self.translate = translate
         self._levels = list(wsi.levels)
         if not self._levels:
             raise UnsupportedSlideError("the DICOM series has no whole-slide image levels")
+        why = _several_slides(wsi) or _split_level(self._levels)
+        if why is not None:
+            raise UnsupportedSlideError(why)
         base = self._levels[0]
         dataset = base.datasets[0]
-        warnings: list[str] = []
+        warnings: list[str] = list(notes)
         if int(getattr(dataset, "SamplesPerPixel", 3)) != 3:
             raise UnsupportedSlideError(
                 "the DICOM series is monochrome (fluorescence?): only brightfield RGB "
@@ -152,8 +272,12 @@ class DicomSeries:
         planes = list(base.focal_planes)
         self.z: float | None = None
         if len(planes) > 1:
-            self.z = planes[0]
-            warnings.append(f"the series has {len(planes)} focal planes: the first is analysed")
+            self.z = nominal_focal_plane(planes)
+            warnings.append(
+                f"the series has {len(planes)} focal planes (z {min(planes):g} to "
+                f"{max(planes):g} um): the plane at z {self.z:g} um, nearest the middle of "
+                "the stack, is analysed"
+            )
         dims = tuple((int(lv.size.width), int(lv.size.height)) for lv in self._levels)
         w0, h0 = dims[0]
         ds = tuple((w0 / w, h0 / h) for w, h in dims)
@@ -416,43 +540,77 @@ def open_local_series(path: str) -> DicomSlide | None:
     identity (:attr:`SlideMetadata.dicom`).
 
     The instances are the regular files in ``path``'s folder (no symlinks, so nothing
-    outside the folder is read) with ``path``'s Series Instance UID.
+    outside the folder is read) with ``path``'s Series Instance UID, Study Instance UID
+    and Frame of Reference UID: the named file's slide. Instances of the same series
+    from another study or frame of reference (another slide: a patient mix-up) are
+    left out with a QC warning.
 
     Args:
         path: any instance file of the series.
 
     Returns:
-        The opened slide, or None when wsidicom cannot open it as a whole-slide image
-        (the caller falls back to OpenSlide, which gives its own answer).
+        The opened slide, or None when ``path`` is not a VL Whole Slide Microscopy
+        instance pydicom can read (the caller falls back to OpenSlide, which gives its
+        own answer).
+
+    Raises:
+        UnsupportedSlideError: a whole-slide image instance wsidicom cannot open (same
+            words as over DICOMweb: :func:`refusal`), or the errors of
+            :class:`DicomSeries`. Such a file never falls back to OpenSlide, which
+            mis-decodes wsidicomizer's levels.
     """
     from pathlib import Path
 
+    import pydicom
+
     try:
-        import pydicom
+        named = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # not DICOM: OpenSlide decides
+        logger.debug("pydicom could not read a local .dcm file: %s", type(exc).__name__)
+        return None
+    if str(named.get("SOPClassUID", "")) != VL_WSI_SOP_CLASS:
+        return None
+
+    def slide_key(header: Any) -> tuple[str, str, str]:
+        return tuple(  # type: ignore[return-value]
+            str(header.get(k, ""))
+            for k in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
+        )
+
+    key = slide_key(named)
+    files = []
+    others = 0
+    for entry in sorted(Path(path).parent.iterdir()):
+        if entry.is_symlink() or not entry.is_file():
+            continue
+        try:
+            header = pydicom.dcmread(entry, stop_before_pixels=True)
+        except Exception:  # not DICOM: not part of the series
+            continue
+        if slide_key(header) == key:
+            files.append(entry)
+        elif str(header.get("SeriesInstanceUID", "")) == key[0]:
+            others += 1
+    notes: tuple[str, ...] = ()
+    if others:
+        notes = (
+            f"the folder holds {others} other instance(s) of this series from another "
+            "study or frame of reference (another slide): left out, only the named "
+            "file's slide is analysed",
+        )
+    try:
         from wsidicom import WsiDicom
 
-        uid = pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
-        folder = Path(path).parent
-        files = []
-        for entry in sorted(folder.iterdir()):
-            if entry.is_symlink() or not entry.is_file():
-                continue
-            try:
-                header = pydicom.dcmread(entry, stop_before_pixels=True)
-            except Exception:  # not DICOM: not part of the series
-                continue
-            if header.get("SeriesInstanceUID") == uid:
-                files.append(entry)
         wsi = WsiDicom.open(files)
-    except Exception as exc:  # pydicom/wsidicom refuse it: OpenSlide decides
-        logger.debug("wsidicom could not open a local DICOM file: %s", type(exc).__name__)
-        return None
+    except Exception as exc:  # wsidicom refuses it: never OpenSlide's mis-decoding
+        logger.debug("wsidicom could not open a local DICOM series: %s", type(exc).__name__)
+        raise refusal(exc) from None
     try:
-        series = DicomSeries(wsi)
+        series = DicomSeries(wsi, notes=notes)
     except HistoHelperError:
         wsi.close()
         raise
-    except Exception:
+    except Exception as exc:
         wsi.close()
-        return None
+        raise refusal(exc) from None
     return DicomSlide(series)
