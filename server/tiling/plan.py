@@ -679,11 +679,7 @@ def plan_tiling(
         )
     no_tissue = len(grid) == 0
     if md.width_l0 < grid.footprint_x_l0 or md.height_l0 < grid.footprint_y_l0:
-        warnings.append(
-            f"the slide ({md.width_l0} x {md.height_l0} px) is smaller than one patch "
-            f"({grid.footprint_x_l0:.0f} x {grid.footprint_y_l0:.0f} level-0 px): at most one "
-            "white-padded patch, kept only if it reaches the minimum tissue fraction"
-        )
+        warnings.append(_smaller_than_a_patch(md, grid))
     if no_tissue:
         warnings.append(
             "no tissue found: no patch reaches the minimum tissue fraction "
@@ -745,6 +741,28 @@ def ink_figures(mask: TissueMask, grid: PatchGrid) -> tuple[InkFigure, ...]:
             else 0,
         )
         for j, color in enumerate(INK_COLORS)
+    )
+
+
+def _smaller_than_a_patch(md: SlideMetadata, grid: PatchGrid) -> str:
+    """The QC warning for a slide narrower and/or shorter than one patch footprint,
+    naming the side(s) that are smaller (level-0 px)."""
+    narrow = md.width_l0 < grid.footprint_x_l0
+    short = md.height_l0 < grid.footprint_y_l0
+    patch = f"({grid.footprint_x_l0:.0f} x {grid.footprint_y_l0:.0f} level-0 px)"
+    if narrow and short:
+        return (
+            f"the slide ({md.width_l0} x {md.height_l0} px) is smaller than one patch "
+            f"{patch} in width and height: at most one white-padded patch, kept only if "
+            "it reaches the minimum tissue fraction"
+        )
+    side, other = ("width", "height") if narrow else ("height", "width")
+    size, other_size = (md.width_l0, md.height_l0) if narrow else (md.height_l0, md.width_l0)
+    line = "column" if narrow else "row"
+    return (
+        f"the slide's {side} ({size} px) is smaller than one patch's {patch}; its {other} "
+        f"({other_size} px) is not: one {line} of white-padded patches, each kept only if "
+        "it reaches the minimum tissue fraction"
     )
 
 
