@@ -385,8 +385,9 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="attempts of a call on UNAVAILABLE, with backoff, 1..5 (default 5); for "
         "analyze (one slide or many) and features also the attempts per slide on "
-        "SERVER_BUSY, UNAVAILABLE or PACS_UNAVAILABLE (after at least the server's "
-        "retry_after_s)",
+        "SERVER_BUSY, UNAVAILABLE, MODEL_IN_USE or PACS_UNAVAILABLE: retry n waits "
+        "min(32, 4*2^(n-1)) s plus full jitter up to min(32, 2^(n-1)) s, and at least the "
+        "server's retry_after_s, so the default 5 attempts span 60-75 s (a server restart)",
     )
     parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca)")
     parser.add_argument("--ca", type=Path, metavar="PEM", help="root certificates (implies TLS)")

@@ -11,13 +11,16 @@ SDK semantics
 and yields one :class:`SlideOutcome` per slide *as it finishes* (not in input order;
 ``outcome.index`` is the input position). A failed slide is an outcome with ``error``
 set, never an exception: one bad slide never stops the others. Retried, with
-exponential backoff and full jitter (delay uniform in ``[0, min(cap, base * 2**(n-1))]``
-before retry n; Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog 2015),
-at most R times per slide:
+exponential backoff and full jitter above a floor (:class:`Backoff`: before retry n,
+``min(32, 4 * 2**(n-1))`` s plus a delay uniform in ``[0, min(32, 2**(n-1))]`` s, so
+the default 4 retries span 60-75 s, longer than a server restart; Brooker, "Exponential
+Backoff And Jitter", AWS Architecture Blog 2015), at most R times per slide:
 
 - ``SERVER_BUSY`` (every analysis slot of the server taken),
 - ``UNAVAILABLE`` (server unreachable, died mid-stream, or stopped: a server stopping
   cancels the calls it could not finish in its grace period with UNAVAILABLE),
+- ``MODEL_IN_USE`` (the server's ``--max-loaded-models`` versions each have calls in
+  flight, so the slide's version cannot be loaded yet),
 - ``PACS_UNAVAILABLE`` (the PACS holding a ``dicomweb://`` slide is unreachable). Its
   ``retry_after_s`` hint is honoured: the delay is at least the hint (at most
   :data:`MAX_RETRY_AFTER_S`). The server marks it not for gRPC's own silent retries, so
@@ -76,8 +79,14 @@ else is a cohort run:
   ``DIR/cohort.csv`` (one row per slide in input order, columns
   :data:`.cohort_runner.TABLE_COLUMNS` with ``prob_<class>`` after ``predicted_class``)
   at the end, and ``DIR/index.html`` when :mod:`.report` offers ``write_cohort_index``.
+- models are pinned: each ``--model`` (or the server's default) is resolved once, at
+  the start of the run (GetModelInfo), and every request names that ``NAME:VERSION``;
+  the manifest records per slide the version and artifact hash that served it (from
+  the result). A pinned version gone mid-run fails the remaining slides with
+  ``MODEL_NOT_FOUND``.
 - resume: a slide is ``skipped`` (no call to the server) when the manifest holds it as
-  done or no_tissue with the same slide reference, model name, version and hash (as
+  done or no_tissue with the same slide reference, and a served model name, version and
+  hash equal to what the slide's model resolves to now (as
   :class:`.features.ModelIdentity` computes it from GetModelInfo of the slide's model),
   effective request options
   (``batch_size`` excepted) and overlay settings, and ``DIR/<id>/`` exists; anything
@@ -115,6 +124,7 @@ from histohelper.client.options import AnalysisOptions
 from histohelper.client.uploads import UploadedSlide
 from histohelper.errors import (
     HistoHelperError,
+    ModelInUseError,
     PacsUnavailableError,
     ServerBusyError,
     ServerUnavailableError,
@@ -128,6 +138,7 @@ if TYPE_CHECKING:
 RETRYABLE: tuple[type[HistoHelperError], ...] = (
     ServerBusyError,
     ServerUnavailableError,
+    ModelInUseError,
     PacsUnavailableError,
 )
 #: Longest server retry hint (``retry_after_s``) a retry waits for, seconds.
@@ -176,24 +187,44 @@ class CohortSlide:
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Exponential backoff with full jitter between attempts of one slide.
+    """Exponential backoff between attempts of one slide: full jitter (Brooker, AWS
+    Architecture Blog 2015) above an exponential floor.
+
+    Retry ``n`` (1-based) waits ``min(cap_s, floor_s * 2**(n-1))`` plus a delay uniform
+    in ``[0, min(cap_s, base_s * 2**(n-1))]``. The floors make the retries of a slide
+    span at least :meth:`window_s` in all: with the defaults, the 4 retries of 5
+    attempts (``--retries 5``) wait 4 + 8 + 16 + 32 = 60 s at least (75 s at most),
+    longer than a server takes to restart (~20-30 s), so a restart fails no slide;
+    the jitter spreads the slides a restart interrupted together. ``floor_s=0`` is plain
+    full jitter.
 
     Attributes:
-        base_s: ceiling of the first delay, seconds.
-        cap_s: largest ceiling, seconds.
+        base_s: ceiling of the first retry's jitter, seconds.
+        cap_s: largest floor and largest jitter ceiling, seconds.
+        floor_s: the first retry's floor, seconds (doubling per retry).
     """
 
-    base_s: float = 0.5
-    cap_s: float = 20.0
+    base_s: float = 1.0
+    cap_s: float = 32.0
+    floor_s: float = 4.0
 
     def __post_init__(self) -> None:
-        if not (self.base_s >= 0 and self.cap_s >= self.base_s):
-            raise ValueError("need 0 <= base_s <= cap_s")
+        if not (self.base_s >= 0 and self.floor_s >= 0 and self.cap_s >= self.base_s):
+            raise ValueError("need 0 <= base_s <= cap_s and floor_s >= 0")
+
+    def floor_at(self, retry: int) -> float:
+        """The least delay before retry number ``retry`` (1-based), seconds."""
+        return min(self.cap_s, self.floor_s * 2.0 ** (retry - 1))
 
     def delay_s(self, retry: int, rng: random.Random) -> float:
-        """Seconds to wait before retry number ``retry`` (1-based): uniform in
-        ``[0, min(cap_s, base_s * 2**(retry - 1))]``."""
-        return rng.uniform(0.0, min(self.cap_s, self.base_s * 2.0 ** (retry - 1)))
+        """Seconds to wait before retry number ``retry`` (1-based): :meth:`floor_at`
+        plus a draw uniform in ``[0, min(cap_s, base_s * 2**(retry - 1))]``."""
+        ceiling = min(self.cap_s, self.base_s * 2.0 ** (retry - 1))
+        return self.floor_at(retry) + rng.uniform(0.0, ceiling)
+
+    def window_s(self, retries: int) -> float:
+        """The least total wait of ``retries`` retries, seconds (the sum of floors)."""
+        return sum(self.floor_at(n) for n in range(1, retries + 1))
 
 
 @dataclass(frozen=True, slots=True)

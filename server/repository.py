@@ -594,6 +594,9 @@ class ModelRepository(Generic[P]):
                 raise ModelInUseError(
                     f"{self.max_loaded} model versions are loaded (--max-loaded-models) and "
                     "each has calls in flight; retry later"
+                    if self.max_loaded > 1
+                    else "1 model version is loaded (--max-loaded-models) and it has calls "
+                    "in flight; retry later"
                 )
             victim = min(idle, key=lambda v: v.last_used)
             self._drop(victim)

@@ -15,7 +15,7 @@ from histohelper.client import AnalysisOptions, AsyncSlideClient, SlideClient
 from histohelper.client.cohort import Backoff, CohortProgress, CohortSlide, SlideOutcome
 from histohelper.errors import CorruptSlideError, SlideNotFoundError
 
-FAST = Backoff(base_s=0.05, cap_s=0.2)
+FAST = Backoff(base_s=0.05, cap_s=0.2, floor_s=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_backoff_is_full_jitter_under_the_cap() -> None:
     import random
 
     rng = random.Random(0)
-    b = Backoff(base_s=1.0, cap_s=5.0)
+    b = Backoff(base_s=1.0, cap_s=5.0, floor_s=0.0)
     draws = {n: [b.delay_s(n, rng) for _ in range(200)] for n in (1, 2, 3, 6)}
     assert max(draws[1]) <= 1.0 and max(draws[2]) <= 2.0 and max(draws[6]) <= 5.0
     assert max(draws[6]) > 2.5  # the ceiling grows with the retry number
