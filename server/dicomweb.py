@@ -13,9 +13,12 @@ on demand; the whole series is never downloaded). Opened series are pooled for a
 short while, so the tiler and the reader threads of one analysis share one series
 and its frame cache; several reader threads keep several frame requests in flight.
 The pool is only a speed-up: every reuse of a pooled series first asks the PACS again
-with a QIDO-RS series query (~2 ms on Orthanc), so a series deleted on the PACS, or
+with a QIDO-RS query of the series' instances, so a series deleted on the PACS, or
 whose access was revoked, is refused (SLIDE_NOT_FOUND, PACS_PERMISSION_DENIED) and
-dropped from the pool.
+dropped from the pool, and one whose SOP Instance UIDs changed since it was opened
+(levels stored or deleted) is opened again. Frames are fetched in the transfer syntax
+each instance is stored in (:mod:`.dicomweb_syntax`), so the PACS never transcodes
+them (lossless stays lossless; JPEG 2000 opens on a PACS that cannot transcode it).
 
 Storing: :meth:`DicomWebServers.store` sends Part 10 instances with STOW-RS.
 
@@ -51,6 +54,7 @@ from histohelper.errors import (
     SlideNotFoundError,
     UnsupportedSlideError,
 )
+from histohelper.server.dicomweb_syntax import series_client
 from histohelper.server.tiling.dicom import VL_WSI_SOP_CLASS, DicomSeries, DicomSlide, refusal
 
 log = logging.getLogger(__name__)
@@ -236,8 +240,10 @@ def translate(name: str, exc: BaseException, *, opening: bool = False) -> HistoH
         return None
     if isinstance(exc, requests.exceptions.SSLError):  # before ConnectionError, its base
         return _tls_failed(name, exc)
-    if isinstance(exc, requests.Timeout | requests.ConnectionError):
-        return _unavailable(name, type(exc).__name__)
+    if isinstance(exc, requests.Timeout):
+        return _unavailable(name, "it did not answer within the timeout")
+    if isinstance(exc, requests.ConnectionError):
+        return _unavailable(name, "no connection could be made")
     return None
 
 
@@ -308,38 +314,13 @@ def quiet_library_logs() -> None:
         root.addFilter(_from_chatty_library)
 
 
-def _unfetched_bulk_data(tag: Any, vr: str, uri: str) -> bytes:
-    """pydicom's ``bulk_data_uri_handler`` that fetches nothing: an empty value."""
-    return b""
-
-
-def _metadata_client(client: Any) -> Any:
-    """wsidicom's DICOMweb client over ``client`` whose instance metadata leaves bulk
-    data unfetched.
-
-    A PACS's WADO-RS metadata gives bulk values as ``BulkDataURI`` (PS3.18 F.2.6): in a
-    VL WSI instance only the optical path's ICC profile, which the analysis does not
-    apply (nor does OpenSlide for files). wsidicom's own client parses the JSON without
-    a handler, so pydicom warned ("No bulk data URI handler provided ...") on every
-    instance opened, into the server's log; this one passes a handler that leaves the
-    value empty, as pydicom did, without the warning or an extra request per instance.
-    """
-    from pydicom import Dataset
-    from wsidicom import WsiDicomWebClient
-
-    class _Client(WsiDicomWebClient):
-        def get_instance(self, study_uid: Any, series_uid: Any, instance_uid: Any) -> Dataset:
-            instance = self._client.retrieve_instance_metadata(study_uid, series_uid, instance_uid)
-            return Dataset.from_json(instance, bulk_data_uri_handler=_unfetched_bulk_data)
-
-    return _Client(client)
-
-
 @dataclass
 class _Pooled:
     series: DicomSeries
     users: int = 0
     idle_since: float = 0.0
+    #: The series' SOP Instance UIDs when it was opened (QIDO-RS).
+    instances: frozenset[str] = frozenset()
 
 
 class DicomWebServers:
@@ -355,6 +336,9 @@ class DicomWebServers:
         self.endpoints = dict(endpoints)
         quiet_library_logs()
         self._pool: OrderedDict[tuple[str, str, str], _Pooled] = OrderedDict()
+        #: Series taken out of the pool while analyses still read them (their content
+        #: changed on the PACS), by id; closed when the last one gives them back.
+        self._retired: dict[int, _Pooled] = {}
         self._lock = threading.Lock()
 
     def endpoint(self, name: str) -> DicomWebEndpoint:
@@ -411,8 +395,10 @@ class DicomWebServers:
         """An opened series for ``(name, study, series)``, pooled or newly opened.
 
         A pooled series is used again only after a QIDO-RS query (:meth:`check_series`)
-        finds it still there and accessible; one that is gone or refused is dropped
-        from the pool.
+        finds it still there, accessible and holding the same instances (SOP Instance
+        UIDs) as when it was opened; one that is gone or refused is dropped from the
+        pool, one whose instances changed (levels stored or deleted since) is opened
+        again (the old one is closed when the analyses reading it are done).
 
         Raises:
             As :meth:`open_series`.
@@ -431,25 +417,47 @@ class DicomWebServers:
             series.close()
         if pooled is not None:
             try:
-                self.check_series(*key)
+                instances = self.check_series(*key)
             except (SlideNotFoundError, PacsPermissionDeniedError):
                 self._drop(key, pooled.series)
                 raise
             except BaseException:
                 self.release(pooled.series)
                 raise
-            return pooled.series
-        series = self.open_series(*key)
+            if instances == pooled.instances:
+                return pooled.series
+            self._retire(key, pooled)
+        series, instances = self._open(*key)
+        extra: DicomSeries | None
         with self._lock:
-            if key in self._pool:  # opened twice at once: keep the pooled one
-                self._pool[key].users += 1
+            if key in self._pool and self._pool[key].instances == instances:
+                self._pool[key].users += 1  # opened twice at once: keep the pooled one
                 extra, series = series, self._pool[key].series
             else:
-                self._pool[key] = _Pooled(series, users=1)
-                extra = None
+                old = self._pool.get(key)
+                extra = old.series if old and self._retire_locked(key, old) else None
+                self._pool[key] = _Pooled(series, users=1, instances=instances)
         if extra is not None:
             extra.close()
         return series
+
+    def _retire(self, key: tuple[str, str, str], pooled: _Pooled) -> None:
+        """Take ``pooled`` (acquired once by the caller) out of the pool: closed now when
+        no other analysis reads it, else when the last one releases it."""
+        with self._lock:
+            pooled.users -= 1
+            closing = self._retire_locked(key, pooled)
+        if closing:
+            pooled.series.close()
+
+    def _retire_locked(self, key: tuple[str, str, str], pooled: _Pooled) -> bool:
+        """:meth:`_retire` under the lock; True when the caller must close the series."""
+        if self._pool.get(key) is pooled:
+            del self._pool[key]
+        if pooled.users > 0:
+            self._retired[id(pooled.series)] = pooled
+            return False
+        return True
 
     def release(self, series: DicomSeries) -> None:
         """Give back a series from :meth:`acquire`; idle ones beyond
@@ -462,7 +470,14 @@ class DicomWebServers:
                     pooled.idle_since = time.monotonic()
                     break
             else:
-                evicted.append(series)
+                retired = self._retired.get(id(series))
+                if retired is not None and retired.series is series:
+                    retired.users -= 1
+                    if retired.users <= 0:
+                        del self._retired[id(series)]
+                        evicted.append(series)
+                else:
+                    evicted.append(series)
             idle = [k for k, p in self._pool.items() if not p.users]
             for k in idle[: max(0, len(idle) - MAX_IDLE_SERIES)]:
                 evicted.append(self._pool.pop(k).series)
@@ -496,7 +511,8 @@ class DicomWebServers:
         Raises:
             SlideNotFoundError: no such study/series on the server.
             UnsupportedSlideError: not a VL Whole Slide Microscopy series, fluorescence
-                or monochrome, or wsidicom cannot read it.
+                or monochrome, no VOLUME (pyramid) image, a pyramid the PACS serves in no
+                transfer syntax our decoders read, or wsidicom cannot read it.
             PacsUnavailableError, PacsPermissionDeniedError: from the server.
             DicomWebNotConfiguredError: ``name`` is not configured.
         """
@@ -504,43 +520,62 @@ class DicomWebServers:
 
         client = self.client(name)
         search = client.search_for_instances
-        found = self._query(name, search, (study_uid, series_uid), series_uid, "SOPClassUID")
+        found = self._query(
+            name, search, (study_uid, series_uid), series_uid, ["SOPClassUID", "SOPInstanceUID"]
+        )
         classes = {str(item.get("00080016", {}).get("Value", [""])[0]) for item in found}
         if VL_WSI_SOP_CLASS not in classes:
             raise UnsupportedSlideError(
                 "the DICOM series is not a whole-slide image (no VL Whole Slide "
                 "Microscopy Image instances)"
             )
+        endpoint = self.endpoint(name)
+
+        def frame_url(study: str, series: str, instance: str) -> str:
+            return f"{endpoint.url}/studies/{study}/series/{series}/instances/{instance}/frames/1"
+
+        web = series_client(client, _session(endpoint), frame_url, name)
         try:
-            wsi = WsiDicom.open_web(_metadata_client(client), study_uid, series_uid)
+            wsi = WsiDicom.open_web(web, study_uid, series_uid)
         except Exception as exc:
-            raise self._opening_error(name, exc) from None
+            mapped = translate(name, exc, opening=True) or web.refusal()
+            raise mapped or self._opening_error(name, exc) from None
+        refused = web.refusal()
+        if refused is not None:
+            wsi.close()
+            raise refused
         try:
-            return DicomSeries(wsi, lambda exc: translate(name, exc), name)
+            return DicomSeries(wsi, lambda exc: translate(name, exc), name), _instance_uids(found)
         except BaseException:
             wsi.close()
             raise
 
-    def check_series(self, name: str, study_uid: str, series_uid: str) -> None:
-        """Ask the PACS (QIDO-RS series query) whether the series is still there.
+    def check_series(self, name: str, study_uid: str, series_uid: str) -> frozenset[str]:
+        """Ask the PACS (QIDO-RS query of the series' instances) whether the series is
+        still there, and which instances it holds now.
+
+        Returns:
+            The series' SOP Instance UIDs.
 
         Raises:
             SlideNotFoundError: the study or series is gone.
             PacsPermissionDeniedError, PacsUnavailableError: from the server.
         """
-        search = self.client(name).search_for_series
-        self._query(name, search, (study_uid,), series_uid, "SeriesInstanceUID")
+        search = self.client(name).search_for_instances
+        found = self._query(name, search, (study_uid, series_uid), series_uid, ["SOPInstanceUID"])
+        return _instance_uids(found)
 
     def _query(
-        self, name: str, search: Any, path: tuple[str, ...], series_uid: str, field: str
+        self, name: str, search: Any, path: tuple[str, ...], series_uid: str, fields: list[str]
     ) -> list[dict[str, Any]]:
-        """QIDO-RS: ``search(*path)`` filtered on ``series_uid``, returning ``field``.
+        """QIDO-RS: ``search(*path)`` filtered on ``series_uid``, returning ``fields``
+        (one request: the PACS's first page of results, as wsidicom lists instances).
 
         Raises:
             SlideNotFoundError: nothing found; the errors of :func:`translate`.
         """
         try:
-            found = search(*path, fields=[field], search_filters={"SeriesInstanceUID": series_uid})
+            found = search(*path, fields=fields, search_filters={"SeriesInstanceUID": series_uid})
         except Exception as exc:
             raise self._opening_error(name, exc) from None
         if not found:
@@ -575,9 +610,15 @@ class DicomWebServers:
                 raise mapped from None
             status = getattr(getattr(exc, "response", None), "status_code", None)
             raise DicomInvalidError(
-                f"the DICOMweb server {name!r} refused the instances"
-                + (f" (HTTP {status})" if status else f": {type(exc).__name__}")
+                f"the DICOMweb server {name!r} refused the instances (HTTP {status})"
+                if status
+                else "the instances could not be encoded for STOW-RS (not sent)"
             ) from None
+
+
+def _instance_uids(found: list[dict[str, Any]]) -> frozenset[str]:
+    """The SOP Instance UIDs (0008,0018) of QIDO-RS instance results."""
+    return frozenset(str(item.get("00080018", {}).get("Value", [""])[0]) for item in found)
 
 
 @dataclass(frozen=True)
@@ -620,6 +661,19 @@ class DicomWebSource:
         """What identifies the pixels for the result cache: the server name, the
         study and series UIDs and a SHA-256 of the series' instance UIDs and level-0
         attributes (``dicom:`` + 64 hex digits).
+
+        Raises:
+            As :meth:`_open`.
+        """
+        return self._open(name, study_uid, series_uid)[0]
+
+    def _open(
+        self, name: str, study_uid: str, series_uid: str
+    ) -> tuple[DicomSeries, frozenset[str]]:
+        """:meth:`open_series`, and the SOP Instance UIDs QIDO-RS found before opening.
+
+        Frames are fetched in the transfer syntax they are stored in
+        (:mod:`.dicomweb_syntax`), so that the PACS never transcodes them.
 
         Raises:
             As :meth:`open`.
@@ -720,9 +774,14 @@ class InstanceCollector:
                 uid = str(ds.SOPInstanceUID)
                 str(ds.SOPClassUID)
             except Exception as exc:
+                why = (
+                    "no SOP Class UID or SOP Instance UID"
+                    if isinstance(exc, AttributeError | KeyError)
+                    else "no Part 10 preamble and File Meta Information, or unreadable"
+                )
                 raise DicomInvalidError(
                     f"instance {i} is not a DICOM Part 10 file with SOP Class and Instance "
-                    f"UIDs ({type(exc).__name__})"
+                    f"UIDs ({why})"
                 ) from None
             if not uid:
                 raise DicomInvalidError(f"instance {i} has an empty SOP Instance UID")
