@@ -509,6 +509,19 @@ class DicomWebServers:
         """Find the series with QIDO-RS and open it with wsidicom (metadata only).
 
         Raises:
+            As :meth:`_open`.
+        """
+        return self._open(name, study_uid, series_uid)[0]
+
+    def _open(
+        self, name: str, study_uid: str, series_uid: str
+    ) -> tuple[DicomSeries, frozenset[str]]:
+        """:meth:`open_series`, and the SOP Instance UIDs QIDO-RS found before opening.
+
+        Frames are fetched in the transfer syntax they are stored in
+        (:mod:`.dicomweb_syntax`), so that the PACS never transcodes them.
+
+        Raises:
             SlideNotFoundError: no such study/series on the server.
             UnsupportedSlideError: not a VL Whole Slide Microscopy series, fluorescence
                 or monochrome, no VOLUME (pyramid) image, a pyramid the PACS serves in no
@@ -661,19 +674,6 @@ class DicomWebSource:
         """What identifies the pixels for the result cache: the server name, the
         study and series UIDs and a SHA-256 of the series' instance UIDs and level-0
         attributes (``dicom:`` + 64 hex digits).
-
-        Raises:
-            As :meth:`_open`.
-        """
-        return self._open(name, study_uid, series_uid)[0]
-
-    def _open(
-        self, name: str, study_uid: str, series_uid: str
-    ) -> tuple[DicomSeries, frozenset[str]]:
-        """:meth:`open_series`, and the SOP Instance UIDs QIDO-RS found before opening.
-
-        Frames are fetched in the transfer syntax they are stored in
-        (:mod:`.dicomweb_syntax`), so that the PACS never transcodes them.
 
         Raises:
             As :meth:`open`.
