@@ -98,19 +98,22 @@ def geojson_rings(text: str) -> list[npt.NDArray[np.float64]]:
 
 
 def mask_inside(image: npt.NDArray[np.generic]) -> npt.NDArray[np.bool_]:
-    """The inside pixels of a decoded region mask: nonzero in any of its first three
-    channels (grey; RGB and RGBA with alpha ignored; grey+alpha counts its alpha).
+    """The inside pixels of a decoded region mask: nonzero grey, or nonzero in any
+    colour channel. Alpha is always ignored: grey+alpha (``[h, w, 2]``) uses its grey
+    channel, RGBA its first three. (OpenCV's ``imdecode(..., IMREAD_UNCHANGED)``
+    expands a grey+alpha PNG to 4 channels, grey repeated; other decoders keep 2.)
 
     Args:
-        image: ``[h, w]`` or ``[h, w, c]`` as OpenCV ``imdecode(..., IMREAD_UNCHANGED)``
-            returns it.
+        image: ``[h, w]`` grey or ``[h, w, c]`` with c of 1 (grey), 2 (grey, alpha),
+            3 (colour) or 4 (colour, alpha), any integer dtype.
 
     Returns:
         bool ``[h, w]``.
     """
     if image.ndim == 2:
         return np.asarray(image != 0)
-    return np.asarray((image[..., :3] != 0).any(axis=2))
+    colour = 1 if image.shape[2] <= 2 else 3
+    return np.asarray((image[..., :colour] != 0).any(axis=2))
 
 
 def sample_mask(
