@@ -168,12 +168,33 @@ def slide_ref(
     return "slide_path", text
 
 
+#: A path component that is a DICOM UID (4+ numeric components: wsidicomizer and PACS
+#: exports name files and folders by SOP/Series/Study Instance UID), with an extension.
+_UID_COMPONENT = re.compile(r"(?P<uid>[0-9]+(?:\.[0-9]+){3,})(?P<ext>\.[A-Za-z][A-Za-z0-9]*)?")
+
+
+def _without_uids(path: str) -> str:
+    """``path`` with each component that is a DICOM UID shown as ``dicom-<first 12 hex
+    of its SHA-256>`` (extension kept), so distinct files stay distinct."""
+
+    def mask(part: str) -> str:
+        found = _UID_COMPONENT.fullmatch(part)
+        if found is None:
+            return part
+        digest = hashlib.sha256(found["uid"].encode()).hexdigest()[:12]
+        return f"dicom-{digest}{found['ext'] or ''}"
+
+    return "/".join(mask(part) for part in path.split("/"))
+
+
 def display_name(slide: object) -> str:
     """How consoles show a slide argument: a DICOMweb series by its
-    :meth:`DicomWebSlide.safe_id` (UIDs stay out of consoles and their logs), anything
-    else as given (a malformed URI as ``"dicomweb://..."``)."""
+    :meth:`DicomWebSlide.safe_id` (UIDs stay out of consoles and their logs), a path
+    with each component that is a DICOM UID (a local ``.dcm`` named by its SOP Instance
+    UID) as ``dicom-<12 hex>``, anything else as given (a malformed URI as
+    ``"dicomweb://..."``)."""
     if not is_dicomweb_uri(slide):
-        return str(slide)
+        return _without_uids(str(slide))
     try:
         return DicomWebSlide.parse(str(slide)).safe_id()
     except SlidePathError:

@@ -102,6 +102,17 @@ def test_consoles_show_a_series_by_its_safe_id() -> None:
     assert display_name(URI) == slide_stem(URI)
     assert display_name("dicomweb://pacs/1.2") == "dicomweb://..."
     assert display_name("real/x.svs") == "real/x.svs"
+    assert display_name("scans/2023.01.05.svs") == "scans/2023.01.05.svs"
+
+
+def test_consoles_show_a_local_dicom_file_without_its_uid() -> None:
+    """wsidicomizer names files by SOP Instance UID (tester A finding 10(c))."""
+    sop = "1.2.826.0.1.3680043.8.498.38125276152732084372779576759751026167"
+    shown = display_name(f"cases/{STUDY}/{sop}.dcm")
+    assert sop not in shown and STUDY not in shown
+    assert shown.startswith("cases/dicom-") and shown.endswith(".dcm")
+    assert shown != display_name(f"cases/{STUDY}/{sop}1.dcm")
+    assert display_name(f"{sop}.dcm") == shown.split("/")[-1]
 
 
 def test_cohort_inputs_take_dicomweb_uris(tmp_path: Path) -> None:
