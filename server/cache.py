@@ -18,8 +18,10 @@ per batch) and it changes outputs: TorchScript fp32 on CPU gave probabilities up
 (embeddings equal), so a hit could not be bit-identical to a miss at another size.
 
 **Content hashes** (:class:`ContentHashes`): a slide's full-content SHA-256 is memoised
-in ``DIR/hashes`` by its file identity (device, inode, size, mtime in ns), so a
-multi-GB slide is read once; an upload's verified SHA-256 is recorded there directly.
+in ``DIR/hashes`` by its file identity (device, inode, size, mtime and ctime in ns), so
+a multi-GB slide is read once (the inode's change time, which no user call can set,
+tells a rewrite in place that kept size and mtime, e.g. ``rsync --inplace -t``); an
+upload's verified SHA-256 is recorded there directly.
 
 **Entries** (``DIR/entries/<2 hex>/<key>.hhr``): a fixed header (:data:`ENTRY_HEADER`:
 magic ``b"HHRC"``, format version, key, payload size, record count, payload SHA-256;
@@ -33,7 +35,10 @@ counted, logged (request id only) and recomputed, never served.
 
 **Size bound**: LRU by last access (a hit sets the entry's mtime); after each store the
 oldest entries are removed until the directory's entries fit ``max_bytes``; an entry
-that alone exceeds it is not stored. Several replicas may share ``DIR``: writes are
+that alone exceeds it is not stored. A ``DIR`` deleted while the server runs is made
+again (``mkdir -p``, with the modes it had at start-up) at the next analysis, with one
+WARNING; if it cannot be made, one WARNING says so and nothing is stored (no warning
+per call) until it can. Several replicas may share ``DIR``: writes are
 atomic renames and eviction tolerates files that vanish under it.
 
 **Concurrent identical requests** compute once per process: the first computes, the
@@ -52,6 +57,7 @@ import json
 import logging
 import os
 import re
+import stat
 import struct
 import threading
 import time
@@ -195,7 +201,7 @@ def analysis_key(spec: AnalysisSpec, content_sha256: str, model: ModelIdentity, 
 
 
 def _identity(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 class ContentHashes:
@@ -436,7 +442,8 @@ class ResultCache:
         max_bytes: bound on the entries' total size.
 
     Attributes:
-        counts: ``hit``, ``miss``, ``corrupt``, ``stored``, ``too_large``, ``evicted``.
+        counts: ``hit``, ``miss``, ``corrupt``, ``stored``, ``too_large``, ``evicted``,
+            ``recreated`` (the directory was deleted and made again).
         hashes: the slides' content hashes.
 
     Raises:
@@ -452,9 +459,13 @@ class ResultCache:
         self._lock = threading.Condition()
         self._flights: dict[str, int] = {}  # key -> waiters
         self._landed: dict[str, threading.Event] = {}
+        self._modes: dict[Path, int] = {}  # directory -> its mode at start-up
+        self._unusable = False  # the directory went missing and could not be made again
         try:
             for d in (self.entries_dir, self.hashes.directory):
                 d.mkdir(parents=True, exist_ok=True)
+            for d in (directory, self.entries_dir, self.hashes.directory):
+                self._modes[d] = stat.S_IMODE(d.stat().st_mode)
             probe = self.entries_dir / f".probe.{uuid.uuid4().hex}.tmp"
             probe.write_bytes(b"histohelper")
             os.replace(probe, probe.with_suffix(".done"))
@@ -464,6 +475,46 @@ class ResultCache:
                 f"--cache-dir {directory} is not a usable directory "
                 f"({exc.strerror or type(exc).__name__}); it must be writable"
             ) from None
+
+    def ensure_directories(self, request_id: str = "") -> bool:
+        """Make the cache's directories again when they were deleted (True if usable).
+
+        Two ``stat`` calls when nothing is missing. Missing directories are made with
+        the modes they had at start-up (``chmod`` after ``mkdir``, so the umask does
+        not narrow them), counted as ``recreated`` and reported by one WARNING; when
+        they cannot be made, one WARNING says the cache stores nothing until they can
+        (later failures are logged at DEBUG only) and False is returned.
+        """
+        if self.entries_dir.is_dir() and self.hashes.directory.is_dir():
+            return True
+        with self._lock:
+            missing = [d for d in self._modes if not d.is_dir()]
+            if not missing:  # another call made them meanwhile
+                return True
+            try:
+                for d in missing:
+                    d.mkdir(parents=True, exist_ok=True)
+                    os.chmod(d, self._modes[d])
+            except OSError as exc:
+                if not self._unusable:
+                    self._unusable = True
+                    log.warning(
+                        "result cache directory is missing and cannot be made again (%s): "
+                        "results are not cached until it can be",
+                        exc.strerror or type(exc).__name__,
+                        extra=_rid(request_id),
+                    )
+                else:
+                    log.debug("result cache directory still missing", extra=_rid(request_id))
+                return False
+            self._unusable = False
+            self.counts["recreated"] += 1
+        log.warning(
+            "result cache directory was missing (deleted while serving): recreated with "
+            "its modes; results are cached again",
+            extra=_rid(request_id),
+        )
+        return True
 
     def entry_path(self, key: str) -> Path:
         """Where the entry of ``key`` lives."""
@@ -674,6 +725,9 @@ class AnalysisCache:
             stop: the call's stop event.
             t0: ``time.perf_counter()`` at the call's arrival.
         """
+        if not self.store.ensure_directories(spec.request_id):
+            yield from compute()  # the directory is gone for good: serve uncached
+            return
         try:
             content = (
                 spec.slide_path.fingerprint()  # a DICOMweb series: UIDs + metadata hash

@@ -61,23 +61,27 @@ _UNSUPPORTED_PATTERNS = re.compile(
 )
 
 
-#: What identifies the bytes of a file: (st_dev, st_ino, st_size, st_mtime_ns).
-FileIdentity = tuple[int, int, int, int]
+#: What identifies the bytes of a file: (st_dev, st_ino, st_size, st_mtime_ns,
+#: st_ctime_ns).
+FileIdentity = tuple[int, int, int, int, int]
 
 
 def file_identity(path: str | os.PathLike[str]) -> FileIdentity | None:
-    """``(st_dev, st_ino, st_size, st_mtime_ns)`` of ``path`` (symlinks followed), or
-    None when it cannot be stat'ed (deleted, no permission).
+    """``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)`` of ``path`` (symlinks
+    followed), or None when it cannot be stat'ed (deleted, no permission).
 
     A file replaced under the same name (``os.replace``) gets another inode; one
-    rewritten or truncated in place another size or mtime. Either way the identity
-    changes, so a handle opened on the old bytes is never taken for the new ones.
+    rewritten or truncated in place another size, mtime or ctime (the inode's change
+    time, set by the kernel on every write: a rewrite that keeps the size and puts the
+    mtime back, as ``rsync --inplace -t`` does, still changes it). Either way the
+    identity changes, so a handle opened on the old bytes is never taken for the new
+    ones.
     """
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -676,8 +680,8 @@ class SlideCache:
     closed first). A handle is lent to one user at a time.
 
     Idle handles are keyed by file identity (:func:`file_identity`: device, inode,
-    size, mtime), checked on every acquire and release: a file replaced under the same
-    name, rewritten, truncated or deleted never gets its old handle back, and every
+    size, mtime, ctime), checked on every acquire and release: a file replaced under
+    the same name, rewritten, truncated or deleted never gets its old handle back, and every
     idle handle whose file changed is closed at the next acquire or release (or by
     :meth:`prune`), so deleted files do not stay open. The tifffile tile cache is keyed
     by the same identity (:class:`~.tiffread.TiffPyramid`), OpenSlide's per handle.

@@ -221,8 +221,9 @@ class TiffPyramid:
     ) -> None:
         self._tiff: object = None
         self._fd = -1
-        #: (st_dev, st_ino, st_size, st_mtime_ns) of the file read, None if not opened.
-        self.file_key: tuple[int, int, int, int] | None = None
+        #: (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) of the file read, None if not
+        #: opened.
+        self.file_key: tuple[int, int, int, int, int] | None = None
         self._levels: dict[int, TiffLevelReader | None] = {}
         self._pages: dict[tuple[int, int], list[tuple[int, object]]] = {}
         if vendor not in FAST_VENDORS:
@@ -236,7 +237,7 @@ class TiffPyramid:
         self._tiff = tiff
         self._fd = os.open(path, os.O_RDONLY)
         st = os.fstat(self._fd)
-        self.file_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.file_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         for i, page in enumerate(tiff.pages):
             size = (int(page.imagewidth), int(page.imagelength))  # type: ignore[union-attr]
             if size in level_dimensions:
