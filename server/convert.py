@@ -29,6 +29,7 @@ from histohelper.server.runtime import ModelRuntime
 from histohelper.server.runtime.manifest import Manifest
 from histohelper.server.runtime.types import check_mc_request
 from histohelper.server.tiling import Resolution, TilingOptions, TilingPlan
+from histohelper.server.tiling.options import check_request_geometry
 from histohelper.server.tiling.roi import RegionLimits, RegionOfInterest, parse_region
 from histohelper.server.tiling.slide import SlideMetadata
 from histohelper.server.tiling.stain import (
@@ -87,8 +88,9 @@ def tiling_options(
     parsed within ``roi_limits``) and batch size.
 
     Raises:
-        InvalidOptionsError: an option out of range or unknown, or a region of interest
-            refused (:func:`region_of_interest`).
+        InvalidOptionsError: an option out of range or unknown (a patch side or stride
+            below :func:`~.tiling.options.check_request_geometry`'s bounds included), or
+            a region of interest refused (:func:`region_of_interest`).
     """
     manifest = runtime.manifest
     which = opts.target_resolution.WhichOneof("value")
@@ -101,6 +103,8 @@ def tiling_options(
         raise InvalidOptionsError(f"batch_size must be in [1, {MAX_BATCH_SIZE}]")
     if opts.edge_mode not in _EDGE_MODES:
         raise InvalidOptionsError("unknown edge_mode")
+    if opts.patch_size_px or opts.stride_px:  # what the request asked for
+        check_request_geometry(opts.patch_size_px or manifest.patch_size_px, opts.stride_px or None)
     kwargs: dict[str, object] = {
         "patch_size_px": opts.patch_size_px or manifest.patch_size_px,
         "target": target,

@@ -33,6 +33,49 @@ MaskMethod = Literal["saturation", "gray"]
 #: What to do with a fluorescence or multiplex slide (:attr:`TilingOptions.fluorescence`).
 FluorescenceMode = Literal["refuse", "read"]
 
+#: Smallest patch side an analysis request may ask for (px at the target resolution):
+#: 32 px is 16 um at 0.5 um/px, about two nuclei. The server resizes every patch to
+#: the model's input (224 px for the bundled models), so a 32 px patch is already
+#: enlarged 7x, and a grid grows as 1 / side^2 (1 px patches on a 1024 x 1024 px
+#: slide: a million patches). :class:`TilingOptions` itself takes any side >= 1 (the
+#: tiler's geometry is exact for any size); requests are held to these bounds
+#: (:func:`check_request_geometry`).
+MIN_REQUEST_PATCH_SIZE_PX = 32
+#: Smallest stride an analysis request may ask for (px at the target resolution).
+MIN_REQUEST_STRIDE_PX = 16
+#: A request's stride must be at least its patch side / this (at most 8 x 8 = 64
+#: overlapping patches over any point, 64x the patches of a grid without overlap).
+MAX_REQUEST_OVERLAP = 8
+
+
+def check_request_geometry(patch_size_px: int, stride_px: int | None) -> None:
+    """Refuse patch geometry no analysis needs, which would only make huge grids.
+
+    Args:
+        patch_size_px: the effective patch side (px at the target resolution).
+        stride_px: the requested stride (px at the target resolution), None for the
+            patch side.
+
+    Raises:
+        InvalidOptionsError: ``patch_size_px`` below :data:`MIN_REQUEST_PATCH_SIZE_PX`,
+            or ``stride_px`` below :data:`MIN_REQUEST_STRIDE_PX` or below
+            ``patch_size_px / MAX_REQUEST_OVERLAP`` (rounded up).
+    """
+    if patch_size_px < MIN_REQUEST_PATCH_SIZE_PX:
+        raise InvalidOptionsError(
+            f"patch_size_px must be at least {MIN_REQUEST_PATCH_SIZE_PX} px "
+            f"(got {patch_size_px}); patches are resized to the model's input"
+        )
+    if stride_px is None:
+        return
+    least = max(MIN_REQUEST_STRIDE_PX, -(-patch_size_px // MAX_REQUEST_OVERLAP))
+    if stride_px < least:
+        raise InvalidOptionsError(
+            f"stride_px must be at least {least} px for {patch_size_px} px patches "
+            f"(got {stride_px}; at least {MIN_REQUEST_STRIDE_PX} px and 1/"
+            f"{MAX_REQUEST_OVERLAP} of the patch side)"
+        )
+
 
 @dataclass(frozen=True)
 class Resolution:

@@ -142,13 +142,14 @@ def test_cli_dicom_out_and_stow(
 
 def test_local_dicom_files_through_a_real_server(start_inprocess_server, tmp_path: Path) -> None:
     """The real ``dicom-boxes`` series under the slide root (read by the server with
-    wsidicom; 16 x 16 px, so 8 px patches and no tissue threshold) gives result objects
-    whose polygons are the served boxes on the real source's slide coordinates."""
+    wsidicom; 16 x 16 px, so no tissue threshold and the smallest patch a request may
+    ask for, 32 px, padded over the edge) gives result objects whose polygons are the
+    served boxes on the real source's slide coordinates."""
     from histohelper.client import AnalysisOptions, SlideClient
     from histohelper.client.dicom_results import source_dataset, write_dicom
 
     server = start_inprocess_server()
-    options = AnalysisOptions(patch_size_px=8, min_tissue_fraction=0.0)
+    options = AnalysisOptions(patch_size_px=32, min_tissue_fraction=0.0)
     with SlideClient(f"127.0.0.1:{server.port}", timeout=120) as client:
         result = client.analyze("dicom-boxes/boxes_0.dcm", options)
     assert result.dicom is not None and result.dicom.dicomweb_server == ""
