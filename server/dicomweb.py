@@ -5,7 +5,11 @@ the server, the study and the series (``DicomWebSeries``), so the server never
 connects anywhere the operator did not configure. Credentials come from files in
 ``--dicomweb-secrets-dir`` (``NAME.token``: a bearer token; ``NAME.basic``:
 ``user:password``; ``NAME.ca.pem``: a CA bundle for HTTPS), never from requests; no
-URL, credential or UID is logged.
+URL, credential or UID is logged. The files are checked (``stat``: inode, size, mtime,
+ctime) before every HTTP request and read again when one changed, so a rotated token
+or a fixed ``NAME.basic`` is used from the next request on, without a restart; a file
+that became unreadable or malformed fails the calls that need it (PACS_PERMISSION_DENIED,
+PACS_TLS_FAILED for ``NAME.ca.pem``) naming only the entry and the file, until fixed.
 
 Reading: a series is checked with QIDO-RS (exists? a VL Whole Slide Microscopy
 series?), then opened with wsidicom over dicomweb-client (metadata by WADO-RS, frames
@@ -34,6 +38,7 @@ only past the reader's failure tolerance).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import ssl
 import threading
@@ -82,6 +87,11 @@ class DicomWebEndpoint:
         basic: ``(user, password)`` from ``NAME.basic``, or None.
         ca_bundle: ``NAME.ca.pem`` when present (verifies the server's certificate).
         timeout_s: connect and read timeout of each HTTP request.
+        files: the credentials files, re-read when they change (None: the credentials
+            above never change).
+
+    ``bearer_token``, ``basic`` and ``ca_bundle`` are those read at start-up; HTTP
+    requests use :meth:`credentials` (the files as they are now).
     """
 
     name: str
@@ -90,6 +100,166 @@ class DicomWebEndpoint:
     basic: tuple[str, str] | None = field(default=None, repr=False)
     ca_bundle: Path | None = None
     timeout_s: float = 30.0
+    files: CredentialFiles | None = field(default=None, repr=False, compare=False)
+
+    def credentials(self) -> Credentials:
+        """The credentials to send now (re-read from the files when they changed).
+
+        Raises:
+            PacsPermissionDeniedError: ``NAME.token`` / ``NAME.basic`` became unreadable
+                or malformed (or both exist).
+            PacsTlsError: ``NAME.ca.pem`` became unreadable or holds no certificate.
+        """
+        if self.files is None:
+            return Credentials(self.bearer_token, self.basic, self.ca_bundle)
+        return self.files.current()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What authenticates this server to one PACS (never logged, never in a repr).
+
+    Attributes:
+        bearer_token: from ``NAME.token``, or None.
+        basic: ``(user, password)`` from ``NAME.basic``, or None.
+        ca_bundle: ``NAME.ca.pem`` when present.
+    """
+
+    bearer_token: str | None = field(default=None, repr=False)
+    basic: tuple[str, str] | None = field(default=None, repr=False)
+    ca_bundle: Path | None = None
+
+
+class CredentialsFileError(ValueError):
+    """A credentials file of entry ``name`` is unreadable or malformed; the message
+    (``--dicomweb NAME: ...``) names the entry and the file, never its content.
+
+    Attributes:
+        name: the entry.
+        file: the file's name (``NAME.basic``...).
+        problem: what is wrong, in words.
+    """
+
+    def __init__(self, name: str, file: str, problem: str) -> None:
+        super().__init__(f"--dicomweb {name}: {problem}")
+        self.name, self.file, self.problem = name, file, problem
+
+
+def read_credentials(secrets_dir: Path, name: str) -> Credentials:
+    """The credentials of entry ``name`` from ``NAME.token`` / ``NAME.basic`` /
+    ``NAME.ca.pem`` in ``secrets_dir`` (absent files: none of that kind).
+
+    Raises:
+        CredentialsFileError: a file is unreadable or malformed, both a token and a
+            user:password are given, or OpenSSL loads no certificate from the CA file.
+    """
+    token = basic = ca = None
+    token_file = secrets_dir / f"{name}.token"
+    basic_file = secrets_dir / f"{name}.basic"
+    ca_file = secrets_dir / f"{name}.ca.pem"
+    if token_file.is_file():
+        token = _read_secret(token_file, name) or None
+    if basic_file.is_file():
+        user, colon, password = _read_secret(basic_file, name).partition(":")
+        if not colon or not user:
+            raise CredentialsFileError(
+                name, basic_file.name, f"{name}.basic must hold user:password"
+            )
+        basic = (user, password)
+    if token and basic:
+        raise CredentialsFileError(
+            name, basic_file.name, f"give {name}.token or {name}.basic, not both"
+        )
+    ca = ca_file if ca_file.is_file() else None
+    if ca is not None:
+        _check_ca_bundle(ca, name)
+    return Credentials(token, basic, ca)
+
+
+#: The credentials files of an entry, by suffix.
+_CREDENTIAL_SUFFIXES = (".token", ".basic", ".ca.pem")
+
+
+class CredentialFiles:
+    """The credentials files of one entry, read again whenever they change.
+
+    :meth:`current` stats the three files (inode, size, mtime, ctime; symlinks
+    followed, so a Kubernetes secret volume's atomic swap counts) and reads them again
+    only when that changed: a few microseconds per HTTP request. A file found
+    unusable is reported (one WARNING per change, naming the entry and the file only)
+    and read again at the next request, so fixing it is enough.
+
+    Args:
+        secrets_dir: ``--dicomweb-secrets-dir``.
+        name: the entry.
+        initial: the credentials read at start-up (``None``: read at the first use).
+
+    Thread-safe.
+    """
+
+    def __init__(self, secrets_dir: Path, name: str, initial: Credentials | None = None) -> None:
+        self.secrets_dir = secrets_dir
+        self.name = name
+        self._lock = threading.Lock()
+        self._current = initial
+        self._signature = self._stat() if initial is not None else None
+        self._reported: object = None  # the signature whose failure was logged
+
+    def _stat(self) -> tuple[tuple[int, int, int, int] | None, ...]:
+        out: list[tuple[int, int, int, int] | None] = []
+        for suffix in _CREDENTIAL_SUFFIXES:
+            try:
+                st = os.stat(self.secrets_dir / f"{self.name}{suffix}")
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(out)
+
+    def current(self) -> Credentials:
+        """The credentials as the files hold them now.
+
+        Raises:
+            PacsPermissionDeniedError: ``NAME.token`` / ``NAME.basic`` unreadable or
+                malformed, or both given.
+            PacsTlsError: ``NAME.ca.pem`` unreadable or without a certificate.
+        """
+        signature = self._stat()
+        with self._lock:
+            if signature == self._signature and self._current is not None:
+                return self._current
+            try:
+                found = read_credentials(self.secrets_dir, self.name)
+            except CredentialsFileError as exc:
+                if self._reported != signature:
+                    self._reported = signature
+                    log.warning(
+                        "DICOMweb credentials of %r unusable (%s): calls to it fail until "
+                        "the file is fixed",
+                        self.name,
+                        exc.problem,
+                    )
+                raise _credentials_error(exc) from None
+            changed = self._current is not None and found != self._current
+            self._signature, self._current, self._reported = signature, found, None
+        if changed:
+            log.info("DICOMweb credentials of %r changed on disk: read again", self.name)
+        return found
+
+
+def _credentials_error(exc: CredentialsFileError) -> HistoHelperError:
+    """The call's error for a credentials file that became unusable while serving."""
+    what = (
+        f"its credentials file {exc.file} in --dicomweb-secrets-dir is unusable "
+        f"({exc.problem}); the operator must fix it"
+    )
+    if exc.file.endswith(".ca.pem"):
+        lead = f"the HTTPS connection to the DICOMweb server {exc.name!r} cannot be verified"
+        return PacsTlsError(f"{lead}: {what}", dicomweb_server=exc.name)
+    return PacsPermissionDeniedError(
+        f"this server cannot authenticate to the DICOMweb server {exc.name!r}: " + what,
+        dicomweb_server=exc.name,
+    )
 
 
 def parse_endpoints(
@@ -137,34 +307,25 @@ def parse_endpoints(
             raise ValueError(
                 f"--dicomweb {name}: put credentials in --dicomweb-secrets-dir, not the URL"
             )
-        token = basic = ca = None
-        if secrets_dir is not None:
-            token_file = secrets_dir / f"{name}.token"
-            basic_file = secrets_dir / f"{name}.basic"
-            ca_file = secrets_dir / f"{name}.ca.pem"
-            if token_file.is_file():
-                token = _read_secret(token_file, name) or None
-            if basic_file.is_file():
-                user, colon, password = _read_secret(basic_file, name).partition(":")
-                if not colon or not user:
-                    raise ValueError(f"--dicomweb {name}: {name}.basic must hold user:password")
-                basic = (user, password)
-            if token and basic:
-                raise ValueError(f"--dicomweb {name}: give {name}.token or {name}.basic, not both")
-            ca = ca_file if ca_file.is_file() else None
-            if ca is not None:
-                _check_ca_bundle(ca, name)
-        out[name] = DicomWebEndpoint(name, url, token, basic, ca, float(timeout_s))
+        if secrets_dir is None:
+            out[name] = DicomWebEndpoint(name, url, timeout_s=float(timeout_s))
+            continue
+        found = read_credentials(secrets_dir, name)
+        files = CredentialFiles(secrets_dir, name, found)
+        out[name] = DicomWebEndpoint(
+            name, url, found.bearer_token, found.basic, found.ca_bundle, float(timeout_s), files
+        )
     return out
 
 
 def _read_secret(path: Path, name: str) -> str:
-    """The stripped text of a credentials file (ValueError naming only the file)."""
+    """The stripped text of a credentials file (CredentialsFileError naming only the
+    file)."""
     try:
         return path.read_text().strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(
-            f"--dicomweb {name}: cannot read {path.name} ({type(exc).__name__})"
+        raise CredentialsFileError(
+            name, path.name, f"cannot read {path.name} ({type(exc).__name__})"
         ) from None
 
 
@@ -174,37 +335,40 @@ def _check_ca_bundle(path: Path, name: str) -> None:
     try:
         ssl.create_default_context(cafile=str(path))
     except (OSError, ssl.SSLError) as exc:
-        raise ValueError(
-            f"--dicomweb {name}: {path.name} holds no PEM CA certificate OpenSSL can load "
-            f"({type(exc).__name__})"
+        raise CredentialsFileError(
+            name,
+            path.name,
+            f"{path.name} holds no PEM CA certificate OpenSSL can load ({type(exc).__name__})",
         ) from None
 
 
 def _session(endpoint: DicomWebEndpoint) -> Any:
     """A ``requests.Session`` with the endpoint's credentials, CA bundle and timeout.
 
-    The CA bundle is passed with every request, not only as ``session.verify``:
-    requests lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` in the environment override
-    a session's ``verify`` (psf/requests#4650, #3829), which would silently drop
-    ``NAME.ca.pem`` on hosts that set them (many container images do).
+    The credentials are those of :meth:`DicomWebEndpoint.credentials` at each request
+    (a pooled series' session follows a rotated token). The CA bundle is passed with
+    every request, not as ``session.verify``: requests lets ``REQUESTS_CA_BUNDLE`` /
+    ``CURL_CA_BUNDLE`` in the environment override a session's ``verify``
+    (psf/requests#4650, #3829), which would silently drop ``NAME.ca.pem`` on hosts that
+    set them (many container images do).
     """
     import requests
 
     class _Session(requests.Session):
         def request(self, *args: Any, **kwargs: Any) -> Any:
+            found = endpoint.credentials()
             kwargs.setdefault("timeout", endpoint.timeout_s)
-            if endpoint.ca_bundle is not None:
-                kwargs.setdefault("verify", str(endpoint.ca_bundle))
+            if found.ca_bundle is not None:
+                kwargs.setdefault("verify", str(found.ca_bundle))
+            if found.bearer_token:
+                headers = dict(kwargs.get("headers") or {})
+                headers["Authorization"] = f"Bearer {found.bearer_token}"
+                kwargs["headers"] = headers
+            elif found.basic:
+                kwargs.setdefault("auth", found.basic)
             return super().request(*args, **kwargs)
 
-    session = _Session()
-    if endpoint.bearer_token:
-        session.headers["Authorization"] = f"Bearer {endpoint.bearer_token}"
-    elif endpoint.basic:
-        session.auth = endpoint.basic
-    if endpoint.ca_bundle is not None:
-        session.verify = str(endpoint.ca_bundle)
-    return session
+    return _Session()
 
 
 def translate(name: str, exc: BaseException, *, opening: bool = False) -> HistoHelperError | None:
@@ -361,10 +525,13 @@ class DicomWebServers:
 
         Raises:
             DicomWebNotConfiguredError: no such name.
+            PacsPermissionDeniedError, PacsTlsError: a credentials file of ``name``
+                became unusable (:meth:`DicomWebEndpoint.credentials`).
         """
         from dicomweb_client import DICOMwebClient
 
         endpoint = self.endpoint(name)
+        endpoint.credentials()  # a credentials file that became unusable: its error now
         client = DICOMwebClient(endpoint.url, session=_session(endpoint))
         # dicomweb-client retries 5 times with exponential back-off by default (31 s
         # on a closed port): one quick retry, then PACS_UNAVAILABLE with a retry hint.
