@@ -244,7 +244,7 @@ def test_sampled_mask_stays_within_the_decode_budget(sparse_one_level: Path) -> 
     per_band = 79 * 256 * 256
     opts = TilingOptions(mask_max_read_px=4_000_000, mask_max_decode_px=80 * per_band)
     with open_slide(sparse_one_level) as slide:
-        assert read_low_res(slide, opts).total_reads == 80  # bands read
+        assert read_low_res(slide, opts).total_reads == 70  # bands read (1/8 kept for scan edges)
     plan = _plan(sparse_one_level, mask_max_read_px=4_000_000, mask_max_decode_px=80 * per_band)
     assert plan.mask.sampled
     box = (8000, 6000, 3000, 2000)
