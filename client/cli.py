@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +45,8 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: A cohort run stopped by SIGTERM (128 + 15, as the shell reports a SIGTERM death).
+EXIT_TERMINATED = 143
 
 SERVER_ENV = "HISTOHELPER_SERVER"
 TOKEN_ENV = "HISTOHELPER_TOKEN"
@@ -595,7 +598,8 @@ def _analyze(args: argparse.Namespace) -> int:
             result = _analyze_one(client, item, options, args.retries, on_progress)
     from histohelper.client.cohort_runner import write_analysis_files
 
-    write_analysis_files(result, out_dir, {**_render_settings(args), "slide_name": first})
+    shown = display_name(first)  # report.html's title: a DICOMweb series by its safe id
+    write_analysis_files(result, out_dir, {**_render_settings(args), "slide_name": shown})
     print(summary_line(display_name(first), result, out_dir))
     for line in qc_warning_lines(result):
         print(line)
@@ -685,6 +689,7 @@ def _analyze_cohort(args: argparse.Namespace, options: AnalysisOptions, slide_ro
         slides_from_manifest,
         with_models,
     )
+    from histohelper.client.dicomweb import display_name
     from histohelper.cohort_csv import CohortError
 
     if args.request_id is not None:
@@ -711,9 +716,20 @@ def _analyze_cohort(args: argparse.Namespace, options: AnalysisOptions, slide_ro
         render[DICOM_KEY] = {"out": out, "stow": bool(args.stow)}
     target, kwargs = _client_arguments(args)
 
+    terminated: list[bool] = []
+
     async def main() -> Any:
         from histohelper.client.aio import AsyncSlideClient
 
+        task = asyncio.current_task()
+
+        def on_sigterm() -> None:  # cancels the run as SIGINT does (files kept)
+            terminated.append(True)
+            if task is not None:
+                task.cancel()
+
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
         async with AsyncSlideClient(target, **kwargs) as client:
             if args.overlay_class is not None:  # check before spending the analyses
                 first = (args.model or [None])[0]
@@ -734,7 +750,13 @@ def _analyze_cohort(args: argparse.Namespace, options: AnalysisOptions, slide_ro
                 quiet=args.quiet,
             )
 
-    run = asyncio.run(main())
+    try:
+        run = asyncio.run(main())
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        print("histohelper analyze: error: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     counts = {s: sum(r["status"] == s for r in run.rows) for s in ("done", "skipped", "no_tissue")}
     print(
         f"cohort: {counts['done']} done, {counts['skipped']} skipped, {counts['no_tissue']} "
@@ -743,7 +765,7 @@ def _analyze_cohort(args: argparse.Namespace, options: AnalysisOptions, slide_ro
     if run.failed:
         print(f"histohelper analyze: {len(run.failed)} slide(s) failed:", file=sys.stderr)
         for r in run.failed:
-            print(f"  {r['id']} ({r['slide']}): {r['error']}", file=sys.stderr)
+            print(f"  {r['id']} ({display_name(r['slide'])}): {r['error']}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 

@@ -96,8 +96,10 @@ else is a cohort run:
 - progress bar on stderr (tqdm; ``--quiet`` hides it): slides done/total, ETA,
   patches/s, slides/h. At the end one summary line on stdout and each failure on stderr.
 - exit code 0 when no slide failed, 1 when any did, 2 for bad usage (unknown manifest
-  column, bad option cell, repeated id), 130 when interrupted (the manifest keeps what
-  finished).
+  column, bad option cell, repeated id), 130 when interrupted (SIGINT), 143 on SIGTERM:
+  either way the manifest keeps what finished and ``cohort.csv``/``index.html`` are
+  written for those slides first. Outputs honour the umask; a DICOMweb slide is shown
+  (``index.html``, ``report.html``, stderr) by its safe id, never its UIDs.
 - one run per DIR at a time (a run removes the ``.tmp-*``/``.old-*`` folders an
   interrupted one left).
 - on the servers, each attempt is one ``AnalyzeSlide`` audit record: a refused one has

@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from histohelper import __version__
 from histohelper.client._channel import resolve_target
 from histohelper.client.cohort import CohortProgress, CohortSlide, SlideOutcome, analyze_many
-from histohelper.client.dicomweb import DicomWebSlide, is_dicomweb_uri
+from histohelper.client.dicomweb import DicomWebSlide, display_name, is_dicomweb_uri
 from histohelper.client.features import ModelIdentity, slide_stem
 from histohelper.client.models import ModelRef
 from histohelper.client.options import AnalysisOptions
@@ -141,18 +141,18 @@ def slides_from_arguments(
         files = find_slide_files(folder)
         if not files:
             raise CohortError(f"{arg}: no slide files ({' '.join(SLIDE_SUFFIXES)}) in the folder")
+        if not upload and not folder.resolve().is_relative_to(root):
+            raise CohortError(
+                f"{arg}: the folder is not under the slide root {slide_root} "
+                "(set --slide-root, or --upload to send local files)"
+            )
         for f in files:
             if upload:
                 items.append(CohortSlide(str(f), upload=True))
                 continue
-            try:
-                ref = f.resolve().relative_to(root).as_posix()
-            except ValueError:
-                raise CohortError(
-                    f"{arg}: the folder is not under the slide root {slide_root} "
-                    "(set --slide-root, or --upload to send local files)"
-                ) from None
-            items.append(CohortSlide(ref))
+            # The path as found under the root, links kept: the server decides (a link
+            # leaving its slide root fails that slide alone, SLIDE_PATH_DENIED).
+            items.append(CohortSlide(f.relative_to(slide_root).as_posix()))
     return items
 
 
@@ -380,9 +380,33 @@ def _model_doc(model: ModelIdentity) -> dict[str, str]:
     }
 
 
+_umask: list[int] = []
+
+
+def process_umask(refresh: bool = False) -> int:
+    """The process's umask, read once per run (``refresh``, which :func:`run_cohort`
+    asks for on its thread before it starts others): from ``/proc/self/status`` (Linux,
+    no change to the process), else by setting and restoring it. Files and folders
+    made with ``tempfile`` (0600/0700) are chmodded to ``0o666``/``0o777`` less it, as
+    files written with ``open`` are."""
+    if _umask and not refresh:
+        return _umask[0]
+    mask = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                mask = int(line.split()[1], 8)
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    _umask[:] = [mask]
+    return mask
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp makes 0600
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -454,6 +478,7 @@ def write_slide_folder(
     dest = out_dir / slide_id
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{slide_id}-", dir=out_dir))
     try:
+        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes 0700
         write_analysis_files(result, tmp, render)
         old = None
         if dest.exists():
@@ -534,6 +559,7 @@ def write_table(out_dir: Path, rows: Sequence[dict[str, str]], classes: Sequence
     dest = out_dir / TABLE_NAME
     fd, tmp = tempfile.mkstemp(prefix=f".{TABLE_NAME}.", suffix=".tmp", dir=out_dir)
     try:
+        os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp makes 0600
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, restval="", extrasaction="ignore")
             writer.writeheader()
@@ -546,10 +572,13 @@ def write_table(out_dir: Path, rows: Sequence[dict[str, str]], classes: Sequence
 
 
 def write_index(out_dir: Path, rows: list[dict[str, str]]) -> Path:
-    """``index.html`` by :func:`histohelper.client.report.write_cohort_index`."""
+    """``index.html`` by :func:`histohelper.client.report.write_cohort_index`; a
+    DICOMweb slide is shown by its safe id (:func:`~.dicomweb.display_name`), never by
+    its UIDs."""
     from histohelper.client.report import write_cohort_index
 
-    return Path(write_cohort_index(out_dir, rows))
+    shown = [{**r, "slide": display_name(r["slide"])} if "slide" in r else r for r in rows]
+    return Path(write_cohort_index(out_dir, shown))
 
 
 # --- the run --------------------------------------------------------------------------
@@ -660,6 +689,7 @@ async def run_cohort(
         OSError: ``out_dir``, the manifest or the table cannot be written.
     """
     render = dict(render or {})
+    process_umask(refresh=True)  # read once, before any thread
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     asked = list(dict.fromkeys(item.model for item in items)) or [None]
@@ -708,13 +738,30 @@ async def run_cohort(
                         manifest.save(next(iter(identities.values())), list(identities.values()))
             rows[todo[outcome.index]] = row
             bar.slide_done()
-    finally:
+    except BaseException:  # interrupted (SIGINT, SIGTERM: cancelled) or failed
         bar.close()
+        done = [r for r in rows if r is not None]
+        with contextlib.suppress(OSError):  # keep what finished, then stop as asked
+            _write_summaries(out_dir, done, infos.values())
+            print(
+                f"histohelper analyze: stopped: {TABLE_NAME} and index.html list the "
+                f"{len(done)} slide(s) finished so far of {len(items)} (run the same "
+                "command again to resume)",
+                file=sys.stderr,
+            )
+        raise
+    bar.close()
     done = [r for r in rows if r is not None]
-    classes = dict.fromkeys(c for i in infos.values() for c in model_slide_classes(i))
-    table = write_table(out_dir, done, tuple(classes))
-    index_html = write_index(out_dir, done)
+    table, index_html = _write_summaries(out_dir, done, infos.values())
     return CohortRunResult(done, [r for r in done if r["status"] == "failed"], table, index_html)
+
+
+def _write_summaries(
+    out_dir: Path, done: list[dict[str, str]], infos: Iterable[Any]
+) -> tuple[Path, Path]:
+    """Write ``cohort.csv`` and ``index.html`` for the rows ``done``."""
+    classes = dict.fromkeys(c for i in infos for c in model_slide_classes(i))
+    return write_table(out_dir, done, tuple(classes)), write_index(out_dir, done)
 
 
 def pinned_model(spec: str | None, resolved: ModelIdentity) -> str | None:
@@ -766,7 +813,8 @@ def _finish_slide(
     status = "failed"
     if result is not None:
         try:
-            files = {**render, "slide_name": str(item.slide)}  # report.html's title
+            # report.html's title: a DICOMweb series by its safe id (UIDs stay out)
+            files = {**render, "slide_name": display_name(item.slide)}
             write_slide_folder(result, out_dir, str(item.id), files)
             status = "no_tissue" if result.outcome == "no_tissue" else "done"
         except OSError as exc:  # an unwritable slide fails alone
