@@ -25,7 +25,9 @@ Identification (name, version, family "Artificial Intelligence").
 
 All objects join the source study (its Study Instance UID and patient), share its
 Frame of Reference UID and reference its level-0 image (Referenced Image Sequence /
-Source Image Sequence); each is its own new series.
+Source Image Sequence); each is its own new series. Their UIDs are derived from the
+source series, the model and the effective options (:func:`result_uid`), so the same
+result built again has the same Series and SOP Instance UIDs (a re-store replaces).
 
 Coordinate frames and units:
 
@@ -52,7 +54,9 @@ Only numpy, pydicom and highdicom; imported lazily by
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -244,13 +248,54 @@ def _code(value: str, meaning: str) -> Any:
     return Code(value, CODING_SCHEME, meaning[:64])
 
 
-def _common(result: SlideResult, series_number: int) -> dict[str, Any]:
-    """Equipment and identity arguments shared by the objects' constructors."""
-    hd = _hd()
+def result_identity(result: SlideResult) -> list[str]:
+    """What makes a result what it is, as strings: the source study and series UIDs,
+    the model (name, version, artifact SHA-256) and the effective options (the grid as
+    served: level, patch size, stride, mpp, edge mode, tissue threshold ...; stain
+    normalisation method and reference; region of interest digest; MC dropout passes;
+    attention or not). Equal for a re-run or cached replay of the same analysis."""
+    d = result.dicom
+    m = result.model
+    p = result.prediction
+    passes = p.uncertainty.passes if p is not None and p.uncertainty is not None else 0
+    stain = result.stain
+    options = {
+        "grid": dataclasses.asdict(result.grid),
+        "stain": [stain.method, stain.reference] if stain is not None else None,
+        "roi": result.roi.sha256() if result.roi is not None else None,
+        "mc_dropout_passes": passes,
+        "attention": result.has_attention,
+    }
+    return [
+        "histohelper-result/1",
+        d.study_instance_uid if d is not None else "",
+        d.series_instance_uid if d is not None else "",
+        m.name,
+        m.version,
+        m.artifact_sha256,
+        json.dumps(options, sort_keys=True, default=str),
+    ]
+
+
+def result_uid(result: SlideResult, *parts: object) -> str:
+    """A UID derived from :func:`result_identity` and ``parts`` (object kind, class
+    index ...): ``pydicom.uid.generate_uid(entropy_srcs=...)``, the pydicom root plus a
+    SHA-512 of them. Storing the same result again (a re-run after a failed or timed-out
+    STOW-RS) therefore sends the same Series and SOP Instance UIDs, which the PACS
+    stores once instead of adding series; another model, version or option gives
+    other UIDs."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[*result_identity(result), *map(str, parts)]))
+
+
+def _common(result: SlideResult, series_number: int, kind: str) -> dict[str, Any]:
+    """Equipment and identity arguments shared by the objects' constructors; the UIDs
+    are :func:`result_uid` of ``kind`` (one series per kind)."""
     return {
-        "series_instance_uid": hd.UID(),
+        "series_instance_uid": result_uid(result, kind, "series"),
         "series_number": series_number,
-        "sop_instance_uid": hd.UID(),
+        "sop_instance_uid": result_uid(result, kind, "instance", 0),
         "instance_number": 1,
         "manufacturer": MANUFACTURER,
         "manufacturer_model_name": model_text(result)[:64],
@@ -342,7 +387,7 @@ def patch_annotations(
         groups.append(
             hd.ann.AnnotationGroup(
                 number=len(groups) + 1,
-                uid=hd.UID(),
+                uid=result_uid(result, "annotations", "group", k),
                 label=name[:64],
                 annotated_property_category=codes.SCT.Tissue,
                 annotated_property_type=_code(f"CLASS{k}", name),
@@ -360,7 +405,7 @@ def patch_annotations(
         annotation_groups=groups,
         content_description=summary_text(result, "HistoHelper patches"),
         content_label="HH_PATCHES",
-        **_common(result, series_number),
+        **_common(result, series_number, "annotations"),
     )
     ann.SeriesDescription = summary_text(result, f"HistoHelper {result.model.name} patches")
     return ann
@@ -442,7 +487,7 @@ def probability_maps(
     centre_l0, (row_mm, col_mm) = map_geometry(result, source)
     position = level0_to_slide(source, centre_l0[np.newaxis])[0]
     n_rows, n_cols = result.grid.n_rows, result.grid.n_cols
-    common = _common(result, series_number)
+    common = _common(result, series_number, "maps")
     maps = []
     for k, name in enumerate(result.class_names):
         mapping = hd.pm.RealWorldValueMapping(
@@ -477,7 +522,11 @@ def probability_maps(
             voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
             content_description=f"Probability of {name}"[:64],
             content_label="HH_HEATMAP",
-            **{**common, "sop_instance_uid": hd.UID(), "instance_number": k + 1},
+            **{
+                **common,
+                "sop_instance_uid": result_uid(result, "maps", "instance", k),
+                "instance_number": k + 1,
+            },
         )
         pm.FloatPixelPaddingValue = NO_PATCH
         pm.ImageComments = (
@@ -557,7 +606,7 @@ def slide_report(
     k = p.class_names.index(p.predicted_class) if p.predicted_class in p.class_names else 0
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier="slide-level prediction"
+            uid=result_uid(result, "report", "tracking"), identifier="slide-level prediction"
         ),
         algorithm_id=algorithm,
         measurements=measurements,
@@ -574,7 +623,7 @@ def slide_report(
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(),
+            uid=result_uid(result, "report", "device"),
             name=(result.model.name or "unnamed model")[:64],
             manufacturer_name=MANUFACTURER,
             model_name=(result.model.version or "-")[:64],
@@ -585,7 +634,7 @@ def slide_report(
         procedure_reported=_code("WSIANALYSIS", "Whole slide image analysis"),
         imaging_measurements=[group],
     )
-    common = _common(result, series_number)
+    common = _common(result, series_number, "report")
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source],
         content=report[0],

@@ -205,3 +205,38 @@ def test_explain_takes_a_dicomweb_slide(pacs_server: str, dicomweb_slide: DicomW
         top = client.explain(dicomweb_slide.uri, top_k=2, options=AnalysisOptions(target_mpp=2.0))
     assert [e.rank for e in top] == [0, 1]
     assert all(e.image_jpeg[:2] == b"\xff\xd8" for e in top)
+
+
+def test_storing_a_result_again_adds_no_series(
+    pacs_server: str, dicomweb_slide: DicomWebSlide
+) -> None:
+    """Tester B finding 2: result objects carry UIDs derived from the source series,
+    the model and the effective options, so a re-store (a re-run after a STOW-RS that
+    timed out but stored) replaces the same instances; the study's series count stays.
+    Other options give other UIDs."""
+    from histohelper.client import AnalysisOptions, SlideClient
+
+    qido = dicomweb_slide.server.client()
+    study = dicomweb_slide.study_instance_uid
+
+    def series_count() -> int:
+        return len(qido.search_for_series(study))
+
+    coarse = AnalysisOptions(target_mpp=4.0)
+    with SlideClient(pacs_server, timeout=300) as client:
+        first = client.analyze(dicomweb_slide.uri, coarse)
+        assert first.dicom is not None
+        client.store_dicom(first.to_dicom(), first.dicom.dicomweb_server)
+        before = series_count()
+        again = client.analyze(dicomweb_slide.uri, coarse)  # the re-run's own result
+        objects = again.to_dicom()
+        client.store_dicom(objects, first.dicom.dicomweb_server)
+        assert series_count() == before
+        other = client.analyze(
+            dicomweb_slide.uri, AnalysisOptions(target_mpp=4.0, min_tissue_fraction=0.05)
+        )
+    uids = {(o.SeriesInstanceUID, o.SOPInstanceUID) for o in first.to_dicom()}
+    assert uids == {(o.SeriesInstanceUID, o.SOPInstanceUID) for o in objects}
+    assert len({o.SeriesInstanceUID for o in objects}) == len(objects) - len(first.class_names) + 1
+    other_uids = {o.SOPInstanceUID for o in other.to_dicom()}
+    assert not other_uids & {u for _, u in uids}
