@@ -235,11 +235,6 @@ def _client_class() -> type:
             except (AttributeError, TypeError, ValueError):
                 return False
 
-        def chosen_syntaxes(self) -> dict[str, str | None]:
-            """``{SOP Instance UID: transfer syntax fetched, or None}`` per instance opened."""
-            with self._lock:
-                return {k: (str(v) if v is not None else None) for k, v in self._chosen.items()}
-
         def refusal(self) -> UnsupportedSlideError | None:
             """Why the opened series holds nothing to analyse, or None.
 
