@@ -31,7 +31,12 @@ a log line naming model and version only, retried only once its file changes). A
 RescanRepository) loads and warms a model's new default version *before* the default
 moves to it; versions the policy no longer serves are *retired*: no new call gets
 them, and each is unloaded when its last call ends. A call holds a :class:`Lease` on
-the version it started with for its whole life. ``--max-loaded-models`` bounds loaded
+the version it started with for its whole life. A loaded version whose artifact file
+changed on disk (path, inode, size, mtime or ctime) is loaded and warmed again from the
+new file by the next rescan and replaces the loaded one (calls in flight finish on the
+old one, which then unloads); if the new file fails (load, warm-up, parity gates), the
+loaded version keeps serving from memory, one WARNING names model and version, and
+the listing gives the reason, until the file changes again. ``--max-loaded-models`` bounds loaded
 versions: the least recently used one without calls in flight is unloaded first; a rescan
 settles the server's default model last, so it is the one left loaded, and never
 reloads a default that was unloaded to make room (it loads again on first use).
@@ -137,13 +142,13 @@ class Found:
 
     Attributes:
         artifact: the ``.pt`` file (None when the folder holds none or several).
-        signature: (path, size, mtime_ns) of the artifact: a failed version is retried
-            only once this changes.
+        signature: (path, inode, size, mtime_ns, ctime_ns) of the artifact: a failed
+            version is retried only once this changes, and a loaded one is loaded again.
         problem: why the version cannot load, found without loading it ("" if none).
     """
 
     artifact: Path | None
-    signature: tuple[str, int, int]
+    signature: Signature
     problem: str = ""
 
 
@@ -161,9 +166,13 @@ def _ignored(path: Path) -> bool:
     return path.name.startswith(".") or path.name.endswith(_IGNORED_SUFFIXES)
 
 
-def _signature(path: Path) -> tuple[str, int, int]:
+#: What identifies an artifact file's bytes without reading them (see :class:`Found`).
+Signature = tuple[str, int, int, int, int]
+
+
+def _signature(path: Path) -> Signature:
     st = path.stat()
-    return (str(path), st.st_size, st.st_mtime_ns)
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 #: Warnings already logged, by (repository, message, model, version): a poll repeats none.
@@ -197,7 +206,7 @@ def _find_version(entry: Path) -> tuple[str, Found] | None:
     )
     if len(artifacts) != 1:
         problem = "no .pt artifact" if not artifacts else "several .pt artifacts"
-        return entry.name, Found(None, (str(entry), len(artifacts), 0), problem)
+        return entry.name, Found(None, (str(entry), 0, len(artifacts), 0, 0), problem)
     return entry.name, Found(artifacts[0], _signature(artifacts[0]))
 
 
@@ -272,6 +281,9 @@ class Loaded(Generic[P]):
         users: calls holding a lease on it.
         last_used: ``time.monotonic()`` of its last lease.
         retired: no new lease; unloaded once ``users`` is 0.
+        signature: its artifact's :class:`Found` signature when it was loaded.
+        replaced: another load of the same version took its place (its artifact
+            changed); it unloads with its last call, without a health change.
     """
 
     name: str
@@ -280,6 +292,8 @@ class Loaded(Generic[P]):
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
     retired: bool = False
+    signature: Signature | None = None
+    replaced: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -361,7 +375,9 @@ class ModelRepository(Generic[P]):
         self._folders: dict[str, ModelFolder] = {}
         self._loaded: dict[tuple[str, str], Loaded[P]] = {}
         self._loading: dict[tuple[str, str], Future[Loaded[P]]] = {}
-        self._failed: dict[tuple[str, str], tuple[tuple[str, int, int], str]] = {}
+        self._failed: dict[tuple[str, str], tuple[Signature, str]] = {}
+        #: Loaded versions whose changed artifact failed to load: signature, reason.
+        self._stale: dict[tuple[str, str], tuple[Signature, str]] = {}
         self._defaults: dict[str, str] = {}  # model -> default version (set once loaded)
         self._pinned: dict[str, str] = {}  # model -> default version set by an admin
         self._rescan_lock = threading.Lock()
@@ -426,7 +442,13 @@ class ModelRepository(Generic[P]):
                     failed = self._failed.get(key)
                     loaded = self._loaded.get(key)
                     if loaded is not None and not loaded.retired:
+                        stale = self._stale.get(key)
                         state, error = "loaded", ""
+                        if stale is not None and stale[0] == found.signature:
+                            error = (
+                                "the artifact changed on disk and the new file failed to "
+                                f"load ({stale[1]}); the loaded version keeps serving"
+                            )
                     elif found.problem or (failed and failed[0] == found.signature):
                         state, error = "failed", found.problem or (failed[1] if failed else "")
                     elif version in served:
@@ -499,23 +521,30 @@ class ModelRepository(Generic[P]):
     def _release(self, loaded: Loaded[P]) -> None:
         with self._lock:
             loaded.users -= 1
-            gone = loaded.retired and loaded.users == 0 and self._drop(loaded)
+            gone = loaded.retired and loaded.users == 0 and (self._drop(loaded) or loaded.replaced)
         if gone:
-            self._close(loaded)
+            self._close(loaded, notify=not loaded.replaced)
 
     def _drop(self, loaded: Loaded[P]) -> bool:
-        """Forget ``loaded`` (lock held); True when it was still registered."""
-        return self._loaded.pop(loaded.key, None) is loaded
+        """Forget ``loaded`` (lock held); True when it was still registered (a replaced
+        load is not: its replacement stays)."""
+        if self._loaded.get(loaded.key) is not loaded:
+            return False
+        del self._loaded[loaded.key]
+        return True
 
-    def _close(self, loaded: Loaded[P]) -> None:
-        """Unload (no lock held)."""
+    def _close(self, loaded: Loaded[P], notify: bool = True) -> None:
+        """Unload (no lock held); ``notify`` False for a replaced load, whose version
+        stays loaded."""
         try:
             loaded.parts.close()
         finally:
             log.info(
-                "model version unloaded", extra={"model": loaded.name, "version": loaded.version}
+                "model version unloaded" if notify else "replaced load of a model version unloaded",
+                extra={"model": loaded.name, "version": loaded.version},
             )
-            self._notify(loaded.name, loaded.version, None)
+            if notify:
+                self._notify(loaded.name, loaded.version, None)
 
     def _notify(self, name: str, version: str, parts: P | None) -> None:
         if self.on_change is not None:
@@ -562,7 +591,7 @@ class ModelRepository(Generic[P]):
             failure = ModelLoadError(f"version {key[1]} of model {key[0]} failed to load: {error}")
             pending.set_exception(failure)
             raise failure from None
-        loaded = Loaded(key[0], key[1], parts)
+        loaded = Loaded(key[0], key[1], parts, signature=found.signature)
         with self._lock:
             old = self._loaded.get(key)
             self._loaded[key] = loaded
@@ -632,8 +661,68 @@ class ModelRepository(Generic[P]):
             default_model = self.default_model
             for name in sorted(folders, key=lambda n: (n == default_model, n)):
                 changes += self._settle_default(name)
+            changes += self._reload_changed()
             changes += self._retire_unserved()
             return changes
+
+    def _reload_changed(self) -> list[str]:
+        """Load again every loaded version whose artifact changed on disk, each replacing
+        its old load once built (loaded and warmed: the build's gates); a new file that
+        fails leaves the old load serving, with one WARNING and a listing note (tried
+        again only when the file changes again). A replacement is loaded beside the old
+        load for the swap, outside ``--max-loaded-models``."""
+        with self._lock:
+            todo = []
+            for key, loaded in self._loaded.items():
+                folder = self._folders.get(key[0])
+                found = folder.versions.get(key[1]) if folder is not None else None
+                if loaded.retired or found is None or found.artifact is None:
+                    continue
+                stale = self._stale.get(key)
+                if loaded.signature is None or found.signature == loaded.signature:
+                    self._stale.pop(key, None)
+                elif stale is None or stale[0] != found.signature:
+                    todo.append((loaded, found))
+        changes = []
+        for old, found in todo:
+            key = old.key
+            assert found.artifact is not None
+            try:
+                parts = self._build(key[0], key[1], found.artifact)
+            except Exception as exc:
+                error = _describe(exc)
+                with self._lock:
+                    self._stale[key] = (found.signature, error)
+                log.warning(
+                    "model version artifact changed on disk but the new file failed to "
+                    "load: %s; the loaded version keeps serving",
+                    error,
+                    extra={"model": key[0], "version": key[1]},
+                )
+                changes.append(f"{key[0]}: version {key[1]} changed on disk, reload failed")
+                continue
+            new = Loaded(key[0], key[1], parts, signature=found.signature)
+            with self._lock:
+                current = self._loaded.get(key)
+                if current is not old or old.retired:  # unloaded or retired meanwhile
+                    current = None
+                else:
+                    self._loaded[key] = new
+                    self._stale.pop(key, None)
+                    old.retired = old.replaced = True
+                    idle = old.users == 0
+            if current is None:
+                self._close(new, notify=False)
+                continue
+            log.info(
+                "model version reloaded: its artifact changed on disk",
+                extra={"model": key[0], "version": key[1]},
+            )
+            self._notify(key[0], key[1], parts)
+            if idle:
+                self._close(old, notify=False)
+            changes.append(f"{key[0]}: version {key[1]} reloaded (artifact changed)")
+        return changes
 
     def _warn_implicit_default(self) -> None:
         """Warn (once per set of models) when several models exist and the server's
