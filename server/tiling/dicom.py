@@ -17,10 +17,11 @@ identifier: numbers in numeric order, across every level-0 instance) and the foc
 plane nearest the middle of the z-stack (:func:`nominal_focal_plane`) are read, with a
 QC warning naming the plane's z (um). Fluorescence and monochrome series are refused,
 and so are series holding several slides (pyramids, frames of reference or studies:
-a patient mix-up must be impossible), levels split over several instances of one
-plane and path (wsidicom 0.31 reads one instance per plane and path: it would be half
-read) and series wsidicom cannot open (e.g. no Pixel Spacing), with the same words
-for local files and DICOMweb (:func:`refusal`).
+a patient mix-up must be impossible) and series wsidicom cannot open (e.g. no Pixel
+Spacing), with the same words for local files and DICOMweb (:func:`refusal`). A level
+split over several TILED_SPARSE instances of one plane and path, which wsidicom 0.31
+does not join (it reads one of them), is joined here frame by frame
+(:meth:`DicomSeries.stitch`).
 
 Messages never contain UIDs or URLs.
 """
@@ -164,23 +165,23 @@ def _several_slides(wsi: WsiDicom) -> str | None:
     )
 
 
-def _split_level(levels: list[Any]) -> str | None:
-    """Why a level is split over several instances of one focal plane and optical path
-    (wsidicom 0.31 reads only one of them), or None."""
-    for index, level in enumerate(levels):
-        seen: dict[tuple[str, float], int] = {}
-        for instance in level.instances.values():
-            for path in instance.optical_paths:
-                for z in instance.focal_planes:
-                    seen[path, z] = seen.get((path, z), 0) + 1
-        split = max(seen.values(), default=1)
-        if split > 1:
-            return (
-                f"level {index} of the DICOM series is split over {split} instances of one "
-                "focal plane and optical path, which the DICOM reader (wsidicom) cannot "
-                "read as one image: refused rather than half read"
-            )
-    return None
+def _holding(level: Any, z: float | None, path: str | None) -> list[Any]:
+    """The instances of ``level`` that hold focal plane ``z`` and optical path ``path``
+    (None: the level's default), ordered by SOP Instance UID. More than one: the level
+    is split over several TILED_SPARSE instances, which wsidicom 0.31 does not join
+    (``Level.get_instance`` returns one of them)."""
+    try:
+        first = level.get_instance(z, path)
+    except Exception:  # wsidicom: WsiDicomNotFoundError (the level lacks that plane)
+        return []
+    z = first.default_z if z is None else z
+    path = first.default_path if path is None else path
+    found = [
+        instance
+        for instance in level.instances.values()
+        if z in instance.focal_planes and path in instance.optical_paths
+    ]
+    return sorted(found, key=lambda instance: str(instance.identifier))
 
 
 def source_image_json(dataset: Any) -> str:
@@ -230,8 +231,7 @@ class DicomSeries:
 
     Raises:
         UnsupportedSlideError: fluorescence or monochrome, no levels, several slides
-            (pyramids, frames of reference, studies), a level split over several
-            instances of one focal plane and optical path.
+            (pyramids, frames of reference, studies).
     """
 
     def __init__(
@@ -246,7 +246,7 @@ class DicomSeries:
         self._levels = list(wsi.levels)
         if not self._levels:
             raise UnsupportedSlideError("the DICOM series has no whole-slide image levels")
-        why = _several_slides(wsi) or _split_level(self._levels)
+        why = _several_slides(wsi)
         if why is not None:
             raise UnsupportedSlideError(why)
         base = self._levels[0]
@@ -322,6 +322,19 @@ class DicomSeries:
                 digest.update(str(ds_.SOPInstanceUID).encode() + b"\0")
         digest.update(self.source_json.encode())
         self.fingerprint = digest.hexdigest()
+        #: level index -> the instances its read plane and path are split over (only
+        #: levels with more than one: :meth:`DicomSlide._read_level` stitches them).
+        self.split: dict[int, list[Any]] = {}
+        for index, level in enumerate(self._levels):
+            parts = _holding(level, self.z, self.optical_path)
+            if len(parts) > 1:
+                if not all(hasattr(part.image_data, "_get_frame_index") for part in parts):
+                    raise UnsupportedSlideError(
+                        f"level {index} of the DICOM series is split over {len(parts)} "
+                        "instances of one focal plane and optical path, which this reader "
+                        "cannot join: refused rather than half read"
+                    )
+                self.split[index] = parts
         self._lock = threading.Lock()
         self._users = 0
 
@@ -350,6 +363,64 @@ class DicomSeries:
     def level(self, index: int) -> Any:
         """wsidicom's ``Level`` of pyramid index ``index`` (0 = full resolution)."""
         return self._levels[index]
+
+    def plane(self, index: int) -> tuple[float, str]:
+        """``(z, optical path)`` read from level ``index``."""
+        instance = self._levels[index].get_instance(self.z, self.optical_path)
+        z = instance.default_z if self.z is None else self.z
+        path = instance.default_path if self.optical_path is None else self.optical_path
+        return z, path
+
+    def tile_holders(self, index: int, tiles: list[tuple[int, int]]) -> dict[Any, list[Any]]:
+        """The frames ``tiles`` (tile column, row) of a split level ``index``, grouped by
+        the instance holding each (the first by SOP Instance UID where several do);
+        tiles no instance holds are left out (glass of a TILED_SPARSE level)."""
+        from wsidicom.geometry import Point
+
+        z, path = self.plane(index)
+        held: dict[Any, list[Any]] = {}
+        for tx, ty in tiles:
+            point = Point(tx, ty)
+            for part in self.split[index]:
+                if part.image_data._get_frame_index(point, z, path) != -1:  # wsidicom 0.31
+                    held.setdefault(part, []).append(point)
+                    break
+        return held
+
+    def stitch(self, index: int, x0: int, y0: int, x1: int, y1: int) -> npt.NDArray[np.uint8]:
+        """Level px ``[x0, x1) x [y0, y1)`` of a level split over several instances of
+        its plane and path, joined frame by frame: each frame decoded (wsidicom's
+        decoded frame cache) from the instance holding it, frames no instance holds
+        in the blank colour, as wsidicom reads one TILED_SPARSE instance; so the pixels
+        equal those of the same frames in one instance.
+
+        Returns:
+            ``[y1 - y0, x1 - x0, 3]`` uint8 RGB.
+        """
+        level = self._levels[index]
+        tw, th = int(level.tile_size.width), int(level.tile_size.height)
+        z, path = self.plane(index)
+        first = self.split[index][0].image_data
+        blank = first.blank_color
+        out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        out[...] = blank if isinstance(blank, tuple) else (blank,) * 3
+        tiles = [
+            (tx, ty)
+            for ty in range(y0 // th, (y1 - 1) // th + 1)
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1)
+        ]
+        for part, points in self.tile_holders(index, tiles).items():
+            for point in points:
+                tile = part.image_data.get_decoded_tile(point, z, path)
+                pixels = np.asarray(tile if tile.mode == "RGB" else tile.convert("RGB"))
+                tx0, ty0 = point.x * tw, point.y * th
+                ax0, ay0 = max(x0, tx0), max(y0, ty0)
+                ax1 = min(x1, tx0 + pixels.shape[1])
+                ay1 = min(y1, ty0 + pixels.shape[0])
+                out[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = pixels[
+                    ay0 - ty0 : ay1 - ty0, ax0 - tx0 : ax1 - tx0
+                ]
+        return out
 
     def close(self) -> None:
         """Close the series (its files or its client's session)."""
@@ -407,12 +478,15 @@ class DicomSlide(Slide):
             raise RegionOutOfBoundsError("region lies wholly outside the slide")
         series = self.series
         try:
-            image = series.level(level).get_region(
-                Region(Point(x0, y0), Size(x1 - x0, y1 - y0)), series.z, series.optical_path
-            )
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            inside = np.asarray(image, dtype=np.uint8)
+            if level in series.split:
+                inside = series.stitch(level, x0, y0, x1, y1)
+            else:
+                image = series.level(level).get_region(
+                    Region(Point(x0, y0), Size(x1 - x0, y1 - y0)), series.z, series.optical_path
+                )
+                if image.mode != "RGB":
+                    image = image.convert("RGB")
+                inside = np.asarray(image, dtype=np.uint8)
         except Exception as exc:  # wsidicom, pydicom, PIL, requests: many types
             mapped = series.translate(exc)
             if mapped is not None:
@@ -490,13 +564,17 @@ class DicomSlide(Slide):
         if not tiles:
             return
         series = self.series
+        ordered = sorted(tiles, key=lambda t: (t[1], t[0]))
         try:
-            instance = series.level(level).get_instance(series.z, series.optical_path)
-            z = instance.default_z if series.z is None else series.z
-            path = instance.default_path if series.optical_path is None else series.optical_path
-            points = [Point(tx, ty) for tx, ty in sorted(tiles, key=lambda t: (t[1], t[0]))]
-            for _ in instance.image_data.get_decoded_tiles(points, z, path):
-                pass
+            z, path = series.plane(level)
+            if level in series.split:  # one request per instance holding some of them
+                batches = list(series.tile_holders(level, ordered).items())
+            else:
+                instance = series.level(level).get_instance(series.z, series.optical_path)
+                batches = [(instance, [Point(tx, ty) for tx, ty in ordered])]
+            for instance, points in batches:
+                for _ in instance.image_data.get_decoded_tiles(points, z, path):
+                    pass
         except Exception as exc:
             mapped = series.translate(exc)
             if mapped is not None:
