@@ -15,9 +15,10 @@ instance with exactly one syntax:
    (0002,0010), where the PACS sends it) or else from the first frame fetched "as
    stored" (``Accept: ...; transfer-syntax=*``, PS3.18 8.7.3.5.2: the PACS names the
    syntax in the response's Content-Type), when our decoders (wsidicom's codecs) read it;
-2. otherwise the first syntax our decoders read that the PACS serves, lossless ones
-   first for an instance that says it was never lossy compressed; any HTTP error but
-   401/403 while probing one (Orthanc: 500) means "not served" (never PACS_UNAVAILABLE).
+2. otherwise the first syntax our decoders read that the PACS serves, in wsidicom's
+   order except where the metadata points at the stored syntax (:func:`probe_order`);
+   any HTTP error but 401/403 while probing one (Orthanc: 500) means "not served"
+   (never PACS_UNAVAILABLE).
 
 The PACS's QIDO-RS Available Transfer Syntax UID (0008,3002) is not used: it lists
 what the PACS can transcode to, not what it stores. After opening, :meth:`SeriesClient.refusal`
@@ -96,6 +97,34 @@ def stored_transfer_syntax(session: Any, frame_url: str) -> str | None:
         return found.group(1) if found else None
     finally:
         response.close()
+
+
+def probe_order(preferred: list[str], dataset: Any) -> list[str]:
+    """The order to ask a PACS for an instance's frames in when the stored transfer
+    syntax is unknown: wsidicom's order (JPEG baseline first), except that an instance
+    whose metadata points at its syntax has those first.
+
+    Args:
+        preferred: wsidicom's order of preference (UIDs).
+        dataset: the instance's metadata (pydicom), or None.
+
+    Returns:
+        ``preferred`` reordered: JPEG 2000 first for Photometric Interpretation
+        YBR_ICT (lossy) or YBR_RCT (lossless), which only JPEG 2000 uses; lossless
+        syntaxes first for Lossy Image Compression "00" (never lossy compressed), so
+        that the PACS adds no lossy generation. Otherwise unchanged: RGB is used by
+        JPEG baseline (Aperio tiles copied) as much as by lossless syntaxes.
+    """
+    photometric = str(getattr(dataset, "PhotometricInterpretation", "") or "")
+    lossless = str(getattr(dataset, "LossyImageCompression", "") or "") == "00"
+    first: tuple[str, ...] = ()
+    if photometric == "YBR_ICT":
+        first = ("1.2.840.10008.1.2.4.91",)
+    elif photometric == "YBR_RCT" or lossless:
+        first = ("1.2.840.10008.1.2.4.90",) if photometric == "YBR_RCT" else LOSSLESS_SYNTAXES
+    return sorted(
+        preferred, key=lambda uid: (uid not in first, first.index(uid) if uid in first else 0)
+    )
 
 
 def _status(exc: BaseException) -> int | None:
@@ -199,17 +228,13 @@ def _client_class() -> type:
                 self._stored[instance] = stored or None
             if stored and self._decodable(stored, dataset):
                 return UID(stored)
-            lossless = dataset is not None and str(dataset.get("LossyImageCompression", "")) == "00"
-            order = sorted(
-                PREFERED_WEB_TRANSFER_SYNTAXES,
-                key=lambda uid: not (lossless and str(uid) in LOSSLESS_SYNTAXES),
-            )
+            order = probe_order([str(uid) for uid in PREFERED_WEB_TRANSFER_SYNTAXES], dataset)
             for syntax in order:
-                if str(syntax) == stored or not self._decodable(str(syntax), dataset):
+                if syntax == stored or not self._decodable(syntax, dataset):
                     continue
                 try:
-                    if super().is_transfer_syntax_supported(study, series, instance, syntax):
-                        return syntax
+                    if super().is_transfer_syntax_supported(study, series, instance, UID(syntax)):
+                        return UID(syntax)
                 except HTTPError as exc:
                     if _status(exc) in (401, 403):
                         raise

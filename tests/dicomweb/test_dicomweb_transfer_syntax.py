@@ -12,7 +12,9 @@ missing pyramid levels added), once per module (~7 s).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +143,14 @@ def test_analysis_over_dicomweb_equals_the_local_files(
     assert probs == ref_probs
 
 
+def _by_width(folder: Path) -> list[Path]:
+    """The folder's instances, narrowest level first."""
+    return sorted(
+        folder.glob("*.dcm"),
+        key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).TotalPixelMatrixColumns),
+    )
+
+
 def _restore(
     files: list[Path], server: object, edit: Callable[[pydicom.Dataset], None] | None = None
 ) -> tuple[str, str]:
@@ -167,11 +177,7 @@ def test_pooled_series_whose_instances_changed_is_opened_again(
     """A series stored with its smallest level only, read (and pooled), then given its
     other levels by STOW-RS: the next read within the pool's lifetime sees the whole
     pyramid (the pool re-checks the SOP Instance UIDs, not only that the series exists)."""
-    folder = converted["jpegls"][0]
-    by_width = sorted(
-        folder.glob("*.dcm"),
-        key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).TotalPixelMatrixColumns),
-    )
+    by_width = _by_width(converted["jpegls"][0])
     series = generate_uid()
 
     def same_series(ds: pydicom.Dataset) -> None:
@@ -199,11 +205,7 @@ def test_series_without_a_pyramid_is_refused_in_words(
 ) -> None:
     """A series holding only a LABEL and an OVERVIEW image: SLIDE_UNSUPPORTED saying so
     (it was "could not be opened as a whole-slide image: AttributeError")."""
-    folder = converted["jpegls"][0]
-    smallest = min(
-        folder.glob("*.dcm"),
-        key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).TotalPixelMatrixColumns),
-    )
+    smallest = _by_width(converted["jpegls"][0])[0]
     kinds = iter(("LABEL", "OVERVIEW"))
 
     def flavour(ds: pydicom.Dataset) -> None:
@@ -216,3 +218,84 @@ def test_series_without_a_pyramid_is_refused_in_words(
         servers.source("pacs", study, series).open()
     assert "holds no VOLUME (pyramid) image" in info.value.message
     assert "Error" not in info.value.message
+
+
+class _PacsWithoutAsStored(BaseHTTPRequestHandler):
+    """A PACS front that does not serve frames "as stored": 406 for an Accept with
+    ``transfer-syntax=*``; every other GET is passed to the real Orthanc behind it
+    (``server.target``), its status, Content-Type and body returned."""
+
+    def do_GET(self) -> None:
+        import requests
+
+        accept = self.headers.get("Accept", "")
+        self.server.accepts.append(accept)  # type: ignore[attr-defined]
+        if "transfer-syntax=*" in accept:
+            self.send_response(406)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        found = requests.get(
+            self.server.target + self.path,  # type: ignore[attr-defined]
+            headers={"Accept": accept} if accept else {},
+            timeout=60,
+        )
+        self.send_response(found.status_code)
+        if "Content-Type" in found.headers:
+            self.send_header("Content-Type", found.headers["Content-Type"])
+        self.send_header("Content-Length", str(len(found.content)))
+        self.end_headers()
+        self.wfile.write(found.content)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def pacs_without_as_stored(dicomweb_slide: DicomWebSlide):
+    """``(servers, accepts)``: servers whose ``pacs`` is :class:`_PacsWithoutAsStored`
+    in front of the session's Orthanc; ``accepts`` lists the Accept headers it saw."""
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _PacsWithoutAsStored)
+    proxy.target = dicomweb_slide.server.base_url  # type: ignore[attr-defined]
+    proxy.accepts = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{proxy.server_address[1]}/dicom-web"
+    servers = DicomWebServers(parse_endpoints(f"pacs={url}"))
+    yield servers, proxy.accepts  # type: ignore[attr-defined]
+    servers.close()
+    proxy.shutdown()
+    proxy.server_close()
+
+
+@pytest.mark.parametrize("kind", list(SYNTAXES))
+def test_a_pacs_that_does_not_say_the_stored_syntax_is_probed_past_its_http_500(
+    kind: str,
+    converted: dict[str, tuple[Path, str, str]],
+    dicomweb_slide: DicomWebSlide,
+    pacs_without_as_stored,
+) -> None:
+    """Where the PACS does not serve frames as stored, syntaxes are probed in an order
+    the metadata points: JPEG 2000 first for YBR_ICT; lossless syntaxes first for an
+    instance saying Lossy Image Compression "00" (the JPEG-LS series stored again so),
+    where Orthanc's HTTP 500 for JPEG 2000 lossless, which it cannot encode, means "not
+    served" (it was a retryable PACS_UNAVAILABLE) and JPEG-LS comes next. Either way
+    the stored syntax is read and the pixels equal the local files'."""
+    servers, accepts = pacs_without_as_stored
+    folder, study, series = converted[kind]
+    local = _by_width(folder)[-1]  # level 0
+    if kind == "jpegls":
+
+        def never_lossy(ds: pydicom.Dataset) -> None:
+            ds.LossyImageCompression = "00"
+
+        study, series = _restore([local], dicomweb_slide.server, never_lossy)
+    with open_slide(servers.source("pacs", study, series)) as web, open_slide(local) as files:
+        chosen = web.series.wsi.levels[0].default_instance.image_data.transfer_syntax
+        np.testing.assert_array_equal(
+            web.read_level_rgb(0, 300, 400, 700, 600), files.read_level_rgb(0, 300, 400, 700, 600)
+        )
+    assert str(chosen) == SYNTAXES[kind]
+    assert any("transfer-syntax=*" in a for a in accepts)  # asked, refused
+    if kind == "jpegls":  # JPEG 2000 lossless was asked for first: HTTP 500 from Orthanc
+        assert any("1.2.840.10008.1.2.4.90" in a for a in accepts)
