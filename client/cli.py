@@ -14,7 +14,7 @@ features per cohort slide (:mod:`histohelper.client.features`).
 Expected failures (server errors, unreachable server, unwritable output) print one
 line ``histohelper <command>: error: ...`` to stderr and exit non-zero, without a
 traceback. Exit codes: 0 success, 1 a server or I/O error, 2 bad usage, 130
-interrupted.
+interrupted, 143 a cohort run stopped by SIGTERM.
 
 The server address defaults to ``$HISTOHELPER_SERVER``; a bearer token is read from
 the environment variable named by ``--token-env`` (default ``HISTOHELPER_TOKEN``), never
