@@ -17,20 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import synthetic_slides as syn
+from test_model_repository import _Parts, serve  # noqa: F401 - serve: the fixture
 
 from histohelper.client import SlideClient
-from histohelper.server.app import start_server
-from histohelper.server.config import ServerConfig
 from histohelper.server.repository import ModelRepository, discover
-
-
-class _Parts:
-    def __init__(self, content: bytes) -> None:
-        self.content = content
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def test_a_changed_artifact_is_loaded_again_and_a_bad_one_leaves_the_old_serving(
@@ -45,7 +35,7 @@ def test_a_changed_artifact_is_loaded_again_and_a_bad_one_leaves_the_old_serving
         content = path.read_bytes()
         if content.startswith(b"garbage"):
             raise ValueError("not an artifact")
-        return _Parts(content)
+        return _Parts(content.decode())  # its "version" is the file's content
 
     repo = ModelRepository(
         lambda: discover(tmp_path),
@@ -54,12 +44,12 @@ def test_a_changed_artifact_is_loaded_again_and_a_bad_one_leaves_the_old_serving
     )
     repo.rescan()
     in_flight = repo.lease()
-    assert in_flight.parts.content == b"weights A"
+    assert in_flight.parts.version == "weights A"
 
     with artifact.open("r+b") as fh:  # in place, same size
         fh.write(b"weights B")
     assert repo.rescan() == ["m: version 1 reloaded (artifact changed)"]
-    assert repo.lease().parts.content == b"weights B"  # new calls get the new file
+    assert repo.lease().parts.version == "weights B"  # new calls get the new file
     assert not in_flight.parts.closed  # the call in flight finishes on the old load
     in_flight.release()
     assert in_flight.parts.closed
@@ -73,7 +63,7 @@ def test_a_changed_artifact_is_loaded_again_and_a_bad_one_leaves_the_old_serving
     assert len(warned) == 1 and (warned[0].model, warned[0].version) == ("m", "1")
     assert str(tmp_path) not in warned[0].getMessage()
     lease = repo.lease()
-    assert lease.parts.content == b"weights B" and not lease.parts.closed
+    assert lease.parts.version == "weights B" and not lease.parts.closed
     lease.release()
     (state,) = repo.listing()
     assert state.state == "loaded" and "failed to load (not an artifact" not in state.error
@@ -82,19 +72,18 @@ def test_a_changed_artifact_is_loaded_again_and_a_bad_one_leaves_the_old_serving
     artifact.write_bytes(b"weights C")  # fixed: loaded again, the note goes
     assert repo.rescan() == ["m: version 1 reloaded (artifact changed)"]
     (state,) = repo.listing()
-    assert state.error == "" and repo.lease().parts.content == b"weights C"
+    assert state.error == "" and repo.lease().parts.version == "weights C"
 
 
 @pytest.fixture(scope="module")
 def slide_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("artifact-change-slides")
-    img = syn.slide_with_tissue(700, 900, [(50, 50, 800, 600)], seed=2)
-    syn.write_slide(root / "a.tiff", img)
+    syn.write_slide(root / "a.tiff", syn.slide_with_tissue(700, 900, [(50, 50, 800, 600)], seed=2))
     return root
 
 
 def test_a_served_version_overwritten_on_disk_over_a_real_server(
-    slide_root: Path,
+    serve,  # noqa: F811 - test_model_repository's fixture
     model_artifact: Path,
     model_artifact_v2: Path,
     tmp_path: Path,
@@ -104,40 +93,27 @@ def test_a_served_version_overwritten_on_disk_over_a_real_server(
     served = repo / "tumour" / "1" / "model.pt"
     served.parent.mkdir(parents=True)
     shutil.copyfile(model_artifact, served)
-    config = ServerConfig(
-        model_repository=repo,
-        slide_root=slide_root,
-        port=0,
-        precision="fp32",
-        device="cpu",
-        batch_size=8,
-        grace_s=2.0,
-        cache_dir=tmp_path / "cache",
-    )
-    running = start_server(config)
-    try:
-        with SlideClient(running.target) as client:
-            before = client.analyze("a.tiff")
-            shutil.copyfile(model_artifact_v2, served)  # new weights, same path
-            running.rescan()
-            after = client.analyze("a.tiff")
-            v2_sha = hashlib.sha256(model_artifact_v2.read_bytes()).hexdigest()
-            assert after.model.artifact_sha256 == v2_sha != before.model.artifact_sha256
-            assert not after.cached  # the cache key follows the artifact's hash
-            assert not np.array_equal(before.patches.probabilities, after.patches.probabilities)
+    running = serve(model_repository=repo, cache_dir=tmp_path / "cache")
+    with SlideClient(running.target) as client:
+        before = client.analyze("a.tiff")
+        shutil.copyfile(model_artifact_v2, served)  # new weights, same path
+        running.rescan()
+        after = client.analyze("a.tiff")
+        v2_sha = hashlib.sha256(model_artifact_v2.read_bytes()).hexdigest()
+        assert after.model.artifact_sha256 == v2_sha != before.model.artifact_sha256
+        assert not after.cached  # the cache key follows the artifact's hash
+        assert not np.array_equal(before.patches.probabilities, after.patches.probabilities)
 
-            served.write_bytes(b"PK\x03\x04 not a TorchScript archive" * 100)
-            with caplog.at_level(logging.WARNING, logger="histohelper.server.repository"):
-                running.rescan()
-                running.rescan()
-            warned = [r for r in caplog.records if "changed on disk" in r.getMessage()]
-            assert len(warned) == 1 and (warned[0].model, warned[0].version) == ("tumour", "1")
-            assert str(tmp_path) not in warned[0].getMessage()
-            still = client.analyze("a.tiff")  # the loaded version serves from memory
-            assert still.model.artifact_sha256 == v2_sha
-            np.testing.assert_array_equal(still.patches.probabilities, after.patches.probabilities)
-            (listed,) = client.get_model_info().models
-            assert listed.state == "loaded" and "changed on disk" in listed.error
-            assert str(tmp_path) not in listed.error
-    finally:
-        running.stop(grace=0, drain=0)
+        served.write_bytes(b"PK\x03\x04 not a TorchScript archive" * 100)
+        with caplog.at_level(logging.WARNING, logger="histohelper.server.repository"):
+            running.rescan()
+            running.rescan()
+        warned = [r for r in caplog.records if "changed on disk" in r.getMessage()]
+        assert len(warned) == 1 and (warned[0].model, warned[0].version) == ("tumour", "1")
+        assert str(tmp_path) not in warned[0].getMessage()
+        still = client.analyze("a.tiff")  # the loaded version serves from memory
+        assert still.model.artifact_sha256 == v2_sha
+        np.testing.assert_array_equal(still.patches.probabilities, after.patches.probabilities)
+        (listed,) = client.get_model_info().models
+        assert listed.state == "loaded" and "changed on disk" in listed.error
+        assert str(tmp_path) not in listed.error

@@ -24,8 +24,7 @@ from histohelper.server.tiling.options import (
 @pytest.fixture(scope="module")
 def slide_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bounds")
-    img = syn.slide_with_tissue(256, 256, [(0, 0, 256, 256)], seed=4)
-    syn.write_slide(root / "small.tiff", img)
+    syn.write_slide(root / "small.tiff", syn.slide_with_tissue(256, 256, [(0, 0, 256, 256)]))
     return root
 
 
