@@ -255,10 +255,11 @@ def _repository(config: ServerConfig, builder: ModelBuilder) -> ModelRepository[
             raise ModelArtifactError(
                 f"model artifact cannot be read: {type(exc).__name__}"
             ) from None
-        folders = single_model(artifact, manifest.model_name, manifest.model_version)
 
         def scan() -> dict:
-            return folders
+            # The file's signature again: a SIGHUP loads a changed --model file anew
+            # (or keeps the loaded one serving if the new file fails), as a repository.
+            return single_model(artifact, manifest.model_name, manifest.model_version)
 
     models: ModelRepository[ServedModel] = ModelRepository(
         scan,

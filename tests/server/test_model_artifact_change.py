@@ -82,20 +82,28 @@ def slide_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.parametrize("layout", ["repository", "model_file"])
 def test_a_served_version_overwritten_on_disk_over_a_real_server(
     serve,  # noqa: F811 - test_model_repository's fixture
     model_artifact: Path,
     model_artifact_v2: Path,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    layout: str,
 ) -> None:
-    repo = tmp_path / "repo"
-    served = repo / "tumour" / "1" / "model.pt"
-    served.parent.mkdir(parents=True)
+    """``--model-repository`` (tumour/1/model.pt) and ``--model FILE`` alike."""
+    if layout == "repository":
+        served = tmp_path / "repo" / "tumour" / "1" / "model.pt"
+        where: dict[str, object] = {"model_repository": tmp_path / "repo"}
+    else:
+        served = tmp_path / "model.pt"
+        where = {"model_path": served}
+    served.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_artifact, served)
-    running = serve(model_repository=repo, cache_dir=tmp_path / "cache")
+    running = serve(cache_dir=tmp_path / "cache", **where)
     with SlideClient(running.target) as client:
         before = client.analyze("a.tiff")
+        name_version = (before.model.name, before.model.version)
         shutil.copyfile(model_artifact_v2, served)  # new weights, same path
         running.rescan()
         after = client.analyze("a.tiff")
@@ -109,7 +117,7 @@ def test_a_served_version_overwritten_on_disk_over_a_real_server(
             running.rescan()
             running.rescan()
         warned = [r for r in caplog.records if "changed on disk" in r.getMessage()]
-        assert len(warned) == 1 and (warned[0].model, warned[0].version) == ("tumour", "1")
+        assert len(warned) == 1 and (warned[0].model, warned[0].version) == name_version
         assert str(tmp_path) not in warned[0].getMessage()
         still = client.analyze("a.tiff")  # the loaded version serves from memory
         assert still.model.artifact_sha256 == v2_sha
