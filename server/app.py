@@ -662,7 +662,12 @@ def serve(config: ServerConfig) -> int:
         tmp = Path(f"{config.ready_file}.tmp")
         tmp.write_text(json.dumps({"host": config.host, "port": running.port, "pid": os.getpid()}))
         tmp.replace(config.ready_file)
-    stopping.wait()
+    # The kernel may hand a SIGTERM to any thread (gRPC's, torch's); its Python handler
+    # runs only once the main thread executes bytecode again, which a wait without a
+    # timeout never does: the server then ignored the signal (seen under load). Wake
+    # every 0.5 s to let a pending handler run.
+    while not stopping.wait(0.5):
+        pass
     running.stop()
     log.info("stopped")
     return 0
