@@ -55,25 +55,17 @@ def rows(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def analyze(slides: list[str], slide_root: Path, server, out: Path) -> int:
+    """Run ``histohelper analyze SLIDES`` once (one attempt per slide) and return its exit code."""
+    argv = ["analyze", *slides, "--slide-root", str(slide_root), "--server", server.target]
+    return main([*argv, "--out", str(out), "--quiet", "--retries", "1"])
+
+
 def test_symlink_fails_alone_and_inside_link_keeps_its_path(
     server, slide_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    code = main(
-        [
-            "analyze",
-            "c",
-            "--slide-root",
-            str(slide_root),
-            "--server",
-            server.target,
-            "--out",
-            str(out),
-            "--quiet",
-            "--retries",
-            "1",
-        ]
-    )
+    code = analyze(["c"], slide_root, server, out)
     err = capsys.readouterr().err
     assert code == 1, err
     got = {r["slide"]: (r["status"], r["error"].partition(":")[0]) for r in rows(out)}
@@ -89,22 +81,7 @@ def test_uids_stay_out_of_index_and_stderr(
 ) -> None:
     out = tmp_path / "out"
     uri = f"dicomweb://pacs/{STUDY}/{SERIES}"  # the server has no PACS: the slide fails
-    code = main(
-        [
-            "analyze",
-            "c/a.tiff",
-            uri,
-            "--slide-root",
-            str(slide_root),
-            "--server",
-            server.target,
-            "--out",
-            str(out),
-            "--quiet",
-            "--retries",
-            "1",
-        ]
-    )
+    code = analyze(["c/a.tiff", uri], slide_root, server, out)
     err = capsys.readouterr().err
     assert code == 1, err
     assert "failed" in err and "pacs-" in err
