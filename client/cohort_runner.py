@@ -724,9 +724,18 @@ async def run_cohort(
             on_progress=bar.on_progress,
         ):
             item = items[todo[outcome.index]]
-            row = await asyncio.to_thread(
-                _finish_slide, item, outcome, out_dir, render, manifest, identities
+            finishing = asyncio.ensure_future(
+                asyncio.to_thread(
+                    _finish_slide, item, outcome, out_dir, render, manifest, identities
+                )
             )
+            try:
+                row = await asyncio.shield(finishing)
+            except asyncio.CancelledError:  # stopped while its files were written:
+                # the thread finishes them and marks the manifest; list it too
+                with contextlib.suppress(Exception):
+                    rows[todo[outcome.index]] = await finishing
+                raise
             if render.get(DICOM_KEY) and row["status"] == "done" and outcome.result is not None:
                 error = await write_slide_dicom(
                     client, outcome.result, render[DICOM_KEY], str(item.id)

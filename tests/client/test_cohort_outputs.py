@@ -8,6 +8,7 @@ subprocess."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import stat
@@ -142,4 +143,9 @@ def test_signal_writes_table_and_index_for_slides_done(
     assert "stopped" in err and "finished so far" in err
     done = rows(out)
     assert 1 <= len(done) < 4 and all(r["status"] == "done" for r in done)
+    # every slide the manifest marks done is listed, even one stopped while it was written
+    marked = json.loads((out / MANIFEST_NAME).read_text())["slides"]
+    assert sorted(k for k, v in marked.items() if v["status"] == "done") == sorted(
+        r["id"] for r in done
+    )
     assert (out / "index.html").read_text().count('/report.html">report</a>') == len(done)
