@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from histohelper.errors import UnsupportedSlideError
+from histohelper.server.tiling.dicom import NO_PYRAMID
 
 #: The Accept header of a frame request that asks for the frame as stored.
 AS_STORED_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
@@ -279,10 +280,7 @@ def _client_class() -> type:
                 if WsiDataset.is_supported_wsi_dicom(ds) == ImageType.VOLUME
             ]
             if datasets and not volumes:
-                return UnsupportedSlideError(
-                    "the series holds no VOLUME (pyramid) image, only label, overview or "
-                    "thumbnail images: there is nothing to analyse"
-                )
+                return UnsupportedSlideError(NO_PYRAMID)
             if not volumes or any(chosen.get(uid) is not None for uid in volumes):
                 return None
             syntaxes = sorted({stored.get(uid) or "" for uid in volumes})

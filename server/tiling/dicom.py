@@ -102,6 +102,14 @@ def nominal_focal_plane(planes: list[float]) -> float:
     return min(planes, key=lambda z: (abs(z - middle), abs(z), z))
 
 
+#: SLIDE_UNSUPPORTED reason of a series with no VOLUME image, in the same words for local
+#: files and DICOMweb series.
+NO_PYRAMID = (
+    "the DICOM series holds no VOLUME (pyramid) image, only label, overview or thumbnail "
+    "images: there is nothing to analyse"
+)
+
+
 def refusal(exc: BaseException) -> UnsupportedSlideError:
     """The error for a series wsidicom refused to open, in words (never a class name),
     the same for local files and DICOMweb.
@@ -120,10 +128,7 @@ def refusal(exc: BaseException) -> UnsupportedSlideError:
             "image: not analysed"
         )
     if name == "WsiDicomNotFoundError":
-        return UnsupportedSlideError(
-            "the DICOM series holds no readable whole-slide image level (only label, "
-            "overview or thumbnail instances?)"
-        )
+        return UnsupportedSlideError(NO_PYRAMID)
     return UnsupportedSlideError(
         "the DICOM series could not be opened as a whole-slide image: its metadata is "
         "not that of a readable VL Whole Slide Microscopy image"

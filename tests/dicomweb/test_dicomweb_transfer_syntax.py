@@ -202,22 +202,28 @@ def test_series_without_a_pyramid_is_refused_in_words(
     converted: dict[str, tuple[Path, str, str]],
     servers: DicomWebServers,
     dicomweb_slide: DicomWebSlide,
+    tmp_path: Path,
 ) -> None:
     """A series holding only a LABEL and an OVERVIEW image: SLIDE_UNSUPPORTED saying so
-    (it was "could not be opened as a whole-slide image: AttributeError")."""
+    (it was "could not be opened as a whole-slide image: AttributeError"), in the same
+    words over DICOMweb and from the same instances as local files."""
     smallest = _by_width(converted["jpegls"][0])[0]
-    kinds = iter(("LABEL", "OVERVIEW"))
+    kinds = iter(("LABEL", "OVERVIEW", "LABEL", "OVERVIEW"))
 
     def flavour(ds: pydicom.Dataset) -> None:
         image_type = list(ds.ImageType)
         image_type[2] = next(kinds)
         ds.ImageType = image_type
+        ds.save_as(tmp_path / f"{image_type[2].lower()}.dcm")
 
     study, series = _restore([smallest, smallest], dicomweb_slide.server, flavour)
     with pytest.raises(UnsupportedSlideError) as info:
         servers.source("pacs", study, series).open()
     assert "holds no VOLUME (pyramid) image" in info.value.message
     assert "Error" not in info.value.message
+    with pytest.raises(UnsupportedSlideError) as local:
+        open_slide(tmp_path / "label.dcm")
+    assert local.value.message == info.value.message
 
 
 class _PacsWithoutAsStored(BaseHTTPRequestHandler):
