@@ -24,22 +24,26 @@ it, else its newest served version. The server's default model is ``--default-mo
 else the only (or first, by name) model.
 
 Life of a version: *available* (served by the policy; loaded on first use or by an
-admin), *loaded* (its runtime, model worker and warm-up passed; leasable), *failed*
-(it failed to load, warm up or pass the runtime's manifest/parity gates: refused with
-a log line naming model and version only, retried only once its file changes). A
+admin), *loaded* (its runtime, model worker and warm-up passed; leasable), *failed* (it
+failed to load, warm up or pass the runtime's manifest/parity gates: refused with a log
+line naming model and version only, retried only once its file changes). A
 :meth:`ModelRepository.rescan` (the ``--repository-poll-s`` poll, SIGHUP, or the admin
 RescanRepository) loads and warms a model's new default version *before* the default
-moves to it; versions the policy no longer serves are *retired*: no new call gets
-them, and each is unloaded when its last call ends. A call holds a :class:`Lease` on
-the version it started with for its whole life. A loaded version whose artifact file
+moves to it; versions the policy no longer serves are *retired*: no new call gets them,
+and each is unloaded when its last call ends. A model's current default version is never
+retired while it is still on disk: it keeps serving until its successor is loaded and
+warmed. A successor that fails is marked failed (the old default stays); one that cannot
+load yet because every ``--max-loaded-models`` slot has calls in flight is tried again
+when a call ends (its lease released) and at each rescan. A call holds a :class:`Lease`
+on the version it started with for its whole life. A loaded version whose artifact file
 changed on disk (path, inode, size, mtime or ctime) is loaded and warmed again from the
 new file by the next rescan and replaces the loaded one (calls in flight finish on the
 old one, which then unloads); if the new file fails (load, warm-up, parity gates), the
-loaded version keeps serving from memory, one WARNING names model and version, and
-the listing gives the reason, until the file changes again. ``--max-loaded-models`` bounds loaded
-versions: the least recently used one without calls in flight is unloaded first; a rescan
-settles the server's default model last, so it is the one left loaded, and never
-reloads a default that was unloaded to make room (it loads again on first use).
+loaded version keeps serving from memory, one WARNING names model and version, and the
+listing gives the reason, until the file changes again. ``--max-loaded-models`` bounds
+loaded versions: the least recently used one without calls in flight is unloaded first;
+a rescan settles the server's default model last, so it is the one left loaded, and
+never reloads a default that was unloaded to make room (it loads again on first use).
 
 This module knows nothing of gRPC: what a loaded version is made of (runtime, worker,
 analyzer...) is built by the ``build`` callable given to :class:`ModelRepository`.
@@ -382,6 +386,10 @@ class ModelRepository(Generic[P]):
         self._pinned: dict[str, str] = {}  # model -> default version set by an admin
         self._rescan_lock = threading.Lock()
         self._implicit_warned: tuple[str, ...] = ()
+        #: Models whose new default version could not load yet (every slot in use).
+        self._deferred: set[str] = set()
+        #: The thread retrying them after a lease ends (joined by tests).
+        self.retrying: threading.Thread | None = None
         self.closed = False
 
     # --- what is served -----------------------------------------------------------------
@@ -395,6 +403,19 @@ class ModelRepository(Generic[P]):
             if not f.problem and self._failed.get((name, v), (None,))[0] != f.signature
         ]
         return (folder.policy or self.policy).select(ok)
+
+    def _serving(self, name: str) -> list[str]:
+        """:meth:`_served` plus the model's current default version while it is still
+        on disk and not failed: it serves until its successor is loaded (lock held)."""
+        served = self._served(name)
+        current = self._defaults.get(name)
+        found = self._folders[name].versions.get(current or "")
+        if current is None or current in served or found is None or found.problem:
+            return served
+        failed = self._failed.get((name, current))
+        if failed is not None and failed[0] == found.signature:
+            return served
+        return [*served, current]
 
     def _wanted_default(self, name: str) -> str | None:
         served = self._served(name)
@@ -436,7 +457,7 @@ class ModelRepository(Generic[P]):
                             name, "", "failed", False, name == default_model, folder.problem
                         )
                     )
-                served = set(self._served(name))
+                served = set(self._serving(name))
                 for version, found in folder.versions.items():
                     key = (name, version)
                     failed = self._failed.get(key)
@@ -512,7 +533,7 @@ class ModelRepository(Generic[P]):
         loaded = self._loaded.get((name, version))
         # A loaded version serves until it is retired: while a rescan loads the new
         # default, the policy already prefers it, but the old one still takes calls.
-        if version not in self._served(name) and (loaded is None or loaded.retired):
+        if version not in self._serving(name) and (loaded is None or loaded.retired):
             raise ModelNotFoundError(
                 f"version {version!r} of model {name!r} is not served (the version policy)"
             )
@@ -522,8 +543,31 @@ class ModelRepository(Generic[P]):
         with self._lock:
             loaded.users -= 1
             gone = loaded.retired and loaded.users == 0 and (self._drop(loaded) or loaded.replaced)
+            retry = loaded.users == 0 and bool(self._deferred) and not self.closed
+            if retry and (self.retrying is None or not self.retrying.is_alive()):
+                self.retrying = threading.Thread(
+                    target=self._retry_deferred, name="repository-retry", daemon=True
+                )
+                self.retrying.start()
         if gone:
             self._close(loaded, notify=not loaded.replaced)
+
+    def _retry_deferred(self) -> None:
+        """Settle again the models whose new default could not load for want of a free
+        slot (a call just ended), then retire what their old defaults leave unserved."""
+        try:
+            with self._rescan_lock:
+                changes: list[str] = []
+                with self._lock:
+                    self._deferred &= set(self._folders)  # removed models: nothing to settle
+                    names = [] if self.closed else sorted(self._deferred)
+                for name in names:
+                    changes += self._settle_default(name)
+                changes += self._retire_unserved()
+            if changes:
+                log.info("deferred model versions settled", extra={"changes": changes})
+        except Exception:  # a background retry never raises; the next rescan tries again
+            log.exception("deferred model version retry failed")
 
     def _drop(self, loaded: Loaded[P]) -> bool:
         """Forget ``loaded`` (lock held); True when it was still registered (a replaced
@@ -752,18 +796,28 @@ class ModelRepository(Generic[P]):
                 # A default already set stays (loaded on demand if it was evicted
                 # under --max-loaded-models: a poll never reloads evicted versions).
                 if wanted is None or wanted == current:
+                    self._deferred.discard(name)
                     return []
             try:
                 self._load((name, wanted))
             except ModelLoadError:
                 continue  # marked failed: the policy now serves the next one
             except ModelInUseError as exc:
-                log.warning("model version not loaded: %s", exc, extra={"model": name})
+                # The current default keeps serving (_serving); tried again when a
+                # lease is released and at the next rescan.
+                with self._lock:
+                    self._deferred.add(name)
+                log.warning(
+                    "model version not loaded yet (the default stays): %s",
+                    exc,
+                    extra={"model": name, "version": wanted},
+                )
                 return []
             with self._lock:
                 if self._wanted_default(name) != wanted:
                     continue
                 self._defaults[name] = wanted
+                self._deferred.discard(name)
             log.info(
                 "default model version set",
                 extra={"model": name, "version": wanted, "previous": current or ""},
@@ -775,7 +829,7 @@ class ModelRepository(Generic[P]):
         with self._lock:
             for key, loaded in list(self._loaded.items()):
                 name, version = key
-                if name in self._folders and version in self._served(name):
+                if name in self._folders and version in self._serving(name):
                     continue
                 if not loaded.retired:
                     loaded.retired = True
@@ -783,7 +837,7 @@ class ModelRepository(Generic[P]):
                 if loaded.users == 0 and self._drop(loaded):
                     close.append(loaded)
             for name in list(self._defaults):
-                if name not in self._folders or self._defaults[name] not in self._served(name):
+                if name not in self._folders or self._defaults[name] not in self._serving(name):
                     del self._defaults[name]
         for loaded in close:
             self._close(loaded)
@@ -842,6 +896,10 @@ class ModelRepository(Generic[P]):
         """Unload every version (server stop; calls have ended)."""
         with self._lock:
             self.closed = True
+            retrying = self.retrying
+        if retrying is not None:  # a deferred default loading: let it finish, then unload it
+            retrying.join()
+        with self._lock:
             loaded, self._loaded = list(self._loaded.values()), {}
         for version in loaded:
             self._close(version)

@@ -366,6 +366,66 @@ def test_the_old_default_serves_while_the_new_version_loads(tmp_path: Path) -> N
         repo.lease("m", "1")
 
 
+def _bounded_repository(root: Path):
+    """A repository over ``root`` with version 1 of model ``m`` loaded, one slot
+    (``max_loaded=1``); an artifact starting with ``garbage`` fails to build."""
+    from histohelper.server.repository import ModelRepository
+
+    def build(name: str, version: str, artifact: Path) -> _Parts:
+        if artifact.read_bytes().startswith(b"garbage"):
+            raise ValueError("not an artifact")
+        return _Parts(version)
+
+    (root / "m" / "1").mkdir(parents=True)
+    (root / "m" / "1" / "model.pt").write_bytes(b"weights 1")
+    repo = ModelRepository(lambda: discover(root), build, max_loaded=1)
+    repo.rescan()
+    return repo
+
+
+def _drop_version(root: Path, version: str, content: bytes) -> None:
+    hidden = root / "m" / f".{version}"
+    hidden.mkdir()
+    (hidden / "model.pt").write_bytes(content)
+    hidden.rename(root / "m" / version)
+
+
+def _states(repo) -> dict[str, tuple[str, bool]]:
+    return {s.version: (s.state, s.default_version) for s in repo.listing()}
+
+
+@pytest.mark.parametrize("successor", [b"weights 2", b"garbage, not a model"])
+def test_the_default_serves_until_a_successor_deferred_by_the_slot_bound_is_live(
+    tmp_path: Path, successor: bytes
+) -> None:
+    """Version 2 dropped in while the only slot (max_loaded=1) holds a call on version 1:
+    it cannot load yet, so version 1 stays the default and keeps serving (not retired);
+    when the last call on 1 ends, 2 is tried again: a valid 2 becomes the default, a
+    broken 2 is listed failed and 1 still serves."""
+    repo = _bounded_repository(tmp_path)
+    held = repo.lease()
+    _drop_version(tmp_path, "2", successor)
+    assert repo.rescan() == []  # no slot: 2 waits, 1 is not retired
+    assert repo.rescan() == []  # still no slot at the next rescan
+    during = repo.lease()
+    assert during.parts.version == "1" and during.parts is held.parts
+    assert _states(repo) == {"1": ("loaded", True), "2": ("available", False)}
+    during.release()
+    held.release()  # the last call on 1 ends: 2 is tried again
+    assert repo.retrying is not None
+    repo.retrying.join(30)
+    after = repo.lease()
+    if successor.startswith(b"garbage"):
+        assert after.parts.version == "1"
+        assert _states(repo) == {"1": ("loaded", True), "2": ("failed", False)}
+    else:
+        assert after.parts.version == "2" and held.parts.closed
+        assert _states(repo) == {"2": ("loaded", True)}
+    after.release()
+    assert repo.rescan() == []  # settled: nothing left to change
+    assert repo.lease().parts.version == after.parts.version
+
+
 def test_one_loaded_version_serves_two_models_and_audits_what_was_asked(
     serve, tmp_path: Path, model_artifact: Path, model_artifact_v2: Path
 ) -> None:
