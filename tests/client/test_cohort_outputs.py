@@ -127,7 +127,14 @@ def test_signal_writes_table_and_index_for_slides_done(
     server, slide_root: Path, tmp_path: Path, sig: signal.Signals, code: int
 ) -> None:
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "histohelper.cli", "analyze", "many", "--slide-root"]
+    # A process started in the background by a shell without job control (as CI may run
+    # the suite) inherits SIGINT ignored, and Python then leaves it ignored: the CLI is
+    # started with Python's own SIGINT handler, as from an interactive terminal.
+    start = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'histohelper'; runpy.run_module('histohelper.cli', run_name='__main__')"
+    )
+    argv = [sys.executable, "-c", start, "analyze", "many", "--slide-root"]
     argv += [str(slide_root), "--server", server.target, "--out", str(out), "--quiet"]
     proc = subprocess.Popen([*argv, "--jobs", "1"], stderr=subprocess.PIPE, text=True)
     try:
